@@ -1,0 +1,1 @@
+"""jaxdt: dead-token dynamics in bf16, reimplemented functionally in JAX."""

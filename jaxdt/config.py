@@ -1,0 +1,111 @@
+"""Experiment configuration: frozen, nested dataclasses with a JSON round trip.
+
+An experiment is data. `experiments/<name>.py` defines `config() -> ExperimentConfig`
+and `run.py` applies flag overrides with `dataclasses.replace`; nothing here is
+ever mutated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Optional
+
+PRECISIONS = ("bf16", "fp32", "mixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The TinyLM architecture."""
+
+  variant: str = "encoder"  # "encoder" (lab's TinyLM) | "gpt2" (HF GPT2LMHeadModel)
+  vocab_size: int = 10000
+  hidden_dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 2
+  max_seq_len: int = 128  # rows of the learned positional table
+  init_std: float = 0.02  # N(0, init_std) for the token and position tables
+
+  @property
+  def ffn_dim(self) -> int:
+    return 4 * self.hidden_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """torch.optim.AdamW hyperparameters (the lab's names)."""
+
+  learning_rate: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the tokens come from and how batches are drawn."""
+
+  scheme: str = "chunks"  # "chunks" (Thimble 8/9, Crucible) | "windows" (Thimble 1/6)
+  batch_size: int = 128
+  seq_len: int = 128
+  # Thimble 1/6 fed already-shifted labels to HF GPT2, which shifts again: the
+  # model then learns to predict two tokens ahead. False = true next-token.
+  double_shift_labels: bool = False
+  data_dir: Optional[str] = None  # cache for the embedded default; None = per-user cache
+  corpus_path: Optional[str] = None  # the lab's own files, taken unchanged
+  tokenizer_path: Optional[str] = None
+  dead_mask_path: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """One run: what to train, how, and what to record."""
+
+  name: str = "crucible1"
+  seed: int = 42
+  steps: int = 5000
+  precision: str = "bf16"  # "bf16" | "fp32" | "mixed" (fp32 master + moments, bf16 compute)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+  def __post_init__(self):
+    if self.precision not in PRECISIONS:
+      raise ValueError(
+          f"precision={self.precision!r} is not one of {PRECISIONS}; pick one of them")
+
+
+def to_dict(cfg: Any) -> dict:
+  """A JSON-ready dict of a (nested) config dataclass."""
+  out = dataclasses.asdict(cfg)
+  return json.loads(json.dumps(out))  # tuples -> lists, so the round trip is stable
+
+
+def to_json(cfg: Any) -> str:
+  """Canonical JSON text (sorted keys) of a config."""
+  return json.dumps(to_dict(cfg), sort_keys=True, indent=2)
+
+
+def from_dict(cls: type, d: dict) -> Any:
+  """Rebuild config dataclass `cls` from `to_dict` output; unknown keys are an error."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - names
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; remove them")
+  kwargs = {}
+  for name, value in d.items():
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      value = from_dict(hint, value)
+    elif typing.get_origin(hint) is tuple and isinstance(value, list):
+      value = tuple(value)
+    kwargs[name] = value
+  return cls(**kwargs)
+
+
+def from_json(cls: type, text: str) -> Any:
+  """Inverse of `to_json`."""
+  return from_dict(cls, json.loads(text))
