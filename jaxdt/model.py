@@ -1,0 +1,408 @@
+"""TinyLM: the lab's two small causal language models, as pure JAX functions.
+
+Two variants share one API (`init_params`, `apply`) and one parameter layout:
+
+* "encoder": the lab's own TinyLM (Thimble 8/9, Crucible): token embedding plus a
+  learned positional embedding, `nn.TransformerEncoder` layers with
+  norm_first=True (fused in-projection, exact GELU, causal mask), a final
+  LayerNorm and logits = h @ E.T.
+* "gpt2": HF `GPT2LMHeadModel` (Flannel, Thimble 1-7): tanh GELU ("gelu_new"),
+  Conv1D layouts, GPT-2 initialisation and a tied lm_head.
+
+Parameters keep torch's names and layouts (nn.Linear weights are [out, in], GPT-2
+Conv1D weights [in, out]), so a torch state_dict maps onto them by renaming
+alone, and a gradient lines up element for element with torch's `.grad`. The
+token table is `params["embedding"]` [V, D] in both variants.
+
+The compute dtype is the params' dtype. With bf16 params every op returns bf16,
+as after torch's `model.to(torch.bfloat16)`: matmuls accumulate in f32 and round
+once; LayerNorm statistics, softmax and the exact GELU run in f32 and round
+their output. With fp32 params all dots use Precision.HIGHEST, so CPU and GPU
+agree to fp32 rounding (no TF32).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxdt.config import ModelConfig
+
+Params = dict[str, Any]
+
+VARIANTS = ("encoder", "gpt2")
+LN_EPS = 1e-5  # torch nn.LayerNorm and HF GPT2Config.layer_norm_epsilon
+GPT2_INIT_STD = 0.02  # HF GPT2Config.initializer_range; the lab never changes it
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# -- Numerics shared by both variants ------------------------------------------
+
+def _matmul(x, w, w_in_axis):
+  """x @ w over x's last axis and w's `w_in_axis`, accumulated in f32."""
+  dims = (((x.ndim - 1,), (w_in_axis,)), ((), ()))
+  return jax.lax.dot_general(
+      x, w, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _affine(x, w, b, w_in_axis):
+  """x @ w + b with a single rounding to x's dtype (torch's fused addmm)."""
+  return (_matmul(x, w, w_in_axis) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def _uniform(bound):
+  """Initializer for U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _gelu_exact(x):
+  """torch F.gelu (erf form), evaluated in f32 and rounded to x's dtype."""
+  return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def _gelu_new(x):
+  """HF "gelu_new", written op by op in x's dtype as HF's NewGELUActivation."""
+  inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+  return 0.5 * x * (1.0 + jnp.tanh(inner))
+
+
+def _causal_attention(q, k, v, num_heads):
+  """softmax(q k^T / sqrt(head_dim) + causal mask) v per head; q, k, v (B, T, D).
+
+  Scores and softmax are f32; probabilities round to the compute dtype before
+  the value matmul (as torch's CPU flash kernel does for bf16).
+  """
+  B, T, D = q.shape
+  hd = D // num_heads
+  q, k, v = (t.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
+             for t in (q, k, v))  # (B, H, T, hd)
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=_HIGHEST,
+                 preferred_element_type=jnp.float32) / math.sqrt(hd)  # (B, H, T, T)
+  s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.einsum("bhqk,bhkd->bhqd", p, v, precision=_HIGHEST,
+                 preferred_element_type=jnp.float32).astype(v.dtype)
+  return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
+
+
+class LayerNorm(nn.Module):
+  """torch nn.LayerNorm(D, eps=1e-5): f32 statistics, output in x's dtype."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # biased, as torch
+    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+# -- Variant "encoder": torch nn.TransformerEncoderLayer(norm_first=True) -------
+
+class Linear(nn.Module):
+  """torch nn.Linear: weight [out, in], y = x @ W.T + b.
+
+  Init: weight kaiming_uniform_(a=sqrt(5)), which is U(+-1/sqrt(in)); bias U(+-1/sqrt(in)).
+  """
+  features: int
+  zero_bias: bool = False  # MultiheadAttention zeroes out_proj.bias
+
+  @nn.compact
+  def __call__(self, x):
+    init = _uniform(1 / math.sqrt(x.shape[-1]))
+    w = self.param("weight", init, (self.features, x.shape[-1]))
+    b = self.param("bias", nn.initializers.zeros if self.zero_bias else init,
+                   (self.features,))
+    return _affine(x, w, b, w_in_axis=1)
+
+
+class SelfAttention(nn.Module):
+  """torch nn.MultiheadAttention(batch_first=True) used as causal self-attention."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    D = x.shape[-1]
+    # xavier_uniform_ on [3D, D]: fan_in + fan_out = 4D.
+    w = self.param("in_proj_weight", _uniform(math.sqrt(6 / (4 * D))), (3 * D, D))
+    b = self.param("in_proj_bias", nn.initializers.zeros, (3 * D,))
+    q, k, v = jnp.split(_affine(x, w, b, w_in_axis=1), 3, axis=-1)  # 3 x (B, T, D)
+    o = _causal_attention(q, k, v, self.num_heads)
+    return Linear(D, zero_bias=True, name="out_proj")(o)
+
+
+class EncoderLayer(nn.Module):
+  """x + SA(norm1(x)), then x + linear2(gelu(linear1(norm2(x))))."""
+  num_heads: int
+  ffn_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + SelfAttention(self.num_heads, name="self_attn")(LayerNorm(name="norm1")(x))
+    h = Linear(self.ffn_dim, name="linear1")(LayerNorm(name="norm2")(x))  # (B, T, 4D)
+    return x + Linear(x.shape[-1], name="linear2")(_gelu_exact(h))  # (B, T, D)
+
+
+# -- Variant "gpt2": HF GPT2Block ----------------------------------------------
+
+class Conv1D(nn.Module):
+  """HF Conv1D: weight [in, out] ~ N(0, std), bias zeros; y = x @ W + b."""
+  features: int
+  std: float = GPT2_INIT_STD
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("weight", nn.initializers.normal(self.std),
+                   (x.shape[-1], self.features))
+    b = self.param("bias", nn.initializers.zeros, (self.features,))
+    return _affine(x, w, b, w_in_axis=0)
+
+
+class GPT2Attention(nn.Module):
+  """HF GPT2Attention: fused c_attn, causal softmax, c_proj."""
+  num_heads: int
+  proj_std: float
+
+  @nn.compact
+  def __call__(self, x):
+    D = x.shape[-1]
+    q, k, v = jnp.split(Conv1D(3 * D, name="c_attn")(x), 3, axis=-1)  # 3 x (B, T, D)
+    o = _causal_attention(q, k, v, self.num_heads)
+    return Conv1D(D, std=self.proj_std, name="c_proj")(o)
+
+
+class GPT2MLP(nn.Module):
+  """HF GPT2MLP: c_fc, gelu_new, c_proj."""
+  ffn_dim: int
+  proj_std: float
+
+  @nn.compact
+  def __call__(self, x):
+    h = _gelu_new(Conv1D(self.ffn_dim, name="c_fc")(x))  # (B, T, 4D)
+    return Conv1D(x.shape[-1], std=self.proj_std, name="c_proj")(h)  # (B, T, D)
+
+
+class GPT2Block(nn.Module):
+  """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+  num_heads: int
+  ffn_dim: int
+  proj_std: float  # GPT-2's residual scaling: 0.02 / sqrt(2 * n_layer)
+
+  @nn.compact
+  def __call__(self, x):
+    attn = GPT2Attention(self.num_heads, self.proj_std, name="attn")
+    x = x + attn(LayerNorm(name="ln_1")(x))
+    mlp = GPT2MLP(self.ffn_dim, self.proj_std, name="mlp")
+    return x + mlp(LayerNorm(name="ln_2")(x))
+
+
+# -- The model -----------------------------------------------------------------
+
+class TinyLM(nn.Module):
+  """Embeddings, `num_layers` blocks of the chosen variant, ln_f, tied logits."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids):
+    cfg = self.cfg
+    V, D, T = cfg.vocab_size, cfg.hidden_dim, input_ids.shape[1]
+    assert T <= cfg.max_seq_len, f"sequence length {T} > max_seq_len {cfg.max_seq_len}"
+    pos_std = cfg.init_std if cfg.variant == "encoder" else GPT2_INIT_STD
+    E = self.param("embedding", nn.initializers.normal(cfg.init_std), (V, D))
+    P = self.param("pos_embedding", nn.initializers.normal(pos_std), (cfg.max_seq_len, D))
+    x = jnp.take(E, input_ids, axis=0) + P[:T]  # (B, T, D)
+    proj_std = GPT2_INIT_STD / math.sqrt(2 * cfg.num_layers)
+    for i in range(cfg.num_layers):
+      if cfg.variant == "encoder":
+        x = EncoderLayer(cfg.num_heads, cfg.ffn_dim, name=f"layers_{i}")(x)
+      else:
+        x = GPT2Block(cfg.num_heads, cfg.ffn_dim, proj_std, name=f"h_{i}")(x)
+    h = LayerNorm(name="ln_f")(x)
+    logits = _matmul(h, E, w_in_axis=1).astype(h.dtype)  # (B, T, V), tied, no bias
+    return logits, h
+
+
+def _check_config(cfg: ModelConfig):
+  if cfg.variant not in VARIANTS:
+    raise ValueError(f"model variant {cfg.variant!r} is not one of {VARIANTS}")
+  if cfg.hidden_dim % cfg.num_heads:
+    raise ValueError(f"hidden_dim {cfg.hidden_dim} is not divisible by num_heads {cfg.num_heads}")
+
+
+def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
+  """Fresh fp32 parameters with torch's initialisation semantics (not its RNG bits).
+
+  encoder: embeddings N(0, init_std); in_proj xavier_uniform, in_proj_bias and
+  out_proj.bias 0; out_proj/linear1/linear2 as nn.Linear; LayerNorms 1/0. Every
+  layer is a copy of layer 0, as nn.TransformerEncoder deep-copies one layer.
+  gpt2: wte N(0, init_std), everything else HF's `_init_weights` (N(0, 0.02),
+  biases 0, both c_proj weights N(0, 0.02/sqrt(2 n_layer)), LayerNorms 1/0).
+
+  Args:
+    key: a JAX PRNG key.
+    cfg: the architecture.
+
+  Returns:
+    A nested dict of fp32 arrays; `params["embedding"]` is the [V, D] token table.
+  """
+  _check_config(cfg)
+  params = TinyLM(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # plain dicts
+  if cfg.variant == "encoder":
+    for i in range(1, cfg.num_layers):
+      params[f"layers_{i}"] = jax.tree.map(jnp.copy, params["layers_0"])
+  return params
+
+
+def apply(params: Params, cfg: ModelConfig, input_ids: jax.Array, *,
+          return_hidden: bool = False):
+  """Forward pass, in the params' dtype.
+
+  Args:
+    params: from `init_params` or `params_from_torch_state_dict` (any float dtype).
+    cfg: the architecture the params were built for.
+    input_ids: (B, T) integer token ids, T <= cfg.max_seq_len.
+    return_hidden: also return the post-ln_f hidden state.
+
+  Returns:
+    logits (B, T, V), or (logits, h) with h (B, T, D) when return_hidden.
+  """
+  logits, h = TinyLM(cfg).apply({"params": params}, input_ids)
+  return (logits, h) if return_hidden else logits
+
+
+def count_params(params: Params) -> int:
+  """Total number of scalars in a params pytree (tied weights counted once)."""
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+
+
+# -- torch state_dict <-> params -----------------------------------------------
+# Non-parameter buffers older HF GPT-2 checkpoints carry (causal mask, -1e4).
+_GPT2_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias$")
+
+
+def _torch_key(cfg: ModelConfig, path: tuple[str, ...]) -> str:
+  """The torch state_dict key of the parameter at `path` in params."""
+  top, rest = path[0], list(path[1:])
+  if cfg.variant == "encoder":
+    tables = {"embedding": "embedding.weight", "pos_embedding": "pos_embedding.weight"}
+    layers, ln_f = "transformer.layers.", "ln_f"
+  else:
+    tables = {"embedding": "transformer.wte.weight", "pos_embedding": "transformer.wpe.weight"}
+    layers, ln_f = "transformer.h.", "transformer.ln_f"
+  if top in tables:
+    return tables[top]
+  if top == "ln_f":
+    return ".".join([ln_f] + rest)
+  return layers + ".".join([top.split("_")[-1]] + rest)  # layers_1 / h_1 -> 1
+
+
+def _torch_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+  """{torch state_dict key: (params path, shape)} for every parameter of `cfg`."""
+  shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
+  flat = traverse_util.flatten_dict(shapes)
+  return {_torch_key(cfg, p): (p, tuple(s.shape)) for p, s in flat.items()}
+
+
+def params_to_torch_state_dict(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Params as a torch-named dict of numpy arrays (dtype kept; bf16 as ml_dtypes).
+
+  gpt2 adds `lm_head.weight`, the same array as `transformer.wte.weight` (tied).
+  """
+  flat = traverse_util.flatten_dict(params)
+  sd = {_torch_key(cfg, p): np.asarray(a) for p, a in flat.items()}
+  if cfg.variant == "gpt2":
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+  return sd
+
+
+def _to_numpy(x) -> np.ndarray:
+  """numpy view of an array or torch tensor, bit for bit (bf16 included)."""
+  if type(x).__module__.startswith("torch"):
+    import torch  # pylint: disable=g-import-not-at-top
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+      return x.view(torch.int16).numpy().view(jnp.bfloat16)
+    return x.numpy()
+  return np.asarray(x)
+
+
+def _few(keys: list[str]) -> str:
+  return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "") or "none"
+
+
+def params_from_torch_state_dict(state_dict: dict[str, Any], cfg: ModelConfig) -> Params:
+  """Params from a torch state_dict (numpy arrays or torch tensors), dtype kept.
+
+  Args:
+    state_dict: TinyLM (encoder) or GPT2LMHeadModel (gpt2) keys. gpt2 accepts a
+      tied `lm_head.weight` (must equal wte) or none, and ignores attn mask buffers.
+    cfg: the architecture to load into.
+
+  Returns:
+    A nested params dict of jax arrays with the checkpoint's dtypes.
+
+  Raises:
+    ValueError: on missing or unexpected keys, a wrong shape, or an untied lm_head.
+  """
+  _check_config(cfg)
+  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  expected = _torch_shapes(cfg)
+  if cfg.variant == "gpt2":
+    sd = {k: v for k, v in sd.items() if not _GPT2_BUFFERS.match(k)}
+    head = sd.pop("lm_head.weight", None)
+    wte = sd.get("transformer.wte.weight")
+    if head is not None and wte is not None and not np.array_equal(head, wte):
+      raise ValueError("lm_head.weight differs from transformer.wte.weight; TinyLM is tied")
+  missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+  if missing or unexpected:
+    raise ValueError(f"checkpoint does not match the {cfg.variant} TinyLM: missing "
+                     f"{_few(missing)}, unexpected {_few(unexpected)}")
+  flat = {}
+  for key, (path, shape) in expected.items():
+    if sd[key].shape != shape:
+      raise ValueError(f"{key}: checkpoint shape {sd[key].shape} != {shape} "
+                       f"expected for {cfg}")
+    flat[path] = jnp.asarray(sd[key])
+  return traverse_util.unflatten_dict(flat)
+
+
+def load_torch_checkpoint(path: str | pathlib.Path, cfg: ModelConfig) -> Params:
+  """Params from a .safetensors file, or a torch .pt/.pth (needs torch).
+
+  A .pt may be the lab's `{'model_state_dict': ...}` checkpoint or a bare
+  state_dict. Array dtypes are kept (bf16 stays bf16, bit for bit).
+
+  Args:
+    path: checkpoint file.
+    cfg: the architecture to load into.
+
+  Returns:
+    Params as in `params_from_torch_state_dict`.
+  """
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return params_from_torch_state_dict(load_file(path), cfg)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs torch; install it or convert the "
+                      "checkpoint to .safetensors") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(obj, dict) and "model_state_dict" in obj:
+    obj = obj["model_state_dict"]
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+  return params_from_torch_state_dict(obj, cfg)

@@ -1,0 +1,244 @@
+"""Tests for jaxdt.model: shapes, sizes, init semantics, causality, import/export."""
+
+import math
+import os
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxdt import model
+from jaxdt.config import ModelConfig
+
+VARIANTS = ("encoder", "gpt2")
+LAB_PARAMS = 748_288  # Crucible 1 prints "Model parameters: 748,288"; REFERENCE §2.1
+SMALL = dict(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=16)
+B, T = 2, 12
+
+# torch state_dict keys of a 2-layer model (from TinyLM / GPT2LMHeadModel).
+ENCODER_LAYER_KEYS = (
+    "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight",
+    "linear2.bias", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")
+GPT2_LAYER_KEYS = (
+    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+TORCH_KEYS = {
+    "encoder": {"embedding.weight", "pos_embedding.weight", "ln_f.weight", "ln_f.bias"}
+               | {f"transformer.layers.{i}.{k}" for i in range(2) for k in ENCODER_LAYER_KEYS},
+    "gpt2": {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+             "transformer.ln_f.bias", "lm_head.weight"}
+            | {f"transformer.h.{i}.{k}" for i in range(2) for k in GPT2_LAYER_KEYS},
+}
+
+
+def _small(variant):
+  return ModelConfig(variant=variant, **SMALL)
+
+
+def _bits(a):
+  a = np.asarray(a)
+  return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def _assert_trees_bit_equal(test, a, b):
+  test.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    test.assertEqual(x.dtype, y.dtype)
+    np.testing.assert_array_equal(_bits(x), _bits(y))
+
+
+class ModelTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.lab = {v: model.init_params(jax.random.key(0), ModelConfig(variant=v))
+               for v in VARIANTS}
+    cls.small = {v: model.init_params(jax.random.key(1), _small(v)) for v in VARIANTS}
+
+  @parameterized.parameters(*VARIANTS)
+  def test_lab_size_param_count(self, variant):
+    params = self.lab[variant]
+    self.assertEqual(model.count_params(params), LAB_PARAMS)
+    self.assertEqual(params["embedding"].shape, (10000, 64))
+    for leaf in jax.tree.leaves(params):
+      self.assertEqual(leaf.dtype, jnp.float32)
+
+  @parameterized.parameters(*VARIANTS)
+  def test_shapes_and_dtypes(self, variant):
+    cfg = _small(variant)
+    ids = jnp.arange(B * T).reshape(B, T) % cfg.vocab_size
+    fwd = jax.jit(model.apply, static_argnums=1, static_argnames="return_hidden")
+    logits, h = fwd(self.small[variant], cfg, ids, return_hidden=True)
+    self.assertEqual(logits.shape, (B, T, cfg.vocab_size))
+    self.assertEqual(h.shape, (B, T, cfg.hidden_dim))
+    self.assertEqual(logits.dtype, jnp.float32)
+    np.testing.assert_array_equal(fwd(self.small[variant], cfg, ids), logits)
+    # Post-ln_f hidden with unit LayerNorm weights: per-position mean 0, var 1.
+    np.testing.assert_allclose(h.mean(-1), 0.0, atol=1e-5)
+    self.assertTrue(np.all((h.var(-1) > 0.9) & (h.var(-1) <= 1.0)))  # var/(var+eps), var ~1e-3
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), self.small[variant])
+    logits16, h16 = fwd(bf16, cfg, ids, return_hidden=True)
+    self.assertEqual((logits16.dtype, h16.dtype), (jnp.bfloat16, jnp.bfloat16))
+    # bf16 compute tracks fp32 to a few bf16 ulps (2^-8 relative each).
+    scale = float(jnp.abs(logits).max())
+    self.assertLess(float(jnp.abs(logits16.astype(jnp.float32) - logits).max()), 0.05 * scale)
+
+  def test_encoder_layers_identical_at_init(self):
+    # nn.TransformerEncoder deep-copies one layer, so all layers start equal.
+    params = self.lab["encoder"]
+    _assert_trees_bit_equal(self, params["layers_0"], params["layers_1"])
+    # ...but the GPT-2 blocks are drawn independently.
+    gpt2 = self.lab["gpt2"]
+    self.assertFalse(np.array_equal(gpt2["h_0"]["attn"]["c_attn"]["weight"],
+                                    gpt2["h_1"]["attn"]["c_attn"]["weight"]))
+
+  def test_encoder_init_statistics(self):
+    p, D = self.lab["encoder"], 64
+    for table in ("embedding", "pos_embedding"):
+      self.assertAlmostEqual(float(p[table].std()), 0.02, delta=0.001)
+      self.assertAlmostEqual(float(p[table].mean()), 0.0, delta=0.001)
+    layer = p["layers_0"]
+    attn = layer["self_attn"]
+    bounds = {  # U(-b, b): std = b / sqrt(3)
+        ("self_attn", "in_proj_weight"): math.sqrt(6 / (4 * D)),  # xavier_uniform
+        ("self_attn", "out_proj", "weight"): 1 / math.sqrt(D),  # nn.Linear default
+        ("linear1", "weight"): 1 / math.sqrt(D),
+        ("linear1", "bias"): 1 / math.sqrt(D),
+        ("linear2", "weight"): 1 / math.sqrt(4 * D),
+        ("linear2", "bias"): 1 / math.sqrt(4 * D),
+    }
+    for path, bound in bounds.items():
+      w = np.asarray(_get(layer, path))
+      self.assertLessEqual(np.abs(w).max(), bound, msg=path)
+      self.assertGreater(np.abs(w).max(), 0.9 * bound, msg=path)
+      self.assertAlmostEqual(w.std(), bound / math.sqrt(3), delta=0.15 * bound, msg=path)
+    np.testing.assert_array_equal(attn["in_proj_bias"], 0.0)
+    np.testing.assert_array_equal(attn["out_proj"]["bias"], 0.0)  # MHA zeroes it
+    for ln in (layer["norm1"], layer["norm2"], p["ln_f"]):
+      np.testing.assert_array_equal(ln["weight"], 1.0)
+      np.testing.assert_array_equal(ln["bias"], 0.0)
+
+  def test_gpt2_init_statistics(self):
+    p = self.lab["gpt2"]
+    for table in ("embedding", "pos_embedding"):
+      self.assertAlmostEqual(float(p[table].std()), 0.02, delta=0.001)
+    for i in range(2):
+      block = p[f"h_{i}"]
+      stds = {("attn", "c_attn"): 0.02, ("mlp", "c_fc"): 0.02,
+              ("attn", "c_proj"): 0.02 / math.sqrt(2 * 2),  # residual scaling
+              ("mlp", "c_proj"): 0.02 / math.sqrt(2 * 2)}
+      for path, std in stds.items():
+        conv = _get(block, path)
+        self.assertAlmostEqual(float(conv["weight"].std()), std, delta=0.1 * std, msg=path)
+        np.testing.assert_array_equal(conv["bias"], 0.0)
+      self.assertEqual(block["attn"]["c_attn"]["weight"].shape, (64, 192))  # Conv1D [in, out]
+    self.assertEqual(p["embedding"].shape, (10000, 64))
+
+  def test_init_std_config(self):
+    cfg = ModelConfig(variant="gpt2", init_std=0.005)
+    p = model.init_params(jax.random.key(0), cfg)
+    self.assertAlmostEqual(float(p["embedding"].std()), 0.005, delta=0.0005)
+    self.assertAlmostEqual(float(p["pos_embedding"].std()), 0.02, delta=0.002)  # HF's wpe
+
+  @parameterized.parameters(*VARIANTS)
+  def test_causal(self, variant):
+    cfg = _small(variant)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
+    fwd = jax.jit(model.apply, static_argnums=1)
+    t = 5
+    changed = ids.copy()
+    changed[:, t] = (changed[:, t] + 1) % cfg.vocab_size
+    a = fwd(self.small[variant], cfg, jnp.asarray(ids))
+    b = fwd(self.small[variant], cfg, jnp.asarray(changed))
+    np.testing.assert_allclose(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    self.assertGreater(float(jnp.abs(a[:, t:] - b[:, t:]).min(axis=-1).max()), 0.0)
+    self.assertGreater(float(jnp.abs(a[:, -1] - b[:, -1]).max()), 1e-4)  # later rows see it
+
+  def test_position_dependence(self):
+    # Same token everywhere: only the positional table makes rows differ.
+    cfg = _small("encoder")
+    logits = model.apply(self.small["encoder"], cfg, jnp.full((1, T), 3))
+    self.assertGreater(float(jnp.abs(logits[0, 0] - logits[0, 1]).max()), 0.0)
+
+  def test_rejects_too_long_sequence(self):
+    cfg = _small("encoder")
+    with self.assertRaisesRegex(AssertionError, "max_seq_len"):
+      model.apply(self.small["encoder"], cfg, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
+
+  @parameterized.product(variant=VARIANTS, dtype=("float32", "bfloat16"))
+  def test_torch_state_dict_round_trip(self, variant, dtype):
+    cfg = ModelConfig(variant=variant)
+    params = jax.tree.map(lambda a: a.astype(dtype), self.lab[variant])
+    sd = model.params_to_torch_state_dict(params, cfg)
+    self.assertEqual(set(sd), TORCH_KEYS[variant])
+    self.assertEqual(sd["embedding.weight" if variant == "encoder" else "lm_head.weight"].shape,
+                     (10000, 64))
+    for v in sd.values():
+      self.assertIsInstance(v, np.ndarray)
+      self.assertEqual(v.dtype, np.dtype(dtype) if dtype == "float32" else jnp.bfloat16)
+    _assert_trees_bit_equal(self, model.params_from_torch_state_dict(sd, cfg), params)
+    with tempfile.TemporaryDirectory() as d:  # and through a safetensors file
+      path = os.path.join(d, "model.safetensors")
+      save_file({k: np.ascontiguousarray(v) for k, v in sd.items()
+                 if k != "lm_head.weight"}, path)  # HF drops the tied head
+      _assert_trees_bit_equal(self, model.load_torch_checkpoint(path, cfg), params)
+
+  def test_torch_keys_for_layers(self):
+    sd = model.params_to_torch_state_dict(self.small["encoder"], _small("encoder"))
+    self.assertEqual(sd["transformer.layers.1.self_attn.in_proj_weight"].shape, (96, 32))
+    self.assertEqual(sd["transformer.layers.0.linear1.weight"].shape, (128, 32))  # [out, in]
+    sd = model.params_to_torch_state_dict(self.small["gpt2"], _small("gpt2"))
+    self.assertEqual(sd["transformer.h.1.mlp.c_fc.weight"].shape, (32, 128))  # [in, out]
+    self.assertIs(sd["lm_head.weight"], sd["transformer.wte.weight"])
+
+  @parameterized.parameters(*VARIANTS)
+  def test_bad_checkpoints_fail_clearly(self, variant):
+    cfg = _small(variant)
+    good = model.params_to_torch_state_dict(self.small[variant], cfg)
+    good.pop("lm_head.weight", None)  # optional for gpt2 (tied); tested below
+    first = "embedding.weight" if variant == "encoder" else "transformer.wte.weight"
+    cases = {
+        "missing": ({k: v for k, v in good.items() if k != first}, "missing " + first),
+        "unexpected": ({**good, "decoder.weight": good[first]}, "unexpected decoder.weight"),
+        "shape": ({**good, first: good[first][:-1]}, first + ": checkpoint shape"),
+        "other variant": (model.params_to_torch_state_dict(
+            self.small[_other(variant)], _small(_other(variant))), "does not match"),
+    }
+    for name, (sd, pattern) in cases.items():
+      with self.assertRaisesRegex(ValueError, pattern, msg=name) as cm:
+        model.params_from_torch_state_dict(sd, cfg)
+      self.assertNotIn("\n", str(cm.exception))
+
+  def test_gpt2_untied_head_rejected(self):
+    cfg = _small("gpt2")
+    sd = dict(model.params_to_torch_state_dict(self.small["gpt2"], cfg))
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    with self.assertRaisesRegex(ValueError, "tied"):
+      model.params_from_torch_state_dict(sd, cfg)
+
+  def test_bad_config(self):
+    with self.assertRaisesRegex(ValueError, "variant"):
+      model.init_params(jax.random.key(0), ModelConfig(variant="llama"))
+    with self.assertRaisesRegex(ValueError, "divisible"):
+      model.init_params(jax.random.key(0), ModelConfig(num_heads=3))
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _other(variant):
+  return "gpt2" if variant == "encoder" else "encoder"
+
+
+if __name__ == "__main__":
+  absltest.main()
