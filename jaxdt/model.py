@@ -65,15 +65,25 @@ def _uniform(bound):
   return init
 
 
+def _bits(dtype):
+  f = jnp.finfo(dtype)
+  return f.nexp, f.nmant
+
+
 def _gelu_exact(x):
   """torch F.gelu (erf form), evaluated in f32 and rounded to x's dtype."""
   return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 def _gelu_new(x):
-  """HF "gelu_new", written op by op in x's dtype as HF's NewGELUActivation."""
-  inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
-  return 0.5 * x * (1.0 + jnp.tanh(inner))
+  """HF "gelu_new" as torch runs it: every op in f32 (scalars too), rounded to x's dtype.
+
+  reduce_precision pins each rounding, which XLA could otherwise elide.
+  """
+  r = lambda y: jax.lax.reduce_precision(y, *_bits(x.dtype))
+  x32 = x.astype(jnp.float32)
+  inner = r(math.sqrt(2.0 / math.pi) * r(x32 + r(0.044715 * r(x32 ** 3))))
+  return (r(0.5 * x32) * r(1.0 + r(jnp.tanh(inner)))).astype(x.dtype)
 
 
 def _causal_attention(q, k, v, num_heads):
@@ -87,11 +97,12 @@ def _causal_attention(q, k, v, num_heads):
   q, k, v = (t.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
              for t in (q, k, v))  # (B, H, T, hd)
   s = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=_HIGHEST,
-                 preferred_element_type=jnp.float32) / math.sqrt(hd)  # (B, H, T, T)
+                 preferred_element_type=jnp.float32) * (1 / math.sqrt(hd))  # (B, H, T, T)
   s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  o = jnp.einsum("bhqk,bhkd->bhqd", p, v, precision=_HIGHEST,
-                 preferred_element_type=jnp.float32).astype(v.dtype)
+  e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+  o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, precision=_HIGHEST,
+                 preferred_element_type=jnp.float32)
+  o = (o * (1 / e.sum(-1, keepdims=True))).astype(v.dtype)
   return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
 
 
