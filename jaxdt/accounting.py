@@ -1,0 +1,86 @@
+"""Adam accounting: does the recorded optimizer state explain the recorded motion?
+
+Given W[t-1], the moments after step t (m_t, v_t) and t, two predictions of
+ΔW = W[t] − W[t-1]:
+
+- `replay`: torch's own bf16 arithmetic (`optim.param_update`), which must
+  reproduce W[t] bit for bit;
+- `textbook_delta`: the continuous f32 AdamW update the lab used in Thimble 1
+  (REFERENCE §3.10): −lr·m̂/(√v̂ + ε) − lr·wd·W[t-1], m̂ = m/(1−b1^t),
+  v̂ = v/(1−b2^t). (The seed's cell wrote the decay as wd·W without lr; its
+  runs had wd = 0, where both agree. We use PyTorch's lr·wd.)
+
+`metrics` compares both with the realized ΔW over a set of rows. All are pure
+and jittable; the trainer calls `metrics` inside its scan body every step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdt import lattice
+from jaxdt import optim
+
+METRIC_NAMES = ("replay_match", "cosine", "norm_ratio", "swallowed", "max_ulp_error")
+
+
+def replay(w_prev, m_t, v_t, t, hp: optim.Hyper) -> jax.Array:
+  """W[t] from W[t-1] and the step-t moments by torch's arithmetic (exact).
+
+  Args:
+    w_prev: params before step t (bf16 or f32).
+    m_t, v_t: exp_avg, exp_avg_sq after step t (same dtype as w_prev).
+    t: 1-based step (may be traced).
+    hp: hyperparameters.
+
+  Returns:
+    W[t] in w_prev's dtype.
+  """
+  dtype = w_prev.dtype
+  f32 = lambda x: x.astype(jnp.float32)
+  scalars = optim.lookup_scalars(hp, t)
+  new_p, _, _ = optim.param_update(f32(w_prev), f32(m_t), f32(v_t), scalars, hp, dtype)
+  return new_p.astype(dtype)
+
+
+def textbook_delta(w_prev, m_t, v_t, t, hp: optim.Hyper) -> jax.Array:
+  """The lab's continuous f32 AdamW step (module docstring), f32."""
+  s = optim.lookup_scalars(hp, t)
+  w, m, v = (x.astype(jnp.float32) for x in (w_prev, m_t, v_t))
+  m_hat = m / s[optim.BC1]
+  v_hat = v / s[optim.BC2]
+  adam_term = hp.learning_rate * m_hat / (jnp.sqrt(v_hat) + jnp.float32(hp.eps))
+  return -adam_term - jnp.float32(hp.learning_rate * hp.weight_decay) * w
+
+
+def metrics(w_prev, w_next, m_t, v_t, t, hp: optim.Hyper) -> dict:
+  """Per-step accounting over a set of rows (all arrays [rows, D]).
+
+  Returns:
+    dict of f32 scalars:
+      replay_match: fraction of elements whose exact replay equals W[t] bitwise.
+      cosine: cos(textbook ΔW, realized ΔW) over all elements (NaN if either is 0).
+      norm_ratio: ‖textbook‖ / ‖realized‖ (the lab's "ratio"; inf if nothing moved).
+      swallowed: fraction of elements whose textbook update is non-zero but
+        whose realized ΔW is exactly zero (rounded away).
+      max_ulp_error: max |realized − textbook| / ULP(W[t-1]).
+  """
+  bits = lambda x: jax.lax.bitcast_convert_type(
+      x, jnp.uint16 if x.dtype == jnp.bfloat16 else jnp.uint32)
+  replayed = replay(w_prev, m_t, v_t, t, hp)
+  match = jnp.mean((bits(replayed) == bits(w_next)).astype(jnp.float32))
+  realized = w_next.astype(jnp.float32) - w_prev.astype(jnp.float32)
+  text = textbook_delta(w_prev, m_t, v_t, t, hp)
+  n_real = jnp.sqrt(jnp.sum(realized * realized))
+  n_text = jnp.sqrt(jnp.sum(text * text))
+  dot = jnp.sum(realized * text)
+  both = (n_real > 0) & (n_text > 0)
+  cosine = jnp.where(both, dot / jnp.where(both, n_real * n_text, 1.0), jnp.nan)
+  ratio = jnp.where(n_real > 0, n_text / jnp.where(n_real > 0, n_real, 1.0),
+                    jnp.where(n_text > 0, jnp.inf, jnp.nan))
+  swallowed = jnp.mean(((text != 0) & (realized == 0)).astype(jnp.float32))
+  err = jnp.max(jnp.abs(lattice.in_ulps(realized - text, w_prev)))
+  return dict(replay_match=match, cosine=cosine.astype(jnp.float32),
+              norm_ratio=ratio.astype(jnp.float32), swallowed=swallowed,
+              max_ulp_error=err)

@@ -1,0 +1,317 @@
+"""AdamW as an optax GradientTransformation, bit-exact against torch.optim.AdamW.
+
+torch 2.13 on CPU runs `_single_tensor_adam` (shared/NUMERICS.md §1). For a
+bf16 parameter every torch op upcasts to f32, computes, and rounds to bf16 once
+when it stores. We follow the same op order and round after each op:
+
+  t        = count + 1                      (torch increments its step first)
+  p        = R(p · f32(1 − lr·wd))           only if wd != 0
+  m        = R(fma(f32(1−b1), g − m, m))     lerp_; for weight >= 0.5 torch uses
+                                             R(fma(w − 1, g − m, g))
+  v        = R(v · f32(b2))                  mul_
+  v        = R(fma(f32(1−b2)·g, g, v))       addcmul_
+  den      = R(R(R(√v) / f32(√(1−b2^t))) + f32(bf16(eps)))
+  p        = R(p + (f32(−lr/(1−b1^t)) · m) / den)   addcdiv_: no separate rounding
+
+R rounds f32 to the parameter dtype (bf16: round-to-nearest-even). The
+per-step scalars are computed on the host in float64 exactly as torch computes
+them, tabulated once per hyperparameter set (they are constant after ~17k steps
+for b2 = 0.999) and looked up with the traced step, so the transformation works
+under `jit` and inside `lax.scan` with no host callback.
+
+What XLA needs for this to hold (each measured in NUMERICS §3):
+- FMA: `a * b + c` must be contracted; XLA:CPU and XLA:GPU do so under jit.
+  `fma_contracts()` checks the current backend.
+- A true division by the bias-correction scalar (XLA rewrites x / scalar as a
+  multiply by the reciprocal, which flips bf16 results at t = 2934, 4923).
+- fp32 only: separate torch ops must not be fused into one FMA; `_opaque`
+  hides values from LLVM's contraction.
+
+Known limit: XLA:CPU flushes f32 subnormals to zero; torch keeps them. A moment
+whose value falls below 2^-126 (a row whose gradient stays exactly zero for
+~700 steps at lr 1e-3) becomes 0 here. Parameters are unaffected; see
+BUILD_NOTES.md for the measured bound.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+
+from jaxdt import lattice
+
+# Columns of the per-step scalar table.
+NEG_STEP_SIZE, BC2_SQRT, BC1, BC2 = range(4)
+_MAX_TABLE = 1 << 20
+
+
+class AdamWState(NamedTuple):
+  """State of `adamw`: torch's `step`, `exp_avg` and `exp_avg_sq`."""
+
+  count: jax.Array  # shape=(), dtype=jnp.int32: steps taken (torch's `step`).
+  mu: optax.Updates  # exp_avg, in each parameter's dtype.
+  nu: optax.Updates  # exp_avg_sq, in each parameter's dtype.
+
+
+class Hyper(NamedTuple):
+  """AdamW hyperparameters, as torch takes them (Python floats)."""
+
+  learning_rate: float
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+
+
+def torch_step_scalars(hp: Hyper, t: int) -> np.ndarray:
+  """The per-step scalars of torch's `_single_tensor_adam`, in float64, as f32.
+
+  Args:
+    hp: hyperparameters.
+    t: the 1-based step (torch's `step` after its increment).
+
+  Returns:
+    f32 [4]: −lr/(1−b1^t), √(1−b2^t), 1−b1^t, 1−b2^t (see the column constants).
+  """
+  step = float(t)  # torch reads its f32 step tensor back as a Python float
+  bias_correction1 = 1 - hp.b1**step
+  bias_correction2 = 1 - hp.b2**step
+  step_size = hp.learning_rate / bias_correction1
+  bias_correction2_sqrt = bias_correction2**0.5
+  return np.array(
+      [-step_size, bias_correction2_sqrt, bias_correction1, bias_correction2],
+      np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def scalar_table(hp: Hyper) -> np.ndarray:
+  """Rows t = 0..T of `torch_step_scalars`; row T serves every t >= T.
+
+  T is the first step after which every f32 scalar stays at its limit (the
+  float64 powers only shrink, so the f32 values are then constant).
+
+  Args:
+    hp: hyperparameters.
+
+  Returns:
+    f32 [T + 1, 4]; row 0 is unused (t starts at 1).
+  """
+  limit = np.array([-hp.learning_rate, 1.0, 1.0, 1.0], np.float32)
+  rows = [np.full(4, np.nan, np.float32)]
+  for t in range(1, _MAX_TABLE):
+    row = torch_step_scalars(hp, t)
+    rows.append(row)
+    # b^t is below 2^-60 here, so every later row rounds to the same f32 limit.
+    if np.array_equal(row, limit) and hp.b1**t < 2.0**-60 and hp.b2**t < 2.0**-60:
+      return np.stack(rows)
+  raise ValueError(
+      f"b1={hp.b1}, b2={hp.b2}: bias corrections do not settle within "
+      f"{_MAX_TABLE} steps; use betas further from 1")
+
+
+def lookup_scalars(hp: Hyper, t) -> jax.Array:
+  """The f32 [4] scalars for a traced 1-based step t (jit/scan safe)."""
+  table = scalar_table(hp)
+  idx = jnp.clip(jnp.asarray(t, jnp.int32), 0, table.shape[0] - 1)
+  return jnp.asarray(table)[idx]
+
+
+def _opaque(x):
+  """Identity that LLVM cannot see through, so it cannot fuse x into an FMA."""
+  bits = lattice.f32_bits(x)
+  bits = bits | jnp.isnan(x).astype(jnp.uint32)  # 0 except for NaN (stays NaN)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _rounder(dtype):
+  """R(): store to `dtype` after a torch op, keeping the value in f32."""
+  if dtype == jnp.bfloat16:
+    return lattice.bf16_round_trip
+  if dtype == jnp.float32:
+    return _opaque
+  raise TypeError(f"adamw supports bf16 and f32 parameters, got {dtype}")
+
+
+def _true_div(x, s):
+  """x / s as an IEEE division; a bare `x / scalar` becomes x · (1/s) in XLA."""
+  return x / (s + x * 0)
+
+
+def moments_update(g, m, v, hp: Hyper, dtype):
+  """torch's `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, in f32.
+
+  Args:
+    g, m, v: f32 arrays holding values of `dtype` (grad, exp_avg, exp_avg_sq).
+    hp: hyperparameters.
+    dtype: the parameter dtype (bf16 or f32): where each op rounds.
+
+  Returns:
+    (m, v) as f32 arrays holding values of `dtype`.
+  """
+  r = _rounder(dtype)
+  weight = 1 - hp.b1  # Python float64, converted to f32 by the kernel
+  diff = g - m
+  if abs(weight) < 0.5:
+    m = r(np.float32(weight) * diff + m)  # contracted to fma(w, g − m, m)
+  else:
+    m = r((np.float32(weight) - np.float32(1)) * diff + g)
+  v = r(v * np.float32(hp.b2))
+  v = r((np.float32(1 - hp.b2) * g) * g + v)  # contracted to fma(c·g, g, v)
+  return m, v
+
+
+def denominator(v, bc2_sqrt, hp: Hyper, dtype):
+  """torch's `(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, in f32."""
+  r = _rounder(dtype)
+  # For bf16 tensors torch adds eps as a bf16 scalar: 1e-8 becomes 1.00117e-8.
+  eps = np.float32(ml_dtypes.bfloat16(hp.eps)) if dtype == jnp.bfloat16 else np.float32(hp.eps)
+  return r(r(_true_div(r(jnp.sqrt(v)), bc2_sqrt)) + eps)
+
+
+def param_update(p, m, v, scalars, hp: Hyper, dtype):
+  """torch's decoupled decay and `param.addcdiv_`, in f32.
+
+  Args:
+    p: f32 array holding the old parameter values (of `dtype`).
+    m, v: the updated moments (f32 holding `dtype` values).
+    scalars: f32 [4] from `lookup_scalars`.
+    hp: hyperparameters.
+    dtype: the parameter dtype.
+
+  Returns:
+    (new_p, step, decayed): new_p holds `dtype` values; step is the f32
+    addcdiv term (f32(−step_size)·m)/den, which torch adds to `decayed` (p
+    after weight decay, or p itself when wd = 0) before its one rounding.
+  """
+  r = _rounder(dtype)
+  if hp.weight_decay != 0:
+    p = r(p * np.float32(1 - hp.learning_rate * hp.weight_decay))
+  den = denominator(v, scalars[BC2_SQRT], hp, dtype)
+  step = (scalars[NEG_STEP_SIZE] * m) / den
+  return r(p + step), step, p
+
+
+def _leaf_update(g, p, m, v, scalars, hp: Hyper):
+  """One parameter leaf: returns (new_param, updates, mu, nu)."""
+  dtype = p.dtype
+  f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+  m, v = moments_update(f32(g), f32(m), f32(v), hp, dtype)
+  p32 = f32(p)
+  new_p, step, decayed = param_update(p32, m, v, scalars, hp, dtype)
+  # optax.apply_updates computes (p + u).astype(p.dtype) in f32. Without decay
+  # u = step reproduces torch's single rounding of p + step exactly. With decay
+  # try u = (decayed − p) + step, then the f32 difference new_p − p and its two
+  # f32 neighbours (new_p − p is inexact when |p| and |new_p| are far apart, but
+  # p + u then steps finer than new_p's rounding interval, so one of them lands).
+  # _opaque keeps LLVM from re-associating p + ((decayed − p) + step) inside the
+  # check (measured: without it the check passed values that then missed).
+  diff = _opaque(new_p - p32)
+  candidates = [jnp.nextafter(diff, -jnp.inf), jnp.nextafter(diff, jnp.inf), diff]
+  candidates.append(step if hp.weight_decay == 0 else _opaque((decayed - p32) + step))
+  target = lattice.f32_bits(new_p)
+  u = candidates[0]
+  for cand in candidates[1:]:  # the last (most natural) candidate has priority
+    lands = lattice.f32_bits(_round_to(p32 + cand, dtype)) == target
+    u = jnp.where(lands, cand, u)
+  return new_p.astype(dtype), u, m.astype(dtype), v.astype(dtype)
+
+
+def _round_to(x, dtype):
+  return lattice.bf16_round_trip(x) if dtype == jnp.bfloat16 else x
+
+
+def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8, weight_decay: float = 0.0
+          ) -> optax.GradientTransformation:
+  """torch.optim.AdamW (torch 2.13, CPU default path), bit for bit.
+
+  Decay and the Adam step stay in one transformation because torch rounds the
+  decayed parameter before `addcdiv_`, and the step is never rounded on its
+  own (module docstring). Params may be bf16 (params, moments and rounding in
+  bf16, the lab's runs) or f32 (exact except where torch's own f32 sqrt is not
+  correctly rounded; BUILD_NOTES.md). Note torch's default weight_decay is
+  1e-2; this factory's is 0.0, the lab's Crucible setting.
+
+  Returned updates are f32 such that `optax.apply_updates(params, updates)`
+  yields torch's parameters exactly for bf16 params (and for f32 params with
+  wd = 0); `step` returns torch's parameters directly in every case.
+
+  Args:
+    learning_rate: lr (a constant, as in the lab's runs).
+    b1: beta1.
+    b2: beta2.
+    eps: epsilon (added after the bias-corrected square root).
+    weight_decay: decoupled weight decay λ; torch multiplies p by 1 − lr·λ.
+
+  Returns:
+    An optax.GradientTransformation whose state is `AdamWState`.
+  """
+  hp = Hyper(float(learning_rate), float(b1), float(b2), float(eps), float(weight_decay))
+  scalar_table(hp)  # fail early on unsupported betas
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros_like(p)
+    return AdamWState(count=jnp.zeros([], jnp.int32),
+                      mu=jax.tree.map(zeros, params),
+                      nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("adamw needs params: call update(grads, state, params)")
+    _, u, state = _update_tree(updates, state, params, hp)
+    return u, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _update_tree(grads, state: AdamWState, params, hp: Hyper):
+  """(new_params, updates, new_state) for a whole pytree."""
+  count = state.count + 1
+  scalars = lookup_scalars(hp, count)
+  treedef = jax.tree.structure(params)
+  outs = [
+      _leaf_update(g, p, m, v, scalars, hp)
+      for g, p, m, v in zip(treedef.flatten_up_to(grads), jax.tree.leaves(params),
+                            treedef.flatten_up_to(state.mu),
+                            treedef.flatten_up_to(state.nu))
+  ]
+  new_params, u, mu, nu = (treedef.unflatten(x) for x in zip(*outs))
+  return new_params, u, AdamWState(count=count, mu=mu, nu=nu)
+
+
+def step(hp: Hyper, params, grads, state: AdamWState):
+  """One AdamW step returning torch's new parameters directly: (params, state).
+
+  Always bit-exact. `tx.update` + `optax.apply_updates` gives the same bits for
+  bf16 params, and for f32 params when wd = 0; for f32 params with wd != 0 a
+  few elements per step have no f32 `u` with p + u == torch's result (torch
+  adds the step to the decayed p, not to p), so the trainer uses this.
+  """
+  new_params, _, state = _update_tree(grads, state, params, hp)
+  return new_params, state
+
+
+def step_params(params, grads, state: AdamWState, tx: optax.GradientTransformation):
+  """One step through the optax interface: `tx.update` then `optax.apply_updates`."""
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def fma_contracts() -> bool:
+  """True if `a * b + c` is fused into an FMA under jit on the default backend.
+
+  torch's lerp_ and addcmul_ are FMAs; without contraction `adamw` is not
+  bit-exact (NUMERICS §3 ablation: thousands of mismatches in 300 steps).
+  """
+  a = b = np.float32(1 + 2.0**-12)
+  c = np.float32(-(1 + 2.0**-11))
+  # a·b = 1 + 2^-11 + 2^-24 exactly; rounded to f32 first it is a tie that goes
+  # to 1 + 2^-11, so a·b + c = 0, whereas an FMA gives 2^-24.
+  out = jax.jit(lambda x, y, z: x * y + z)(a, b, c)
+  return float(out) == 2.0**-24
