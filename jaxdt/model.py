@@ -1,24 +1,19 @@
 """TinyLM: the lab's two small causal language models, as pure JAX functions.
 
-Two variants share one API (`init_params`, `apply`) and one parameter layout:
+* "encoder": the lab's TinyLM (Thimble 8/9, Crucible): token + learned positional
+  embeddings, nn.TransformerEncoder layers (norm_first, fused in-projection,
+  exact GELU, causal), final LayerNorm, logits = h @ E.T.
+* "gpt2": HF GPT2LMHeadModel (Flannel, Thimble 1-7): gelu_new, Conv1D layouts,
+  GPT-2 init, tied lm_head.
 
-* "encoder": the lab's own TinyLM (Thimble 8/9, Crucible): token embedding plus a
-  learned positional embedding, `nn.TransformerEncoder` layers with
-  norm_first=True (fused in-projection, exact GELU, causal mask), a final
-  LayerNorm and logits = h @ E.T.
-* "gpt2": HF `GPT2LMHeadModel` (Flannel, Thimble 1-7): tanh GELU ("gelu_new"),
-  Conv1D layouts, GPT-2 initialisation and a tied lm_head.
+Parameters keep torch's names and layouts (nn.Linear [out, in], Conv1D [in, out]),
+so a state_dict maps on by renaming and gradients line up with torch's `.grad`
+element for element. The token table is `params["embedding"]` [V, D] in both.
 
-Parameters keep torch's names and layouts (nn.Linear weights are [out, in], GPT-2
-Conv1D weights [in, out]), so a torch state_dict maps onto them by renaming
-alone, and a gradient lines up element for element with torch's `.grad`. The
-token table is `params["embedding"]` [V, D] in both variants.
-
-The compute dtype is the params' dtype. With bf16 params every op returns bf16,
-as after torch's `model.to(torch.bfloat16)`: matmuls accumulate in f32 and round
-once; LayerNorm statistics, softmax and the exact GELU run in f32 and round
-their output. With fp32 params all dots use Precision.HIGHEST, so CPU and GPU
-agree to fp32 rounding (no TF32).
+The compute dtype is the params' dtype. bf16 params compute like torch's
+`model.to(torch.bfloat16)` on CPU: matmuls accumulate in f32 and round once;
+LayerNorm, softmax and GELU run in f32 and round their outputs. fp32 params use
+Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32).
 """
 
 from __future__ import annotations
@@ -66,6 +61,7 @@ def _uniform(bound):
 
 
 def _bits(dtype):
+  """(exponent bits, mantissa bits) of a float dtype, for reduce_precision."""
   f = jnp.finfo(dtype)
   return f.nexp, f.nmant
 
@@ -89,8 +85,8 @@ def _gelu_new(x):
 def _causal_attention(q, k, v, num_heads):
   """softmax(q k^T / sqrt(head_dim) + causal mask) v per head; q, k, v (B, T, D).
 
-  Scores and softmax are f32; probabilities round to the compute dtype before
-  the value matmul (as torch's CPU flash kernel does for bf16).
+  As torch's CPU flash kernel (cpu_flash_attention): f32 scores, exp(s - max)
+  rounded to the compute dtype for the value matmul, f32 row sums applied after.
   """
   B, T, D = q.shape
   hd = D // num_heads
@@ -246,6 +242,7 @@ class TinyLM(nn.Module):
 
 
 def _check_config(cfg: ModelConfig):
+  """Raises ValueError for a config no variant can build."""
   if cfg.variant not in VARIANTS:
     raise ValueError(f"model variant {cfg.variant!r} is not one of {VARIANTS}")
   if cfg.hidden_dim % cfg.num_heads:
