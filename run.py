@@ -18,10 +18,16 @@ from jaxdt import data
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None, "Experiment to run, one of: flannel_data.")
-flags.DEFINE_string("data_dir", None, "Cache for the embedded default data (default: $XDG_CACHE_HOME/jaxdt or ~/.cache/jaxdt).")
-flags.DEFINE_string("corpus_path", None, "The lab's flannel_model_corpus.txt (UTF-8); needs --tokenizer_path.")
-flags.DEFINE_string("tokenizer_path", None, "The lab's flannel_tokenizer_chars.json; needs --corpus_path.")
-flags.DEFINE_string("dead_mask_path", None, "The lab's live_dead_tokens.safetensors; checked against a recount of the corpus.")
+flags.DEFINE_string(
+    "data_dir", None,
+    "Cache for the embedded default data (default: $XDG_CACHE_HOME/jaxdt or ~/.cache/jaxdt).")
+flags.DEFINE_string(
+    "corpus_path", None, "The lab's flannel_model_corpus.txt (UTF-8); needs --tokenizer_path.")
+flags.DEFINE_string(
+    "tokenizer_path", None, "The lab's flannel_tokenizer_chars.json; needs --corpus_path.")
+flags.DEFINE_string(
+    "dead_mask_path", None,
+    "The lab's live_dead_tokens.safetensors; checked against a recount of the corpus.")
 
 
 def data_config(base: config_lib.DataConfig) -> config_lib.DataConfig:
@@ -49,8 +55,8 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   run = EXPERIMENTS.get(FLAGS.experiment)
   if run is None:
-    print(f"error: unknown experiment {FLAGS.experiment!r}; use --experiment=one of {sorted(EXPERIMENTS)}",
-          file=sys.stderr)
+    print(f"error: unknown experiment {FLAGS.experiment!r}; "
+          f"use --experiment=one of {sorted(EXPERIMENTS)}", file=sys.stderr)
     return 2
   try:
     run()

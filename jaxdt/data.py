@@ -134,7 +134,8 @@ def _read_bytes(path: str, what: str, flag: str) -> bytes:
     with open(path, "rb") as f:
       return f.read()
   except OSError as e:
-    raise DataError(f"{what} {path!r} cannot be read ({e.strerror}); fix its permissions or {flag}") from None
+    raise DataError(
+        f"{what} {path!r} cannot be read ({e.strerror}); fix its permissions or {flag}") from None
 
 
 def _decode_text(raw: bytes, path: str, flag: str) -> str:
@@ -143,8 +144,8 @@ def _decode_text(raw: bytes, path: str, flag: str) -> str:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     raise DataError(
-        f"corpus {path!r} is not UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8 or fix {flag}"
-    ) from None
+        f"corpus {path!r} is not UTF-8 (bad byte at offset {e.start}); "
+        f"re-encode it as UTF-8 or fix {flag}") from None
   return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -187,7 +188,8 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
   """
   if not _fast_encode_ok(tokenizer):
     return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
-  encodings = tokenizer.encode_batch_fast(_line_pieces(text, _ENCODE_PIECE), add_special_tokens=False)
+  pieces = _line_pieces(text, _ENCODE_PIECE)
+  encodings = tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
   return np.fromiter((i for e in encodings for i in e.ids), np.int32)
 
 
@@ -240,8 +242,8 @@ def load_mask_file(path: str) -> dict[str, np.ndarray]:
     return dict(load(raw))
   except Exception as e:  # safetensors raises its own error types
     raise DataError(
-        f"mask file {path!r} is not a safetensors file ({_one_line(e)}); pass the lab's live_dead_tokens.safetensors or omit --dead_mask_path"
-    ) from None
+        f"mask file {path!r} is not a safetensors file ({_one_line(e)}); pass the lab's "
+        "live_dead_tokens.safetensors or omit --dead_mask_path") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -250,7 +252,8 @@ def _one_line(e: BaseException) -> str:
 
 # --- Token classes (the lab's 1.19b2 demographics) ---------------------------
 
-CATEGORIES = ("other", "thai", "english", "whitespace", "punctuation", "numeric", "special", "mixed")
+CATEGORIES = (
+    "other", "thai", "english", "whitespace", "punctuation", "numeric", "special", "mixed")
 
 
 def token_category(token: str) -> str:
@@ -300,8 +303,8 @@ def _package_dir(import_name: str) -> str:
   spec = importlib.util.find_spec(import_name)
   if spec is None or not spec.origin:
     raise DataError(
-        f"package {import_name!r} (a source of the default corpus) is not installed; run `pip install -e .` in the jaxdt checkout"
-    )
+        f"package {import_name!r} (a source of the default corpus) is not installed; "
+        "run `pip install -e .` in the jaxdt checkout")
   return os.path.dirname(spec.origin)
 
 
@@ -414,7 +417,8 @@ def train_tokenizer(text: str):
     special_tokens=['<|endoftext|>'], initial_alphabet=` every character of
     `text``)`. Ids: 0 = special, then the alphabet by code point, then merges.
   """
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
   trainer = trainers.BpeTrainer(
@@ -465,10 +469,12 @@ def _build_files(folder: str, log: Callable[[str], None]) -> dict:
   english = english_documents()
   english_bytes = len(DOC_SEPARATOR.join(english).encode("utf-8"))
   thai = thai_documents(int(english_bytes * THAI_BYTE_SHARE / (1 - THAI_BYTE_SHARE)))
-  log(f"sources: {len(english):,} English documents ({english_bytes:,} bytes), {len(thai):,} Thai titles")
+  log(f"sources: {len(english):,} English documents ({english_bytes:,} bytes), "
+      f"{len(thai):,} Thai titles")
   tokenizer_text = DOC_SEPARATOR.join(english + thai)  # English first, as the lab
   tokenizer = train_tokenizer(tokenizer_text)
-  log(f"tokenizer: {tokenizer.get_vocab_size():,} tokens from {len(set(tokenizer_text)):,} characters")
+  log(f"tokenizer: {tokenizer.get_vocab_size():,} tokens "
+      f"from {len(set(tokenizer_text)):,} characters")
   model_text = DOC_SEPARATOR.join(select_model_documents(tokenizer, english))
   counts = count_tokens(tokenizer, model_text)
   masks = masks_from_counts(counts)
@@ -497,6 +503,15 @@ def _build_files(folder: str, log: Callable[[str], None]) -> dict:
   }
 
 
+def _relax_modes(folder: str) -> None:
+  """Gives the build the umask's modes: mkdtemp (0700) and safetensors (0600) are private."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(folder, 0o777 & ~umask)
+  for name in os.listdir(folder):
+    os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def _write_text(path: str, text: str) -> None:
   with open(path, "wb") as f:  # bytes, so no platform newline translation
     f.write(text.encode("utf-8"))
@@ -506,7 +521,8 @@ def _manifest_text(manifest: dict) -> str:
   return json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
 
 
-def _paths(directory: str, manifest: dict, built: bool, seconds: Optional[float] = None) -> DefaultData:
+def _paths(directory: str, manifest: dict, built: bool,
+           seconds: Optional[float] = None) -> DefaultData:
   join = lambda name: os.path.join(directory, name)
   return DefaultData(directory, join(TOKENIZER_FILE), join(CORPUS_FILE), join(MASK_FILE),
                      join(TOKENIZER_CORPUS_FILE), manifest, built, seconds)
@@ -528,7 +544,8 @@ def check_cache(directory: str) -> DefaultData:
   fix = f"delete {directory!r} to rebuild it, or choose another --data_dir"
   path = os.path.join(directory, MANIFEST_FILE)
   if not os.path.isfile(path):
-    raise DataError(f"cache {directory!r} has no {MANIFEST_FILE} (an unfinished or foreign folder); {fix}")
+    raise DataError(
+        f"cache {directory!r} has no {MANIFEST_FILE} (an unfinished or foreign folder); {fix}")
   try:
     with open(path, encoding="utf-8") as f:
       manifest = json.load(f)
@@ -536,11 +553,13 @@ def check_cache(directory: str) -> DefaultData:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise DataError(f"cache manifest {path!r} is unreadable ({_one_line(e)}); {fix}") from None
   if recipe != RECIPE_VERSION:
-    raise DataError(f"cache manifest {path!r} is recipe version {recipe}, this jaxdt builds {RECIPE_VERSION}; {fix}")
+    raise DataError(f"cache manifest {path!r} is recipe version {recipe}, "
+                    f"this jaxdt builds {RECIPE_VERSION}; {fix}")
   now = source_versions()
   changed = [f"{k} {versions.get(k)} -> {v}" for k, v in now.items() if versions.get(k) != v]
   if changed:
-    raise DataError(f"cache manifest {path!r} was built with other sources ({'; '.join(changed)}); {fix}")
+    raise DataError(
+        f"cache manifest {path!r} was built with other sources ({'; '.join(changed)}); {fix}")
   for name, digest in sorted(files.items()):
     file = os.path.join(directory, name)
     if not os.path.isfile(file):
@@ -581,7 +600,8 @@ def build_default(data_dir: Optional[str] = None, *, verbose: bool = False) -> D
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=root)
   except OSError as e:
-    raise DataError(f"cannot create the data cache in {root!r} ({e.strerror}); pass a writable --data_dir") from None
+    raise DataError(f"cannot create the data cache in {root!r} ({e.strerror}); "
+                    "pass a writable --data_dir") from None
   start = time.perf_counter()
   try:
     log(f"building the default data into {directory}")
@@ -590,17 +610,20 @@ def build_default(data_dir: Optional[str] = None, *, verbose: bool = False) -> D
       f.write(_manifest_text(manifest))  # last: the completion marker
   except OSError as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise DataError(f"cannot write the data cache in {root!r} ({e.strerror}); free space or pass another --data_dir") from None
+    raise DataError(f"cannot write the data cache in {root!r} ({e.strerror}); "
+                    "free space or pass another --data_dir") from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   try:
+    _relax_modes(tmp)
     os.rename(tmp, directory)
   except OSError as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.isdir(directory):  # another process finished first: use (and check) its build
       return check_cache(directory)
-    raise DataError(f"cannot move the build into {directory!r} ({e.strerror}); pass another --data_dir") from None
+    raise DataError(f"cannot move the build into {directory!r} ({e.strerror}); "
+                    "pass another --data_dir") from None
   seconds = time.perf_counter() - start
   log(f"built in {seconds:.1f} s")
   return _paths(directory, manifest, built=True, seconds=seconds)
@@ -642,37 +665,44 @@ def _load_tokenizer(path: str, vocab_size: int):
     tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
   except Exception as e:  # tokenizers raises a bare Exception
     raise DataError(
-        f"tokenizer {path!r} is not a tokenizers JSON ({_one_line(e)}); pass the lab's flannel_tokenizer_chars.json"
-    ) from None
+        f"tokenizer {path!r} is not a tokenizers JSON ({_one_line(e)}); "
+        "pass the lab's flannel_tokenizer_chars.json") from None
   got = tokenizer.get_vocab_size(with_added_tokens=True)
   if got != vocab_size:
     raise DataError(
-        f"tokenizer {path!r} has {got} tokens but the model is configured for {vocab_size}; use a {vocab_size}-token tokenizer or set model.vocab_size={got}"
-    )
+        f"tokenizer {path!r} has {got} tokens but the model is configured for {vocab_size}; "
+        f"use a {vocab_size}-token tokenizer or set model.vocab_size={got}")
   return tokenizer, sha256_bytes(raw)
 
 
 def _check_mask(path: str, arrays: dict, counts: np.ndarray, corpus_path: str) -> None:
   """The user's mask must have the lab's layout and the recount's dead set."""
   vocab_size = counts.size
-  fix = "rebuild it from this corpus (omit --dead_mask_path) or pass the corpus and tokenizer it was made from"
+  fix = ("rebuild it from this corpus (omit --dead_mask_path) "
+         "or pass the corpus and tokenizer it was made from")
+  lab = "pass the lab's live_dead_tokens.safetensors"
   if "dead_mask" not in arrays:
-    raise DataError(f"mask file {path!r} has no 'dead_mask' (keys {sorted(arrays)}); pass the lab's live_dead_tokens.safetensors")
+    raise DataError(f"mask file {path!r} has no 'dead_mask' (keys {sorted(arrays)}); {lab}")
   dead = arrays["dead_mask"]
   if dead.dtype != np.bool_ or dead.ndim != 1:
-    raise DataError(f"mask file {path!r}: dead_mask is {dead.dtype} {list(dead.shape)}, not bool [V]; pass the lab's live_dead_tokens.safetensors")
+    raise DataError(
+        f"mask file {path!r}: dead_mask is {dead.dtype} {list(dead.shape)}, not bool [V]; {lab}")
   if dead.size != vocab_size:
-    raise DataError(f"mask file {path!r}: dead_mask has length {dead.size} but the vocabulary has {vocab_size}; pass the mask made with this tokenizer")
+    raise DataError(
+        f"mask file {path!r}: dead_mask has length {dead.size} but the vocabulary has "
+        f"{vocab_size}; pass the mask made with this tokenizer")
   expected = masks_from_counts(counts)
   wrong = np.flatnonzero(dead != expected["dead_mask"])
   if wrong.size:
     i = int(wrong[0])
     raise DataError(
-        f"mask file {path!r} disagrees with the recount of {corpus_path!r} on {wrong.size} ids (first: id {i} has {int(counts[i])} occurrences, mask says {'dead' if dead[i] else 'live'}); {fix}"
-    )
+        f"mask file {path!r} disagrees with the recount of {corpus_path!r} on {wrong.size} ids "
+        f"(first: id {i} has {int(counts[i])} occurrences, mask says "
+        f"{'dead' if dead[i] else 'live'}); {fix}")
   for key in ("live_mask", "live_indices", "dead_indices", "token_occurrence_counts"):
     if key in arrays and not np.array_equal(arrays[key], expected[key]):
-      raise DataError(f"mask file {path!r}: {key} disagrees with the recount of {corpus_path!r}; {fix}")
+      raise DataError(
+          f"mask file {path!r}: {key} disagrees with the recount of {corpus_path!r}; {fix}")
 
 
 def _load_files(corpus_path: str, tokenizer_path: str, mask_path: Optional[str], vocab_size: int,
@@ -713,7 +743,9 @@ def load_corpus(cfg: DataConfig, vocab_size: int, *, verbose: bool = False) -> C
   """
   if (cfg.corpus_path is None) != (cfg.tokenizer_path is None):
     given = "--corpus_path" if cfg.corpus_path else "--tokenizer_path"
-    raise DataError(f"{given} was given alone; pass both --corpus_path and --tokenizer_path (the corpus must be tokenized by its own tokenizer), or neither for the default")
+    raise DataError(
+        f"{given} was given alone; pass both --corpus_path and --tokenizer_path (a corpus "
+        "needs its own tokenizer), or neither for the default")
   _check_scheme(cfg)
   if cfg.corpus_path is None:
     default = build_default(cfg.data_dir, verbose=verbose)
@@ -723,8 +755,9 @@ def load_corpus(cfg: DataConfig, vocab_size: int, *, verbose: bool = False) -> C
     corpus = _load_files(cfg.corpus_path, cfg.tokenizer_path, cfg.dead_mask_path, vocab_size)
   if batches_per_epoch(corpus.tokens.size, cfg) < 1:
     raise DataError(
-        f"corpus {corpus.paths['corpus']!r} has {corpus.tokens.size:,} tokens, fewer than one {cfg.scheme} batch of {cfg.batch_size} x {cfg.seq_len}; use a longer corpus or a smaller batch_size/seq_len"
-    )
+        f"corpus {corpus.paths['corpus']!r} has {corpus.tokens.size:,} tokens, fewer than one "
+        f"{cfg.scheme} batch of {cfg.batch_size} x {cfg.seq_len}; "
+        "use a longer corpus or a smaller batch_size/seq_len")
   return corpus
 
 
@@ -740,9 +773,11 @@ class Batch(NamedTuple):
 
 def _check_scheme(cfg: DataConfig) -> None:
   if cfg.scheme not in ("chunks", "windows"):
-    raise DataError(f"data scheme {cfg.scheme!r} is unknown; use 'chunks' (Crucible, Thimble 8/9) or 'windows' (Thimble 1/6)")
+    raise DataError(f"data scheme {cfg.scheme!r} is unknown; "
+                    "use 'chunks' (Crucible, Thimble 8/9) or 'windows' (Thimble 1/6)")
   if cfg.batch_size < 1 or cfg.seq_len < 3:
-    raise DataError(f"batch_size={cfg.batch_size}, seq_len={cfg.seq_len} is unusable; use batch_size >= 1 and seq_len >= 3")
+    raise DataError(f"batch_size={cfg.batch_size}, seq_len={cfg.seq_len} is unusable; "
+                    "use batch_size >= 1 and seq_len >= 3")
 
 
 def num_sequences(n_tokens: int, cfg: DataConfig) -> int:
@@ -830,7 +865,8 @@ def make_sampler(tokens: np.ndarray, cfg: DataConfig) -> Callable[[jax.Array, ja
   n_seq = num_sequences(len(tokens), cfg)
   per_epoch = batches_per_epoch(len(tokens), cfg)
   if per_epoch < 1:
-    raise DataError(f"{len(tokens):,} tokens give fewer than one {cfg.scheme} batch of {cfg.batch_size} x {cfg.seq_len}; use a longer corpus or a smaller batch")
+    raise DataError(f"{len(tokens):,} tokens give fewer than one {cfg.scheme} batch of "
+                    f"{cfg.batch_size} x {cfg.seq_len}; use a longer corpus or a smaller batch")
   chunks = cfg.scheme == "chunks"
   span = cfg.seq_len if chunks else cfg.seq_len + 1
   stride = cfg.seq_len if chunks else 1
@@ -868,8 +904,9 @@ def report(corpus: Corpus, cfg: DataConfig) -> str:
   top = np.argsort(-corpus.token_occurrence_counts, kind="stable")[:5]
   lines = []
   if corpus.default is not None:
-    how = f"built in {corpus.default.seconds:.1f} s" if corpus.default.built else "cached, manifest verified"
-    lines.append(f"Default data ({RECIPE_NAME} v{RECIPE_VERSION}): {corpus.default.directory} ({how})")
+    d = corpus.default
+    how = f"built in {d.seconds:.1f} s" if d.built else "cached, manifest verified"
+    lines.append(f"Default data ({RECIPE_NAME} v{RECIPE_VERSION}): {d.directory} ({how})")
   for name in sorted(corpus.paths):
     lines.append(f"  {name:9s} {corpus.paths[name]}  sha256 {corpus.files[name][:16]}")
   lines += [
@@ -888,8 +925,8 @@ def report(corpus: Corpus, cfg: DataConfig) -> str:
       f"{corpus.vocab[i]!r} {corpus.token_occurrence_counts[i]:,}" for i in top))
   for scheme in ("chunks", "windows"):
     c = dataclasses.replace(cfg, scheme=scheme)
-    lines.append(f"Batches ({scheme}, {c.batch_size} x {c.seq_len}): {num_sequences(n, c):,} sequences, "
-                 f"{batches_per_epoch(n, c):,} per epoch")
+    lines.append(f"Batches ({scheme}, {c.batch_size} x {c.seq_len}): "
+                 f"{num_sequences(n, c):,} sequences, {batches_per_epoch(n, c):,} per epoch")
   lines += _category_table("Vocabulary by category", corpus.vocab, np.ones(v, bool), v)
   lines += _category_table("Dead tokens by category", corpus.vocab, corpus.dead_mask, corpus.n_dead)
   return "\n".join(lines)
