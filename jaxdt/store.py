@@ -1,0 +1,848 @@
+"""Storage: streaming safetensors trajectories, run metadata, checkpoints.
+
+A run's records go into ONE safetensors file with the lab's key names, so the
+lab's `safetensors.torch.load_file` opens it unchanged. Unlike the lab (which
+preallocated the whole history in RAM and called `save_file` at the end), the
+file is written in place: the complete header first, then each chunk of rows
+at its byte offset. Peak RAM is one chunk, whatever the number of steps.
+
+Completion markers come last (STYLE idioms 10, 11):
+  trajectory   `<name>.partial` until `finalize()` renames it to `<name>`, and
+               `metadata.json` says `"completed": true` only after that.
+  checkpoint   `step_NNNNNN/arrays.safetensors`, then `meta.json` last.
+Readers (`is_complete`, `latest_checkpoint`) skip anything without its marker.
+
+safetensors layout (little-endian throughout):
+  u64 N | N bytes of JSON header, space-padded to a multiple of 8 | data
+  header = {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}
+  data_offsets are [begin, end) relative to the data region, contiguous from 0.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import shutil
+import struct
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+
+METADATA_FILE = "metadata.json"
+CHECKPOINT_ARRAYS = "arrays.safetensors"
+CHECKPOINT_META = "meta.json"
+CHECKPOINT_FORMAT = "jaxdt-checkpoint-1"
+PARTIAL_SUFFIX = ".partial"
+# safetensors refuses headers above 100 MB; so do we, before allocating one.
+MAX_HEADER_BYTES = 100_000_000
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+# safetensors dtype codes. U16 carries bf16 bits in trajectories (the lab's way);
+# BF16 is used for checkpoint leaves so they restore with their own dtype.
+_CODE_TO_DTYPE = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype("<u1"), "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "BF16": _BF16,
+    "U32": np.dtype("<u4"), "I32": np.dtype("<i4"), "F32": np.dtype("<f4"),
+    "U64": np.dtype("<u8"), "I64": np.dtype("<i8"), "F64": np.dtype("<f8"),
+}
+_DTYPE_TO_CODE = {d: c for c, d in _CODE_TO_DTYPE.items()}
+_CKPT_DIR = re.compile(r"step_(\d{6,})")
+
+
+class StoreError(ValueError):
+  """Bad storage input or state. The message is one line naming the file and the fix."""
+
+
+class _Spec(NamedTuple):
+  code: str  # safetensors dtype code
+  dtype: np.dtype
+  shape: tuple
+  begin: int  # [begin, end) within the data region
+  end: int
+
+
+# --- safetensors layout -----------------------------------------------------
+
+
+def _code(dtype: Any, name: str) -> str:
+  dtype = np.dtype(dtype)
+  if dtype == np.float16:
+    raise StoreError(f"tensor {name!r} is float16: store bf16 as uint16 bits (or BF16) and "
+                     "never as float16, which loses bf16's range; pass np.uint16")
+  code = _DTYPE_TO_CODE.get(dtype)
+  if code is None:
+    raise StoreError(f"tensor {name!r} has unsupported dtype {dtype}; use one of "
+                     "uint16 (bf16 bits), float32, int32, int64, bool")
+  return code
+
+
+def _shape(shape: Any, name: str) -> tuple:
+  try:
+    shape = tuple(operator.index(n) for n in shape)
+  except TypeError:
+    raise StoreError(f"tensor {name!r} has shape {shape!r}; pass a tuple of ints") from None
+  if any(n < 0 for n in shape):
+    raise StoreError(f"tensor {name!r} has negative shape {shape}; sizes must be >= 0")
+  return shape
+
+
+def _layout(specs: Mapping[str, tuple]) -> dict[str, _Spec]:
+  """Validates `specs` and assigns contiguous data offsets.
+
+  Tensors are laid out by decreasing item size (stable in `specs` order), so
+  with the 8-aligned header every tensor starts at a multiple of its item size
+  and memory maps / torch views of it are aligned. The header lists them in
+  `specs` order; readers go by the offsets.
+  """
+  if not isinstance(specs, Mapping) or not specs:
+    raise StoreError("specs must be a non-empty dict name -> (dtype, shape)")
+  parsed = {}
+  for name, spec in specs.items():
+    if not isinstance(name, str) or not name or name == "__metadata__":
+      raise StoreError(f"tensor name {name!r} is not usable; use a non-empty str other "
+                       "than '__metadata__'")
+    try:
+      dtype, shape = spec
+    except (TypeError, ValueError):
+      raise StoreError(f"spec for {name!r} is {spec!r}; pass (dtype, shape)") from None
+    code = _code(dtype, name)
+    parsed[name] = (code, _CODE_TO_DTYPE[code], _shape(shape, name))
+  order = sorted(parsed, key=lambda n: -parsed[n][1].itemsize)  # stable sort
+  out, offset = {}, 0
+  for name in order:
+    code, dtype, shape = parsed[name]
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    out[name] = _Spec(code, dtype, shape, offset, offset + size)
+    offset += size
+  return {name: out[name] for name in parsed}
+
+
+def _check_metadata(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
+  if metadata is None:
+    return None
+  bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+  if bad:
+    raise StoreError(f"safetensors metadata must map str to str; {bad[0]!r} does not "
+                     "(json.dumps non-str values first)")
+  return dict(metadata)
+
+
+def _header_bytes(layout: Mapping[str, _Spec], metadata: Optional[dict]) -> bytes:
+  """u64 length + JSON header, space-padded so the data region is 8-aligned."""
+  header = {} if metadata is None else {"__metadata__": metadata}
+  for name, s in layout.items():
+    header[name] = {"dtype": s.code, "shape": list(s.shape), "data_offsets": [s.begin, s.end]}
+  text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  if len(text) > MAX_HEADER_BYTES:
+    raise StoreError(f"safetensors header would be {len(text):,} bytes (limit "
+                     f"{MAX_HEADER_BYTES:,}); store fewer tensors or less metadata")
+  return struct.pack("<Q", len(text)) + text
+
+
+def estimate_bytes(specs: Mapping[str, tuple], metadata: Optional[Mapping[str, str]] = None) -> int:
+  """The exact size of the file `TrajectoryWriter(path, specs, metadata)` writes.
+
+  Args:
+    specs: ordered dict name -> (numpy dtype, shape tuple).
+    metadata: the safetensors `__metadata__` (str -> str), or None.
+
+  Returns:
+    Header (with its 8-byte length) plus data, in bytes.
+  """
+  layout = _layout(specs)
+  data = max((s.end for s in layout.values()), default=0)
+  return len(_header_bytes(layout, _check_metadata(metadata))) + data
+
+
+def _read_header(fd: int, path: str) -> tuple[dict, int]:
+  """Parses a safetensors header; returns (header dict, data region start)."""
+  size = os.fstat(fd).st_size
+  head = os.pread(fd, 8, 0)
+  if len(head) < 8:
+    raise StoreError(f"{path} is not a safetensors file ({size} bytes, no header); "
+                     "re-create it (an interrupted write?)")
+  (n,) = struct.unpack("<Q", head)
+  if n > MAX_HEADER_BYTES or 8 + n > size:
+    raise StoreError(f"{path} has a corrupt safetensors header length {n:,} for a "
+                     f"{size:,}-byte file; re-create the file")
+  raw = os.pread(fd, n, 8)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+      raise ValueError("not an object")
+  except (UnicodeDecodeError, ValueError):
+    raise StoreError(f"{path} has an unreadable safetensors header; re-create the file") from None
+  return header, 8 + n
+
+
+def _parse_entries(header: dict, data_start: int, size: int, path: str) -> dict[str, _Spec]:
+  """Header entries as _Spec (dtype None when unsupported); checks the offsets tile the data."""
+  entries = {}
+  for name, e in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      begin, end = (int(x) for x in e["data_offsets"])
+      entries[name] = _Spec(str(e["dtype"]), _CODE_TO_DTYPE.get(e["dtype"]),
+                            tuple(int(x) for x in e["shape"]), begin, end)
+    except (KeyError, TypeError, ValueError):
+      raise StoreError(f"{path}: header entry {name!r} is malformed; re-create the file") from None
+  cursor = 0
+  for name, s in sorted(entries.items(), key=lambda kv: kv[1].begin):
+    if s.begin != cursor or s.end < s.begin:
+      raise StoreError(f"{path}: tensor {name!r} has data_offsets [{s.begin}, {s.end}] that "
+                       "do not tile the data region; re-create the file")
+    if s.dtype is not None and s.end - s.begin != int(np.prod(s.shape)) * s.dtype.itemsize:
+      raise StoreError(f"{path}: tensor {name!r} byte size does not match its shape "
+                       f"{list(s.shape)} and dtype {s.code}; re-create the file")
+    cursor = s.end
+  if data_start + cursor != size:
+    raise StoreError(f"{path} is {size:,} bytes but its header describes "
+                     f"{data_start + cursor:,}; the file is truncated or padded, re-create it")
+  return entries
+
+
+def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
+  """Writes the bytes of a C-contiguous array at `offset` (no temporary file-sized buffers)."""
+  view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+  while view.nbytes:
+    n = os.pwrite(fd, view, offset)  # may write less than asked (e.g. > 2 GiB on Linux)
+    view, offset = view[n:], offset + n
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int, path: str) -> np.ndarray:
+  view = memoryview(out.reshape(-1).view(np.uint8))
+  while view.nbytes:
+    n = os.preadv(fd, [view], offset)
+    if n == 0:
+      raise StoreError(f"{path} ended early at byte {offset:,}; the file is truncated, "
+                       "re-create it")
+    view, offset = view[n:], offset + n
+  return out
+
+
+def _fsync_dir(directory: str) -> None:
+  """Makes a rename in `directory` durable (POSIX; a no-op where dirs cannot be opened)."""
+  try:
+    fd = os.open(directory or ".", os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+# --- Streaming writer -------------------------------------------------------
+
+
+class TrajectoryWriter:
+  """Writes one safetensors file in place, chunk by chunk, then renames it done.
+
+  The header and a sparse, preallocated data region go to `path + ".partial"`
+  at construction; rows land at their byte offsets with `os.pwrite`, so memory
+  use is one chunk. `finalize()` fsyncs and renames to `path`. A writer that is
+  closed, garbage-collected or left by an exception leaves the `.partial`
+  behind, visibly unfinished. Rows never written read back as zeros.
+
+  Durable resume: call `sync()` after writing the rows up to step s and before
+  saving the checkpoint of step s; a run resumed from that checkpoint reopens
+  with `resume=True` and rewrites rows s+1.. with the same bytes.
+  """
+
+  def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple],
+               metadata: Optional[Mapping[str, str]] = None, resume: bool = False,
+               *, overwrite: bool = False):
+    """Creates (or, with `resume`, reopens) `path + ".partial"`.
+
+    Args:
+      path: the final file name, e.g. `out/crucible_1_trajectory.safetensors`.
+      specs: ordered dict name -> (numpy dtype, shape tuple). Dtypes: uint16
+        (bf16 bits), float32, int32, int64, bool (also bfloat16 as BF16, and the
+        other integer/float safetensors types except float16).
+      metadata: the safetensors `__metadata__`, str -> str.
+      resume: reopen an existing `.partial` whose header equals what these
+        specs and metadata give, and keep its rows.
+      overwrite: allow starting afresh where a finished `path` already exists
+        (it is deleted at once, so it cannot be mistaken for this run's output).
+
+    Raises:
+      StoreError: bad specs or metadata, a header mismatch on resume, a
+        missing `.partial` on resume, or an existing finished file.
+    """
+    self.path = os.fspath(path)
+    self.partial_path = self.path + PARTIAL_SUFFIX
+    self._layout = _layout(specs)
+    self._header = _header_bytes(self._layout, _check_metadata(metadata))
+    self.nbytes = len(self._header) + max(s.end for s in self._layout.values())
+    self._data_start = len(self._header)
+    self._fd = None
+    self._finalized = False
+    if resume:
+      self._fd = self._reopen()
+    else:
+      self._fd = self._create(overwrite)
+
+  def _create(self, overwrite: bool) -> int:
+    if os.path.exists(self.path):
+      if not overwrite:
+        raise StoreError(f"{self.path} already exists (a finished run); choose another "
+                         "--output_dir, delete it, or pass overwrite=True")
+      os.remove(self.path)
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      os.pwrite(fd, self._header, 0)
+      os.ftruncate(fd, self.nbytes)  # sparse: blocks are allocated as rows arrive
+    except BaseException:
+      os.close(fd)
+      raise
+    return fd
+
+  def _reopen(self) -> int:
+    if not os.path.exists(self.partial_path):
+      done = " (the run already finished)" if os.path.exists(self.path) else ""
+      raise StoreError(f"cannot resume: {self.partial_path} does not exist{done}; "
+                       "start the run without resume")
+    fd = os.open(self.partial_path, os.O_RDWR)
+    try:
+      self._check_resumable(fd)
+    except BaseException:
+      os.close(fd)
+      raise
+    return fd
+
+  def _check_resumable(self, fd: int) -> None:
+    fix = "resume with the settings the run started with, or delete it and start without resume"
+    header, start = _read_header(fd, self.partial_path)
+    on_disk = os.pread(fd, start, 0)
+    if on_disk == self._header:
+      size = os.fstat(fd).st_size
+      if size != self.nbytes:
+        raise StoreError(f"cannot resume {self.partial_path}: {size:,} bytes, expected "
+                         f"{self.nbytes:,}; {fix}")
+      return
+    mine = json.loads(self._header[8:].decode("utf-8"))
+    diff = next((k for k in list(mine) + list(header) if mine.get(k) != header.get(k)), None)
+    if diff is None:
+      what = "same entries in another order"
+    else:
+      label = "metadata" if diff == "__metadata__" else f"tensor {diff!r}"
+      what = f"{label}: file has {header.get(diff)}, run wants {mine.get(diff)}"
+    raise StoreError(f"cannot resume {self.partial_path}: its header differs from this run's "
+                     f"specs ({what}); {fix}")
+
+  def _target(self, name: str, array: Any) -> tuple[_Spec, np.ndarray]:
+    if self._fd is None:
+      if self._finalized:
+        raise StoreError(f"writer for {self.path} is finalized; the file is finished, "
+                         "write before finalize()")
+      raise StoreError(f"writer for {self.path} is closed; reopen it with resume=True")
+    spec = self._layout.get(name)
+    if spec is None:
+      raise StoreError(f"{self.path} has no tensor {name!r}; its tensors are "
+                       f"{list(self._layout)}")
+    array = np.asarray(array)
+    # uint16 and bfloat16 are the same bits: accept either for a 16-bit bf16 slot.
+    if {array.dtype, spec.dtype} == {np.dtype(np.uint16), _BF16}:
+      array = array.view(spec.dtype)
+    if array.dtype != spec.dtype:
+      raise StoreError(f"tensor {name!r} of {self.path} is {spec.dtype}, got {array.dtype}; "
+                       "cast explicitly before writing")
+    return spec, array
+
+  def write_rows(self, name: str, first_row: int, array: Any) -> None:
+    """Writes rows [first_row, first_row + len(array)) of tensor `name` along axis 0.
+
+    Args:
+      name: a tensor in `specs`.
+      first_row: index of the first row to write.
+      array: numpy or JAX array with the tensor's dtype (bf16 accepted for a
+        uint16 slot, as bits) and shape (n, *shape[1:]).
+
+    Raises:
+      StoreError: unknown name, wrong dtype or trailing shape, rows out of range,
+        a 0-d tensor (use `write`), or a closed writer.
+    """
+    spec, array = self._target(name, array)
+    if not spec.shape:
+      raise StoreError(f"tensor {name!r} of {self.path} is 0-d; write it with write()")
+    if array.ndim != len(spec.shape) or array.shape[1:] != spec.shape[1:]:
+      want = "(n" + "".join(f", {d}" for d in spec.shape[1:]) + ("" if spec.shape[1:] else ",") + ")"
+      raise StoreError(f"rows for {name!r} of {self.path} must have shape {want}, got {array.shape}")
+    first_row = operator.index(first_row)
+    if first_row < 0 or first_row + array.shape[0] > spec.shape[0]:
+      raise StoreError(f"rows [{first_row}, {first_row + array.shape[0]}) of {name!r} in "
+                       f"{self.path} are out of range: it has {spec.shape[0]} rows")
+    row_bytes = (spec.end - spec.begin) // spec.shape[0] if spec.shape[0] else 0
+    _pwrite_all(self._fd, array, self._data_start + spec.begin + first_row * row_bytes)
+
+  def write(self, name: str, array: Any) -> None:
+    """Writes a whole tensor (masks, indices, last_motion_step, scalars).
+
+    Args:
+      name: a tensor in `specs`.
+      array: numpy or JAX array with exactly the tensor's dtype and shape.
+
+    Raises:
+      StoreError: unknown name, wrong dtype or shape, or a closed writer.
+    """
+    spec, array = self._target(name, array)
+    if array.shape != spec.shape:
+      raise StoreError(f"tensor {name!r} of {self.path} has shape {spec.shape}, got "
+                       f"{array.shape}")
+    _pwrite_all(self._fd, array, self._data_start + spec.begin)
+
+  def sync(self) -> None:
+    """Flushes written rows to disk (call before saving a checkpoint)."""
+    if self._fd is not None:
+      os.fsync(self._fd)
+
+  def finalize(self) -> str:
+    """Fsyncs and renames `.partial` to the final name; a second call does nothing.
+
+    Returns:
+      The final path.
+    """
+    if self._finalized:
+      return self.path
+    if self._fd is None:
+      raise StoreError(f"writer for {self.path} was closed unfinished; reopen with "
+                       "resume=True to finish it")
+    os.fsync(self._fd)
+    os.close(self._fd)
+    self._fd = None
+    os.replace(self.partial_path, self.path)
+    _fsync_dir(os.path.dirname(self.path))
+    self._finalized = True
+    return self.path
+
+  def close(self) -> None:
+    """Closes without finalizing: the `.partial` stays, resumable."""
+    if getattr(self, "_fd", None) is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> "TrajectoryWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()  # never finalizes: completion is an explicit act
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown; nothing useful to do
+      pass
+
+
+# --- Streaming reader -------------------------------------------------------
+
+
+class TrajectoryReader:
+  """Reads rows of tensors from a safetensors file without loading it whole.
+
+  Works on jaxdt files and on the lab's (`safetensors.torch.save_file`). BF16
+  tensors come back as their uint16 bits, like the lab's W.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    """Opens `path` and parses its header.
+
+    Raises:
+      StoreError: missing file, or a header that does not describe the file.
+    """
+    self.path = os.fspath(path)
+    try:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    except FileNotFoundError:
+      hint = " (the run is unfinished)" if os.path.exists(self.path + PARTIAL_SUFFIX) else ""
+      raise StoreError(f"{self.path} not found{hint}; pass a finished .safetensors file") from None
+    try:
+      header, self._data_start = _read_header(self._fd, self.path)
+      self.metadata = dict(header.get("__metadata__") or {})
+      self._entries = _parse_entries(header, self._data_start, os.fstat(self._fd).st_size,
+                                     self.path)
+    except BaseException:
+      self.close()
+      raise
+
+  def keys(self) -> list[str]:
+    """Tensor names in header order."""
+    return list(self._entries)
+
+  def _entry(self, name: str) -> _Spec:
+    entry = self._entries.get(name)
+    if entry is None:
+      raise StoreError(f"{self.path} has no tensor {name!r}; it has {self.keys()}")
+    if entry.dtype is None:
+      raise StoreError(f"{self.path}: tensor {name!r} has dtype {entry.code}, which jaxdt "
+                       "does not read; convert the file")
+    return entry
+
+  def raw_dtype(self, name: str) -> str:
+    """The safetensors dtype code, e.g. "U16" or "BF16"."""
+    return self._entry(name).code
+
+  def dtype(self, name: str) -> np.dtype:
+    """The numpy dtype `rows`/`read` return (uint16 for BF16)."""
+    dtype = self._entry(name).dtype
+    return np.dtype(np.uint16) if dtype == _BF16 else dtype
+
+  def shape(self, name: str) -> tuple:
+    """The tensor's shape."""
+    return self._entry(name).shape
+
+  def rows(self, name: str, start: int, stop: Optional[int] = None) -> np.ndarray:
+    """Rows [start, stop) along axis 0, read from disk into a new array.
+
+    Args:
+      name: tensor name.
+      start: first row (0 <= start <= stop).
+      stop: one past the last row; None = to the end.
+
+    Returns:
+      An array of shape (stop - start, *shape[1:]) and dtype `dtype(name)`.
+    """
+    e = self._entry(name)
+    if not e.shape:
+      raise StoreError(f"tensor {name!r} of {self.path} is 0-d; use read()")
+    n = e.shape[0]
+    stop = n if stop is None else operator.index(stop)
+    start = operator.index(start)
+    if not 0 <= start <= stop <= n:
+      raise StoreError(f"rows [{start}, {stop}) of {name!r} in {self.path} are out of range: "
+                       f"it has {n} rows")
+    row_bytes = (e.end - e.begin) // n if n else 0
+    out = np.empty((stop - start,) + e.shape[1:], self.dtype(name))
+    return _pread_into(self._fd, out, self._data_start + e.begin + start * row_bytes, self.path)
+
+  def read(self, name: str) -> np.ndarray:
+    """The whole tensor (for small ones: masks, indices, scalars)."""
+    e = self._entry(name)
+    out = np.empty(e.shape, self.dtype(name))
+    return _pread_into(self._fd, out, self._data_start + e.begin, self.path)
+
+  def close(self) -> None:
+    """Closes the file."""
+    if getattr(self, "_fd", None) is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> "TrajectoryReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:
+      pass
+
+
+# --- Run metadata and the completion marker ---------------------------------
+
+
+def _json_default(x: Any) -> Any:
+  """numpy / JAX scalars and arrays as plain JSON values."""
+  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  """tmp file + fsync + os.replace: readers see the old file or the new one, never half."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  _fsync_dir(os.path.dirname(path))
+
+
+def write_metadata(run_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> str:
+  """Writes `run_dir/metadata.json` atomically (json, indent=2).
+
+  Convention: while running, `"completed": false`; only after the trajectory
+  writer's `finalize()`, `"completed": true` with `"trajectory_bytes"` set to
+  the final file size. `is_complete` checks exactly that.
+
+  Args:
+    run_dir: the run's output directory (created if missing).
+    metadata: JSON-ready dict (numpy/JAX scalars and arrays are converted).
+
+  Returns:
+    The path written.
+  """
+  run_dir = os.fspath(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, METADATA_FILE)
+  _atomic_write_text(path, json.dumps(dict(metadata), indent=2, default=_json_default) + "\n")
+  return path
+
+
+def read_metadata(run_dir: str | os.PathLike) -> dict:
+  """Reads `run_dir/metadata.json`; StoreError if it is missing or unreadable."""
+  path = os.path.join(os.fspath(run_dir), METADATA_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise StoreError(f"{path} not found; is {run_dir} a run directory?") from None
+  except ValueError:
+    raise StoreError(f"{path} is not valid JSON; re-run or repair it") from None
+
+
+def is_complete(run_dir: str | os.PathLike, trajectory_name: str) -> bool:
+  """Whether a run finished: final file, `"completed": true`, matching size.
+
+  Args:
+    run_dir: the run's output directory.
+    trajectory_name: file name of the trajectory, e.g. "crucible_1_trajectory.safetensors".
+
+  Returns:
+    True only if `run_dir/trajectory_name` exists (not just its `.partial`),
+    metadata.json has `"completed": true` and `"trajectory_bytes"` equal to the
+    file's size, and the file's header describes exactly that many bytes.
+  """
+  path = os.path.join(os.fspath(run_dir), trajectory_name)
+  try:
+    meta = read_metadata(run_dir)
+    size = os.path.getsize(path)
+  except (StoreError, OSError):
+    return False
+  if meta.get("completed") is not True or meta.get("trajectory_bytes") != size:
+    return False
+  try:
+    TrajectoryReader(path).close()  # the header must tile the file exactly
+  except StoreError:
+    return False
+  return True
+
+
+# --- Checkpoints ------------------------------------------------------------
+
+
+def _leaf_name(path: Sequence[Any]) -> str:
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def _is_key(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+  leaves = [(_leaf_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  names = [n for n, _ in leaves]
+  if len(set(names)) != len(names):
+    dup = next(n for n in names if names.count(n) > 1)
+    raise StoreError(f"two pytree leaves are both named {dup!r}; give them distinct keys")
+  return leaves
+
+
+def _leaf_array(leaf: Any) -> np.ndarray:
+  # Typed PRNG keys are stored as their raw key data and re-wrapped on load.
+  return np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
+
+
+def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> str:
+  """The directory of the checkpoint after `step`: `ckpt_dir/step_{step:06d}`."""
+  return os.path.join(os.fspath(ckpt_dir), f"step_{operator.index(step):06d}")
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
+                    extra: Optional[Mapping[str, Any]] = None) -> str:
+  """Saves a pytree: arrays first, then `meta.json` last as the completion marker.
+
+  Every leaf is stored under its key path (`jax.tree_util.keystr`, e.g.
+  "['params']['embed']" or ".mu") with its own dtype: bf16 as BF16, so the
+  restore is bit-exact. Re-saving a step first removes its old `meta.json`.
+
+  Args:
+    ckpt_dir: the checkpoints directory.
+    step: the step the state is after; names the subdirectory.
+    tree: a pytree of JAX/numpy arrays and scalars (typed PRNG keys allowed).
+    extra: JSON-ready dict saved beside the arrays (data position, probe
+      state summaries, config, ...).
+
+  Returns:
+    The checkpoint directory.
+  """
+  directory = checkpoint_path(ckpt_dir, step)
+  extra = {} if extra is None else dict(extra)
+  leaves = [(name, _leaf_array(leaf)) for name, leaf in _named_leaves(tree)]
+  meta = {
+      "format": CHECKPOINT_FORMAT, "step": operator.index(step), "extra": extra,
+      "leaves": [{"name": n, "dtype": _code(a.dtype, n), "shape": list(a.shape)}
+                 for n, a in leaves]}
+  meta_text = json.dumps(meta, indent=2, default=_json_default) + "\n"  # fail before writing
+  os.makedirs(directory, exist_ok=True)
+  meta_path = os.path.join(directory, CHECKPOINT_META)
+  if os.path.exists(meta_path):  # invalidate first: a crash now leaves no marker
+    os.remove(meta_path)
+    _fsync_dir(directory)
+  writer = TrajectoryWriter(os.path.join(directory, CHECKPOINT_ARRAYS),
+                            {n: (a.dtype, a.shape) for n, a in leaves},
+                            {"format": CHECKPOINT_FORMAT, "step": str(step)}, overwrite=True)
+  with writer:
+    for name, array in leaves:
+      writer.write(name, array)
+    writer.finalize()
+  _atomic_write_text(meta_path, meta_text)
+  return directory
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[str]:
+  """The highest-step checkpoint directory that has its `meta.json`, or None."""
+  ckpt_dir = os.fspath(ckpt_dir)
+  if not os.path.isdir(ckpt_dir):
+    return None
+  done = [(int(m.group(1)), entry) for entry in os.listdir(ckpt_dir)
+          if (m := _CKPT_DIR.fullmatch(entry))
+          and os.path.isfile(os.path.join(ckpt_dir, entry, CHECKPOINT_META))]
+  return os.path.join(ckpt_dir, max(done)[1]) if done else None
+
+
+def _read_checkpoint_meta(path: str) -> dict:
+  meta_path = os.path.join(path, CHECKPOINT_META)
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise StoreError(f"checkpoint {path} has no {CHECKPOINT_META} (unfinished write); restore "
+                     "from latest_checkpoint() instead") from None
+  if meta.get("format") != CHECKPOINT_FORMAT:
+    raise StoreError(f"checkpoint {path} has format {meta.get('format')!r}, expected "
+                     f"{CHECKPOINT_FORMAT!r}; restore it with the jaxdt that wrote it")
+  return meta
+
+
+def _leaf_dtype_shape(leaf: Any) -> tuple[np.dtype, tuple]:
+  """What a leaf is stored as, without touching its values (works on ShapeDtypeStruct)."""
+  if _is_key(leaf):
+    leaf = jax.eval_shape(jax.random.key_data, leaf)
+  if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+    return np.dtype(leaf.dtype), tuple(leaf.shape)
+  return np.asarray(leaf).dtype, ()  # Python scalar
+
+
+def _restore_leaf(array: np.ndarray, like: Any) -> Any:
+  if _is_key(like):
+    return jax.random.wrap_key_data(array, impl=jax.random.key_impl(like))
+  if isinstance(like, (jax.Array, jax.ShapeDtypeStruct)):
+    sharding = getattr(like, "sharding", None)
+    return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+  if isinstance(like, np.ndarray):
+    return array
+  if isinstance(like, np.generic):
+    return array[()]
+  return type(like)(array.item())  # Python scalars stay Python scalars
+
+
+def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]:
+  """Restores a checkpoint into the structure of `like_tree`.
+
+  Args:
+    path: a checkpoint directory (as `latest_checkpoint` returns).
+    like_tree: a pytree with the same structure, leaf names, shapes and dtypes
+      (values are ignored; e.g. a freshly initialized state, or jax.eval_shape
+      of one). Leaves come back as JAX arrays on the like leaf's sharding,
+      numpy arrays, or Python scalars, matching the like leaf.
+
+  Returns:
+    (tree, extra): the restored tree, bit-identical to the saved one, and the
+    `extra` dict given to `save_checkpoint`.
+
+  Raises:
+    StoreError: no meta.json, or names/shapes/dtypes differ (one line naming
+      the first difference).
+  """
+  path = os.fspath(path)
+  meta = _read_checkpoint_meta(path)
+  fix = "restore with the config the checkpoint was saved with"
+  like = _named_leaves(like_tree)
+  saved = [leaf["name"] for leaf in meta["leaves"]]
+  names = [n for n, _ in like]
+  if names != saved:
+    missing = [n for n in names if n not in saved]
+    unexpected = [n for n in saved if n not in names]
+    detail = (f"state leaf {missing[0]!r} is not in it" if missing else
+              f"it has leaf {unexpected[0]!r} the state lacks" if unexpected else
+              "its leaves are in another order")
+    raise StoreError(f"checkpoint {path} does not fit this state: {detail}; {fix}")
+  treedef = jax.tree_util.tree_structure(like_tree)
+  out = []
+  with TrajectoryReader(os.path.join(path, CHECKPOINT_ARRAYS)) as reader:
+    for name, leaf in like:
+      want_dtype, want_shape = _leaf_dtype_shape(leaf)
+      code, shape = reader.raw_dtype(name), reader.shape(name)
+      if code != _code(want_dtype, name) or shape != want_shape:
+        raise StoreError(f"checkpoint {path} leaf {name!r} is {code}{list(shape)}, the state "
+                         f"wants {_code(want_dtype, name)}{list(want_shape)}; {fix}")
+      array = reader.read(name)
+      out.append(_restore_leaf(array.view(_BF16) if code == "BF16" else array, leaf))
+  return jax.tree_util.tree_unflatten(treedef, out), meta["extra"]
+
+
+# --- Preflight --------------------------------------------------------------
+
+
+def _fmt_gb(n: float, digits: int) -> str:
+  return f"{n / 1e9:.{digits}f} GB"
+
+
+def _mem_available() -> Optional[int]:
+  """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: int = 0,
+              file_name: str = "the run's output") -> None:
+  """Refuses to start a run that cannot fit on disk or in RAM.
+
+  Args:
+    out_dir: where the output goes (may not exist yet; its filesystem is checked).
+    needed_bytes: disk bytes the run will write (`estimate_bytes` of its specs).
+    needed_ram_bytes: host RAM the run needs (0 = skip the RAM check). Checked
+      against MemAvailable from /proc/meminfo where that exists.
+    file_name: the output named in the message, e.g. "crucible_1_trajectory.safetensors".
+
+  Raises:
+    StoreError: one line with the need, what is free, where, and the fix.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  probe = out_dir
+  while not os.path.exists(probe):  # the nearest existing ancestor has the filesystem
+    probe = os.path.dirname(probe)
+  free = shutil.disk_usage(probe).free
+  if needed_bytes > free:
+    raise StoreError(f"not enough disk for {file_name}: need {_fmt_gb(needed_bytes, 2)}, "
+                     f"{_fmt_gb(free, 1)} free in {out_dir}; pass --output_dir on a larger "
+                     "disk or fewer --steps")
+  available = _mem_available() if needed_ram_bytes > 0 else None
+  if available is not None and needed_ram_bytes > available:
+    raise StoreError(f"not enough RAM for {file_name}: need {_fmt_gb(needed_ram_bytes, 2)}, "
+                     f"{_fmt_gb(available, 1)} available; pass a smaller --chunk_steps or "
+                     "record fewer rows")
