@@ -743,6 +743,9 @@ def _leaf_dtype_shape(leaf: Any) -> tuple[np.dtype, tuple]:
 
 def _restore_leaf(array: np.ndarray, like: Any) -> Any:
   if _is_key(like):
+    if not isinstance(like, jax.Array):
+      raise StoreError("a typed PRNG key leaf needs a concrete key in like_tree (its impl is "
+                       "read from it); pass jax.random.key(0) there, not a ShapeDtypeStruct")
     return jax.random.wrap_key_data(array, impl=jax.random.key_impl(like))
   if isinstance(like, (jax.Array, jax.ShapeDtypeStruct)):
     sharding = getattr(like, "sharding", None)
