@@ -69,7 +69,11 @@ class _Spec(NamedTuple):
 
 
 def _code(dtype: Any, name: str) -> str:
-  dtype = np.dtype(dtype)
+  try:
+    dtype = np.dtype(dtype)
+  except TypeError:
+    raise StoreError(f"tensor {name!r} has dtype {dtype!r}, which is not a numpy dtype; "
+                     "pass e.g. np.uint16") from None
   if dtype == np.float16:
     raise StoreError(f"tensor {name!r} is float16: store bf16 as uint16 bits (or BF16) and "
                      "never as float16, which loses bf16's range; pass np.uint16")
@@ -193,7 +197,7 @@ def _parse_entries(header: dict, data_start: int, size: int, path: str) -> dict[
     except (KeyError, TypeError, ValueError):
       raise StoreError(f"{path}: header entry {name!r} is malformed; re-create the file") from None
   cursor = 0
-  for name, s in sorted(entries.items(), key=lambda kv: kv[1].begin):
+  for name, s in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
     if s.begin != cursor or s.end < s.begin:
       raise StoreError(f"{path}: tensor {name!r} has data_offsets [{s.begin}, {s.end}] that "
                        "do not tile the data region; re-create the file")
@@ -255,6 +259,11 @@ class TrajectoryWriter:
   Durable resume: call `sync()` after writing the rows up to step s and before
   saving the checkpoint of step s; a run resumed from that checkpoint reopens
   with `resume=True` and rewrites rows s+1.. with the same bytes.
+
+  Attributes:
+    path: the final file name.
+    partial_path: `path + ".partial"`, where the bytes go until `finalize()`.
+    nbytes: the file's exact size (header + data), as `estimate_bytes` gives.
   """
 
   def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple],
@@ -375,8 +384,9 @@ class TrajectoryWriter:
     if not spec.shape:
       raise StoreError(f"tensor {name!r} of {self.path} is 0-d; write it with write()")
     if array.ndim != len(spec.shape) or array.shape[1:] != spec.shape[1:]:
-      want = "(n" + "".join(f", {d}" for d in spec.shape[1:]) + ("" if spec.shape[1:] else ",") + ")"
-      raise StoreError(f"rows for {name!r} of {self.path} must have shape {want}, got {array.shape}")
+      want = "(n" + "".join(f", {d}" for d in spec.shape[1:]) + ("" if spec.shape[1:] else ",")
+      raise StoreError(f"rows for {name!r} of {self.path} must have shape {want}), "
+                       f"got {array.shape}")
     first_row = operator.index(first_row)
     if first_row < 0 or first_row + array.shape[0] > spec.shape[0]:
       raise StoreError(f"rows [{first_row}, {first_row + array.shape[0]}) of {name!r} in "

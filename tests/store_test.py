@@ -226,11 +226,29 @@ class WriterTest(parameterized.TestCase):
       np.testing.assert_array_equal(reader.rows("W", 0, 4), bits)
       np.testing.assert_array_equal(reader.rows("W", 4, 8), bits)
 
+  def test_empty_and_scalar_tensors(self):
+    specs = {"none": (np.float32, (0, 3)), "W": (np.uint16, (2, 2)), "step": (np.int64, ()),
+             "flag": (np.bool_, ())}
+    writer = store.TrajectoryWriter(self.path, specs)
+    writer.write_rows("none", 0, np.zeros((0, 3), np.float32))
+    writer.write_rows("W", 0, np.array([[1, 2], [3, 4]], np.uint16))
+    writer.write("step", np.int64(-5))
+    writer.write("flag", np.bool_(True))
+    writer.finalize()
+    lab = torch_load_file(self.path)
+    with store.TrajectoryReader(self.path) as reader, safe_open(self.path, "np") as st:
+      for key in specs:
+        np.testing.assert_array_equal(reader.read(key), st.get_tensor(key))
+        np.testing.assert_array_equal(reader.read(key), lab[key].numpy())
+      self.assertEqual(reader.read("none").shape, (0, 3))
+      self.assertEqual(reader.read("step"), -5)
+
   def test_bad_specs_are_one_line_errors(self):
     bad = [
         ({}, "non-empty"),
         ({"W": (np.float16, (2,))}, "never as float16"),
         ({"W": (np.complex64, (2,))}, "unsupported dtype"),
+        ({"W": ("nonsense", (2,))}, "not a numpy dtype"),
         ({"W": (np.uint16, (2, -1))}, "negative"),
         ({"W": (np.uint16, (2.5,))}, "tuple of ints"),
         ({"W": np.uint16}, r"\(dtype, shape\)"),
