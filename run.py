@@ -1,8 +1,10 @@
 """jaxdt entry point: `python run.py --experiment=NAME [flags]`.
 
-Experiments are functions in EXPERIMENTS, keyed by name. Bad data input
-(`jaxdt.data.DataError`) prints one line, `error: <message>`, to stderr and
-exits with status 2, without a traceback.
+`flannel_data` builds or checks the data; every other name is a training
+experiment from `experiments/` (a config), run by the one loop in
+`jaxdt.train`, with flags overriding the config. Bad input (data, store or
+config errors) prints one line, `error: <message>`, to stderr and exits with
+status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +15,28 @@ import sys
 from absl import app
 from absl import flags
 
+import experiments
+from jaxdt import analysis
 from jaxdt import config as config_lib
 from jaxdt import data
+from jaxdt import store
+from jaxdt import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("experiment", None, "Experiment to run, one of: flannel_data.")
+flags.DEFINE_string("experiment", None,
+                    f"Experiment to run: flannel_data, or one of {', '.join(experiments.NAMES)}.")
+flags.DEFINE_string("output_dir", None, "Run folder (default: runs/<experiment>).")
+flags.DEFINE_integer("steps", None, "Override the experiment's number of steps.")
+flags.DEFINE_integer("batch_size", None, "Override the batch size.")
+flags.DEFINE_integer("seq_len", None, "Override the sequence length.")
+flags.DEFINE_float("learning_rate", None, "Override AdamW's lr.")
+flags.DEFINE_float("weight_decay", None, "Override AdamW's decoupled weight decay.")
+flags.DEFINE_integer("seed", None, "Override the seed (model init and data order).")
+flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS),
+                  "bf16 (the lab's), fp32, or mixed (fp32 master weights, bf16 compute).")
+flags.DEFINE_integer("chunk_steps", None, "Steps per jitted scan chunk (results do not depend on it).")
+flags.DEFINE_boolean("resume", False, "Continue the run in --output_dir from its latest checkpoint.")
+flags.DEFINE_boolean("progress", True, "Show the progress bar.")
 flags.DEFINE_string(
     "data_dir", None,
     "Cache for the embedded default data (default: $XDG_CACHE_HOME/jaxdt or ~/.cache/jaxdt).")
@@ -45,22 +64,65 @@ def flannel_data() -> None:
   print(data.report(corpus, cfg.data))
 
 
-EXPERIMENTS = {
-    "flannel_data": flannel_data,
-}
+def experiment_config(name: str) -> config_lib.ExperimentConfig:
+  """The experiment's config with every given flag applied (dataclasses.replace)."""
+  cfg = experiments.load(name)
+  d = cfg.data
+  d = dataclasses.replace(data_config(d), **{
+      k: getattr(FLAGS, k) for k in ("batch_size", "seq_len") if getattr(FLAGS, k) is not None})
+  o = dataclasses.replace(cfg.optim, **{
+      k: getattr(FLAGS, k) for k in ("learning_rate", "weight_decay")
+      if getattr(FLAGS, k) is not None})
+  st = cfg.store
+  if FLAGS.chunk_steps is not None:
+    st = dataclasses.replace(st, chunk_steps=FLAGS.chunk_steps)
+  top = {k: getattr(FLAGS, k) for k in ("steps", "seed", "precision") if getattr(FLAGS, k) is not None}
+  if FLAGS.steps is not None:  # keep only the checkpoints inside the shortened run
+    st = dataclasses.replace(st, checkpoint_steps=tuple(
+        c for c in st.checkpoint_steps if c <= FLAGS.steps))
+  return dataclasses.replace(cfg, data=d, optim=o, store=st, **top)
+
+
+def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) -> None:
+  """The lab's end-of-run printouts for what the run recorded."""
+  reader = store.TrajectoryReader(result.trajectory)
+  meta = result.metadata
+  print(f"\nTraining complete. Final loss: {meta['final_loss']:.4f}")
+  print(f"Completed {meta['total_epochs']} epochs\n")
+  if "last_motion_step" in reader.keys():
+    print(analysis.format_fimbulwinter_check(
+        analysis.fimbulwinter_check(reader.read("last_motion_step"), cfg.steps)))
+    print()
+  if "delta_W_prime" in reader.keys():
+    motion = analysis.any_motion_per_step(reader, cfg.probes.motion_threshold)
+    print(analysis.format_stillness(analysis.stillness_runs(motion)))
+  print(f"\nSaved to {result.trajectory}")
+
+
+def run_experiment(name: str) -> None:
+  cfg = experiment_config(name)
+  out_dir = FLAGS.output_dir or f"runs/{name}"
+  result = train.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
+  print_analyses(result, cfg)
+
+
+EXPERIMENTS = {"flannel_data": flannel_data}
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run = EXPERIMENTS.get(FLAGS.experiment)
-  if run is None:
-    print(f"error: unknown experiment {FLAGS.experiment!r}; "
-          f"use --experiment=one of {sorted(EXPERIMENTS)}", file=sys.stderr)
+  name = FLAGS.experiment
+  known = sorted(EXPERIMENTS) + list(experiments.NAMES)
+  if name not in known:
+    print(f"error: unknown experiment {name!r}; use --experiment=one of {known}", file=sys.stderr)
     return 2
   try:
-    run()
-  except data.DataError as e:
+    if name in EXPERIMENTS:
+      EXPERIMENTS[name]()
+    else:
+      run_experiment(name)
+  except (data.DataError, store.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -60,6 +60,32 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  """What a step records, for which rows, and the analyses' thresholds."""
+
+  # Probe names from jaxdt.probes.PROBES, in file order.
+  names: tuple = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step",
+                  "adam_accounting")
+  rows: str = "dead"  # "dead" (the dead ids) | "all" (every vocabulary row)
+  motion_threshold: float = 0.1  # ‖ΔW′_i‖₂ ≥ this counts as motion (Crucible 1)
+  # loss[0] before any step: None = NaN (Crucible), 0.0 for Thimble 8. (None,
+  # not NaN, so that configs compare equal after a JSON round trip.)
+  loss_initial: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+  """Output file names and checkpointing."""
+
+  trajectory_name: str = "crucible_1_trajectory.safetensors"
+  checkpoint_steps: tuple = ()  # steps after which a checkpoint is saved (0 = initial state)
+  chunk_steps: int = 100  # steps per jitted scan chunk (changes nothing in the result)
+  experiment_title: str = "Crucible 1"  # the lab's metadata "experiment"
+  series: str = "Crucible"
+  notes: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """One run: what to train, how, and what to record."""
 
@@ -70,11 +96,20 @@ class ExperimentConfig:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  probes: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+  store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
       raise ValueError(
           f"precision={self.precision!r} is not one of {PRECISIONS}; pick one of them")
+    if self.steps < 1:
+      raise ValueError(f"steps={self.steps}: need at least 1 step")
+    if self.store.chunk_steps < 1:
+      raise ValueError(f"chunk_steps={self.store.chunk_steps}: need at least 1")
+    if self.data.seq_len > self.model.max_seq_len:
+      raise ValueError(f"seq_len={self.data.seq_len} exceeds the model's "
+                       f"max_seq_len={self.model.max_seq_len}; lower --seq_len")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -100,7 +135,7 @@ def from_dict(cls: type, d: dict) -> Any:
     hint = hints[name]
     if dataclasses.is_dataclass(hint):
       value = from_dict(hint, value)
-    elif typing.get_origin(hint) is tuple and isinstance(value, list):
+    elif (hint is tuple or typing.get_origin(hint) is tuple) and isinstance(value, list):
       value = tuple(value)
     kwargs[name] = value
   return cls(**kwargs)

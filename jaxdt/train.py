@@ -1,0 +1,320 @@
+"""The one training loop: a pure step, scanned over chunks, streamed to disk.
+
+`make_step(...)` builds `step(state, t) -> (state, record)`: sample batch t,
+loss and grads with the lab's bf16 semantics, the torch-exact AdamW update,
+and the declared probes over the recorded rows. `make_run_chunk` scans it over
+K steps under `jit`. `train(cfg, out_dir)` is the host loop: it only hands
+stacked records to the store at chunk edges (while the next chunk computes),
+and saves checkpoints when a chunk ends on a checkpoint step.
+
+Keys come from (seed, purpose): the model init and the data order never share
+randomness, and the batch of step t is a pure function of (data key, t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdt import config as config_lib
+from jaxdt import data
+from jaxdt import lattice
+from jaxdt import model
+from jaxdt import optim
+from jaxdt import precision
+from jaxdt import probes as probes_lib
+from jaxdt import store
+
+INIT_PURPOSE, DATA_PURPOSE = 0, 1  # fold_in constants of the root key
+EMBEDDING = "embedding"  # the token table's key in model params
+
+
+class TrainState(NamedTuple):
+  """Everything a step carries; all leaves are arrays (checkpointed as one tree)."""
+
+  params: dict
+  opt_state: optim.AdamWState
+  probe_state: dict  # tracker key -> array, e.g. last_motion_step
+
+
+def root_keys(seed: int):
+  """(init key, data key) from the seed, split by purpose."""
+  root = jax.random.key(seed)
+  return jax.random.fold_in(root, INIT_PURPOSE), jax.random.fold_in(root, DATA_PURPOSE)
+
+
+def hyper(cfg: config_lib.ExperimentConfig) -> optim.Hyper:
+  o = cfg.optim
+  return optim.Hyper(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+
+
+def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: data.Batch):
+  """Mean next-token cross entropy (f32) and the mean final hidden state.
+
+  The model runs in the params' dtype (bf16 for the lab's runs); logits[:, :L']
+  are scored against the targets (the data module's convention), with the
+  log-softmax in f32 from the bf16 logits.
+  """
+  logits, h = model.apply(params, cfg, batch.inputs, return_hidden=True)  # (B, T, V), (B, T, D)
+  n_targets = batch.targets.shape[1]
+  logp = jax.nn.log_softmax(logits[:, :n_targets].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]  # (B, L')
+  h_mean = probes_lib.ordered_row_mean(h.reshape(-1, h.shape[-1]))  # (D,)
+  return jnp.mean(nll), h_mean
+
+
+def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> TrainState:
+  """Step-0 state: PyTorch-style init in f32, cast by the precision policy."""
+  init_key, _ = root_keys(cfg.seed)
+  policy = precision.get_policy(cfg.precision)
+  params = precision.cast_params(model.init_params(init_key, cfg.model), policy)
+  opt_state = optim.adamw(**_adamw_kwargs(cfg)).init(params)
+  trackers = probes_lib.trackers_of(cfg.probes.names)
+  return TrainState(params, opt_state, {k.key: jnp.asarray(k.init(dims)) for k in trackers})
+
+
+def _adamw_kwargs(cfg):
+  o = cfg.optim
+  return dict(learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
+              weight_decay=o.weight_decay)
+
+
+def _gather(x, rows):
+  return x if rows is None else x[rows]
+
+
+def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray]):
+  """The pure step `step(state, t) -> (state, record)` for this experiment."""
+  sample = data.make_sampler(tokens, cfg.data)
+  _, data_key = root_keys(cfg.seed)
+  policy = precision.get_policy(cfg.precision)
+  hp = hyper(cfg)
+  series = probes_lib.series_of(cfg.probes.names)
+  trackers = probes_lib.trackers_of(cfg.probes.names)
+  row_idx = None if rows is None else jnp.asarray(rows, jnp.int32)
+
+  def objective(params, batch):
+    return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch)
+
+  def step(state: TrainState, t):
+    batch = sample(data_key, t)
+    (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
+    params, opt_state = optim.step(hp, state.params, grads, state.opt_state)
+    view = probes_lib.StepView(
+        t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
+        w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
+        m=_gather(opt_state.mu[EMBEDDING], row_idx), v=_gather(opt_state.nu[EMBEDDING], row_idx),
+        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, hyper=hp,
+        motion_threshold=cfg.probes.motion_threshold, loss_initial=cfg.probes.loss_initial)
+    record = {s.key: s.record(view) for s in series}
+    probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
+    return TrainState(params, opt_state, probe_state), record
+
+  return step
+
+
+def make_run_chunk(step):
+  """`run_chunk(state, start, length) -> (state, records)`: steps start+1..start+length."""
+
+  def run_chunk(state, start, length):
+    ts = start + 1 + jnp.arange(length, dtype=jnp.int32)
+    return jax.lax.scan(step, state, ts)
+
+  return jax.jit(run_chunk, static_argnums=2, donate_argnums=0)
+
+
+def initial_records(cfg, state: TrainState, rows) -> dict:
+  """Row 0 of every series that has one (the state before any step)."""
+  w0 = _gather(state.params[EMBEDDING], None if rows is None else jnp.asarray(rows))
+  view = probes_lib.StepView(
+      t=jnp.int32(0), w_prev=w0, w_next=w0, grad=None, m=None, v=None, loss=None,
+      h_mean=None, hyper=hyper(cfg), motion_threshold=cfg.probes.motion_threshold,
+      loss_initial=cfg.probes.loss_initial)
+  return {s.key: np.asarray(s.initial(w0, view)) for s in probes_lib.series_of(cfg.probes.names)
+          if s.initial is not None}
+
+
+def chunk_plan(start: int, steps: int, chunk: int, checkpoints) -> list:
+  """[(start, length)] chunks covering start..steps, each ending at or before a checkpoint."""
+  marks = sorted(c for c in set(checkpoints) if start < c < steps)
+  plan, t = [], start
+  for end in marks + [steps]:
+    while t < end:
+      n = min(chunk, end - t)
+      plan.append((t, n))
+      t += n
+  return plan
+
+
+# --- The host loop -----------------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoints"
+METADATA_FILE = "metadata.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """Where a finished run lives and what it measured."""
+
+  run_dir: str
+  trajectory: str
+  metadata: dict
+
+
+def _lab_metadata(cfg, corpus, dims, steps_done, per_epoch, final_loss, specs) -> dict:
+  """The seed notebooks' metadata.json keys (crucible1.md, thimble8.md)."""
+  return {
+      "experiment": cfg.store.experiment_title, "series": cfg.store.series,
+      "date": time.strftime("%Y-%m-%d"), "total_steps": cfg.steps,
+      "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+      "learning_rate": cfg.optim.learning_rate, "weight_decay": cfg.optim.weight_decay,
+      "beta1": cfg.optim.b1, "beta2": cfg.optim.b2, "epsilon": cfg.optim.eps,
+      "vocab_size": cfg.model.vocab_size, "hidden_dim": cfg.model.hidden_dim,
+      "num_layers": cfg.model.num_layers, "num_heads": cfg.model.num_heads,
+      "random_seed": cfg.seed, "motion_threshold": cfg.probes.motion_threshold,
+      "n_dead_tokens": corpus.n_dead, "checkpoint_steps": list(cfg.store.checkpoint_steps),
+      "final_loss": final_loss, "total_epochs": -(-steps_done // per_epoch),
+      "device": jax.devices()[0].platform,
+      "data_shapes": {k: list(shape) for k, (_, shape) in specs.items()},
+      "notes": cfg.store.notes,
+  }
+
+
+def _our_metadata(cfg, corpus, wall, completed, trajectory_bytes=None) -> dict:
+  dev = jax.devices()[0]
+  return {
+      "completed": completed, "steps_completed": None, "trajectory_bytes": trajectory_bytes,
+      "config": config_lib.to_dict(cfg), "data_files": corpus.files,
+      "data_manifest": None if corpus.default is None else corpus.default.manifest,
+      "jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
+      "backend": jax.default_backend(), "device_kind": dev.device_kind,
+      "cpu_threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": platform.python_version(),
+      "wall_time_s": wall,
+  }
+
+
+class Progress:
+  """A one-line progress bar on stderr: steps/s, loss and ETA, updated per chunk."""
+
+  def __init__(self, total: int, start: int, enabled: bool):
+    self.total, self.start, self.enabled = total, start, enabled
+    self.t0 = time.perf_counter()
+
+  def update(self, done: int, loss: float):
+    if not self.enabled:
+      return
+    rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    width = 30
+    fill = int(width * done / self.total)
+    sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+                     f"{rate:.2f} steps/s loss={loss:.4f} ETA {eta:.0f}s ")
+    sys.stderr.flush()
+    if done == self.total:
+      sys.stderr.write("\n")
+
+
+def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = False,
+          progress: bool = True, stop_after: Optional[int] = None) -> RunResult:
+  """Runs an experiment to completion, streaming its trajectory into `out_dir`.
+
+  Args:
+    cfg: the experiment.
+    out_dir: the run folder (created); holds the trajectory, metadata.json and
+      checkpoints/.
+    resume: continue from the latest complete checkpoint in out_dir.
+    progress: print the progress bar.
+    stop_after: stop (unfinished, as if killed) once this many steps are done;
+      for tests of resume.
+
+  Returns:
+    RunResult (metadata has "completed": True), or None when stopped early.
+  """
+  t_start = time.perf_counter()
+  corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
+  rows = corpus.dead_indices if cfg.probes.rows == "dead" else None
+  policy = precision.get_policy(cfg.precision)
+  dims = probes_lib.Dims(rows=corpus.n_dead if rows is not None else cfg.model.vocab_size,
+                         hidden=cfg.model.hidden_dim, param_dtype=policy.param_dtype)
+  specs = probes_lib.file_specs(cfg.probes.names, dims, cfg.steps)
+  static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
+  for k, a in static.items():
+    specs[k] = (a.dtype, a.shape)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, cfg.store.trajectory_name)
+  ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
+  per_epoch = data.batches_per_epoch(len(corpus.tokens), cfg.data)
+  series = probes_lib.series_of(cfg.probes.names)
+  chunk_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize
+                    for k, (dt, shape) in specs.items() if k in {s.key for s in series})
+  ckpt = store.latest_checkpoint(ckpt_dir) if resume else None
+  if resume and ckpt is None:
+    raise store.StoreError(f"no complete checkpoint in {ckpt_dir}; run without --resume to start over")
+  if not resume:
+    store.preflight(out_dir, store.estimate_bytes(specs), 3 * chunk_bytes * cfg.store.chunk_steps,
+                    file_name=cfg.store.trajectory_name)
+  writer = store.TrajectoryWriter(path, specs, metadata={"format": "pt"}, resume=resume)
+
+  state = init_state(cfg, dims)
+  if ckpt is None:
+    start = 0
+    for k, a in initial_records(cfg, state, rows).items():
+      writer.write_rows(k, 0, a[None])
+    for k, a in static.items():
+      writer.write(k, a)
+    if 0 in cfg.store.checkpoint_steps:
+      store.save_checkpoint(ckpt_dir, 0, state, {"step": 0})
+  else:
+    state, extra = store.load_checkpoint(ckpt, state)
+    start = int(extra["step"])
+  meta_path_dir = out_dir
+  store.write_metadata(meta_path_dir, {**_lab_metadata(cfg, corpus, dims, start, per_epoch, None, specs),
+                                       **_our_metadata(cfg, corpus, None, False)})
+
+  run_chunk = make_run_chunk(make_step(cfg, corpus.tokens, rows))
+  bar = Progress(cfg.steps, start, progress)
+  end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  plan = chunk_plan(start, end, cfg.store.chunk_steps, cfg.store.checkpoint_steps)
+  last_loss = float("nan")
+  pending = run_chunk(state, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
+  for i, (s, n) in enumerate(plan):
+    state, records = pending
+    done = s + n
+    checkpoint = done in cfg.store.checkpoint_steps
+    if checkpoint:  # the next chunk donates `state`: save it first
+      store.save_checkpoint(ckpt_dir, done, state, {"step": done})
+    # Dispatch the next chunk before touching this one's records on the host.
+    pending = run_chunk(state, jnp.int32(plan[i + 1][0]), plan[i + 1][1]) if i + 1 < len(plan) else None
+    for ser in series:
+      writer.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
+    if "loss" in records:
+      last_loss = float(np.asarray(records["loss"])[-1])
+    if checkpoint:
+      # Records up to `done` are on disk before the run can be resumed from it
+      # (a resume rewrites the rows after the checkpoint with the same bytes).
+      writer.sync()
+    bar.update(done, last_loss)
+  done = plan[-1][0] + plan[-1][1] if plan else start
+  if done < cfg.steps:
+    writer.sync()
+    return None
+
+  for k, a in state.probe_state.items():
+    writer.write(k, np.asarray(a))
+  writer.finalize()
+  wall = time.perf_counter() - t_start
+  meta = {**_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
+          **_our_metadata(cfg, corpus, wall, True, os.path.getsize(path))}
+  meta["steps_completed"] = cfg.steps
+  store.write_metadata(out_dir, meta)
+  return RunResult(out_dir, path, meta)

@@ -1,0 +1,98 @@
+"""The training loop on a tiny crucible1: records, probes, loss, purity."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from jaxdt import data, lattice, probes, store, train
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+  cfg = tiny_config(tiny_data, steps=30)
+  out = str(tmp_path_factory.mktemp("run"))
+  result = train.train(cfg, out, progress=False)
+  return cfg, result, store.TrajectoryReader(result.trajectory)
+
+
+def test_file_has_the_lab_keys_dtypes_and_shapes(run):
+  cfg, result, r = run
+  n = r.shape("dead_indices")[0]
+  want = {"W": ("uint16", (31, n, 32)), "delta_W_prime": ("float32", (30, n, 32)),
+          "centroid": ("float32", (31, 32)), "loss": ("float32", (31,)),
+          "last_motion_step": ("int32", (n,)), "dead_mask": ("bool", (256,)),
+          "dead_indices": ("int64", (n,))}
+  for k, (dt, shape) in want.items():
+    assert (str(r.dtype(k)), r.shape(k)) == (dt, shape), k
+  assert np.isnan(r.read("loss")[0])
+  assert store.is_complete(result.run_dir, cfg.store.trajectory_name)
+  meta = store.read_metadata(result.run_dir)
+  for key in ("experiment", "total_steps", "learning_rate", "n_dead_tokens", "final_loss",
+              "total_epochs", "data_shapes", "config", "jax_version", "backend", "cpu_threads",
+              "wall_time_s", "data_files"):
+    assert key in meta, key
+  assert meta["completed"] is True
+
+
+def test_loss_falls(run):
+  loss = run[2].read("loss")
+  assert loss[-5:].mean() < loss[1:6].mean() - 0.1
+
+
+def test_loss_is_bf16_representable(run):
+  loss = run[2].read("loss")[1:]
+  np.testing.assert_array_equal(loss, loss.astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_delta_w_prime_and_centroid_recompute_from_stored_w_bit_for_bit(run):
+  r = run[2]
+  w = r.read("W").view(jnp.bfloat16)
+  dwp = np.asarray(lattice.lattice_displacement(w[:-1], w[1:]))
+  np.testing.assert_array_equal(dwp.view(np.uint32), r.read("delta_W_prime").view(np.uint32))
+  cen = np.stack([probes.np_ordered_row_mean(w[t].astype(np.float32)) for t in range(w.shape[0])])
+  np.testing.assert_array_equal(cen.view(np.uint32), r.read("centroid").view(np.uint32))
+  # Against the lab's own `W.float().mean(0)` (a different summation order): ulps apart.
+  np.testing.assert_allclose(cen, w.astype(np.float32).mean(axis=1), rtol=1e-5, atol=1e-7)
+
+
+def test_last_motion_step_recomputes_from_delta_w_prime(run):
+  cfg, _, r = run
+  d = r.read("delta_W_prime")
+  moved = np.sqrt((d * d).sum(-1)) >= cfg.probes.motion_threshold  # (T, R)
+  t = np.arange(1, d.shape[0] + 1)[:, None]
+  want = np.where(moved, t, -1).max(0)
+  np.testing.assert_array_equal(r.read("last_motion_step"), want)
+
+
+def test_accounting_replay_is_exact_on_every_step(run):
+  r = run[2]
+  np.testing.assert_array_equal(r.read("adam_replay_match"), 1.0)
+  assert r.read("adam_cosine")[0] > 0.99  # the lab's t=1: 0.999925
+
+
+def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
+  cfg = tiny_config(tiny_data)
+  corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
+  dims = probes.Dims(corpus.n_dead, cfg.model.hidden_dim, jnp.bfloat16)
+  step = train.make_step(cfg, corpus.tokens, corpus.dead_indices)
+  state = train.init_state(cfg, dims)
+  jaxpr = str(jax.make_jaxpr(lambda s: jax.lax.scan(step, s, jnp.arange(1, 3)))(state))
+  assert "callback" not in jaxpr
+  run_chunk = train.make_run_chunk(step)
+  state, _ = run_chunk(state, jnp.int32(0), 2)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
+  state, _ = run_chunk(state, jnp.int32(2), 2)
+  jax.block_until_ready(state)
+  assert compiles == []
+
+
+def test_chunk_plan_ends_chunks_on_checkpoints():
+  assert train.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
+  assert train.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
