@@ -54,6 +54,12 @@ def textbook_delta(w_prev, m_t, v_t, t, hp: optim.Hyper) -> jax.Array:
   return -adam_term - jnp.float32(hp.learning_rate * hp.weight_decay) * w
 
 
+def _fraction(mask) -> jax.Array:
+  """Exact count / size (jnp.mean multiplies by 1/size, so all-true gave 0.99999994)."""
+  count = jnp.sum(mask.astype(jnp.int32)).astype(jnp.float32)
+  return optim._true_div(count, jnp.float32(mask.size))
+
+
 def metrics(w_prev, w_next, m_t, v_t, t, hp: optim.Hyper) -> dict:
   """Per-step accounting over a set of rows (all arrays [rows, D]).
 
@@ -69,7 +75,7 @@ def metrics(w_prev, w_next, m_t, v_t, t, hp: optim.Hyper) -> dict:
   bits = lambda x: jax.lax.bitcast_convert_type(
       x, jnp.uint16 if x.dtype == jnp.bfloat16 else jnp.uint32)
   replayed = replay(w_prev, m_t, v_t, t, hp)
-  match = jnp.mean((bits(replayed) == bits(w_next)).astype(jnp.float32))
+  match = _fraction(bits(replayed) == bits(w_next))
   realized = w_next.astype(jnp.float32) - w_prev.astype(jnp.float32)
   text = textbook_delta(w_prev, m_t, v_t, t, hp)
   n_real = jnp.sqrt(jnp.sum(realized * realized))
@@ -79,7 +85,7 @@ def metrics(w_prev, w_next, m_t, v_t, t, hp: optim.Hyper) -> dict:
   cosine = jnp.where(both, dot / jnp.where(both, n_real * n_text, 1.0), jnp.nan)
   ratio = jnp.where(n_real > 0, n_text / jnp.where(n_real > 0, n_real, 1.0),
                     jnp.where(n_text > 0, jnp.inf, jnp.nan))
-  swallowed = jnp.mean(((text != 0) & (realized == 0)).astype(jnp.float32))
+  swallowed = _fraction((text != 0) & (realized == 0))
   err = jnp.max(jnp.abs(lattice.in_ulps(realized - text, w_prev)))
   return dict(replay_match=match, cosine=cosine.astype(jnp.float32),
               norm_ratio=ratio.astype(jnp.float32), swallowed=swallowed,

@@ -37,6 +37,16 @@ class AccountingTest(absltest.TestCase):
       out = jax.jit(jax.vmap(lambda *a: accounting.metrics(*a, hp)))(w_prev, w_next, m, v, ts)
       np.testing.assert_array_equal(np.asarray(out["replay_match"]), 1.0)
 
+  def test_fractions_are_exact_at_the_lab_size(self):
+    # jnp.mean multiplies by 1/n: 237,312 matches gave 0.99999994, not 1.0.
+    hp = optim.Hyper(1e-3)
+    w = jnp.full((3708, 64), 0.5, jnp.bfloat16)
+    m = jnp.zeros_like(w)
+    v = jnp.ones_like(w)
+    out = jax.jit(lambda *a: accounting.metrics(*a, hp))(w, w, m, v, jnp.int32(100))
+    self.assertEqual(float(out["replay_match"]), 1.0)
+    self.assertEqual(float(out["swallowed"]), 0.0)
+
   def test_replay_detects_a_wrong_state(self):
     hp, (w_prev, w_next, m, v) = trajectory()
     out = accounting.metrics(w_prev[5], w_next[5], -m[5], v[5], 6, hp)
