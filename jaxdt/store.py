@@ -303,7 +303,7 @@ class TrajectoryWriter:
     if os.path.exists(self.path):
       if not overwrite:
         raise StoreError(f"{self.path} already exists (a finished run); choose another "
-                         "--output_dir, delete it, or pass overwrite=True")
+                         "--output_dir or delete it first")
       os.remove(self.path)
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
     fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

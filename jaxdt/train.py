@@ -250,7 +250,6 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
   for k, a in static.items():
     specs[k] = (a.dtype, a.shape)
-  os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, cfg.store.trajectory_name)
   ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
   per_epoch = data.batches_per_epoch(len(corpus.tokens), cfg.data)
@@ -260,6 +259,12 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   ckpt = store.latest_checkpoint(ckpt_dir) if resume else None
   if resume and ckpt is None:
     raise store.StoreError(f"no complete checkpoint in {ckpt_dir}; run without --resume to start over")
+  unfinished = os.path.exists(path + ".partial") or (
+      not os.path.exists(path) and store.latest_checkpoint(ckpt_dir) is not None)
+  if not resume and unfinished:
+    raise store.StoreError(f"{out_dir} holds an unfinished run; pass --resume to continue it, "
+                           "or choose another --output_dir")
+  os.makedirs(out_dir, exist_ok=True)
   if not resume:
     store.preflight(out_dir, store.estimate_bytes(specs), 3 * chunk_bytes * cfg.store.chunk_steps,
                     file_name=cfg.store.trajectory_name)

@@ -59,3 +59,16 @@ def test_resume_without_checkpoint_is_a_clear_error(reference, tmp_path):
   cfg, _ = reference
   with pytest.raises(store.StoreError, match="no complete checkpoint"):
     train.train(cfg, str(tmp_path), resume=True, progress=False)
+
+
+def test_a_fresh_run_never_overwrites_an_unfinished_or_finished_one(reference, tmp_path):
+  cfg, ref = reference
+  out = str(tmp_path)
+  assert train.train(cfg, out, progress=False, stop_after=6) is None
+  partial = os.path.join(out, cfg.store.trajectory_name + ".partial")
+  before = open(partial, "rb").read()
+  with pytest.raises(store.StoreError, match="unfinished run; pass --resume"):
+    train.train(cfg, out, progress=False)
+  assert open(partial, "rb").read() == before
+  with pytest.raises(store.StoreError, match="already exists"):
+    train.train(cfg, ref.run_dir, progress=False)
