@@ -35,6 +35,8 @@ flags.DEFINE_integer("seed", None, "Override the seed (model init and data order
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS),
                   "bf16 (the lab's), fp32, or mixed (fp32 master weights, bf16 compute).")
 flags.DEFINE_integer("chunk_steps", None, "Steps per jitted scan chunk (results do not depend on it).")
+flags.DEFINE_string("init_checkpoint", None,
+                    "Start from a torch state_dict (the lab's step-0 .pt, or .safetensors).")
 flags.DEFINE_boolean("resume", False, "Continue the run in --output_dir from its latest checkpoint.")
 flags.DEFINE_boolean("progress", True, "Show the progress bar.")
 flags.DEFINE_string(
@@ -76,7 +78,8 @@ def experiment_config(name: str) -> config_lib.ExperimentConfig:
   st = cfg.store
   if FLAGS.chunk_steps is not None:
     st = dataclasses.replace(st, chunk_steps=FLAGS.chunk_steps)
-  top = {k: getattr(FLAGS, k) for k in ("steps", "seed", "precision") if getattr(FLAGS, k) is not None}
+  top = {k: getattr(FLAGS, k) for k in ("steps", "seed", "precision", "init_checkpoint")
+         if getattr(FLAGS, k) is not None}
   if FLAGS.steps is not None:  # keep only the checkpoints inside the shortened run
     st = dataclasses.replace(st, checkpoint_steps=tuple(
         c for c in st.checkpoint_steps if c <= FLAGS.steps))

@@ -93,6 +93,9 @@ class ExperimentConfig:
   seed: int = 42
   steps: int = 5000
   precision: str = "bf16"  # "bf16" | "fp32" | "mixed" (fp32 master + moments, bf16 compute)
+  # Start from these weights (a torch state_dict: the lab's step-0 .pt or a
+  # .safetensors) instead of our own init; None = PyTorch-style init from `seed`.
+  init_checkpoint: Optional[str] = None
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)

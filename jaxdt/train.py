@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdt import analysis
 from jaxdt import config as config_lib
 from jaxdt import data
 from jaxdt import lattice
@@ -76,7 +77,11 @@ def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> Train
   """Step-0 state: PyTorch-style init in f32, cast by the precision policy."""
   init_key, _ = root_keys(cfg.seed)
   policy = precision.get_policy(cfg.precision)
-  params = precision.cast_params(model.init_params(init_key, cfg.model), policy)
+  if cfg.init_checkpoint:
+    params = model.load_torch_checkpoint(cfg.init_checkpoint, cfg.model)
+  else:
+    params = model.init_params(init_key, cfg.model)
+  params = precision.cast_params(params, policy)
   opt_state = optim.adamw(**_adamw_kwargs(cfg)).init(params)
   trackers = probes_lib.trackers_of(cfg.probes.names)
   return TrainState(params, opt_state, {k.key: jnp.asarray(k.init(dims)) for k in trackers})
@@ -192,7 +197,7 @@ def _lab_metadata(cfg, corpus, dims, steps_done, per_epoch, final_loss, specs) -
 def _our_metadata(cfg, corpus, wall, completed, trajectory_bytes=None) -> dict:
   dev = jax.devices()[0]
   return {
-      "completed": completed, "steps_completed": None, "trajectory_bytes": trajectory_bytes,
+      "completed": completed, "trajectory_bytes": trajectory_bytes,
       "config": config_lib.to_dict(cfg), "data_files": corpus.files,
       "data_manifest": None if corpus.default is None else corpus.default.manifest,
       "jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
@@ -321,5 +326,9 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   meta = {**_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
           **_our_metadata(cfg, corpus, wall, True, os.path.getsize(path))}
   meta["steps_completed"] = cfg.steps
+  if "last_motion_step" in state.probe_state:  # the seed's Crucible metadata keys
+    check = analysis.fimbulwinter_check(np.asarray(state.probe_state["last_motion_step"]), cfg.steps)
+    meta["global_last_motion"] = check["global_last_motion"]
+    meta["fimbulwinter_duration"] = check["fimbulwinter_duration"]
   store.write_metadata(out_dir, meta)
   return RunResult(out_dir, path, meta)

@@ -1,6 +1,6 @@
 """The training loop on a tiny crucible1: records, probes, loss, purity."""
 
-import json
+import dataclasses
 import os
 
 import jax
@@ -96,3 +96,20 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
 def test_chunk_plan_ends_chunks_on_checkpoints():
   assert train.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
   assert train.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
+
+
+def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):
+  import torch  # a test dependency: missing is a failure, not a skip
+  from jaxdt import model
+  cfg = tiny_config(tiny_data, steps=2)
+  params = model.init_params(jax.random.key(123), cfg.model)
+  sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
+        for k, v in model.params_to_torch_state_dict(params, cfg.model).items()}
+  path = str(tmp_path / "checkpoint_step_00000.pt")
+  torch.save({"step": 0, "model_state_dict": sd}, path)
+  result = train.train(dataclasses.replace(cfg, init_checkpoint=path), str(tmp_path / "run"),
+                       progress=False)
+  r = store.TrajectoryReader(result.trajectory)
+  rows = r.read("dead_indices")
+  want = sd["embedding.weight"][torch.from_numpy(rows)].view(torch.int16).numpy().view(np.uint16)
+  np.testing.assert_array_equal(r.rows("W", 0, 1)[0], want)
