@@ -1,0 +1,162 @@
+"""Backend settings in one place: XLA determinism flags, set before JAX starts.
+
+XLA reads `XLA_FLAGS` once, when the first backend is created (the first
+computation or `jax.devices()` call), not when `jax` is imported. `run.py`
+therefore calls `configure()` at the top of `main`, before any JAX work.
+
+What the flags do (shared/NUMERICS.md §5; help texts of jaxlib 0.10.2):
+  --xla_gpu_deterministic_ops=true            "Guarantees run-to-run determinism
+                                              on GPU" (scatter, reductions,
+                                              GEMM/conv algorithms).
+  --xla_gpu_exclude_nondeterministic_ops=true switches scatter, GEMMs,
+                                              convolutions and attention to
+                                              deterministic kernels (a subset
+                                              of the flag above).
+Both are accepted and ignored by XLA:CPU, so one setting serves every backend.
+
+Flags reported but left at XLA's defaults (changing them changes our bits):
+  xla_cpu_ftz=true            XLA:CPU flushes f32 subnormals (NUMERICS §3).
+  xla_gpu_ftz=false           XLA:GPU keeps them.
+  xla_cpu_enable_fast_math=false
+  xla_cpu_enable_platform_dependent_math=true   transcendental kernels may
+                              differ between CPU instruction sets.
+  xla_allow_excess_precision=true   XLA may skip bf16 roundings it deems
+                              redundant; jaxdt's optimizer rounds with integer
+                              ops, which this cannot remove.
+FMA contraction has no XLA flag: XLA:CPU contracts `a*b + c` under jit, and
+`fma_contracts()` measures it on the live backend (the optimizer's lerp and
+addcmul need it). CPU results also depend on the number of cores XLA:CPU uses
+(NUMERICS §5: `taskset -c 0` changed the bits), so `cpu_threads()` is recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, MutableMapping, Optional
+
+DETERMINISM_FLAGS = {
+    "xla_gpu_deterministic_ops": "true",
+    "xla_gpu_exclude_nondeterministic_ops": "true",
+}
+# Flags that bear on the bits, with XLA's defaults in jaxlib 0.10.2.
+REPORTED_DEFAULTS = {
+    "xla_gpu_deterministic_ops": "false",
+    "xla_gpu_exclude_nondeterministic_ops": "false",
+    "xla_cpu_ftz": "true",
+    "xla_gpu_ftz": "false",
+    "xla_cpu_enable_fast_math": "false",
+    "xla_cpu_enable_platform_dependent_math": "true",
+    "xla_allow_excess_precision": "true",
+}
+
+
+def parse_xla_flags(text: Optional[str]) -> dict:
+  """`XLA_FLAGS` text as {name: value}; a bare `--name` means "true".
+
+  Args:
+    text: e.g. "--xla_cpu_ftz=false --xla_gpu_deterministic_ops".
+
+  Returns:
+    dict name (without dashes) -> value string; later repeats win.
+  """
+  out = {}
+  for token in (text or "").split():
+    name, _, value = token.lstrip("-").partition("=")
+    if name:
+      out[name] = value if _ else "true"
+  return out
+
+
+def with_flags(text: Optional[str], flags: Mapping[str, str]) -> str:
+  """`text` with each of `flags` appended unless it already sets that flag.
+
+  A value the user already gave always wins, so `XLA_FLAGS=--xla_gpu_deterministic_ops=false`
+  turns determinism off for an experiment.
+  """
+  present = parse_xla_flags(text)
+  extra = [f"--{k}={v}" for k, v in flags.items() if k not in present]
+  return " ".join(t for t in [(text or "").strip()] + extra if t)
+
+
+def backends_initialized() -> bool:
+  """Whether JAX has already created a backend (after which XLA_FLAGS is ignored)."""
+  try:
+    from jax._src import xla_bridge  # no public API says this
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
+
+
+def configure(deterministic: bool = True,
+              environ: Optional[MutableMapping[str, str]] = None) -> str:
+  """Sets `XLA_FLAGS` for reproducible runs; call before any JAX computation.
+
+  Args:
+    deterministic: add `DETERMINISM_FLAGS` (flags the user set keep their value).
+    environ: the environment to edit (default os.environ).
+
+  Returns:
+    The XLA_FLAGS now in effect.
+
+  Raises:
+    RuntimeError: a JAX backend already exists, so new flags would be ignored.
+  """
+  environ = os.environ if environ is None else environ
+  text = environ.get("XLA_FLAGS", "")
+  new = with_flags(text, DETERMINISM_FLAGS) if deterministic else text
+  if new != text:
+    if environ is os.environ and backends_initialized():
+      raise RuntimeError("backend.configure() ran after JAX created its backend, so XLA_FLAGS "
+                         "would be ignored; call it before any JAX computation")
+    environ["XLA_FLAGS"] = new
+  return new
+
+
+def effective_flags(text: Optional[str] = None) -> dict:
+  """The bit-relevant flags in effect: {name: (value, "set" | "default")}.
+
+  Args:
+    text: an XLA_FLAGS string (default: the current environment's).
+  """
+  given = parse_xla_flags(os.environ.get("XLA_FLAGS", "") if text is None else text)
+  return {k: (given[k], "set") if k in given else (d, "default")
+          for k, d in REPORTED_DEFAULTS.items()}
+
+
+def cpu_threads() -> int:
+  """CPU cores this process may run on (what XLA:CPU sizes its thread pool by)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def describe() -> dict:
+  """The backend a run uses, for metadata and reports (creates the backend).
+
+  Returns:
+    dict: backend, device_kind, device_count, cpu_threads, xla_flags (raw
+    text), flags (`effective_flags`), fma_contracts, jax_version.
+  """
+  import jax
+
+  from jaxdt import optim
+  dev = jax.devices()[0]
+  return {
+      "backend": jax.default_backend(), "device_kind": dev.device_kind,
+      "device_count": jax.device_count(), "cpu_threads": cpu_threads(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "flags": {k: v for k, (v, _) in effective_flags().items()},
+      "fma_contracts": optim.fma_contracts(), "jax_version": jax.__version__,
+  }
+
+
+def format_description(d: Mapping) -> str:
+  """One line per fact of `describe()`, for printing."""
+  flags = " ".join(f"{k}={v}" for k, v in d["flags"].items())
+  return "\n".join([
+      f"Backend: {d['backend']} ({d['device_kind']}, {d['device_count']} device(s)), "
+      f"{d['cpu_threads']} CPU threads, jax {d['jax_version']}",
+      f"XLA_FLAGS: {d['xla_flags'] or '(empty)'}",
+      f"Bit-relevant flags: {flags}",
+      f"a*b+c contracted to FMA under jit: {d['fma_contracts']}",
+  ])
