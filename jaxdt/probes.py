@@ -1,9 +1,11 @@
 """Probes: what a training step records, declared per experiment, never coded into the loop.
 
-A probe is a named group of series (one array per step, stacked by `lax.scan`)
-and trackers (state carried in the scan, written once at the end). Every
-function here is pure and runs inside the jitted scan body; the loop in
-`jaxdt.train` only looks probes up by the names in `ProbeConfig.names`.
+A probe is a named group of series (one array per step, stacked by `lax.scan`),
+trackers (state carried in the scan, written once at the end) and statics
+(arrays fixed before training, e.g. the lab's scalar hyperparameter tensors,
+written once). Every series and tracker function is pure and runs inside the
+jitted scan body; the loop in `jaxdt.train` only looks probes up by the names
+in `ProbeConfig.names`.
 
 File layout follows the lab (REFERENCE §2.3): a series with an `initial`
 function has T+1 rows, row 0 being the state before any step and row t the
@@ -17,6 +19,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxdt import accounting
@@ -46,6 +49,9 @@ class StepView(NamedTuple):
   hyper: optim.Hyper
   motion_threshold: float
   loss_initial: Optional[float]
+  # The f32 mean cross entropy, unrounded: HF GPT2's loss (it upcasts the
+  # logits), which Thimble 1/6 stored. `loss` above is its bf16 rounding.
+  loss_f32: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,24 @@ class Tracker:
   shape: Callable[[Dims], tuple]
   init: Callable[[Dims], np.ndarray]
   update: Callable[[jax.Array, StepView], jax.Array]
+
+
+class StaticView(NamedTuple):
+  """What a static array may depend on: the config and the corpus's live/dead split."""
+
+  cfg: "object"  # jaxdt.config.ExperimentConfig
+  live_mask: np.ndarray  # bool [V]
+  dead_mask: np.ndarray  # bool [V]
+  live_indices: np.ndarray  # int64 [n_live]
+  dead_indices: np.ndarray  # int64 [n_dead]
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Arrays known before step 1, written once (the lab's scalar tensors, masks)."""
+
+  keys: tuple  # the file keys `value` returns, in file order
+  value: Callable[[StaticView], dict]  # view -> {key: numpy array}
 
 
 # --- Pure record functions ---------------------------------------------------
@@ -130,9 +154,54 @@ def _f32(x):
   return x.astype(jnp.float32)
 
 
+def _as_stored(x) -> jax.Array:
+  """bf16 stays bf16 (safetensors BF16, the lab's Thimble 1 tensors); else f32."""
+  return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+
+
+def _zeros_like_stored(w0, view):
+  del view
+  return jnp.zeros(w0.shape, w0.dtype if w0.dtype == jnp.bfloat16 else jnp.float32)
+
+
+def _zeros_bits(w0, view):
+  return stored_bits(_zeros_like_stored(w0, view))
+
+
 _W_DTYPE = lambda d: np.dtype(np.uint16) if d.param_dtype == jnp.bfloat16 else np.dtype(np.float32)
+_BF16_DTYPE = lambda d: (np.dtype(ml_dtypes.bfloat16) if d.param_dtype == jnp.bfloat16
+                         else np.dtype(np.float32))
 _ROWS = lambda d: (d.rows, d.hidden)
 _F32 = lambda d: np.dtype(np.float32)
+
+
+def lab_scalars(view: StaticView) -> dict:
+  """Thimble 1's scalar tensors (thimble1.md `save_dict`): int64 and f32 0-d arrays."""
+  c = view.cfg
+  i64 = lambda x: np.asarray(x, np.int64)
+  f32 = lambda x: np.asarray(x, np.float32)
+  return {
+      "vocab_size": i64(c.model.vocab_size), "hidden_dim": i64(c.model.hidden_dim),
+      "n_layers": i64(c.model.num_layers), "n_heads": i64(c.model.num_heads),
+      "num_steps": i64(c.steps), "batch_size": i64(c.data.batch_size),
+      "learning_rate": f32(c.optim.learning_rate), "weight_decay": f32(c.optim.weight_decay),
+      "adam_beta1": f32(c.optim.b1), "adam_beta2": f32(c.optim.b2),
+      "adam_epsilon": f32(c.optim.eps), "init_scale": f32(c.model.init_std),
+      "seed": i64(c.seed), "n_live": i64(view.live_mask.sum()),
+      "n_dead": i64(view.dead_mask.sum()),
+  }
+
+
+_LAB_SCALAR_KEYS = ("vocab_size", "hidden_dim", "n_layers", "n_heads", "num_steps",
+                    "batch_size", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+                    "adam_epsilon", "init_scale", "seed", "n_live", "n_dead")
+
+
+def live_dead_ids(view: StaticView) -> dict:
+  """Thimble 4-7's masks and ids (dead_mask is always written by the loop)."""
+  return {"live_mask": np.asarray(view.live_mask, np.bool_),
+          "live_ids": np.asarray(view.live_indices, np.int64),
+          "dead_ids": np.asarray(view.dead_indices, np.int64)}
 
 
 def _accounting_series() -> tuple:
@@ -167,6 +236,34 @@ PROBES = {
     "g": (Series("g", _F32, _ROWS, lambda v: _f32(v.grad), initial=lambda w0, v: jnp.zeros(w0.shape)),),
     # Crucible 3/4: mean final hidden state, h_mean[t-1] for step t.
     "h_mean": (Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean),),
+    # Thimble 1 (thimble1.md): W and grad_W as bf16 tensors (safetensors BF16),
+    # momentum_W / variance_W as `.float()` of the bf16 Adam state, losses f32
+    # with losses[0] = NaN. grad_W[t] is step t's gradient (taken before the
+    # step); row 0 is zeros. Under fp32/mixed precision W and grad_W are f32.
+    "W_bf16": (Series("W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.w_next),
+                      initial=lambda w0, v: _as_stored(w0)),),
+    "grad_W": (Series("grad_W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.grad),
+                      initial=_zeros_like_stored),),
+    "momentum_W": (Series("momentum_W", _F32, _ROWS, lambda v: _f32(v.m),
+                          initial=lambda w0, v: jnp.zeros(w0.shape)),),
+    "variance_W": (Series("variance_W", _F32, _ROWS, lambda v: _f32(v.v),
+                          initial=lambda w0, v: jnp.zeros(w0.shape)),),
+    # The f32 loss unrounded (HF GPT2 upcasts logits; Thimble 1-7's losses are
+    # not bf16 values, e.g. 6.4703); NaN before step 1 unless loss_initial.
+    "losses": (Series("losses", _F32, lambda d: (), lambda v: v.loss_f32,
+                      initial=lambda w0, v: jnp.float32(
+                          np.nan if v.loss_initial is None else v.loss_initial)),),
+    # Thimble 6, exact: grad_W and the Adam state as uint16 bits of the bf16
+    # tensors (the lab's Thimble 7 layout; its Thimble 6 float16 lost bits).
+    "grad_W_bits": (Series("grad_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.grad),
+                           initial=_zeros_bits),),
+    "momentum_W_bits": (Series("momentum_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.m),
+                               initial=_zeros_bits),),
+    "variance_W_bits": (Series("variance_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.v),
+                               initial=_zeros_bits),),
+    # Written once: Thimble 1's scalar tensors; Thimble 4-7's masks and ids.
+    "lab_scalars": (Static(_LAB_SCALAR_KEYS, lab_scalars),),
+    "live_dead_ids": (Static(("live_mask", "live_ids", "dead_ids"), live_dead_ids),),
     # In-scan Adam accounting over the recorded rows (jaxdt.accounting).
     "adam_accounting": _accounting_series(),
 }
@@ -189,15 +286,28 @@ def trackers_of(names) -> tuple:
 
 
 def file_specs(names, dims: Dims, steps: int) -> dict:
-  """Ordered {key: (dtype, full shape)} of the trajectory file for `steps` steps."""
+  """Ordered {key: (dtype, full shape)} of the per-step records and trackers.
+
+  Statics are not listed: their arrays are known up front (`static_arrays`).
+  """
   specs = {}
   for p in resolve(names):
     if isinstance(p, Series):
       n = steps + 1 if p.initial is not None else steps
       specs[p.key] = (p.dtype(dims), (n,) + tuple(p.shape(dims)))
-    else:
+    elif isinstance(p, Tracker):
       specs[p.key] = (p.dtype, tuple(p.shape(dims)))
   return specs
+
+
+def static_arrays(names, view: StaticView) -> dict:
+  """Ordered {key: numpy array} of the named probes' statics."""
+  out = {}
+  for p in resolve(names):
+    if isinstance(p, Static):
+      values = p.value(view)
+      out.update((k, values[k]) for k in p.keys)
+  return out
 
 
 def file_row(series: Series, t: int) -> int:

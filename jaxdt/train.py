@@ -119,7 +119,8 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
         w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
         m=_gather(opt_state.mu[EMBEDDING], row_idx), v=_gather(opt_state.nu[EMBEDDING], row_idx),
         loss=lattice.bf16_round_trip(loss), h_mean=h_mean, hyper=hp,
-        motion_threshold=cfg.probes.motion_threshold, loss_initial=cfg.probes.loss_initial)
+        motion_threshold=cfg.probes.motion_threshold, loss_initial=cfg.probes.loss_initial,
+        loss_f32=loss)
     record = {s.key: s.record(view) for s in series}
     probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
     return TrainState(params, opt_state, probe_state), record
@@ -253,6 +254,8 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
                          hidden=cfg.model.hidden_dim, param_dtype=policy.param_dtype)
   specs = probes_lib.file_specs(cfg.probes.names, dims, cfg.steps)
   static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
+  static.update(probes_lib.static_arrays(cfg.probes.names, probes_lib.StaticView(
+      cfg, corpus.live_mask, corpus.dead_mask, corpus.live_indices, corpus.dead_indices)))
   for k, a in static.items():
     specs[k] = (a.dtype, a.shape)
   path = os.path.join(out_dir, cfg.store.trajectory_name)
@@ -307,8 +310,9 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
     pending = run_chunk(state, jnp.int32(plan[i + 1][0]), plan[i + 1][1]) if i + 1 < len(plan) else None
     for ser in series:
       writer.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
-    if "loss" in records:
-      last_loss = float(np.asarray(records["loss"])[-1])
+    for key in ("loss", "losses"):  # Crucible/Thimble 8-9's name, Thimble 1-7's
+      if key in records:
+        last_loss = float(np.asarray(records[key])[-1])
     if checkpoint:
       # Records up to `done` are on disk before the run can be resumed from it
       # (a resume rewrites the rows after the checkpoint with the same bytes).
