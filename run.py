@@ -4,12 +4,15 @@
 experiment from `experiments/` (a config), run by the one loop in
 `jaxdt.train`, with flags overriding the config. Bad input (data, store or
 config errors) prints one line, `error: <message>`, to stderr and exits with
-status 2, without a traceback.
+status 2, without a traceback. `--verification` (thimble9, crucible4) runs the
+experiment's short verification mode and exits with status 1 when its records
+differ from `--verify_against` by a single bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from absl import app
@@ -21,6 +24,7 @@ from jaxdt import config as config_lib
 from jaxdt import data
 from jaxdt import store
 from jaxdt import train
+from jaxdt import verify
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", None,
@@ -49,6 +53,17 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "dead_mask_path", None,
     "The lab's live_dead_tokens.safetensors; checked against a recount of the corpus.")
+flags.DEFINE_boolean(
+    "double_shift_labels", None,
+    "Score position i against token i+2, as the lab's GPT2 runs did by accident (thimble1 and "
+    "thimble6 replay it); --nodouble_shift_labels trains true next-token prediction.")
+flags.DEFINE_boolean(
+    "verification", False,
+    "Run the experiment's verification mode instead (thimble9: 1000 steps into "
+    "<output_dir>/verification, W and loss compared bit for bit with --verify_against).")
+flags.DEFINE_string(
+    "verify_against", None,
+    "Reference trajectory for --verification (thimble9: a thimble_8_trajectory.safetensors).")
 
 
 def data_config(base: config_lib.DataConfig) -> config_lib.DataConfig:
@@ -71,7 +86,8 @@ def experiment_config(name: str) -> config_lib.ExperimentConfig:
   cfg = experiments.load(name)
   d = cfg.data
   d = dataclasses.replace(data_config(d), **{
-      k: getattr(FLAGS, k) for k in ("batch_size", "seq_len") if getattr(FLAGS, k) is not None})
+      k: getattr(FLAGS, k) for k in ("batch_size", "seq_len", "double_shift_labels")
+      if getattr(FLAGS, k) is not None})
   o = dataclasses.replace(cfg.optim, **{
       k: getattr(FLAGS, k) for k in ("learning_rate", "weight_decay")
       if getattr(FLAGS, k) is not None})
@@ -99,14 +115,33 @@ def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) ->
   if "delta_W_prime" in reader.keys():
     motion = analysis.any_motion_per_step(reader, cfg.probes.motion_threshold)
     print(analysis.format_stillness(analysis.stillness_runs(motion)))
+  if verify.has_accounting_inputs(reader):  # Thimble 1/6: the seed's accounting check
+    print(verify.format_accounting(verify.accounting_rows(reader, train.hyper(cfg))))
   print(f"\nSaved to {result.trajectory}")
 
 
-def run_experiment(name: str) -> None:
+def run_verification(name: str) -> int:
+  """The experiment's verification mode; 0 when bitwise identical, 1 otherwise."""
+  spec = experiments.verification(name)
+  cfg = verify.verification_config(experiment_config(name), spec, FLAGS.steps)
+  out_dir = os.path.join(FLAGS.output_dir or f"runs/{name}", spec.subdir)
+  text, ok = verify.run(cfg, spec, FLAGS.verify_against, out_dir, resume=FLAGS.resume,
+                        progress=FLAGS.progress)
+  print(text)
+  print(f"\n{spec.title} verification run kept in {out_dir}")
+  return 0 if ok else 1
+
+
+def run_experiment(name: str) -> int:
+  if FLAGS.verification:
+    return run_verification(name)
+  if FLAGS.verify_against:
+    raise ValueError("--verify_against needs --verification")
   cfg = experiment_config(name)
   out_dir = FLAGS.output_dir or f"runs/{name}"
   result = train.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
   print_analyses(result, cfg)
+  return 0
 
 
 EXPERIMENTS = {"flannel_data": flannel_data}
@@ -123,8 +158,8 @@ def main(argv: list[str]) -> int:
   try:
     if name in EXPERIMENTS:
       EXPERIMENTS[name]()
-    else:
-      run_experiment(name)
+    elif run_experiment(name):
+      return 1  # a failed verification
   except (data.DataError, store.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
