@@ -6,7 +6,9 @@ experiment from `experiments/` (a config), run by the one loop in
 config errors) prints one line, `error: <message>`, to stderr and exits with
 status 2, without a traceback. `--verification` (thimble9, crucible4) runs the
 experiment's short verification mode and exits with status 1 when its records
-differ from `--verify_against` by a single bit.
+differ from `--verify_against` by a single bit. `--analyze=PATH` analyses a
+stored run (ours or the lab's files) and `--compare=A,B` compares two runs bit
+for bit, both without training. XLA_FLAGS are set by `jaxdt.backend` first.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from absl import app
 from absl import flags
 
 import experiments
-from jaxdt import analysis
+from jaxdt import backend
 from jaxdt import config as config_lib
 from jaxdt import data
+from jaxdt import report
 from jaxdt import store
 from jaxdt import train
 from jaxdt import verify
@@ -64,6 +67,16 @@ flags.DEFINE_boolean(
 flags.DEFINE_string(
     "verify_against", None,
     "Reference trajectory for --verification (thimble9: a thimble_8_trajectory.safetensors).")
+flags.DEFINE_string(
+    "analyze", None,
+    "Analyse a run folder or .safetensors trajectory (ours or the lab's layout) instead of "
+    "training: print the summary, write summary.json and PNGs beside it (or --analysis_dir).")
+flags.DEFINE_string(
+    "compare", None,
+    "Compare two runs of one config, A,B (run folders or trajectory files): first differing "
+    "step, identical bits per key, loss and freeze-statistics differences, both backends.")
+flags.DEFINE_string("analysis_dir", None,
+                    "Where --analyze writes summary.json and plots (and --compare compare.json).")
 
 
 def data_config(base: config_lib.DataConfig) -> config_lib.DataConfig:
@@ -108,13 +121,9 @@ def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) ->
   meta = result.metadata
   print(f"\nTraining complete. Final loss: {meta['final_loss']:.4f}")
   print(f"Completed {meta['total_epochs']} epochs\n")
-  if "last_motion_step" in reader.keys():
-    print(analysis.format_fimbulwinter_check(
-        analysis.fimbulwinter_check(reader.read("last_motion_step"), cfg.steps)))
-    print()
-  if "delta_W_prime" in reader.keys():
-    motion = analysis.any_motion_per_step(reader, cfg.probes.motion_threshold)
-    print(analysis.format_stillness(analysis.stillness_runs(motion)))
+  # Every analysis the file supports (the seed's FIMBULWINTER CHECK and
+  # STILLNESS blocks first), plus summary.json and PNGs in the run folder.
+  report.analyze(result.trajectory, header=False)
   if verify.has_accounting_inputs(reader):  # Thimble 1/6: the seed's accounting check
     print(verify.format_accounting(verify.accounting_rows(reader, train.hyper(cfg))))
   print(f"\nSaved to {result.trajectory}")
@@ -144,12 +153,33 @@ def run_experiment(name: str) -> int:
   return 0
 
 
+def analyze_or_compare() -> int:
+  """--analyze / --compare: from stored files only, no training."""
+  if FLAGS.experiment or (FLAGS.analyze and FLAGS.compare):
+    raise ValueError("pass one of --experiment, --analyze, --compare")
+  if FLAGS.analyze:
+    report.analyze(FLAGS.analyze, FLAGS.analysis_dir)
+    return 0
+  paths = FLAGS.compare.split(",")
+  if len(paths) != 2 or not all(paths):
+    raise ValueError(f"--compare takes two paths A,B separated by a comma, got {FLAGS.compare!r}")
+  report.compare(paths[0], paths[1], FLAGS.analysis_dir)
+  return 0
+
+
 EXPERIMENTS = {"flannel_data": flannel_data}
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
+  if FLAGS.analyze or FLAGS.compare:
+    try:
+      return analyze_or_compare()
+    except (store.StoreError, ValueError, OSError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   name = FLAGS.experiment
   known = sorted(EXPERIMENTS) + list(experiments.NAMES)
   if name not in known:
