@@ -291,7 +291,7 @@ def format_report(results, spec: Verification) -> str:
     lines.append(f"Verification passed: {', '.join(r.key for r in results)} bitwise identical "
                  f"over {span}.")
   else:
-    bad = ", ".join(f"{r.key} (first at step {r.first_diff_step}, {r.n_diff:,} elements)"
+    bad = ", ".join(f"{r.key} ({r.n_diff:,} differing, first at step {r.first_diff_step})"
                     for r in results if not r.identical)
     lines.append(f"Verification FAILED: {bad} differ.")
   return "\n".join(lines)
