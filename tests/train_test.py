@@ -113,3 +113,15 @@ def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):
   rows = r.read("dead_indices")
   want = sd["embedding.weight"][torch.from_numpy(rows)].view(torch.int16).numpy().view(np.uint16)
   np.testing.assert_array_equal(r.rows("W", 0, 1)[0], want)
+
+
+def test_mixed_precision_is_one_flag_with_f32_master_records(tiny_data, tmp_path):
+  # The lab's first open question: do dead tokens freeze with f32 master weights?
+  cfg = tiny_config(tiny_data, steps=6, precision="mixed")
+  r = store.TrajectoryReader(train.train(cfg, str(tmp_path), progress=False).trajectory)
+  assert r.dtype("W") == np.float32  # the master weights, not bf16 bits
+  np.testing.assert_array_equal(r.read("adam_replay_match"), 1.0)
+  w = r.read("W")
+  d = r.read("delta_W_prime")  # in f32 spacings of W[t-1]
+  np.testing.assert_array_equal(
+      d, np.asarray(lattice.in_ulps(w[1:] - w[:-1], w[:-1])))
