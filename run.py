@@ -24,6 +24,7 @@ import experiments
 from jaxdt import backend
 from jaxdt import config as config_lib
 from jaxdt import data
+from jaxdt import probes as probes_lib
 from jaxdt import report
 from jaxdt import store
 from jaxdt import train
@@ -67,6 +68,10 @@ flags.DEFINE_boolean(
 flags.DEFINE_string(
     "verify_against", None,
     "Reference trajectory for --verification (thimble9: a thimble_8_trajectory.safetensors).")
+flags.DEFINE_enum("rows", None, ["dead", "all"],
+                  "Record the dead rows or every vocabulary row (the lab's Crucible 3/4).")
+flags.DEFINE_list("probes", None,
+                  "Override what each step records, e.g. W,h_mean,loss (jaxdt.probes.PROBES).")
 flags.DEFINE_string(
     "analyze", None,
     "Analyse a run folder or .safetensors trajectory (ours or the lab's layout) instead of "
@@ -104,6 +109,12 @@ def experiment_config(name: str) -> config_lib.ExperimentConfig:
   o = dataclasses.replace(cfg.optim, **{
       k: getattr(FLAGS, k) for k in ("learning_rate", "weight_decay")
       if getattr(FLAGS, k) is not None})
+  p = cfg.probes
+  if FLAGS.rows is not None:
+    p = dataclasses.replace(p, rows=FLAGS.rows)
+  if FLAGS.probes is not None:
+    probes_lib.resolve(FLAGS.probes)  # unknown names: a one-line error before any work
+    p = dataclasses.replace(p, names=tuple(FLAGS.probes))
   st = cfg.store
   if FLAGS.chunk_steps is not None:
     st = dataclasses.replace(st, chunk_steps=FLAGS.chunk_steps)
@@ -112,7 +123,7 @@ def experiment_config(name: str) -> config_lib.ExperimentConfig:
   if FLAGS.steps is not None:  # keep only the checkpoints inside the shortened run
     st = dataclasses.replace(st, checkpoint_steps=tuple(
         c for c in st.checkpoint_steps if c <= FLAGS.steps))
-  return dataclasses.replace(cfg, data=d, optim=o, store=st, **top)
+  return dataclasses.replace(cfg, data=d, optim=o, probes=p, store=st, **top)
 
 
 def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) -> None:
