@@ -330,3 +330,42 @@ def test_tiny_thimble6_stores_thimble1s_bf16_tensors_as_bits(thimble1_run, tiny_
   assert {"live_mask", "live_ids", "dead_ids", "dead_mask", "n_live"} <= set(r6.keys())
   np.testing.assert_array_equal(r6.read("dead_ids"), r6.read("dead_indices"))
   assert r6.read("live_mask").sum() + r6.read("dead_mask").sum() == TINY_VOCAB
+
+
+# --- run.py flags -------------------------------------------------------------
+
+
+@pytest.fixture
+def flags_of():
+  import run  # pylint: disable=g-import-not-at-top
+  def parse(*argv):
+    run.FLAGS.unparse_flags()
+    run.FLAGS(["run.py", *argv])
+    return run
+  yield parse
+  run.FLAGS.unparse_flags()
+
+
+def test_run_flags_label_shift_rows_probes_and_verification_guards(flags_of):
+  run = flags_of("--experiment=thimble1")
+  assert run.experiment_config("thimble1").data.double_shift_labels is True
+  run = flags_of("--experiment=thimble1", "--nodouble_shift_labels")
+  assert run.experiment_config("thimble1").data.double_shift_labels is False
+  run = flags_of("--experiment=crucible1", "--rows=all", "--probes=W,h_mean,loss")
+  p = run.experiment_config("crucible1").probes
+  assert (p.rows, p.names) == ("all", ("W", "h_mean", "loss"))
+  run = flags_of("--experiment=crucible1", "--probes=W,nope")
+  with pytest.raises(ValueError, match="unknown probes"):
+    run.experiment_config("crucible1")
+  run = flags_of("--experiment=thimble8", "--verify_against=x.safetensors")
+  with pytest.raises(ValueError, match="needs --verification"):
+    run.run_experiment("thimble8")
+  run = flags_of("--experiment=thimble1", "--verification")
+  with pytest.raises(ValueError, match="no verification mode"):
+    run.run_experiment("thimble1")
+
+
+def test_verification_steps_flag_keeps_the_seeds_checkpoints_inside_the_run():
+  spec = experiments.verification("thimble9")
+  cfg = verify.verification_config(experiments.load("thimble9"), spec, steps=300)
+  assert (cfg.steps, cfg.store.checkpoint_steps) == (300, (0, 100))
