@@ -175,12 +175,12 @@ def format_sanity_check(x: dict) -> str:
 def format_summary(s: dict, header: bool = True) -> str:
   """The whole printed summary: every block the file supports, then what was skipped."""
   blocks = [format_header(s)] if header else []
-  if "loss" in s:
-    blocks.append(format_loss(s["loss"]))
-  if s.get("fimbulwinter_check"):
+  if s.get("fimbulwinter_check"):  # the seed's two blocks first, in its order
     blocks.append(analysis.format_fimbulwinter_check(s["fimbulwinter_check"]))
   if "stillness" in s:
     blocks.append(analysis.format_stillness(s["stillness"]["runs"]))
+  if "loss" in s:
+    blocks.append(format_loss(s["loss"]))
   if "global_freeze" in s:
     blocks.append(format_global_freeze(s["global_freeze"]))
   if "frozen_fraction" in s:
@@ -405,8 +405,8 @@ def format_compare(c: dict) -> str:
   lines = [RULE, "COMPARISON: A vs B", RULE, _run_line("A", c["a"]), _run_line("B", c["b"]),
            f"Steps compared: 0..{T}" + ("" if c["a"]["steps"] == c["b"]["steps"] else
                                        f" (A has {c['a']['steps']}, B has {c['b']['steps']})"),
-           "", f"{'key':<20} {'first diff':>11} {'identical elements':>19} "
-           f"{'identical bits':>15} {'max |diff|':>11}"]
+           "", f"{'key':<20} {'first diff':>11} {'identical elements':>18} "
+           f"{'identical bits':>14} {'max |diff|':>11}"]
   for k in c["keys"]:
     if not k["comparable"]:
       lines.append(f"{k['key']:<20} not comparable: {k['reason']}")
