@@ -294,14 +294,20 @@ class Trajectory:
     return a if self.rows is None or a.shape[0] != self.reader.shape(self.w_key)[1] else a[self.rows]
 
   def hyper(self):
-    """AdamW hyperparameters from metadata.json or the file's scalars; None if unknown."""
+    """AdamW hyperparameters from metadata.json or the file's scalars; None if unknown.
+
+    Thimble 1 stores them as f32 tensors; each is read back as the shortest
+    decimal that rounds to it (0.001, not 0.0010000000474974513), the value
+    the lab typed, since the step scalars are computed from it in float64.
+    """
     from jaxdt import optim
     got = {}
     for name, (meta_key, file_key) in _HYPER_KEYS.items():
       if self.metadata.get(meta_key) is not None:
         got[name] = float(self.metadata[meta_key])
       elif self.has(file_key) and self.reader.shape(file_key) in ((), (1,)):
-        got[name] = float(np.asarray(self.reader.read(file_key)).reshape(-1)[0])
+        value = np.asarray(self.reader.read(file_key)).reshape(-1)[0]
+        got[name] = float(str(value)) if value.dtype == np.float32 else float(value)
     if len(got) < len(_HYPER_KEYS):
       return None
     return optim.Hyper(got["learning_rate"], got["b1"], got["b2"], got["eps"], got["weight_decay"])
