@@ -957,6 +957,8 @@ def run_info(metadata: dict) -> dict:
 # Tensors written once (not per step): compared whole.
 STATIC_KEYS = ("dead_mask", "dead_indices", "live_mask", "live_ids", "dead_ids",
                "last_motion_step", "recorded_steps")
+# Final values of trackers: comparable only between runs of the same length.
+FINAL_KEYS = ("last_motion_step",)
 
 
 def _key_layout(reader, key: str, steps: int) -> Optional[int]:
@@ -968,10 +970,10 @@ def _key_layout(reader, key: str, steps: int) -> Optional[int]:
 
 
 def _as_values(a: np.ndarray, code: str) -> Optional[np.ndarray]:
-  """Values for |difference|: bf16 bits (U16/BF16) and floats as f64; None otherwise."""
+  """Values for |difference|: bf16 bits (U16/BF16), floats and integers as f64; None for bool."""
   if code in ("U16", "BF16"):
     return np_bf16_to_f32(a).astype(np.float64)
-  if code in ("F32", "F64"):
+  if code in ("F32", "F64", "I8", "I16", "I32", "I64", "U8", "U32", "U64"):
     return a.astype(np.float64)
   return None
 
@@ -992,13 +994,17 @@ def compare_key(ra, rb, key: str, steps_a: int, steps_b: int, block_bytes: int =
   reason when dtype or shape differ), identical, first_diff_step (per-step:
   the 1-based step, 0 for row 0 of a T+1-row tensor; static: None),
   elements, identical_elements, identical_element_fraction,
-  identical_bit_fraction (1 − popcount(a XOR b) / bits), max_abs_diff (floats
-  and bf16 bits; NaN vs NaN counts as equal).
+  identical_bit_fraction (1 − popcount(a XOR b) / bits), max_abs_diff (numbers
+  and bf16 bits; NaN vs NaN counts as equal). A tracker's final value
+  (FINAL_KEYS) of runs of different length is not compared: identical is None.
   """
   code_a, code_b = ra.raw_dtype(key), rb.raw_dtype(key)
   sa, sb = ra.shape(key), rb.shape(key)
   la, lb = _key_layout(ra, key, steps_a), _key_layout(rb, key, steps_b)
   out = {"key": key, "kind": "static" if la is None else "per-step", "comparable": True}
+  if key in FINAL_KEYS and steps_a != steps_b:
+    return {**out, "comparable": False, "identical": None,
+            "reason": f"final value of a {steps_a}-step and a {steps_b}-step run"}
   if code_a != code_b:
     return {**out, "comparable": False, "identical": False, "reason": f"dtype {code_a} vs {code_b}"}
   if la != lb or sa[1:] != sb[1:] or (la is None and sa != sb):
@@ -1098,6 +1104,6 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
       "a": a_info, "b": b_info, "steps_compared": T, "keys": keys,
       "only_in_a": [k for k in ka if k not in kb], "only_in_b": [k for k in kb if k not in ka],
       "loss": loss, "freeze": {"a": fa, "b": fb, "diff": diff},
-      "identical": all(k["identical"] for k in keys) and bool(keys),
+      "identical": all(k["identical"] is not False for k in keys) and bool(keys),
       "first_difference": None if first is None else {"step": first[0], "key": first[1]},
   }

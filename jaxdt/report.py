@@ -435,7 +435,7 @@ def format_compare(c: dict) -> str:
     verdict = (f"VERDICT: DIFFERENT: first difference at step {fdiff['step']} "
                f"(in {fdiff['key']})")
   else:
-    bad = [k["key"] for k in c["keys"] if not k["identical"]]
+    bad = [k["key"] for k in c["keys"] if k["identical"] is False]
     verdict = f"VERDICT: DIFFERENT: {', '.join(bad) or 'no common keys'}"
   return "\n".join(lines + ["", verdict])
 
