@@ -434,6 +434,10 @@ def format_compare(c: dict) -> str:
     fdiff = c["first_difference"]
     verdict = (f"VERDICT: DIFFERENT: first difference at step {fdiff['step']} "
                f"(in {fdiff['key']})")
+    w = next((k for k in c["keys"] if k["key"] == "W"), None)
+    if fdiff["key"] != "W" and w is not None and w["comparable"]:  # e.g. only diagnostics differ
+      verdict += ("; W bitwise identical" if w["identical"] else
+                  f"; W first differs at step {w['first_diff_step']}")
   else:
     bad = [k["key"] for k in c["keys"] if k["identical"] is False]
     verdict = f"VERDICT: DIFFERENT: {', '.join(bad) or 'no common keys'}"
