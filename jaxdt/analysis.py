@@ -291,7 +291,8 @@ class Trajectory:
   def stored_rows(self, key: str) -> np.ndarray:
     """A per-row tensor (e.g. last_motion_step) restricted to the analysed rows."""
     a = self.reader.read(key)
-    return a if self.rows is None or a.shape[0] != self.reader.shape(self.w_key)[1] else a[self.rows]
+    recorded = self.reader.shape(self.w_key)[1]
+    return a if self.rows is None or a.shape[0] != recorded else a[self.rows]
 
   def hyper(self):
     """AdamW hyperparameters from metadata.json or the file's scalars; None if unknown.
@@ -986,7 +987,8 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
   return float(d.max()) if d.size else 0.0
 
 
-def compare_key(ra, rb, key: str, steps_a: int, steps_b: int, block_bytes: int = BLOCK_BYTES) -> dict:
+def compare_key(ra, rb, key: str, steps_a: int, steps_b: int,
+                block_bytes: int = BLOCK_BYTES) -> dict:
   """Bitwise comparison of one tensor present in both files.
 
   Per-step tensors are compared over the common steps, in blocks; static ones
@@ -1086,8 +1088,10 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
     T = min(ta.steps, tb.steps)
     ka, kb = ta.reader.keys(), tb.reader.keys()
     keys = [compare_key(ta.reader, tb.reader, k, ta.steps, tb.steps) for k in ka if k in kb]
-    loss = (loss_difference(ta.reader.rows(ta.loss_key, 0, T + 1), tb.reader.rows(tb.loss_key, 0, T + 1))
-            if ta.loss_key and tb.loss_key else None)
+    loss = None
+    if ta.loss_key and tb.loss_key:
+      loss = loss_difference(ta.reader.rows(ta.loss_key, 0, T + 1),
+                             tb.reader.rows(tb.loss_key, 0, T + 1))
     info = lambda t: {"file": os.path.abspath(t.path), "steps": t.steps, "rows": t.n_rows,
                       **run_info(t.metadata)}
     a_info, b_info = info(ta), info(tb)
@@ -1096,8 +1100,8 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
     tb.reader.close()
   fa = freeze_statistics(analyze(path_a, block_steps=block_steps, max_steps=T)[0])
   fb = freeze_statistics(analyze(path_b, block_steps=block_steps, max_steps=T)[0])
-  diff = {k: (fb[k] - fa[k] if isinstance(fa[k], (int, float)) and isinstance(fb.get(k), (int, float))
-              else None) for k in fa}
+  number = lambda x: isinstance(x, (int, float))
+  diff = {k: fb[k] - fa[k] if number(fa[k]) and number(fb.get(k)) else None for k in fa}
   firsts = [(k["first_diff_step"], k["key"]) for k in keys if k.get("first_diff_step") is not None]
   first = min(firsts) if firsts else None
   return {

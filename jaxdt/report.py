@@ -68,8 +68,7 @@ def format_global_freeze(g: dict) -> str:
   if g["longest"]:
     lg = g["longest"]
     lines += [f"Longest run: t={lg['start']}→{lg['end']} ({lg['length']} steps)"
-              + (", to the end of the run" if g["final_run_to_end"] and lg["end"] == g["total_steps"]
-                 else ""),
+              + (", to the end of the run" if lg["end"] == g["total_steps"] else ""),
               f"Mean run: {g['mean_run']:.1f} steps, median {g['median_run']:.1f}",
               f"First frozen step: t={g['first_frozen_step']}"]
   lines.append("Frozen fraction by window:")
@@ -83,7 +82,8 @@ def format_frozen_fraction(f: dict, threshold: float, n: int) -> str:
   lines = [f"First frozen token: step {first}" if first else "No token is ever frozen"]
   for p, t in f["milestones"].items():
     lines.append(f"{p} frozen at step {t}" if t else f"{p} frozen: never reached")
-  lines.append("Still moving: " + "; ".join(f"step {t}: {k}/{n}" for t, k in f["moving_at"].items()))
+  moving = (f"step {t}: {k}/{n}" for t, k in f["moving_at"].items())
+  lines.append("Still moving: " + "; ".join(moving))
   r = f["reheat"]
   if r["transitions"]:
     lines.append(f"Re-heating: {r['cold_to_hot']:,} cold→hot ({r['cold_to_hot_fraction']:.2%}) vs "
@@ -146,7 +146,8 @@ def format_accounting(a: dict) -> str:
   """Adam accounting (REFERENCE §3.10), with Thimble 1's per-step lines."""
   T = a["steps"]
   lines = [f"Source: {a['source']}"]
-  lines += [f"t={x['t']:3d}: ratio={x['ratio']:.3f}, cosine={x['cosine']:+.3f}" for x in a["samples"]]
+  lines += [f"t={x['t']:3d}: ratio={x['ratio']:.3f}, cosine={x['cosine']:+.3f}"
+            for x in a["samples"]]
   lines += [
       f"Exact replay (torch's bf16 arithmetic): {a['replay_exact_steps']}/{T} steps bit-exact; "
       f"match mean {_num(a['replay_match_mean'], '.6f')}, min {_num(a['replay_match_min'], '.6f')}",

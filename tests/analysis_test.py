@@ -297,7 +297,8 @@ def test_compare_finds_the_first_differing_step_and_bits(tmp_path):
   b = write_file(str(tmp_path / "b.safetensors"), w, delta=True, loss=loss)
   same = analysis.compare(a, b)
   assert same["identical"] and same["first_difference"] is None
-  assert same["loss"]["max_abs_diff"] == 0 and all(v in (0, None) for v in same["freeze"]["diff"].values())
+  assert same["loss"]["max_abs_diff"] == 0
+  assert all(v in (0, None) for v in same["freeze"]["diff"].values())
   w2 = w.copy()
   w2[7, 1, 2] ^= 1  # one bit of W at step 7
   loss2 = loss.copy()

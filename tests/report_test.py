@@ -21,7 +21,8 @@ SUMMARY_KEYS = {"file", "layout", "keys", "steps", "rows", "hidden", "motion_thr
                 "skipped", "run", "loss", "fimbulwinter_check", "stillness", "global_freeze",
                 "frozen_fraction", "lifecycle", "centroid", "accounting", "outputs"}
 # What a lab-layout copy must reproduce from our own file.
-SHARED = ("fimbulwinter_check", "stillness", "global_freeze", "frozen_fraction", "lifecycle", "loss")
+SHARED = ("fimbulwinter_check", "stillness", "global_freeze", "frozen_fraction", "lifecycle",
+          "loss")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_lab_thimble1_file_bf16_w_and_losses_through_the_cli(run, tmp_path):
   s = _strict_json(tmp_path / report.SUMMARY_FILE)
   ours, _ = analysis.analyze(run.trajectory)
   assert "FIMBULWINTER CHECK" in result.stdout  # no last_motion_step: recounted from W
-  for k in ("fimbulwinter_check", "stillness", "global_freeze", "frozen_fraction", "lifecycle", "loss"):
+  for k in SHARED:
     assert s[k] == report._plain(ours[k]), k
   assert s["delta_w_prime"] == "computed from W" and "no dead_mask" in s["notes"][0]
   # The centroid is recomputed as an f64 mean (ours stores a pairwise f32 mean).
