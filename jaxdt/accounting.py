@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxdt import lattice
 from jaxdt import optim
+from jaxdt import ordered
 
 METRIC_NAMES = ("replay_match", "cosine", "norm_ratio", "swallowed", "max_ulp_error")
 
@@ -78,9 +79,11 @@ def metrics(w_prev, w_next, m_t, v_t, t, hp: optim.Hyper) -> dict:
   match = _fraction(bits(replayed) == bits(w_next))
   realized = w_next.astype(jnp.float32) - w_prev.astype(jnp.float32)
   text = textbook_delta(w_prev, m_t, v_t, t, hp)
-  n_real = jnp.sqrt(jnp.sum(realized * realized))
-  n_text = jnp.sqrt(jnp.sum(text * text))
-  dot = jnp.sum(realized * text)
+  # Fixed-order sums: a jnp.sum here differed by 1-2 ulps between 1 and 2 CPU threads.
+  total = lambda x: ordered.sum_rows(x.reshape(-1))
+  n_real = jnp.sqrt(total(realized * realized))
+  n_text = jnp.sqrt(total(text * text))
+  dot = total(realized * text)
   both = (n_real > 0) & (n_text > 0)
   cosine = jnp.where(both, dot / jnp.where(both, n_real * n_text, 1.0), jnp.nan)
   ratio = jnp.where(n_real > 0, n_text / jnp.where(n_real > 0, n_real, 1.0),

@@ -25,6 +25,7 @@ import numpy as np
 from jaxdt import accounting
 from jaxdt import lattice
 from jaxdt import optim
+from jaxdt import ordered
 
 
 class Dims(NamedTuple):
@@ -109,37 +110,6 @@ def displacement(w_prev, w_next) -> jax.Array:
   return lattice.in_ulps(w_next.astype(jnp.float32) - w_prev.astype(jnp.float32), w_prev)
 
 
-def ordered_row_mean(x) -> jax.Array:
-  """Mean over axis 0 in f32, summed in a fixed pairwise order.
-
-  XLA may sum a `reduce` in any order (and differently on CPU and GPU); this
-  uses explicit element-wise adds — rows padded with zeros to a power of two,
-  then row i + row i + half, halving until one row is left — so the bits are
-  the same on every backend and `np_ordered_row_mean` recomputes them.
-  The division by n is a true division (not a multiply by 1/n).
-  """
-  x = jnp.asarray(x, jnp.float32)
-  n = x.shape[0]
-  size = 1 << max(0, (n - 1).bit_length())
-  x = jnp.concatenate([x, jnp.zeros((size - n,) + x.shape[1:], x.dtype)])
-  while x.shape[0] > 1:
-    half = x.shape[0] // 2
-    x = x[:half] + x[half:]
-  return optim._true_div(x[0], jnp.float32(n))
-
-
-def np_ordered_row_mean(x: np.ndarray) -> np.ndarray:
-  """numpy twin of `ordered_row_mean` (same adds, same order, same bits)."""
-  x = np.asarray(x, np.float32)
-  n = x.shape[0]
-  size = 1 << max(0, (n - 1).bit_length())
-  x = np.concatenate([x, np.zeros((size - n,) + x.shape[1:], np.float32)])
-  while x.shape[0] > 1:
-    half = x.shape[0] // 2
-    x = x[:half] + x[half:]
-  return x[0] / np.float32(n)
-
-
 def moved(view: StepView) -> jax.Array:
   """Per-row motion: ‖ΔW′_i‖₂ ≥ threshold (nonzero ΔW′ is ≥ 0.5, so: any bit changed)."""
   d = displacement(view.w_prev, view.w_next)
@@ -222,8 +192,8 @@ PROBES = {
     "delta_W_prime": (Series("delta_W_prime", _F32, _ROWS,
                              lambda v: displacement(v.w_prev, v.w_next)),),
     "centroid": (Series("centroid", _F32, lambda d: (d.hidden,),
-                        lambda v: ordered_row_mean(v.w_next),
-                        initial=lambda w0, v: ordered_row_mean(w0)),),
+                        lambda v: ordered.mean_rows(v.w_next),
+                        initial=lambda w0, v: ordered.mean_rows(w0)),),
     "loss": (Series("loss", _F32, lambda d: (), lambda v: v.loss,
                     initial=lambda w0, v: jnp.float32(
                         np.nan if v.loss_initial is None else v.loss_initial)),),

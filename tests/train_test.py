@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxdt import data, lattice, probes, store, train
+from jaxdt import data, lattice, ordered, probes, store, train
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_delta_w_prime_and_centroid_recompute_from_stored_w_bit_for_bit(run):
   w = r.read("W").view(jnp.bfloat16)
   dwp = np.asarray(lattice.lattice_displacement(w[:-1], w[1:]))
   np.testing.assert_array_equal(dwp.view(np.uint32), r.read("delta_W_prime").view(np.uint32))
-  cen = np.stack([probes.np_ordered_row_mean(w[t].astype(np.float32)) for t in range(w.shape[0])])
+  cen = np.stack([ordered.np_mean_rows(w[t].astype(np.float32)) for t in range(w.shape[0])])
   np.testing.assert_array_equal(cen.view(np.uint32), r.read("centroid").view(np.uint32))
   # Against the lab's own `W.float().mean(0)` (a different summation order): ulps apart.
   np.testing.assert_allclose(cen, w.astype(np.float32).mean(axis=1), rtol=1e-5, atol=1e-7)
