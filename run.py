@@ -134,9 +134,10 @@ def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) ->
   print(f"Completed {meta['total_epochs']} epochs\n")
   # Every analysis the file supports (the seed's FIMBULWINTER CHECK and
   # STILLNESS blocks first), plus summary.json and PNGs in the run folder.
-  report.analyze(result.trajectory, header=False)
+  seed_validation = None
   if verify.has_accounting_inputs(reader):  # Thimble 1/6: the seed's accounting check
-    print(verify.format_accounting(verify.accounting_rows(reader, train.hyper(cfg))))
+    seed_validation = verify.format_accounting(verify.accounting_rows(reader, train.hyper(cfg)))
+  report.analyze(result.trajectory, header=False, seed_validation=seed_validation)
   print(f"\nSaved to {result.trajectory}")
 
 

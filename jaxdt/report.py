@@ -146,8 +146,11 @@ def format_accounting(a: dict) -> str:
   """Adam accounting (REFERENCE §3.10), with Thimble 1's per-step lines."""
   T = a["steps"]
   lines = [f"Source: {a['source']}"]
-  lines += [f"t={x['t']:3d}: ratio={x['ratio']:.3f}, cosine={x['cosine']:+.3f}"
-            for x in a["samples"]]
+  if a.get("seed_validation"):  # Thimble 1/6: the seed's own cell, with exact replay
+    lines += ["", a["seed_validation"], ""]
+  else:
+    lines += [f"t={x['t']:3d}: ratio={x['ratio']:.3f}, cosine={x['cosine']:+.3f}"
+              for x in a["samples"]]
   lines += [
       f"Exact replay (torch's bf16 arithmetic): {a['replay_exact_steps']}/{T} steps bit-exact; "
       f"match mean {_num(a['replay_match_mean'], '.6f')}, min {_num(a['replay_match_min'], '.6f')}",
@@ -362,7 +365,8 @@ def output_dir(trajectory: str, analysis_dir: Optional[str]) -> str:
 
 def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optional[int] = None,
             plots: bool = True, header: bool = True,
-            echo: Callable[[str], None] = print) -> dict:
+            echo: Callable[[str], None] = print,
+            seed_validation: Optional[str] = None) -> dict:
   """Analyses a run folder or trajectory file: prints, writes summary.json and PNGs.
 
   Args:
@@ -372,6 +376,9 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
     plots: write the PNGs.
     header: print the ANALYSIS header block.
     echo: where printed text goes.
+    seed_validation: the seed's Thimble 1 accounting cell output
+      (`verify.format_accounting`), printed in place of the per-step sample
+      lines so the same figures are not printed twice.
 
   Returns:
     The summary dict (as saved, plus "outputs": the files written).
@@ -380,6 +387,8 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
     analysis.AnalysisError: PATH is not an analysable trajectory.
   """
   summary, series = analysis.analyze(path, block_steps=block_steps)
+  if seed_validation and "accounting" in summary:
+    summary["accounting"]["seed_validation"] = seed_validation
   out = output_dir(summary["file"], analysis_dir)
   written, skipped = write_plots(series, summary, out) if plots else ([], [])
   summary["skipped"] += [{"analysis": f"plot {n}", "reason": why} for n, why in skipped]
