@@ -4,7 +4,8 @@
 lab-style blocks (the seed's FIMBULWINTER CHECK and STILLNESS PERIOD ANALYSIS
 verbatim, then the other analyses in the same style), and writes
 `summary.json` and five PNGs next to the file or into `analysis_dir`.
-`compare(a, b)` prints the cross-run (cross-backend) comparison.
+`compare(a, b)` prints the cross-run (cross-backend) comparison of
+`jaxdt.compare.compare`.
 
 Plots use matplotlib's Agg backend, imported only when plotting.
 """
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from jaxdt import analysis
+from jaxdt import compare as compare_lib
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILES = {"loss": "loss.png", "frozen_fraction": "frozen_fraction.png",
@@ -461,7 +463,7 @@ def compare(path_a: str, path_b: str, analysis_dir: Optional[str] = None, *,
   Raises:
     analysis.AnalysisError: either PATH is not an analysable trajectory.
   """
-  result = analysis.compare(path_a, path_b, block_steps=block_steps)
+  result = compare_lib.compare(path_a, path_b, block_steps=block_steps)
   echo(format_compare(result))
   if analysis_dir:
     os.makedirs(analysis_dir, exist_ok=True)

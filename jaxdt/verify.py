@@ -48,6 +48,7 @@ from jaxdt import precision
 from jaxdt import probes
 from jaxdt import store
 from jaxdt import train
+from jaxdt import trajectory
 
 RULE = "=" * 60
 ACCOUNTING_STEPS = (1, 10, 50, 100, 200, 500, 800)  # the seed's test_steps
@@ -162,10 +163,6 @@ def check_reference(path: str, spec: Verification, expected: dict,
             f"({len(dead_indices)} ids); pass a reference made from the same data")
 
 
-def _bits(x: np.ndarray) -> np.ndarray:
-  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
 def _as_float(x: np.ndarray, code: str) -> np.ndarray:
   if code in ("U16", "BF16"):  # bf16 bits
     return x.view(ml_dtypes.bfloat16).astype(np.float64)
@@ -195,7 +192,7 @@ def compare_key(ours: store.TrajectoryReader, ref: store.TrajectoryReader, key: 
   for start in range(0, n, block):
     stop = min(n, start + block)
     a, b = ours.rows(key, start, stop), ref.rows(key, start, stop)
-    diff = _bits(a) != _bits(b)
+    diff = trajectory.bit_view(a) != trajectory.bit_view(b)
     per_row = diff.reshape(stop - start, -1).any(axis=1)
     n_diff += int(diff.sum())
     if start == 0:
@@ -384,7 +381,7 @@ def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> A
     cosine = float(computed.ravel() @ measured.ravel()) / (computed_norm * measured_norm)
   replayed = np.asarray(accounting.replay(jnp.asarray(w_prev), jnp.asarray(m), jnp.asarray(v),
                                           t, hp))
-  equal = int((_bits(replayed) == _bits(w_next)).sum())
+  equal = int((trajectory.bit_view(replayed) == trajectory.bit_view(w_next)).sum())
   return AccountingRow(t, float(ratio), float(cosine), equal, int(w_next.size))
 
 

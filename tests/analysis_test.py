@@ -1,14 +1,13 @@
 """Analyses on small synthetic trajectories with hand-checked answers, and streaming = in memory."""
 
 import math
-import os
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxdt import analysis, lattice, store
+from jaxdt import analysis, compare, lattice, store, stream, trajectory
 
 T, N, D = 10, 3, 4  # steps, rows, hidden (√D = 2)
 
@@ -82,7 +81,7 @@ def test_numpy_lattice_displacement_is_the_lab_formula_bit_for_bit():
   prev = np.concatenate([prev, zeros, zeros])
   nxt = np.concatenate([nxt, zeros[::-1], np.full(5, 0x3F00, np.uint16)])  # 0.5 / 2^-133: inf
   jnp.ones(3).block_until_ready()  # XLA ran in this process: numpy must still keep subnormals
-  ours = analysis.np_lattice_displacement(prev, nxt)
+  ours = trajectory.np_lattice_displacement(prev, nxt)
   ref = np.asarray(lattice.lattice_displacement(prev.view(ml_dtypes.bfloat16),
                                                 nxt.view(ml_dtypes.bfloat16)))
   np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
@@ -92,7 +91,7 @@ def test_numpy_lattice_displacement_is_the_lab_formula_bit_for_bit():
 def test_numpy_ulp_matches_lattice_ulp_for_every_bf16():
   bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
   np.testing.assert_array_equal(
-      analysis.np_ulp(bits).view(np.uint32),
+      trajectory.np_ulp(bits).view(np.uint32),
       np.asarray(lattice.ulp(bits.view(ml_dtypes.bfloat16))).view(np.uint32))
 
 
@@ -161,7 +160,7 @@ def test_accounting_summary_counts_like_the_lab():
 
 
 def test_scan_counts_and_last_exit_steps(synthetic):
-  sc = analysis.scan(analysis.open_trajectory(synthetic), 0.1)
+  sc = stream.scan(trajectory.open_trajectory(synthetic), 0.1)
   np.testing.assert_array_equal(sc.any_motion, [1, 1, 1, 1, 1, 0, 1, 0, 1, 0])
   np.testing.assert_array_equal(sc.global_frozen, ~sc.any_motion)
   np.testing.assert_array_equal(sc.n_frozen, [1, 2, 2, 2, 2, 3, 2, 3, 2, 3])
@@ -178,7 +177,7 @@ def test_scan_counts_and_last_exit_steps(synthetic):
 
 
 def test_lifecycle_last_exit_rule_and_populations(synthetic):
-  sc = analysis.scan(analysis.open_trajectory(synthetic), 0.1)
+  sc = stream.scan(trajectory.open_trajectory(synthetic), 0.1)
   x = analysis.lifecycle(sc.last_early, sc.last_midlife, sc.last_l1, T,
                          last_spherical=sc.last_spherical)
   b, d = x["boundaries"], x["durations"]
@@ -220,7 +219,7 @@ def test_full_analysis_of_the_synthetic_file(synthetic):
   assert s["centroid"]["source"] == "mean of W rows (f64)"
   skipped = {x["analysis"] for x in s["skipped"]}
   assert skipped == {"Adam accounting"}
-  w = analysis.np_bf16_to_f32(w_bits_from_cells(cells_schedule())).astype(np.float64)
+  w = trajectory.np_bf16_to_f32(w_bits_from_cells(cells_schedule())).astype(np.float64)
   np.testing.assert_allclose(series["centroid"], w.mean(1), rtol=0, atol=0)
   assert s["centroid"]["radius_start"] == pytest.approx(
       np.linalg.norm(w[0] - w[0].mean(0), axis=1).mean())
@@ -278,16 +277,16 @@ def test_all_row_files_analyse_the_dead_rows(tmp_path):
 
 def test_bad_paths_are_one_line_errors(tmp_path):
   with pytest.raises(analysis.AnalysisError, match="does not exist"):
-    analysis.open_trajectory(str(tmp_path / "missing.safetensors"))
+    trajectory.open_trajectory(str(tmp_path / "missing.safetensors"))
   with pytest.raises(analysis.AnalysisError, match="no .safetensors"):
-    analysis.open_trajectory(str(tmp_path))
+    trajectory.open_trajectory(str(tmp_path))
   (tmp_path / "x.safetensors.partial").write_bytes(b"")
   with pytest.raises(analysis.AnalysisError, match="unfinished"):
-    analysis.open_trajectory(str(tmp_path))
+    trajectory.open_trajectory(str(tmp_path))
   junk = tmp_path / "junk.safetensors"
   junk.write_bytes(b"not a safetensors file")
   with pytest.raises(analysis.AnalysisError, match="corrupt safetensors header"):
-    analysis.open_trajectory(str(junk))
+    trajectory.open_trajectory(str(junk))
 
 
 def test_compare_finds_the_first_differing_step_and_bits(tmp_path):
@@ -295,7 +294,7 @@ def test_compare_finds_the_first_differing_step_and_bits(tmp_path):
   loss = np.concatenate([[np.nan], np.linspace(5, 4, T)])
   a = write_file(str(tmp_path / "a.safetensors"), w, delta=True, loss=loss)
   b = write_file(str(tmp_path / "b.safetensors"), w, delta=True, loss=loss)
-  same = analysis.compare(a, b)
+  same = compare.compare(a, b)
   assert same["identical"] and same["first_difference"] is None
   assert same["loss"]["max_abs_diff"] == 0
   assert all(v in (0, None) for v in same["freeze"]["diff"].values())
@@ -304,7 +303,7 @@ def test_compare_finds_the_first_differing_step_and_bits(tmp_path):
   loss2 = loss.copy()
   loss2[9] += 0.25
   c = write_file(str(tmp_path / "c.safetensors"), w2, delta=delta_of(w), loss=loss2)
-  diff = analysis.compare(a, c)
+  diff = compare.compare(a, c)
   keys = {k["key"]: k for k in diff["keys"]}
   assert not diff["identical"] and diff["first_difference"] == {"step": 7, "key": "W"}
   assert keys["W"]["first_diff_step"] == 7

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxdt import analysis, backend, report, train
+from jaxdt import backend, compare, report, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
@@ -87,7 +87,7 @@ def test_a_tampered_copy_reports_the_first_differing_step(runs, tmp_path):
 def test_runs_of_different_length_compare_their_common_steps(runs, tiny_data, tmp_path):
   a, _ = runs
   short = train.train(tiny_config(tiny_data, steps=8), str(tmp_path / "short"), progress=False)
-  c = analysis.compare(a.run_dir, short.run_dir)
+  c = compare.compare(a.run_dir, short.run_dir)
   assert c["steps_compared"] == 8 and c["identical"]  # the first 8 steps are the same run
   lms = {k["key"]: k for k in c["keys"]}["last_motion_step"]
   assert lms["identical"] is None and "8-step" in lms["reason"]  # final values: not comparable

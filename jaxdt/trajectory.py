@@ -1,0 +1,284 @@
+"""Trajectory files, ours and the lab's, opened for analysis (REFERENCE §2.3).
+
+`open_trajectory(path)` takes a .safetensors file or a run folder, works out
+its layout (our keys and metadata.json, or the lab's key names: `W` or
+`embeddings`, `loss` or `losses`, `m`/`momentum_W`/`momentum`, ...), which rows
+to analyse (the dead rows when a file records every row and has a dead_mask),
+and returns a `Trajectory` that reads blocks of W and ΔW′. `run_info` reads the
+backend facts from metadata.json.
+
+The numpy lattice helpers come first: the lab's ΔW′ formula op for op in
+numpy f32 (for bf16 W) and its f32-spacing twin (for f32 W).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from jaxdt import store
+
+
+class AnalysisError(ValueError):
+  """A file or path that cannot be analysed; the message is one line with the fix."""
+
+
+# --- Lattice displacement and bit views in numpy (the lab's formula) ---------
+
+
+def np_bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+  """bf16 bit patterns (uint16) as their exact f32 values."""
+  return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def np_ulp(bits: np.ndarray) -> np.ndarray:
+  """The lab's bf16 ULP 2^(max(E,1) - 134) of bf16 bit patterns, as f32 (exact)."""
+  e = (np.asarray(bits, np.uint16).astype(np.int32) >> 7) & 0xFF
+  return np.ldexp(np.float32(1), np.maximum(e, 1) - 134).astype(np.float32)
+
+
+def np_lattice_displacement(prev_bits: np.ndarray, next_bits: np.ndarray) -> np.ndarray:
+  """ΔW′ = (W[t].float() − W[t-1].float()) / ULP(W[t-1]) in numpy f32.
+
+  This is the lab's formula op for op. numpy keeps f32 subnormals (as the
+  lab's device did), so it gives the lab's bits; `lattice.lattice_displacement`
+  gives the same bits under XLA:CPU, which flushes them (a test checks both).
+
+  Args:
+    prev_bits, next_bits: uint16 bf16 bit patterns of W[t-1] and W[t].
+
+  Returns:
+    f32 array in cells (±inf where the lab's value overflows).
+  """
+  with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    return (np_bf16_to_f32(next_bits) - np_bf16_to_f32(prev_bits)) / np_ulp(prev_bits)
+
+
+def np_f32_cells(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+  """ΔW′ for f32 W (fp32/mixed runs): the difference in cells of f32 spacing at W[t-1]."""
+  prev = np.asarray(prev, np.float32)
+  e = ((prev.view(np.uint32) >> 23) & 0xFF).astype(np.int32)
+  spacing = np.ldexp(np.float32(1), np.maximum(e, 1) - 150).astype(np.float32)
+  with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    return (np.asarray(nxt, np.float32) - prev) / spacing
+
+
+def bit_view(a: np.ndarray) -> np.ndarray:
+  """The unsigned-integer view of an array's bits (uint8/16/32/64 by item size)."""
+  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+# --- Opening files: our layout and the lab's ---------------------------------
+
+W_KEYS = ("W", "embeddings")  # Crucible/Thimble/ours; Flannel 1-3
+LOSS_KEYS = ("loss", "losses")  # Crucible/Thimble 8/9/ours; Flannel/Thimble 1-5
+M_KEYS = ("m", "momentum_W", "momentum")
+V_KEYS = ("v", "variance_W", "variance")
+ACCOUNTING_KEYS = ("adam_replay_match", "adam_cosine", "adam_norm_ratio", "adam_swallowed",
+                   "adam_max_ulp_error")
+# Hyperparameters: (metadata.json key, the Thimble 1 file's scalar tensor key).
+_HYPER_KEYS = {"learning_rate": ("learning_rate", "learning_rate"),
+               "b1": ("beta1", "adam_beta1"), "b2": ("beta2", "adam_beta2"),
+               "eps": ("epsilon", "adam_epsilon"), "weight_decay": ("weight_decay", "weight_decay")}
+
+
+def first_key(keys, candidates) -> Optional[str]:
+  """The first of `candidates` that is in `keys`, or None."""
+  return next((k for k in candidates if k in keys), None)
+
+
+def state_keys(keys) -> tuple:
+  """(m key, v key): the file's names for Adam's recorded state (M_KEYS, V_KEYS), None if absent."""
+  return first_key(keys, M_KEYS), first_key(keys, V_KEYS)
+
+
+def resolve_path(path: str) -> str:
+  """The trajectory file of PATH: a .safetensors file, or a run folder holding one.
+
+  Raises:
+    AnalysisError: nothing usable at PATH (one line naming what to pass).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    meta = _read_json(os.path.join(path, store.METADATA_FILE))
+    name = ((meta.get("config") or {}).get("store") or {}).get("trajectory_name")
+    if name and os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(found) == 1:
+      return os.path.join(path, found[0])
+    partial = [f for f in os.listdir(path) if f.endswith(".safetensors" + store.PARTIAL_SUFFIX)]
+    if not found and partial:
+      raise AnalysisError(f"{path} holds only the unfinished {partial[0]}; finish the run with "
+                          "--resume first")
+    if not found:
+      raise AnalysisError(f"{path} has no .safetensors trajectory; pass a run folder or a "
+                          ".safetensors file")
+    raise AnalysisError(f"{path} holds several trajectories ({', '.join(found)}); pass one file")
+  if os.path.isfile(path):
+    if path.endswith(".h5"):
+      raise AnalysisError(f"{path} is HDF5 (Thimble 6/7); convert it to safetensors (uint16 W) "
+                          "first")
+    return path
+  if os.path.exists(path + store.PARTIAL_SUFFIX):
+    raise AnalysisError(f"{path} is unfinished (only {os.path.basename(path)}.partial exists); "
+                        "finish the run with --resume first")
+  raise AnalysisError(f"{path} does not exist; pass a run folder or a .safetensors file")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+    return out if isinstance(out, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """A trajectory file seen through the lab's key names (our files and theirs).
+
+  Attributes:
+    path: the .safetensors file.
+    reader: its `store.TrajectoryReader`.
+    metadata: the metadata.json beside it (ours or the lab's), {} if none.
+    layout: "jaxdt" (our metadata or adam_* keys) or "lab".
+    w_key: "W"/"embeddings", or None.
+    w_format: "bf16" (uint16 or BF16 bits) or "f32".
+    loss_key: "loss"/"losses", or None.
+    rows: indices of the analysed rows among the recorded ones (the dead
+      rows when a file records every row and has a dead_mask), or None = all.
+    steps: T.
+    n_rows: rows analysed.
+    hidden: D.
+    notes: what was inferred about the layout, for the printed summary.
+  """
+
+  path: str
+  reader: store.TrajectoryReader
+  metadata: dict
+  layout: str
+  w_key: Optional[str]
+  w_format: Optional[str]
+  loss_key: Optional[str]
+  rows: Optional[np.ndarray]
+  steps: int
+  n_rows: int
+  hidden: int
+  notes: list
+
+  def has(self, key: str) -> bool:
+    return key in self.reader.keys()
+
+  def select(self, a: np.ndarray) -> np.ndarray:
+    """The analysed rows of a block of recorded rows ([b, recorded, ...])."""
+    return a if self.rows is None else a[:, self.rows]
+
+  def w_rows(self, start: int, stop: int) -> np.ndarray:
+    """W rows [start, stop) of the analysed rows: uint16 bits (bf16) or f32."""
+    return self.select(self.reader.rows(self.w_key, start, stop))
+
+  def dwp_rows(self, start: int, stop: int) -> np.ndarray:
+    """ΔW′ of steps start+1..stop: stored rows, or computed from W."""
+    if self.has("delta_W_prime"):
+      return self.select(self.reader.rows("delta_W_prime", start, stop)).astype(np.float32)
+    return self.cells(self.w_rows(start, stop + 1))
+
+  def cells(self, w: np.ndarray) -> np.ndarray:
+    """ΔW′ between consecutive rows of a W block (len(w) - 1 steps)."""
+    if self.w_format == "bf16":
+      return np_lattice_displacement(w[:-1], w[1:])
+    return np_f32_cells(w[:-1], w[1:])
+
+  def values(self, w: np.ndarray) -> np.ndarray:
+    """A W block as f32 values."""
+    return np_bf16_to_f32(w) if self.w_format == "bf16" else np.asarray(w, np.float32)
+
+  def stored_rows(self, key: str) -> np.ndarray:
+    """A per-row tensor (e.g. last_motion_step) restricted to the analysed rows."""
+    a = self.reader.read(key)
+    recorded = self.reader.shape(self.w_key)[1]
+    return a if self.rows is None or a.shape[0] != recorded else a[self.rows]
+
+  def hyper(self):
+    """AdamW hyperparameters from metadata.json or the file's scalars; None if unknown.
+
+    Thimble 1 stores them as f32 tensors; each is read back as the shortest
+    decimal that rounds to it (0.001, not 0.0010000000474974513), the value
+    the lab typed, since the step scalars are computed from it in float64.
+    """
+    from jaxdt import optim
+    got = {}
+    for name, (meta_key, file_key) in _HYPER_KEYS.items():
+      if self.metadata.get(meta_key) is not None:
+        got[name] = float(self.metadata[meta_key])
+      elif self.has(file_key) and self.reader.shape(file_key) in ((), (1,)):
+        value = np.asarray(self.reader.read(file_key)).reshape(-1)[0]
+        got[name] = float(str(value)) if value.dtype == np.float32 else float(value)
+    if len(got) < len(_HYPER_KEYS):
+      return None
+    return optim.Hyper(got["learning_rate"], got["b1"], got["b2"], got["eps"], got["weight_decay"])
+
+
+def open_trajectory(path: str) -> Trajectory:
+  """Opens a trajectory file (or the one in a run folder) and works out its layout.
+
+  Raises:
+    AnalysisError: unreadable file, or W of an unsupported shape or dtype.
+  """
+  path = resolve_path(path)
+  try:
+    reader = store.TrajectoryReader(path)
+  except store.StoreError as e:
+    raise AnalysisError(str(e)) from None
+  keys = reader.keys()
+  meta = _read_json(os.path.join(os.path.dirname(os.path.abspath(path)), store.METADATA_FILE))
+  notes = []
+  w_key, loss_key = first_key(keys, W_KEYS), first_key(keys, LOSS_KEYS)
+  w_format, rows, recorded, hidden = None, None, 0, 0
+  if w_key is not None:
+    shape, code = reader.shape(w_key), reader.raw_dtype(w_key)
+    if len(shape) != 3:
+      raise AnalysisError(f"{path}: {w_key!r} has shape {list(shape)}; expected [T+1, rows, D] "
+                          "(stacked multi-run files: split them into one file per run)")
+    if code not in ("U16", "BF16", "F32"):
+      raise AnalysisError(f"{path}: {w_key!r} is {code}; expected uint16/BF16 bf16 bits or F32")
+    w_format = "f32" if code == "F32" else "bf16"
+    recorded, hidden = shape[1], shape[2]
+  elif "delta_W_prime" in keys:
+    recorded, hidden = reader.shape("delta_W_prime")[1:]
+  if recorded and "dead_mask" in keys:
+    mask = reader.read("dead_mask").astype(bool).reshape(-1)
+    if mask.size == recorded and mask.sum() < recorded:
+      rows = np.flatnonzero(mask)
+      notes.append(f"W holds all {recorded} rows; analysing the {rows.size} dead rows (dead_mask)")
+  elif recorded:
+    notes.append(f"no dead_mask: all {recorded} recorded rows are analysed as one cloud")
+  if w_key is not None:
+    steps = reader.shape(w_key)[0] - 1
+  elif "delta_W_prime" in keys:
+    steps = reader.shape("delta_W_prime")[0]
+  elif loss_key is not None:
+    steps = reader.shape(loss_key)[0] - 1
+  else:
+    raise AnalysisError(f"{path} has none of W, delta_W_prime, loss ({', '.join(keys)}); "
+                        "nothing to analyse")
+  ours = "config" in meta or any(k in keys for k in ACCOUNTING_KEYS)
+  return Trajectory(path, reader, meta, "jaxdt" if ours else "lab", w_key, w_format, loss_key,
+                    rows, steps, recorded if rows is None else rows.size, hidden, notes)
+
+
+# --- Run facts from metadata.json ---------------------------------------------
+
+RUN_INFO_KEYS = ("experiment", "backend", "device", "device_kind", "cpu_threads", "xla_flags",
+                 "jax_version", "jaxlib_version", "date", "completed")
+
+
+def run_info(metadata: dict) -> dict:
+  """The backend facts a comparison needs, from metadata.json (absent keys: None)."""
+  return {k: metadata.get(k) for k in RUN_INFO_KEYS}
