@@ -13,11 +13,16 @@ element for element. The token table is `params["embedding"]` [V, D] in both.
 The compute dtype is the params' dtype. bf16 params compute like torch's
 `model.to(torch.bfloat16)` on CPU: matmuls accumulate in f32 and round once;
 LayerNorm, softmax and GELU run in f32 and round their outputs. fp32 params use
-Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32).
+Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32). On CPUs without
+bf16 hardware the GEMMs read bf16 values as f32 (exact; faster there).
+
+Training does not call `apply`: `hidden` + `tied_logits_nll` give the same loss
+block by block without the (B, T, V) logits (see that section).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import re
@@ -41,11 +46,60 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # -- Numerics shared by both variants ------------------------------------------
 
+# GEMM operands: None = per backend (`_gemm_dtype`), or a dtype name to force
+# one (benchmarks set it before tracing to compare the two).
+GEMM_OPERAND_DTYPE = None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+  """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16; Linux)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          return bool(flags & {"avx512_bf16", "amx_bf16"})
+  except OSError:
+    pass
+  return False
+
+
+def _gemm_dtype(dtype):
+  """The dtype a GEMM reads operands of `dtype` in: f32 for bf16 on CPUs without
+  bf16 hardware, else `dtype` itself.
+
+  bf16 x bf16 products are exact in f32 and every GEMM here accumulates in
+  f32, so this choice changes speed, not values (beyond f32 summation order).
+  On an AVX2 host XLA:CPU (YNNPACK) ran bf16 operands 1.4-2.4x slower per core
+  than the same values in f32 (it widens them in its kernels); with AVX512_BF16
+  or AMX it has native bf16 kernels, and GPUs want bf16. See BUILD_NOTES,
+  "Benchmarks". Decided when tracing, for the default backend.
+  """
+  if GEMM_OPERAND_DTYPE is not None:
+    return jnp.dtype(GEMM_OPERAND_DTYPE) if jnp.dtype(dtype) == jnp.bfloat16 else dtype
+  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" \
+      and not _cpu_has_native_bf16():
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
+def _operand(x, dtype=None):
+  """x as a GEMM operand: its values rounded to `dtype` (default x's), held in
+  `_gemm_dtype(dtype)`. A rounding held in f32 is a reduce_precision, which XLA
+  never elides (a bf16 -> f32 convert pair it may, under excess precision)."""
+  dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+  gd = _gemm_dtype(dtype)
+  if x.dtype == dtype or gd == dtype:
+    return x.astype(dtype).astype(gd)
+  return jax.lax.reduce_precision(x.astype(gd), *_bits(dtype))
+
+
 def _matmul(x, w, w_in_axis):
   """x @ w over x's last axis and w's `w_in_axis`, accumulated in f32."""
   dims = (((x.ndim - 1,), (w_in_axis,)), ((), ()))
   return jax.lax.dot_general(
-      x, w, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+      _operand(x), _operand(w), dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _affine(x, w, b, w_in_axis):
@@ -92,11 +146,11 @@ def _causal_attention(q, k, v, num_heads):
   hd = D // num_heads
   q, k, v = (t.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
              for t in (q, k, v))  # (B, H, T, hd)
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=_HIGHEST,
+  s = jnp.einsum("bhqd,bhkd->bhqk", _operand(q), _operand(k), precision=_HIGHEST,
                  preferred_element_type=jnp.float32) * (1 / math.sqrt(hd))  # (B, H, T, T)
   s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
   e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-  o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, precision=_HIGHEST,
+  o = jnp.einsum("bhqk,bhkd->bhqd", _operand(e, v.dtype), _operand(v), precision=_HIGHEST,
                  preferred_element_type=jnp.float32)
   o = (o * (1 / e.sum(-1, keepdims=True))).astype(v.dtype)
   return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
@@ -220,6 +274,7 @@ class GPT2Block(nn.Module):
 class TinyLM(nn.Module):
   """Embeddings, `num_layers` blocks of the chosen variant, ln_f, tied logits."""
   cfg: ModelConfig
+  head: bool = True  # False: stop at ln_f and return h alone (see `hidden`)
 
   @nn.compact
   def __call__(self, input_ids):
@@ -237,6 +292,8 @@ class TinyLM(nn.Module):
       else:
         x = GPT2Block(cfg.num_heads, cfg.ffn_dim, proj_std, name=f"h_{i}")(x)
     h = LayerNorm(name="ln_f")(x)
+    if not self.head:
+      return h
     logits = _matmul(h, E, w_in_axis=1).astype(h.dtype)  # (B, T, V), tied, no bias
     return logits, h
 
@@ -288,6 +345,130 @@ def apply(params: Params, cfg: ModelConfig, input_ids: jax.Array, *,
   """
   logits, h = TinyLM(cfg).apply({"params": params}, input_ids)
   return (logits, h) if return_hidden else logits
+
+
+def hidden(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
+  """The post-ln_f hidden state (B, T, D) alone, without the (B, T, V) logits.
+
+  Same bits as `apply(..., return_hidden=True)[1]`; pair it with
+  `tied_logits_nll` to train without materialising the logits.
+  """
+  return TinyLM(cfg, head=False).apply({"params": params}, input_ids)
+
+
+# -- Tied logits + cross entropy, blockwise ------------------------------------
+# The tied logits are 83% of a lab-size step's FLOPs and (B*T, V) f32 is 655 MB
+# at B = T = 128, V = 10,000: materialised, the logits, their log-softmax and
+# their gradient stream several GB through memory every step. Here each block
+# of rows does logits -> loss -> dlogits -> (dh, dE) while its (rows, V) slab is
+# in cache, and the forward pass already computes the gradients (one pass over
+# the logits instead of a recompute in the backward pass).
+# Target rows per block (blocks are whole sequences). CPU: a (512, V) f32 slab
+# stays in the last-level cache, and 512 measured best of 128-2048 (BUILD_NOTES).
+# Elsewhere one block: a GPU wants few, large GEMMs more than cache locality.
+NLL_BLOCK_ROWS = {"cpu": 512}
+
+
+def _tied_nll_block(table, scale, h, targets):
+  """(nll, dlogits as a GEMM operand, dh in f32) of one block; h (R, D), targets (R,)."""
+  cd = h.dtype
+  logits = _matmul(h, table, w_in_axis=1)  # (R, V) f32
+  # torch's logits tensor is bf16 under bf16: round, but keep computing in f32.
+  logits = jax.lax.reduce_precision(logits, *_bits(cd))
+  m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  e = jnp.exp(logits - m)
+  s = e.sum(-1, keepdims=True)
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)  # (R, 1)
+  nll = (m + jnp.log(s) - picked)[:, 0]  # (R,)
+  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
+  # d(mean nll)/d logits = (softmax - onehot) / N, rounded to the logits' dtype
+  # as torch's autograd hands a bf16 gradient to the bf16 matmul.
+  dlogits = _operand((e * (1 / s) - onehot) * scale, cd)  # (R, V)
+  dh = _matmul(dlogits, table, w_in_axis=0)  # (R, D) f32
+  return nll, dlogits, dh
+
+
+def _tied_nll_scan(h, table, targets):
+  """Loss and both gradients (for a unit cotangent), block by block."""
+  nb, r, d = h.shape  # (blocks, rows, D)
+  scale = jnp.float32(1 / (nb * r))
+
+  def body(d_table, xs):
+    hb, tb = xs
+    nll, dlogits, dh = _tied_nll_block(table, scale, hb, tb)
+    # dE += dlogits^T h, accumulated in f32 over blocks, rounded once at the end.
+    d_table = d_table + _matmul(dlogits.T, hb, w_in_axis=0)
+    return d_table, (nll, dh)
+
+  d_table, (nll, dh) = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), (h, targets))
+  return jnp.mean(nll), dh, d_table
+
+
+@jax.custom_vjp
+def _tied_nll(h, table, targets):
+  nll = jax.lax.map(lambda xs: _tied_nll_block(table, 0.0, *xs)[0], (h, targets))
+  return jnp.mean(nll)
+
+
+def _tied_nll_fwd(h, table, targets):
+  loss, dh, d_table = _tied_nll_scan(h, table, targets)
+  # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
+  return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
+
+
+def _tied_nll_bwd(res, g):
+  dh, d_table = res
+  # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
+  # a separate backward pass would give; any other g rounds twice. Integer
+  # targets get no cotangent.
+  g = g.astype(jnp.float32)
+  return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
+          (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
+
+
+_tied_nll.defvjp(_tied_nll_fwd, _tied_nll_bwd)
+
+
+def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
+  """Sequences per block: the largest divisor of n_seq with at most target_rows rows."""
+  best = 1
+  for k in range(1, n_seq + 1):
+    if n_seq % k == 0 and k * seq_len <= target_rows:
+      best = k
+  return best
+
+
+def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
+                    block_rows: int | None = None) -> jax.Array:
+  """Mean next-token cross entropy of the tied logits `h @ table.T`, blockwise.
+
+  Equals `mean(-log_softmax(logits.astype(f32))[targets])` with
+  `logits = (h @ table.T)` accumulated in f32 and rounded to h's dtype (what
+  `apply` returns), up to f32 summation order, but never holds the (B, T, V)
+  logits: blocks of whole sequences (about `block_rows` rows) go through
+  logits, loss and gradient while they are in cache. Under `jax.grad` the
+  forward pass computes the gradients too (the logits are made once): dlogits
+  = (softmax - onehot) / N rounded to h's dtype, dh = dlogits @ table and
+  dtable = dlogits^T @ h, both accumulated in f32 and rounded once.
+
+  Args:
+    h: (B, T, D) final hidden states (post-ln_f), any float dtype.
+    table: (V, D) the tied token table, h's dtype.
+    targets: (B, T) int target ids.
+    block_rows: target rows per block (a speed knob: it changes only the f32
+      summation order of dtable); None = `NLL_BLOCK_ROWS` of the default
+      backend, all rows in one block where it has no entry.
+
+  Returns:
+    f32 scalar, the mean over all B * T targets.
+  """
+  B, T, D = h.shape
+  if block_rows is None:
+    block_rows = NLL_BLOCK_ROWS.get(jax.default_backend(), B * T)
+  k = _blocks(B, T, block_rows)
+  hb = h.reshape(B // k, k * T, D)  # (blocks, rows, D)
+  tb = targets.reshape(B // k, k * T).astype(jnp.int32)
+  return _tied_nll(hb, table, tb)
 
 
 def count_params(params: Params) -> int:

@@ -31,6 +31,7 @@ from jaxdt import data
 from jaxdt import lattice
 from jaxdt import model
 from jaxdt import optim
+from jaxdt import ordered
 from jaxdt import precision
 from jaxdt import probes as probes_lib
 from jaxdt import store
@@ -63,14 +64,15 @@ def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: data.Batch):
 
   The model runs in the params' dtype (bf16 for the lab's runs); logits[:, :L']
   are scored against the targets (the data module's convention), with the
-  log-softmax in f32 from the bf16 logits.
+  log-softmax in f32 from the bf16 logits. `model.tied_logits_nll` does the
+  logits and the loss block by block, so the (B, L', V) logits never exist and
+  position L' onward is never projected (torch computes and drops it).
   """
-  logits, h = model.apply(params, cfg, batch.inputs, return_hidden=True)  # (B, T, V), (B, T, D)
+  h = model.hidden(params, cfg, batch.inputs)  # (B, T, D)
   n_targets = batch.targets.shape[1]
-  logp = jax.nn.log_softmax(logits[:, :n_targets].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch.targets[..., None], axis=-1)[..., 0]  # (B, L')
-  h_mean = probes_lib.ordered_row_mean(h.reshape(-1, h.shape[-1]))  # (D,)
-  return jnp.mean(nll), h_mean
+  loss = model.tied_logits_nll(h[:, :n_targets], params[EMBEDDING], batch.targets)
+  h_mean = ordered.mean_rows(h.reshape(-1, h.shape[-1]))  # (D,)
+  return loss, h_mean
 
 
 def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> TrainState:

@@ -18,6 +18,7 @@ VARIANTS = ("encoder", "gpt2")
 LAB_PARAMS = 748_288  # Crucible 1 prints "Model parameters: 748,288"; REFERENCE §2.1
 SMALL = dict(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=16)
 B, T = 2, 12
+NLL_VOCAB, NLL_B, NLL_T = 301, 4, 16  # tied-logits loss tests: 4 x 15 target rows
 
 # torch state_dict keys of a 2-layer model (from TinyLM / GPT2LMHeadModel).
 ENCODER_LAYER_KEYS = (
@@ -228,6 +229,84 @@ class ModelTest(parameterized.TestCase):
       model.init_params(jax.random.key(0), ModelConfig(variant="llama"))
     with self.assertRaisesRegex(ValueError, "divisible"):
       model.init_params(jax.random.key(0), ModelConfig(num_heads=3))
+
+  @parameterized.parameters(*VARIANTS)
+  def test_hidden_is_apply_without_the_head(self, variant):
+    cfg = _small(variant)
+    ids = jnp.arange(B * T).reshape(B, T) % cfg.vocab_size
+    for params in (self.small[variant], _bf16(self.small[variant])):
+      _, h = model.apply(params, cfg, ids, return_hidden=True)
+      np.testing.assert_array_equal(_bits(model.hidden(params, cfg, ids)), _bits(h))
+
+
+class TiedLogitsNllTest(parameterized.TestCase):
+  """model.tied_logits_nll against the materialised logits + log_softmax."""
+
+  def setUp(self):
+    super().setUp()
+    self.cfg = ModelConfig(vocab_size=NLL_VOCAB, hidden_dim=32, num_layers=1, num_heads=2,
+                           max_seq_len=NLL_T)
+    self.params = model.init_params(jax.random.key(2), self.cfg)
+    rng = np.random.default_rng(3)
+    self.ids = jnp.asarray(rng.integers(0, NLL_VOCAB, (NLL_B, NLL_T)), jnp.int32)
+
+  def _losses(self, params, block_rows):
+    cfg, ids = self.cfg, self.ids
+
+    def reference(p):  # the loss as train.loss_and_hidden computed it before
+      logits = model.apply(p, cfg, ids)
+      logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+      return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    def fused(p):
+      h = model.hidden(p, cfg, ids)
+      return model.tied_logits_nll(h[:, :-1], p["embedding"], ids[:, 1:], block_rows=block_rows)
+
+    return (jax.jit(jax.value_and_grad(reference))(params),
+            jax.jit(jax.value_and_grad(fused))(params), jax.jit(fused)(params))
+
+  @parameterized.parameters(1, 15, 45, 1000)  # 1 row block per sequence ... one block
+  def test_fp32_loss_and_grads_match(self, block_rows):
+    (l_ref, g_ref), (l, g), l_primal = self._losses(self.params, block_rows)
+    # fp32: only summation order differs (the tests' LOGITS_RTOL / GRAD_RTOL).
+    np.testing.assert_allclose(l, l_ref, rtol=1e-6)
+    self.assertEqual(float(l_primal), float(l))  # the no-grad path, same bits
+    for path, ref in jax.tree_util.tree_leaves_with_path(g_ref):
+      got = _get(g, [k.key for k in path])
+      err = float(jnp.abs(got - ref).max() / jnp.abs(ref).max())
+      self.assertLess(err, 1e-5, msg=jax.tree_util.keystr(path))
+
+  def test_bf16_loss_and_grads_match(self):
+    (l_ref, g_ref), (l, g), _ = self._losses(_bf16(self.params), 30)
+    # Same bf16 logits, f32 softmax: the loss differs by f32 rounding only.
+    np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+    for path, ref in jax.tree_util.tree_leaves_with_path(g_ref):
+      got = _get(g, [k.key for k in path])
+      self.assertEqual(got.dtype, jnp.bfloat16)
+      ref, got = ref.astype(jnp.float32), got.astype(jnp.float32)
+      # dlogits rounded to bf16 on both sides, then GEMMs summed in different
+      # orders: a few bf16 ulps (2^-8 relative) of the largest entry.
+      err = float(jnp.abs(got - ref).max() / jnp.abs(ref).max())
+      self.assertLess(err, 3e-2, msg=jax.tree_util.keystr(path))
+
+  def test_gemm_operand_dtype_changes_no_value(self):
+    # f32 operands holding bf16 values: exact products, f32 sums either way.
+    params = _bf16(self.params)
+    h = model.hidden(params, self.cfg, self.ids)
+    losses = {}
+    for name in ("float32", "bfloat16"):
+      model.GEMM_OPERAND_DTYPE = name
+      try:
+        losses[name] = float(jax.jit(model.tied_logits_nll)(
+            h[:, :-1], params["embedding"], self.ids[:, 1:]))
+      finally:
+        model.GEMM_OPERAND_DTYPE = None
+    self.assertAlmostEqual(losses["float32"], losses["bfloat16"], delta=1e-5)
+
+
+def _bf16(params):
+  return jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+
 
 
 def _get(tree, path):
