@@ -1,0 +1,425 @@
+"""Crucible 1, side by side: the lab's PyTorch loop against jaxdt, same config, data and machine.
+
+    python benchmarks/crucible1_bench.py [--size=all|full|small|tiny] [--steps=N]
+
+For each size it runs, each in its own process (allocator settings must be in
+the environment before a process starts, and JAX's and torch's thread pools
+must not share one):
+  * torch, default allocator: benchmarks/torch_crucible1.py, a port of the
+    seed's loop (crucible1.md) with its per-step capture;
+  * torch, tuned allocator: the same with MALLOC_MMAP_MAX_=0 and a huge
+    MALLOC_TRIM_THRESHOLD_, so glibc keeps the logits-sized temporaries
+    instead of returning them to the kernel every step (the honest bar);
+  * jaxdt: benchmarks/jax_crucible1.py, `train.train` on the experiment's own
+    config (all probes, streaming to disk, checkpoints off), timed between its
+    per-chunk progress updates: steady state, compile reported apart.
+It also measures the machine's GEMM ceilings (torch and XLA, f32 and bf16,
+square matrices, all threads) and prints steps/s, achieved GFLOP/s (nominal
+FLOPs of the seed's step, the same count for both sides), ratios and peak RSS.
+The last line is `ratio_vs_tuned_torch=<x>` for the largest size run.
+
+Both sides read the same token ids: the embedded default corpus (or
+--corpus_path/--tokenizer_path), tokenised by jaxdt.data; sizes below the
+tokenizer's vocabulary use the same BPE cut to its first `vocab` ids (the
+alphabet and the earliest merges), so the text and the tokenizer are the same.
+Nothing here is a test; tests/benchmark_smoke_test.py runs --size=tiny.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+ALLOCATOR_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                  "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """One benchmark configuration."""
+
+  name: str
+  vocab: int
+  hidden: int
+  batch: int
+  seq: int
+  jax_steps: int  # steps of the jaxdt run (a multiple of jax_chunk; >= 3 chunks)
+  jax_chunk: int
+  torch_steps: int  # upper bound; --torch_seconds may stop a torch run earlier
+  torch_warmup: int
+  torch_seconds: float
+
+
+SIZES = {
+    "full": Size("full", 10000, 64, 128, 128, jax_steps=300, jax_chunk=100,
+                 torch_steps=40, torch_warmup=2, torch_seconds=150.0),
+    "small": Size("small", 2000, 64, 16, 64, jax_steps=3000, jax_chunk=100,
+                  torch_steps=1000, torch_warmup=20, torch_seconds=60.0),
+    "tiny": Size("tiny", 256, 32, 4, 16, jax_steps=60, jax_chunk=20,
+                 torch_steps=40, torch_warmup=5, torch_seconds=10.0),
+}
+GPU_JAX_STEPS = {"full": 5000, "small": 5000, "tiny": 200}  # the issue's full 5000-step run
+
+
+def nominal_flops(s: Size, layers: int = 2) -> float:
+  """FLOPs of one seed step (forward + backward = 3x forward), as torch does it.
+
+  Per token and layer: QKV 6D^2, out projection 2D^2, FFN 16D^2, scores and
+  values 4TD (full T x T, as the count for the unmasked product); logits 2DV
+  for all T positions (the seed computes the last and drops it).
+  """
+  per_token = layers * (24 * s.hidden ** 2 + 4 * s.seq * s.hidden) + 2 * s.hidden * s.vocab
+  return 3.0 * s.batch * s.seq * per_token
+
+
+# --- Machine -----------------------------------------------------------------
+
+
+def cpu_info() -> dict:
+  info = {"model": platform.processor() or platform.machine(), "flags": set()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and info["model"] in ("", platform.machine()):
+          info["model"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not info["flags"]:
+          info["flags"] = set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  keys = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+  info["isa"] = {k: k in info["flags"] for k in keys}
+  del info["flags"]
+  info["cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return info
+
+
+def loadavg() -> str:
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "n/a"
+
+
+CEILING_CODE = r"""
+import json, sys, time
+budget = float(sys.argv[1])
+out = {}
+def run(name, make, mm, sync, start=256, top=4096):
+  # Doubles n until one product takes > 0.25 s (or n = top); best of 3 at that n.
+  n, rate = start, None
+  while True:
+    a, b = make(n)
+    sync(mm(a, b))
+    t = time.perf_counter(); sync(mm(a, b)); dt = time.perf_counter() - t
+    if dt > 0.25 or n >= top or dt * 8 * 4 > budget:
+      best = dt
+      for _ in range(2 if dt < budget / 4 else 0):
+        t = time.perf_counter(); sync(mm(a, b)); best = min(best, time.perf_counter() - t)
+      out[name] = {"gflops": 2 * n ** 3 / best / 1e9, "n": n}
+      return
+    n *= 2
+import torch
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+tsync = (lambda x: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: None)
+for dt in ("float32", "bfloat16"):
+  run(f"torch {dt}", lambda n, dt=dt: (torch.randn(n, n, device=dev).to(getattr(torch, dt)),
+                                     torch.randn(n, n, device=dev).to(getattr(torch, dt))),
+      torch.matmul, tsync, top=16384 if dev == "cuda" else 4096)
+out["torch_threads"] = torch.get_num_threads()
+print(json.dumps(out))
+"""
+
+XLA_CEILING_CODE = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from jaxdt import backend
+backend.configure()
+import jax, jax.numpy as jnp
+budget = float(sys.argv[1])
+out = {}
+for dt in ("float32", "bfloat16"):
+  f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+  n = 256
+  while True:
+    a = jnp.ones((n, n), dt); b = jnp.ones((n, n), dt)
+    f(a, b).block_until_ready()
+    t = time.perf_counter(); f(a, b).block_until_ready(); d = time.perf_counter() - t
+    if d > 0.25 or n >= (16384 if jax.default_backend() == "gpu" else 4096) or d * 32 > budget:
+      best = d
+      for _ in range(2 if d < budget / 4 else 0):
+        t = time.perf_counter(); f(a, b).block_until_ready(); best = min(best, time.perf_counter() - t)
+      out[f"xla {dt}"] = {"gflops": 2 * n ** 3 / best / 1e9, "n": n}
+      break
+    n *= 2
+out["xla_device"] = jax.devices()[0].device_kind
+print(json.dumps(out))
+"""
+
+
+def ceilings(budget: float) -> dict:
+  """GEMM ceilings of this machine: torch (MKL/oneDNN) and XLA, f32 and bf16."""
+  res = {}
+  for code, extra in ((CEILING_CODE, []), (XLA_CEILING_CODE, [ROOT])):
+    out = _run([sys.executable, "-c", code, str(budget)] + extra, env=_clean_env(), label="ceiling")
+    if out is not None:
+      res.update(out)
+  return res
+
+
+# --- Data --------------------------------------------------------------------
+
+
+def truncated_tokenizer(src: str, vocab: int, dst: str) -> str:
+  """The BPE tokenizer `src` cut to its first `vocab` ids (alphabet + earliest merges)."""
+  with open(src, encoding="utf-8") as f:
+    spec = json.load(f)
+  m = spec["model"]
+  if len(m["vocab"]) == vocab:
+    return src
+  if m["type"] != "BPE" or len(m["vocab"]) < vocab:
+    raise SystemExit(f"cannot cut {src} ({m['type']}, {len(m['vocab'])} ids) to {vocab} ids")
+  m["vocab"] = {t: i for t, i in m["vocab"].items() if i < vocab}
+  merges = []
+  for pair in m["merges"]:
+    a, b = pair if isinstance(pair, list) else pair.split(" ", 1)
+    if m["vocab"].get(a + b, vocab) >= vocab:
+      break  # merges are in id order: every later merge makes a later id
+    merges.append(pair)
+  m["merges"] = merges
+  spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < vocab]
+  with open(dst, "w", encoding="utf-8") as f:
+    json.dump(spec, f, ensure_ascii=False)
+  return dst
+
+
+def prepare_data(s: Size, args, work: str) -> dict:
+  """Paths both sides read, plus tokens/dead-mask .npy for the torch port."""
+  from jaxdt import data  # pylint: disable=g-import-not-at-top
+  from jaxdt.config import DataConfig  # pylint: disable=g-import-not-at-top
+  if args.corpus_path:
+    corpus_path, tok_path = args.corpus_path, args.tokenizer_path
+  else:
+    default = data.build_default(args.data_dir)
+    corpus_path, tok_path = default.corpus_path, default.tokenizer_path
+  tok_path = truncated_tokenizer(tok_path, s.vocab, os.path.join(work, f"tokenizer_{s.vocab}.json"))
+  cfg = DataConfig(batch_size=s.batch, seq_len=s.seq, corpus_path=corpus_path,
+                   tokenizer_path=tok_path)
+  corpus = data.load_corpus(cfg, s.vocab)
+  paths = {"corpus": corpus_path, "tokenizer": tok_path,
+           "tokens": os.path.join(work, f"tokens_{s.name}.npy"),
+           "dead": os.path.join(work, f"dead_{s.name}.npy"),
+           "n_tokens": int(corpus.tokens.size), "n_dead": int(corpus.n_dead)}
+  np.save(paths["tokens"], corpus.tokens)
+  np.save(paths["dead"], corpus.dead_mask)
+  return paths
+
+
+# --- Children ----------------------------------------------------------------
+
+
+def _clean_env(extra=None) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS}
+  env.update(extra or {})
+  return env
+
+
+def _run(cmd, env, label, timeout=None):
+  """Runs a child that prints one JSON line last; None (and its stderr) on failure."""
+  t = time.perf_counter()
+  p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+  if p.returncode != 0 or not lines:
+    sys.stderr.write(f"[{label}] failed (exit {p.returncode}):\n{p.stderr[-3000:]}\n")
+    return None
+  out = json.loads(lines[-1])
+  out["process_s"] = time.perf_counter() - t
+  return out
+
+
+def run_torch(s: Size, paths: dict, tuned: bool, args) -> dict:
+  cmd = [sys.executable, os.path.join(HERE, "torch_crucible1.py"), f"--tokens={paths['tokens']}",
+         f"--dead_mask={paths['dead']}", f"--vocab={s.vocab}", f"--hidden={s.hidden}",
+         f"--batch={s.batch}", f"--seq={s.seq}",
+         f"--steps={args.torch_steps or s.torch_steps}", f"--warmup={s.torch_warmup}",
+         f"--max_seconds={args.torch_seconds if args.torch_seconds is not None else s.torch_seconds}"]
+  return _run(cmd, _clean_env(TUNED_MALLOC if tuned else None),
+              f"torch {'tuned' if tuned else 'default'} {s.name}")
+
+
+def run_jax(s: Size, paths: dict, args, out_dir: str, steps: int, chunk: int,
+            experiment: str = "crucible1", stop_after=None) -> dict:
+  cmd = [sys.executable, os.path.join(HERE, "jax_crucible1.py"), f"--experiment={experiment}",
+         f"--corpus_path={paths['corpus']}", f"--tokenizer_path={paths['tokenizer']}",
+         f"--vocab={s.vocab}", f"--hidden={s.hidden}", f"--batch={s.batch}", f"--seq={s.seq}",
+         f"--steps={steps}", f"--chunk={chunk}", f"--out_dir={out_dir}",
+         f"--gemm_operands={args.gemm_operands}"]
+  if stop_after:
+    cmd.append(f"--stop_after={stop_after}")
+  return _run(cmd, _clean_env(), f"jaxdt {experiment} {s.name}")
+
+
+def gpu_present() -> bool:
+  try:
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+
+
+# --- Report ------------------------------------------------------------------
+
+
+def gb(x) -> str:
+  return "n/a" if x is None else f"{x / 1e9:.2f} GB"
+
+
+def fmt_rate(r) -> str:
+  return "n/a" if r is None else (f"{r:.3f}" if r < 10 else f"{r:.1f}")
+
+
+def ratio(a, b):
+  return None if not a or not b else a["steps_per_s"] / b["steps_per_s"]
+
+
+def report(s: Size, res: dict, paths: dict) -> list:
+  flops = nominal_flops(s)
+  lines = [f"== size={s.name}: vocab {s.vocab}, hidden {s.hidden}, batch {s.batch}, seq {s.seq}; "
+           f"{paths['n_tokens']:,} tokens, {paths['n_dead']} dead; "
+           f"nominal {flops / 1e9:.2f} GFLOP/step",
+           f"{'side':28s} {'steps':>6s} {'steps/s':>9s} {'GFLOP/s':>8s} {'first step':>11s} "
+           f"{'compile':>8s} {'peak RSS':>9s}"]
+  for key, label in (("torch_default", "torch, default allocator"),
+                     ("torch_tuned", "torch, tuned allocator"), ("jaxdt", "jaxdt train.train")):
+    r = res.get(key)
+    if r is None:
+      lines.append(f"{label:28s} (not run or failed)")
+      continue
+    first = r.get("first_step_s", r.get("first_chunk_s"))
+    comp = r.get("compile_s")
+    lines.append(f"{label:28s} {r['steps']:>6d} {fmt_rate(r['steps_per_s']):>9s} "
+                 f"{r['steps_per_s'] * flops / 1e9:>8.1f} {first:>10.1f}s "
+                 f"{'' if comp is None else f'{comp:.1f}s':>8s} {gb(r['peak_rss']):>9s}")
+  j = res.get("jaxdt")
+  rd, rt = ratio(j, res.get("torch_default")), ratio(j, res.get("torch_tuned"))
+  lines.append(f"ratio jaxdt / torch default = {'n/a' if rd is None else f'{rd:.2f}x'}; "
+               f"jaxdt / torch tuned = {'n/a' if rt is None else f'{rt:.2f}x'}")
+  if j:
+    lines.append(f"jaxdt: {j['device']} ({j['device_kind']}), GEMM operands {j['gemm_operands']}, "
+                 f"chunk {j['chunk']}, wall {j['wall_s']:.1f}s incl. setup+compile, "
+                 f"file {gb(j['trajectory_bytes'])}")
+    lines.append("jaxdt RSS vs steps: " + ", ".join(
+        f"{d}: {r / 1e9:.2f}/{pk / 1e9:.2f}" for _, d, r, pk in j["marks"]) + " GB (now/peak)")
+  for key in ("torch_default", "torch_tuned"):
+    r = res.get(key)
+    if r:
+      lines.append(f"{key} RSS vs steps: " + ", ".join(
+          f"{d}: {x / 1e9:.2f}/{pk / 1e9:.2f}" for d, x, pk in r["rss_marks"]) + " GB (now/peak)")
+  return lines
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", default="all", choices=("all",) + tuple(SIZES),
+                 help="all = small then full")
+  p.add_argument("--steps", type=int, default=None,
+                 help="jaxdt steps (rounded up to whole chunks; default per size)")
+  p.add_argument("--chunk", type=int, default=None, help="jaxdt chunk_steps (default per size)")
+  p.add_argument("--torch_steps", type=int, default=None, help="torch steps at most")
+  p.add_argument("--torch_seconds", type=float, default=None,
+                 help="stop a torch run once its timed steps took this long (default per size)")
+  p.add_argument("--torch", default="both", choices=("both", "default", "tuned", "none"),
+                 help="which torch allocator variants to run")
+  p.add_argument("--gemm_operands", default="auto", choices=("auto", "float32", "bfloat16"))
+  p.add_argument("--rss_steps", type=int, default=0,
+                 help="also a long jaxdt run of this many steps at the largest size, for RSS")
+  p.add_argument("--rss_experiment", default="crucible1", help="experiment of the RSS run")
+  p.add_argument("--rss_stop_after", type=int, default=None,
+                 help="stop the RSS run after this many of its --rss_steps steps")
+  p.add_argument("--ceiling_seconds", type=float, default=20.0, help="time budget per GEMM probe")
+  p.add_argument("--corpus_path", default=None)
+  p.add_argument("--tokenizer_path", default=None)
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--work_dir", default=None, help="keep inputs and run folders here")
+  p.add_argument("--json", default=None, help="write every raw result to this file")
+  args = p.parse_args(argv)
+  if (args.corpus_path is None) != (args.tokenizer_path is None):
+    p.error("--corpus_path and --tokenizer_path go together")
+
+  sizes = ["small", "full"] if args.size == "all" else [args.size]
+  work = args.work_dir or tempfile.mkdtemp(prefix="jaxdt-bench-")
+  os.makedirs(work, exist_ok=True)
+  gpu = gpu_present()
+  cpu = cpu_info()
+  print(f"machine: {cpu['model']}, {cpu['cpus']} CPUs, "
+        + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in cpu["isa"].items())
+        + f", GPU: {'yes' if gpu else 'none'}; python {platform.python_version()}")
+  print(f"load average at start: {loadavg()}", flush=True)
+  ceil = ceilings(args.ceiling_seconds if sizes != ["tiny"] else 2.0)
+  print("GEMM ceilings (square, all threads): " + ", ".join(
+      f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in ceil.items()
+      if isinstance(v, dict)), flush=True)
+  raw = {"machine": cpu, "gpu": gpu, "ceilings": ceil, "sizes": {}}
+  last_ratio = None
+  for name in sizes:
+    s = SIZES[name]
+    paths = prepare_data(s, args, work)
+    chunk = args.chunk or s.jax_chunk
+    steps = args.steps or (GPU_JAX_STEPS[name] if gpu else s.jax_steps)
+    steps = max(-(-steps // chunk), 3) * chunk  # whole chunks, at least 3
+    res = {}
+    if args.torch in ("both", "default"):
+      res["torch_default"] = run_torch(s, paths, False, args)
+    if args.torch in ("both", "tuned"):
+      res["torch_tuned"] = run_torch(s, paths, True, args)
+    out_dir = os.path.join(work, f"run_{name}_{int(time.time())}")
+    res["jaxdt"] = run_jax(s, paths, args, out_dir, steps, chunk)
+    for line in report(s, res, paths):
+      print(line)
+    sys.stdout.flush()
+    raw["sizes"][name] = {"size": dataclasses.asdict(s), "paths": paths, "results": res,
+                          "nominal_flops": nominal_flops(s)}
+    last_ratio = ratio(res.get("jaxdt"), res.get("torch_tuned"))
+    _cleanup(out_dir)
+  if args.rss_steps:
+    s = SIZES[sizes[-1]]
+    paths = prepare_data(s, args, work)
+    out_dir = os.path.join(work, f"rss_{args.rss_experiment}_{int(time.time())}")
+    r = run_jax(s, paths, args, out_dir, args.rss_steps, s.jax_chunk, args.rss_experiment,
+                args.rss_stop_after)
+    if r:
+      print(f"== RSS run: {args.rss_experiment}, size={s.name}, {args.rss_steps} steps"
+            f"{'' if not args.rss_stop_after else f' (stopped after {args.rss_stop_after})'}, "
+            f"{fmt_rate(r['steps_per_s'])} steps/s, peak RSS {gb(r['peak_rss'])}")
+      for _, d, now, pk in r["marks"]:
+        print(f"  step {d:>6d}: RSS {now / 1e9:.3f} GB, peak {pk / 1e9:.3f} GB")
+    raw["rss_run"] = r
+    _cleanup(out_dir)
+  print(f"load average at end: {loadavg()}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(raw, f, indent=1)
+  print(f"ratio_vs_tuned_torch={'nan' if last_ratio is None else f'{last_ratio:.3f}'}")
+
+
+def _cleanup(out_dir: str) -> None:
+  """Deletes a run folder (the trajectory can be GBs)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,248 @@
+"""The lab's Crucible 1 training loop in PyTorch, ported for timing (the baseline).
+
+A port of shared/seeds/crucible1.md cells 6-11, kept as the lab wrote them:
+TinyLM (cell 7, unchanged), `model.to(torch.bfloat16)`, AdamW, a shuffled
+DataLoader over non-overlapping chunks, `torch.autocast(bf16)` around the
+forward and the loss, and the per-step capture into preallocated histories
+(W, ΔW′, centroid, loss, last_motion_step), with `loss.item()` and a tqdm bar
+every step. Only the sizes, the step count and the token source are
+parameters: tokens come from an .npy file the benchmark driver writes (the same
+ids jaxdt trains on), instead of a fresh `tokenizer.encode`.
+
+Not part of the library: jaxdt never imports this. Run by
+`benchmarks/crucible1_bench.py` in its own process (allocator settings such as
+MALLOC_MMAP_MAX_ must be in the environment before the process starts). Prints
+one JSON line with per-step timestamps and RSS.
+
+    python benchmarks/torch_crucible1.py --tokens=t.npy --dead_mask=m.npy \\
+        --vocab=10000 --batch=128 --seq=128 --steps=60 --warmup=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+try:
+  from tqdm import tqdm
+except ImportError:  # the seed uses tqdm; without it the bar's cost is simply absent
+  tqdm = None
+
+HIDDEN_DIM, NUM_LAYERS, NUM_HEADS = 64, 2, 2
+LEARNING_RATE, WEIGHT_DECAY, BETA1, BETA2, EPSILON = 1e-3, 0.0, 0.9, 0.999, 1e-8
+RANDOM_SEED = 42
+MOTION_THRESHOLD = 0.1
+
+
+class TextDataset(Dataset):  # cell 6, with the ids given instead of encoded here
+  def __init__(self, tokens, seq_len):
+    self.tokens = tokens
+    self.seq_len = seq_len
+    self.n_sequences = len(self.tokens) // seq_len
+
+  def __len__(self):
+    return self.n_sequences
+
+  def __getitem__(self, idx):
+    start = idx * self.seq_len
+    chunk = self.tokens[start:start + self.seq_len]
+    return torch.tensor(chunk, dtype=torch.long)
+
+
+class TinyLM(nn.Module):  # cell 7, unchanged
+  def __init__(self, vocab_size, hidden_dim, num_layers, num_heads, seq_len):
+    super().__init__()
+
+    self.embedding = nn.Embedding(vocab_size, hidden_dim)
+    self.pos_embedding = nn.Embedding(seq_len, hidden_dim)
+
+    encoder_layer = nn.TransformerEncoderLayer(
+        d_model=hidden_dim,
+        nhead=num_heads,
+        dim_feedforward=hidden_dim * 4,
+        dropout=0.0,
+        activation='gelu',
+        batch_first=True,
+        norm_first=True
+    )
+    self.transformer = nn.TransformerEncoder(encoder_layer, num_layers=num_layers)
+    self.ln_f = nn.LayerNorm(hidden_dim)
+
+    nn.init.normal_(self.embedding.weight, mean=0.0, std=0.02)
+    nn.init.normal_(self.pos_embedding.weight, mean=0.0, std=0.02)
+
+  def forward(self, input_ids):
+    batch_size, seq_len = input_ids.shape
+
+    tok_emb = self.embedding(input_ids)
+    pos_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+    pos_emb = self.pos_embedding(pos_ids)
+
+    hidden = tok_emb + pos_emb
+    causal_mask = nn.Transformer.generate_square_subsequent_mask(seq_len, device=input_ids.device)
+    hidden = self.transformer(hidden, mask=causal_mask, is_causal=True)
+    hidden = self.ln_f(hidden)
+
+    logits = hidden @ self.embedding.weight.T
+    return logits
+
+
+def compute_ulp_bf16(tensor_bf16: torch.Tensor) -> torch.Tensor:  # cell 9
+  """Compute ULP for each element of a bfloat16 tensor."""
+  bits = tensor_bf16.view(torch.uint16).to(torch.int32)
+  exponent = (bits >> 7) & 0xFF
+  effective_exp = torch.where(exponent == 0, torch.ones_like(exponent), exponent)
+  ulp = torch.pow(2.0, (effective_exp - 134).float())
+  return ulp
+
+
+def rss_bytes() -> int:
+  """Current resident set size (VmRSS) of this process."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tokens", required=True, help=".npy of int token ids (the corpus)")
+  p.add_argument("--dead_mask", required=True, help=".npy bool [vocab] dead mask")
+  p.add_argument("--vocab", type=int, default=10000)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--hidden", type=int, default=HIDDEN_DIM)
+  p.add_argument("--steps", type=int, default=60, help="total steps (TOTAL_STEPS)")
+  p.add_argument("--warmup", type=int, default=5, help="leading steps left out of the rate")
+  p.add_argument("--max_seconds", type=float, default=0.0,
+                 help="stop early once the timed steps (at least 3) took this long (0: never)")
+  p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda")
+  p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+  p.add_argument("--bar", action="store_true", help="show the tqdm bar on stderr (the seed does)")
+  args = p.parse_args(argv)
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  device = args.device
+  if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+  TOTAL_STEPS, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = args.steps, args.batch, args.seq, args.vocab
+
+  torch.manual_seed(RANDOM_SEED)
+  random.seed(RANDOM_SEED)
+  np.random.seed(RANDOM_SEED)
+  if device == "cuda":
+    torch.cuda.manual_seed_all(RANDOM_SEED)
+
+  dead_mask = torch.from_numpy(np.load(args.dead_mask)).bool()
+  n_dead = dead_mask.sum().item()
+  dataset = TextDataset(np.load(args.tokens).tolist(), SEQ_LEN)  # a list, as encoding.ids is
+
+  model = TinyLM(VOCAB_SIZE, args.hidden, NUM_LAYERS, NUM_HEADS, SEQ_LEN)
+  model = model.to(device).to(torch.bfloat16)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(BETA1, BETA2),
+                                eps=EPSILON, weight_decay=WEIGHT_DECAY)
+
+  # Cell 10: preallocated histories (the seed's 7.10 GB at 5000 steps).
+  W_history = torch.zeros(TOTAL_STEPS + 1, n_dead, args.hidden, dtype=torch.bfloat16)
+  delta_W_prime_history = torch.zeros(TOTAL_STEPS, n_dead, args.hidden, dtype=torch.float32)
+  centroid_history = torch.zeros(TOTAL_STEPS + 1, args.hidden, dtype=torch.float32)
+  loss_history = torch.zeros(TOTAL_STEPS + 1, dtype=torch.float32)
+  last_motion_step = torch.full((n_dead,), -1, dtype=torch.int32)
+  rss_after_alloc = rss_bytes()
+
+  # Cell 11: the training loop with its per-step capture.
+  dataloader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True)
+  loss_fn = nn.CrossEntropyLoss()
+  W_prev = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
+  W_history[0] = W_prev
+  centroid_history[0] = W_prev.float().mean(dim=0)
+  loss_history[0] = float('nan')
+
+  model.train()
+  step = 0
+  epoch = 0
+  sink = sys.stderr if args.bar else open(os.devnull, "w")
+  pbar = tqdm(total=TOTAL_STEPS, desc="Training", file=sink) if tqdm else None
+  stamps = []  # perf_counter after each step, capture included
+  rss_marks = []  # (step, VmRSS, ru_maxrss)
+  t0 = time.perf_counter()
+  stop = False
+  while step < TOTAL_STEPS and not stop:
+    epoch += 1
+    for batch in dataloader:
+      if step >= TOTAL_STEPS:
+        break
+      input_ids = batch.to(device)
+      with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16):
+        logits = model(input_ids)
+        shift_logits = logits[:, :-1, :].contiguous()
+        shift_labels = input_ids[:, 1:].contiguous()
+        loss = loss_fn(shift_logits.view(-1, VOCAB_SIZE), shift_labels.view(-1))
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+      step += 1
+
+      W_curr = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
+      W_history[step] = W_curr
+      delta_W = W_curr.float() - W_prev.float()
+      ulp = compute_ulp_bf16(W_prev)
+      delta_W_prime = delta_W / ulp
+      delta_W_prime_history[step - 1] = delta_W_prime
+      centroid_history[step] = W_curr.float().mean(dim=0)
+      loss_history[step] = loss.item()
+      displacement_magnitude = torch.norm(delta_W_prime, dim=1)
+      moved = displacement_magnitude >= MOTION_THRESHOLD
+      last_motion_step[moved] = step
+      W_prev = W_curr
+      if pbar is not None:
+        pbar.set_postfix({'loss': f'{loss.item():.4f}', 'epoch': epoch})
+        pbar.update(1)
+      else:
+        _ = loss.item()
+      stamps.append(time.perf_counter() - t0)
+      if step & (step - 1) == 0 or step == TOTAL_STEPS:  # powers of two and the end
+        rss_marks.append((step, rss_bytes(), peak_rss_bytes()))
+      if (args.max_seconds and step >= args.warmup + 3
+          and stamps[-1] - stamps[args.warmup - 1 if args.warmup else 0] > args.max_seconds):
+        stop = True  # a timing run: enough steps measured
+        break
+  if pbar is not None:
+    pbar.close()
+
+  done = step
+  w = min(args.warmup, done - 1)
+  timed = done - w
+  span = stamps[-1] - (stamps[w - 1] if w > 0 else 0.0)
+  print(json.dumps({
+      "side": "torch", "device": device, "threads": torch.get_num_threads(),
+      "torch": torch.__version__, "steps": done, "requested_steps": TOTAL_STEPS, "warmup": w,
+      "steps_per_s": timed / span, "step_times": np.diff([0.0] + stamps).tolist(),
+      "first_step_s": stamps[0], "final_loss": float(loss_history[step]),
+      "n_dead": n_dead, "history_bytes": int(
+          W_history.numel() * 2 + delta_W_prime_history.numel() * 4
+          + centroid_history.numel() * 4 + loss_history.numel() * 4 + n_dead * 4),
+      "rss_after_alloc": rss_after_alloc, "rss_marks": rss_marks,
+      "peak_rss": peak_rss_bytes(), "epochs": epoch,
+      "malloc_env": {k: v for k, v in os.environ.items()
+                     if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
+  }))
+
+
+if __name__ == "__main__":
+  main()

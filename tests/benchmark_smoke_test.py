@@ -1,0 +1,28 @@
+"""The benchmark driver runs end to end at --size=tiny (the benchmark itself is not a test)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tiny_benchmark_prints_the_ratio_line(tiny_data, tmp_path):
+  pytest.importorskip("torch")  # the baseline is the lab's torch loop
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "crucible1_bench.py"), "--size=tiny",
+         "--steps=30", "--chunk=10", "--torch_steps=12", "--ceiling_seconds=1",
+         f"--corpus_path={tiny_data['corpus']}", f"--tokenizer_path={tiny_data['tokenizer']}",
+         f"--work_dir={tmp_path}", f"--json={tmp_path / 'raw.json'}"]
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  lines = p.stdout.strip().splitlines()
+  assert re.fullmatch(r"ratio_vs_tuned_torch=\d+\.\d+", lines[-1]), p.stdout + p.stderr[-3000:]
+  assert float(lines[-1].split("=")[1]) > 0
+  out = p.stdout
+  for side in ("torch, default allocator", "torch, tuned allocator", "jaxdt train.train"):
+    assert re.search(re.escape(side) + r"\s+\d+\s+\d", out), out
+  assert "GEMM ceilings" in out and "jaxdt RSS vs steps" in out
+  assert (tmp_path / "raw.json").exists()
