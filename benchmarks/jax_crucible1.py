@@ -49,13 +49,25 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+def context_switches() -> tuple:
+  """(voluntary, involuntary) context switches of all this process's threads so far."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_nvcsw, r.ru_nivcsw
+
+
 class TimedProgress(train.Progress):
-  """train.Progress that also stamps every chunk: (time, steps done, RSS, peak RSS)."""
+  """train.Progress that also stamps every chunk: (time, steps done, RSS, peak RSS, loss, CPU s)."""
 
   marks: list = []
 
   def update(self, done: int, loss: float):
-    TimedProgress.marks.append((time.perf_counter(), done, rss_bytes(), peak_rss_bytes(), loss))
+    TimedProgress.marks.append((time.perf_counter(), done, rss_bytes(), peak_rss_bytes(), loss,
+                                cpu_seconds(), context_switches()))
     super().update(done, loss)
 
 
@@ -117,7 +129,11 @@ def main(argv=None):
       "gemm_operands": str(model._gemm_dtype(jax.numpy.bfloat16)),  # pylint: disable=protected-access
       "steps_per_s": steady, "wall_s": wall, "first_chunk_s": first[0] - t0,
       "compile_s": backend_compile, "trace_lower_s": trace,
-      "marks": [(round(t - t0, 3), d, r, pk) for t, d, r, pk, _ in marks],
+      "marks": [(round(t - t0, 3), d, r, pk) for t, d, r, pk, *_ in marks],
+      # CPU seconds per wall second over the steady span: how many cores the run kept busy.
+      "cores_busy": (last[5] - first[5]) / (last[0] - first[0]) if len(marks) > 1 else None,
+      # Context switches per step over the steady span (voluntary: a thread slept).
+      "csw_per_step": [(b - a) / max(last[1] - first[1], 1) for a, b in zip(first[6], last[6])],
       "peak_rss": peak_rss_bytes(), "final_loss": last[4],
       "completed": result is not None,
       "trajectory_bytes": os.path.getsize(result.trajectory) if result else None,
