@@ -66,7 +66,7 @@ class Size:
 
 SIZES = {
     "full": Size("full", 10000, 64, 128, 128, jax_steps=300, jax_chunk=100,
-                 torch_steps=40, torch_warmup=2, torch_seconds=150.0),
+                 torch_steps=40, torch_warmup=2, torch_seconds=100.0),
     "small": Size("small", 2000, 64, 16, 64, jax_steps=3000, jax_chunk=100,
                   torch_steps=1000, torch_warmup=20, torch_seconds=60.0),
     "tiny": Size("tiny", 256, 32, 4, 16, jax_steps=60, jax_chunk=20,
@@ -262,7 +262,7 @@ def run_torch(s: Size, paths: dict, tuned: bool, args) -> dict:
 
 
 def run_jax(s: Size, paths: dict, args, out_dir: str, steps: int, chunk: int,
-            experiment: str = "crucible1", stop_after=None) -> dict:
+            experiment: str = "crucible1", stop_after=None, checkpoints=False) -> dict:
   cmd = [sys.executable, os.path.join(HERE, "jax_crucible1.py"), f"--experiment={experiment}",
          f"--corpus_path={paths['corpus']}", f"--tokenizer_path={paths['tokenizer']}",
          f"--vocab={s.vocab}", f"--hidden={s.hidden}", f"--batch={s.batch}", f"--seq={s.seq}",
@@ -270,6 +270,8 @@ def run_jax(s: Size, paths: dict, args, out_dir: str, steps: int, chunk: int,
          f"--gemm_operands={args.gemm_operands}"]
   if stop_after:
     cmd.append(f"--stop_after={stop_after}")
+  if checkpoints:
+    cmd.append("--checkpoints")
   return _run(cmd, _clean_env(), f"jaxdt {experiment} {s.name}")
 
 
@@ -346,6 +348,8 @@ def main(argv=None):
   p.add_argument("--gemm_operands", default="auto", choices=("auto", "float32", "bfloat16"))
   p.add_argument("--rss_steps", type=int, default=0,
                  help="also a long jaxdt run of this many steps at the largest size, for RSS")
+  p.add_argument("--no_main", action="store_true",
+                 help="skip the side-by-side runs (with --rss_steps: only the RSS run)")
   p.add_argument("--rss_experiment", default="crucible1", help="experiment of the RSS run")
   p.add_argument("--rss_stop_after", type=int, default=None,
                  help="stop the RSS run after this many of its --rss_steps steps")
@@ -374,7 +378,7 @@ def main(argv=None):
       if isinstance(v, dict)), flush=True)
   raw = {"machine": cpu, "gpu": gpu, "ceilings": ceil, "sizes": {}}
   last_ratio = None
-  for name in sizes:
+  for name in ([] if args.no_main else sizes):
     s = SIZES[name]
     paths = prepare_data(s, args, work)
     chunk = args.chunk or s.jax_chunk
@@ -398,10 +402,11 @@ def main(argv=None):
     s = SIZES[sizes[-1]]
     paths = prepare_data(s, args, work)
     out_dir = os.path.join(work, f"rss_{args.rss_experiment}_{int(time.time())}")
-    r = run_jax(s, paths, args, out_dir, args.rss_steps, s.jax_chunk, args.rss_experiment,
-                args.rss_stop_after)
+    r = run_jax(s, paths, args, out_dir, args.rss_steps, args.chunk or s.jax_chunk,
+                args.rss_experiment, args.rss_stop_after, checkpoints=True)
     if r:
-      print(f"== RSS run: {args.rss_experiment}, size={s.name}, {args.rss_steps} steps"
+      print(f"== RSS run: {args.rss_experiment} (its checkpoints on), size={s.name}, "
+            f"{args.rss_steps} steps"
             f"{'' if not args.rss_stop_after else f' (stopped after {args.rss_stop_after})'}, "
             f"{fmt_rate(r['steps_per_s'])} steps/s, peak RSS {gb(r['peak_rss'])}")
       for _, d, now, pk in r["marks"]:

@@ -55,9 +55,9 @@ def cpu_seconds() -> float:
 
 
 def context_switches() -> tuple:
-  """(voluntary, involuntary) context switches of all this process's threads so far."""
+  """(voluntary, involuntary) context switches and minor page faults of this process so far."""
   r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_nvcsw, r.ru_nivcsw
+  return r.ru_nvcsw, r.ru_nivcsw, r.ru_minflt
 
 
 class TimedProgress(train.Progress):
@@ -132,7 +132,8 @@ def main(argv=None):
       "marks": [(round(t - t0, 3), d, r, pk) for t, d, r, pk, *_ in marks],
       # CPU seconds per wall second over the steady span: how many cores the run kept busy.
       "cores_busy": (last[5] - first[5]) / (last[0] - first[0]) if len(marks) > 1 else None,
-      # Context switches per step over the steady span (voluntary: a thread slept).
+      # Context switches (voluntary: a thread slept; involuntary) and minor page
+      # faults per step over the steady span.
       "csw_per_step": [(b - a) / max(last[1] - first[1], 1) for a, b in zip(first[6], last[6])],
       "peak_rss": peak_rss_bytes(), "final_loss": last[4],
       "completed": result is not None,
