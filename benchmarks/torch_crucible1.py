@@ -9,7 +9,8 @@ every step. Only the sizes, the step count and the token source are
 parameters: tokens come from an .npy file the benchmark driver writes (the same
 ids jaxdt trains on), instead of a fresh `tokenizer.encode`.
 
-Not part of the library: jaxdt never imports this. Run by
+Not part of the library: jaxdt never imports this (tests/parity/model_parity_test.py
+loads its TinyLM, the one copy of the seed's model class). Run by
 `benchmarks/crucible1_bench.py` in its own process (allocator settings such as
 MALLOC_MMAP_MAX_ must be in the environment before the process starts). Prints
 one JSON line with per-step timestamps and RSS.

@@ -13,8 +13,8 @@ element for element. The token table is `params["embedding"]` [V, D] in both.
 The compute dtype is the params' dtype. bf16 params compute like torch's
 `model.to(torch.bfloat16)` on CPU: matmuls accumulate in f32 and round once;
 LayerNorm, softmax and GELU run in f32 and round their outputs. fp32 params use
-Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32). On CPUs without
-bf16 hardware the GEMMs read bf16 values as f32 (exact; faster there).
+Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32). On CPU the
+GEMMs read bf16 values as f32 (exact; XLA:CPU's f32 GEMMs are the faster ones).
 
 Training does not call `apply`: `hidden` + `tied_logits_nll` give the same loss
 block by block without the (B, T, V) logits (see that section).
@@ -22,7 +22,6 @@ block by block without the (B, T, V) logits (see that section).
 
 from __future__ import annotations
 
-import functools
 import math
 import pathlib
 import re
@@ -51,35 +50,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 GEMM_OPERAND_DTYPE = None
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_native_bf16() -> bool:
-  """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16; Linux)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
-          return bool(flags & {"avx512_bf16", "amx_bf16"})
-  except OSError:
-    pass
-  return False
-
-
 def _gemm_dtype(dtype):
-  """The dtype a GEMM reads operands of `dtype` in: f32 for bf16 on CPUs without
-  bf16 hardware, else `dtype` itself.
+  """The dtype a GEMM reads operands of `dtype` in: f32 for bf16 on CPU, else `dtype`.
 
   bf16 x bf16 products are exact in f32 and every GEMM here accumulates in
   f32, so this choice changes speed, not values (beyond f32 summation order).
-  On an AVX2 host XLA:CPU (YNNPACK) ran bf16 operands 1.4-2.4x slower per core
-  than the same values in f32 (it widens them in its kernels); with AVX512_BF16
-  or AMX it has native bf16 kernels, and GPUs want bf16. See BUILD_NOTES,
-  "Benchmarks". Decided when tracing, for the default backend.
+  XLA:CPU in jaxlib 0.10.2 has no bf16 GEMM that beats its f32 one: on an AVX2
+  host bf16 operands ran Crucible 1 at 0.79 steps/s against 1.05 in f32 (its
+  bf16 square-GEMM ceiling 99-103 GFLOP/s against 139-173 in f32), and on an
+  AVX512_BF16 host it converted every bf16 dot to f32 itself (issue 6's
+  prototype). GPUs keep bf16. See BUILD_NOTES, "Benchmarks". Decided when
+  tracing, for the default backend.
   """
   if GEMM_OPERAND_DTYPE is not None:
     return jnp.dtype(GEMM_OPERAND_DTYPE) if jnp.dtype(dtype) == jnp.bfloat16 else dtype
-  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" \
-      and not _cpu_has_native_bf16():
+  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
     return jnp.dtype(jnp.float32)
   return dtype
 

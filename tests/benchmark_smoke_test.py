@@ -25,4 +25,5 @@ def test_tiny_benchmark_prints_the_ratio_line(tiny_data, tmp_path):
   for side in ("torch, default allocator", "torch, tuned allocator", "jaxdt train.train"):
     assert re.search(re.escape(side) + r"\s+\d+\s+\d", out), out
   assert "GEMM ceilings" in out and "jaxdt RSS vs steps" in out
+  assert "(median of 2 processes)" in out, out  # tiny runs jaxdt in two processes
   assert (tmp_path / "raw.json").exists()

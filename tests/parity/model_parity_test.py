@@ -1,6 +1,7 @@
 """jaxdt.model against PyTorch on the same weights.
 
-encoder: the lab's TinyLM class, copied unchanged from Crucible 1 (crucible1.md).
+encoder: the lab's TinyLM class, unchanged from Crucible 1 (crucible1.md), as
+benchmarks/torch_crucible1.py holds it.
 gpt2: HF GPT2LMHeadModel built as Thimble 1 builds it; tested only where
 transformers is importable (a hand-written torch GPT-2 would prove nothing).
 
@@ -9,6 +10,8 @@ except under CI (env CI set), where they fail.
 Run with `-s` to see the measured errors.
 """
 
+import functools
+import importlib.util
 import os
 import tempfile
 import unittest
@@ -50,52 +53,24 @@ def setUpModule():
     raise unittest.SkipTest("torch is not installed")
 
 
-if torch is not None:
-
-  class TinyLM(nn.Module):  # Crucible 1, cell 7, unchanged.
-    def __init__(self, vocab_size, hidden_dim, num_layers, num_heads, seq_len):
-      super().__init__()
-
-      self.embedding = nn.Embedding(vocab_size, hidden_dim)
-      self.pos_embedding = nn.Embedding(seq_len, hidden_dim)
-
-      encoder_layer = nn.TransformerEncoderLayer(
-          d_model=hidden_dim,
-          nhead=num_heads,
-          dim_feedforward=hidden_dim * 4,
-          dropout=0.0,
-          activation='gelu',
-          batch_first=True,
-          norm_first=True
-      )
-      self.transformer = nn.TransformerEncoder(encoder_layer, num_layers=num_layers)
-      self.ln_f = nn.LayerNorm(hidden_dim)
-
-      nn.init.normal_(self.embedding.weight, mean=0.0, std=0.02)
-      nn.init.normal_(self.pos_embedding.weight, mean=0.0, std=0.02)
-
-    def forward(self, input_ids):
-      batch_size, seq_len = input_ids.shape
-
-      tok_emb = self.embedding(input_ids)
-      pos_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
-      pos_emb = self.pos_embedding(pos_ids)
-
-      hidden = tok_emb + pos_emb
-      causal_mask = nn.Transformer.generate_square_subsequent_mask(seq_len, device=input_ids.device)
-      hidden = self.transformer(hidden, mask=causal_mask, is_causal=True)
-      hidden = self.ln_f(hidden)
-
-      logits = hidden @ self.embedding.weight.T
-      return logits
+@functools.lru_cache(maxsize=None)
+def _lab_tinylm():
+  """The lab's TinyLM class (Crucible 1, cell 7, unchanged), from the benchmark's port of
+  the seed's loop, so the parity test and the benchmark share one copy."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__)))), "benchmarks", "torch_crucible1.py")
+  spec = importlib.util.spec_from_file_location("_jaxdt_torch_crucible1", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.TinyLM
 
 
 def _torch_model(cfg, seed=0):
   """The lab's torch model for `cfg`, fp32, train mode (as the lab trains)."""
   torch.manual_seed(seed)
   if cfg.variant == "encoder":
-    m = TinyLM(cfg.vocab_size, cfg.hidden_dim, cfg.num_layers, cfg.num_heads,
-               cfg.max_seq_len)
+    m = _lab_tinylm()(cfg.vocab_size, cfg.hidden_dim, cfg.num_layers, cfg.num_heads,
+                      cfg.max_seq_len)
   else:
     m = GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.hidden_dim,
@@ -109,7 +84,7 @@ def _torch_model(cfg, seed=0):
 def _torch_forward(m, ids):
   """(logits, post-ln_f hidden) of the torch model."""
   seen = []
-  ln_f = m.ln_f if isinstance(m, TinyLM) else m.transformer.ln_f
+  ln_f = m.ln_f if isinstance(m, _lab_tinylm()) else m.transformer.ln_f
   hook = ln_f.register_forward_hook(lambda mod, inp, out: seen.append(out))
   out = m(ids)
   hook.remove()
