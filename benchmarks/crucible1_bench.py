@@ -252,14 +252,15 @@ def _run(cmd, env, label, timeout=None):
   return out
 
 
-def run_torch(s: Size, paths: dict, tuned: bool, args) -> dict:
+def run_torch(s: Size, paths: dict, tuned: bool, args, dtype: str = "bfloat16") -> dict:
   cmd = [sys.executable, os.path.join(HERE, "torch_crucible1.py"), f"--tokens={paths['tokens']}",
          f"--dead_mask={paths['dead']}", f"--vocab={s.vocab}", f"--hidden={s.hidden}",
          f"--batch={s.batch}", f"--seq={s.seq}",
          f"--steps={args.torch_steps or s.torch_steps}", f"--warmup={s.torch_warmup}",
-         f"--max_seconds={args.torch_seconds if args.torch_seconds is not None else s.torch_seconds}"]
+         f"--max_seconds={args.torch_seconds if args.torch_seconds is not None else s.torch_seconds}",
+         f"--dtype={dtype}"]
   return _run(cmd, _clean_env(TUNED_MALLOC if tuned else None),
-              f"torch {'tuned' if tuned else 'default'} {s.name}")
+              f"torch {'tuned' if tuned else 'default'} {dtype} {s.name}")
 
 
 def run_jax(s: Size, paths: dict, args, out_dir: str, steps: int, chunk: int,
@@ -306,8 +307,11 @@ def report(s: Size, res: dict, paths: dict) -> list:
            f"{'side':28s} {'steps':>6s} {'steps/s':>9s} {'GFLOP/s':>8s} {'first step':>11s} "
            f"{'compile':>8s} {'peak RSS':>9s}"]
   for key, label in (("torch_default", "torch, default allocator"),
-                     ("torch_tuned", "torch, tuned allocator"), ("jaxdt", "jaxdt train.train")):
+                     ("torch_tuned", "torch, tuned allocator"), ("jaxdt", "jaxdt train.train"),
+                     ("torch_f32", "(torch f32, tuned; not seed)")):
     r = res.get(key)
+    if r is None and key == "torch_f32":
+      continue
     if r is None:
       lines.append(f"{label:28s} (not run or failed)")
       continue
@@ -320,6 +324,10 @@ def report(s: Size, res: dict, paths: dict) -> list:
   rd, rt = ratio(j, res.get("torch_default")), ratio(j, res.get("torch_tuned"))
   lines.append(f"ratio jaxdt / torch default = {'n/a' if rd is None else f'{rd:.2f}x'}; "
                f"jaxdt / torch tuned = {'n/a' if rt is None else f'{rt:.2f}x'}")
+  if res.get("torch_f32"):
+    rf = ratio(j, res["torch_f32"])
+    lines.append(f"(reference only: jaxdt / torch f32 = {'n/a' if rf is None else f'{rf:.2f}x'}; "
+                 "the seed's loop is bf16, this shows torch's f32 kernels on this machine)")
   if j:
     lines.append(f"jaxdt: {j['device']} ({j['device_kind']}), GEMM operands {j['gemm_operands']}, "
                  f"chunk {j['chunk']}, wall {j['wall_s']:.1f}s incl. setup+compile, "
@@ -354,6 +362,8 @@ def main(argv=None):
                  help="stop a torch run once its timed steps took this long (default per size)")
   p.add_argument("--torch", default="both", choices=("both", "default", "tuned", "none"),
                  help="which torch allocator variants to run")
+  p.add_argument("--torch_f32", action="store_true",
+                 help="also time the torch loop in f32 (tuned allocator), a reference only")
   p.add_argument("--gemm_operands", default="auto", choices=("auto", "float32", "bfloat16"))
   p.add_argument("--rss_steps", type=int, default=0,
                  help="also a long jaxdt run of this many steps at the largest size, for RSS")
@@ -398,6 +408,8 @@ def main(argv=None):
       res["torch_default"] = run_torch(s, paths, False, args)
     if args.torch in ("both", "tuned"):
       res["torch_tuned"] = run_torch(s, paths, True, args)
+    if args.torch_f32:
+      res["torch_f32"] = run_torch(s, paths, True, args, "float32")
     runs = []
     for i in range(args.jax_repeats or s.jax_repeats):
       out_dir = os.path.join(work, f"run_{name}_{i}_{int(time.time())}")

@@ -135,6 +135,9 @@ def main(argv=None):
   p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda")
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
   p.add_argument("--bar", action="store_true", help="show the tqdm bar on stderr (the seed does)")
+  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                 help="bfloat16: the seed; float32: a reference only (model in f32, autocast "
+                      "off), to show what torch's f32 kernels do where its bf16 ones are slow")
   args = p.parse_args(argv)
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -154,7 +157,7 @@ def main(argv=None):
   dataset = TextDataset(np.load(args.tokens).tolist(), SEQ_LEN)  # a list, as encoding.ids is
 
   model = TinyLM(VOCAB_SIZE, args.hidden, NUM_LAYERS, NUM_HEADS, SEQ_LEN)
-  model = model.to(device).to(torch.bfloat16)
+  model = model.to(device).to(getattr(torch, args.dtype))
   optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(BETA1, BETA2),
                                 eps=EPSILON, weight_decay=WEIGHT_DECAY)
 
@@ -189,7 +192,8 @@ def main(argv=None):
       if step >= TOTAL_STEPS:
         break
       input_ids = batch.to(device)
-      with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16):
+      with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16,
+                          enabled=args.dtype == "bfloat16"):
         logits = model(input_ids)
         shift_logits = logits[:, :-1, :].contiguous()
         shift_labels = input_ids[:, 1:].contiguous()
@@ -231,7 +235,7 @@ def main(argv=None):
   timed = done - w
   span = stamps[-1] - (stamps[w - 1] if w > 0 else 0.0)
   print(json.dumps({
-      "side": "torch", "device": device, "threads": torch.get_num_threads(),
+      "side": "torch", "dtype": args.dtype, "device": device, "threads": torch.get_num_threads(),
       "torch": torch.__version__, "steps": done, "requested_steps": TOTAL_STEPS, "warmup": w,
       "steps_per_s": timed / span, "step_times": np.diff([0.0] + stamps).tolist(),
       "first_step_s": stamps[0], "final_loss": float(loss_history[step]),

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_tiny_benchmark_prints_the_ratio_line(tiny_data, tmp_path):
   pytest.importorskip("torch")  # the baseline is the lab's torch loop
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "crucible1_bench.py"), "--size=tiny",
-         "--steps=30", "--chunk=10", "--torch_steps=12", "--ceiling_seconds=1",
+         "--steps=30", "--chunk=10", "--torch_steps=12", "--ceiling_seconds=1", "--torch_f32",
          f"--corpus_path={tiny_data['corpus']}", f"--tokenizer_path={tiny_data['tokenizer']}",
          f"--work_dir={tmp_path}", f"--json={tmp_path / 'raw.json'}"]
   p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -26,4 +26,5 @@ def test_tiny_benchmark_prints_the_ratio_line(tiny_data, tmp_path):
     assert re.search(re.escape(side) + r"\s+\d+\s+\d", out), out
   assert "GEMM ceilings" in out and "jaxdt RSS vs steps" in out
   assert "(median of 2 processes)" in out, out  # tiny runs jaxdt in two processes
+  assert "reference only: jaxdt / torch f32 = " in out, out  # --torch_f32
   assert (tmp_path / "raw.json").exists()
