@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 
@@ -35,29 +34,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import experiments  # pylint: disable=g-import-not-at-top
 from jaxdt import model  # pylint: disable=g-import-not-at-top
 from jaxdt import train  # pylint: disable=g-import-not-at-top
-
-
-def rss_bytes() -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  return 0
-
-
-def peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cpu_seconds() -> float:
-  t = os.times()
-  return t.user + t.system
-
-
-def context_switches() -> tuple:
-  """(voluntary, involuntary) context switches and minor page faults of this process so far."""
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_nvcsw, r.ru_nivcsw, r.ru_minflt
+from procstat import (  # pylint: disable=g-import-not-at-top
+    context_switches, cpu_seconds, peak_rss_bytes, rss_bytes)
 
 
 class TimedProgress(train.Progress):

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import sys
 import time
 
@@ -107,19 +106,6 @@ def compute_ulp_bf16(tensor_bf16: torch.Tensor) -> torch.Tensor:  # cell 9
   return ulp
 
 
-def rss_bytes() -> int:
-  """Current resident set size (VmRSS) of this process."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  return 0
-
-
-def peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tokens", required=True, help=".npy of int token ids (the corpus)")
@@ -139,6 +125,8 @@ def main(argv=None):
                  help="bfloat16: the seed; float32: a reference only (model in f32, autocast "
                       "off), to show what torch's f32 kernels do where its bf16 ones are slow")
   args = p.parse_args(argv)
+  # Imported here: tests/parity loads this file by path for TinyLM alone.
+  from procstat import peak_rss_bytes, rss_bytes  # pylint: disable=g-import-not-at-top
   if args.threads:
     torch.set_num_threads(args.threads)
   device = args.device
