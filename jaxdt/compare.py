@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from jaxdt import analysis
+from jaxdt import lattice
 from jaxdt import stream
 from jaxdt import trajectory
 
@@ -35,10 +36,8 @@ def _key_layout(reader, key: str, steps: int) -> Optional[int]:
 
 def _as_values(a: np.ndarray, code: str) -> Optional[np.ndarray]:
   """Values for |difference|: bf16 bits (U16/BF16), floats and integers as f64; None for bool."""
-  if code in ("U16", "BF16"):
-    return trajectory.np_bf16_to_f32(a).astype(np.float64)
-  if code in ("F32", "F64", "I8", "I16", "I32", "I64", "U8", "U32", "U64"):
-    return a.astype(np.float64)
+  if code in ("U16", "BF16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "U32", "U64"):
+    return trajectory.np_as_float64(a, code)
   return None
 
 
@@ -88,8 +87,8 @@ def compare_key(ra, rb, key: str, steps_a: int, steps_b: int,
     b = rb.read(key) if s is None else rb.rows(key, s, e)
     if a.dtype == np.bool_:
       a, b = a.view(np.uint8), b.view(np.uint8)
-    ua = trajectory.bit_view(np.ascontiguousarray(a))
-    ub = trajectory.bit_view(np.ascontiguousarray(b))
+    ua = lattice.np_bits(np.ascontiguousarray(a))
+    ub = lattice.np_bits(np.ascontiguousarray(b))
     bits_per = ua.dtype.itemsize * 8
     eq = ua == ub
     n += eq.size

@@ -166,6 +166,7 @@ def bf16_round_trip(x) -> jax.Array:
 
 
 def np_bits(x: np.ndarray) -> np.ndarray:
-  """numpy: the uint16 view of a bf16 array, uint32 of f32 (for bit-exact asserts)."""
+  """numpy: the unsigned-integer view of an array's bits (uint8/16/32/64 by item size:
+  uint16 for bf16, uint32 for f32), for bit-exact comparisons."""
   x = np.asarray(x)
-  return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
+  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdt import optim
+
 
 def _pairwise_sum(x, xp):
   n = x.shape[0]
@@ -31,9 +33,7 @@ def sum_rows(x):
 def mean_rows(x):
   """f32 mean over axis 0: `sum_rows` then a true division by n (not a multiply by 1/n)."""
   x = jnp.asarray(x, jnp.float32)
-  total = sum_rows(x)
-  n = jnp.float32(x.shape[0])
-  return total / (n + total * 0)  # XLA would rewrite `total / n` as total * (1/n)
+  return optim._true_div(sum_rows(x), jnp.float32(x.shape[0]))  # pylint: disable=protected-access
 
 
 def np_sum_rows(x: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from jaxdt import lattice
 from jaxdt import trajectory
 
 BLOCK_BYTES = 64 << 20  # rows read per block: about this many bytes
@@ -133,7 +134,7 @@ def scan(traj: trajectory.Trajectory, threshold: float = MOTION_THRESHOLD,
     hot_to_cold += int((~chain[:-1] & chain[1:]).sum())
     prev_frozen = frozen[-1]
     if has_w:
-      bits = trajectory.bit_view(w)
+      bits = lattice.np_bits(w)
       global_frozen[s:e] = (bits[1:] == bits[:-1]).all(axis=(1, 2))
       k = e + 1 - s if e == T else e - s  # W rows s..e-1, and row T in the last block
       x = traj.values(w[:k]).astype(np.float64)  # (k, n, D)

@@ -27,12 +27,20 @@ class AnalysisError(ValueError):
   """A file or path that cannot be analysed; the message is one line with the fix."""
 
 
-# --- Lattice displacement and bit views in numpy (the lab's formula) ---------
+# --- Lattice displacement in numpy (the lab's formula) -----------------------
 
 
 def np_bf16_to_f32(bits: np.ndarray) -> np.ndarray:
   """bf16 bit patterns (uint16) as their exact f32 values."""
   return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def np_as_float64(x: np.ndarray, code: str) -> np.ndarray:
+  """A stored tensor's values as f64: bf16 bit patterns (safetensors code U16/BF16)
+  by their bf16 value, every other numeric code by its own value."""
+  if code in ("U16", "BF16"):
+    return np_bf16_to_f32(x).astype(np.float64)
+  return x.astype(np.float64)
 
 
 def np_ulp(bits: np.ndarray) -> np.ndarray:
@@ -65,11 +73,6 @@ def np_f32_cells(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
   spacing = np.ldexp(np.float32(1), np.maximum(e, 1) - 150).astype(np.float32)
   with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
     return (np.asarray(nxt, np.float32) - prev) / spacing
-
-
-def bit_view(a: np.ndarray) -> np.ndarray:
-  """The unsigned-integer view of an array's bits (uint8/16/32/64 by item size)."""
-  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
 # --- Opening files: our layout and the lab's ---------------------------------

@@ -43,6 +43,7 @@ import numpy as np
 from jaxdt import accounting
 from jaxdt import config as config_lib
 from jaxdt import data
+from jaxdt import lattice
 from jaxdt import optim
 from jaxdt import precision
 from jaxdt import probes
@@ -163,12 +164,6 @@ def check_reference(path: str, spec: Verification, expected: dict,
             f"({len(dead_indices)} ids); pass a reference made from the same data")
 
 
-def _as_float(x: np.ndarray, code: str) -> np.ndarray:
-  if code in ("U16", "BF16"):  # bf16 bits
-    return x.view(ml_dtypes.bfloat16).astype(np.float64)
-  return x.astype(np.float64)
-
-
 def compare_key(ours: store.TrajectoryReader, ref: store.TrajectoryReader, key: str,
                 first_step: int) -> KeyResult:
   """Compares `key` of `ours` with the same number of leading rows of `ref`, bit for bit.
@@ -192,14 +187,14 @@ def compare_key(ours: store.TrajectoryReader, ref: store.TrajectoryReader, key: 
   for start in range(0, n, block):
     stop = min(n, start + block)
     a, b = ours.rows(key, start, stop), ref.rows(key, start, stop)
-    diff = trajectory.bit_view(a) != trajectory.bit_view(b)
+    diff = lattice.np_bits(a) != lattice.np_bits(b)
     per_row = diff.reshape(stop - start, -1).any(axis=1)
     n_diff += int(diff.sum())
     if start == 0:
       first_row_match = not bool(per_row[0])
     if first_diff is None and per_row.any():
       first_diff = first_step + start + int(np.argmax(per_row))
-    fa, fb = _as_float(a, code), _as_float(b, code)
+    fa, fb = trajectory.np_as_float64(a, code), trajectory.np_as_float64(b, code)
     close &= bool(np.allclose(fb, fa, rtol=LOSS_RTOL, atol=LOSS_ATOL))
     gap = np.abs(fb - fa).reshape(stop - start, -1).max(axis=1)
     if gap.size and np.nanmax(gap, initial=-1.0) > max_diff:
@@ -381,7 +376,7 @@ def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> A
     cosine = float(computed.ravel() @ measured.ravel()) / (computed_norm * measured_norm)
   replayed = np.asarray(accounting.replay(jnp.asarray(w_prev), jnp.asarray(m), jnp.asarray(v),
                                           t, hp))
-  equal = int((trajectory.bit_view(replayed) == trajectory.bit_view(w_next)).sum())
+  equal = int((lattice.np_bits(replayed) == lattice.np_bits(w_next)).sum())
   return AccountingRow(t, float(ratio), float(cosine), equal, int(w_next.size))
 
 
