@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,11 +119,12 @@ def loadavg() -> str:
 
 CEILING_CODE = r"""
 import json, sys, time
-budget = float(sys.argv[1])
+budget, framework = float(sys.argv[1]), sys.argv[2]
 out = {}
-def run(name, make, mm, sync, start=256, top=4096):
-  # Doubles n until one product takes > 0.25 s (or n = top); best of 3 at that n.
-  n, rate = start, None
+def run(name, make, mm, sync, top):
+  # Doubles n from 256 until one product takes > 0.25 s (or n = top, or the budget
+  # would run out); best of 3 at that n.
+  n = 256
   while True:
     a, b = make(n)
     sync(mm(a, b))
@@ -134,40 +136,25 @@ def run(name, make, mm, sync, start=256, top=4096):
       out[name] = {"gflops": 2 * n ** 3 / best / 1e9, "n": n}
       return
     n *= 2
-import torch
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-tsync = (lambda x: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: None)
-for dt in ("float32", "bfloat16"):
-  run(f"torch {dt}", lambda n, dt=dt: (torch.randn(n, n, device=dev).to(getattr(torch, dt)),
-                                     torch.randn(n, n, device=dev).to(getattr(torch, dt))),
-      torch.matmul, tsync, top=16384 if dev == "cuda" else 4096)
-out["torch_threads"] = torch.get_num_threads()
-print(json.dumps(out))
-"""
-
-XLA_CEILING_CODE = r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[2])
-from jaxdt import backend
-backend.configure()
-import jax, jax.numpy as jnp
-budget = float(sys.argv[1])
-out = {}
-for dt in ("float32", "bfloat16"):
+if framework == "torch":
+  import torch
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  sync = (lambda x: torch.cuda.synchronize()) if dev == "cuda" else (lambda x: None)
+  for dt in ("float32", "bfloat16"):
+    run(f"torch {dt}", lambda n, dt=dt: (torch.randn(n, n, device=dev).to(getattr(torch, dt)),
+                                       torch.randn(n, n, device=dev).to(getattr(torch, dt))),
+        torch.matmul, sync, top=16384 if dev == "cuda" else 4096)
+  out["torch_threads"] = torch.get_num_threads()
+else:
+  sys.path.insert(0, sys.argv[3])
+  from jaxdt import backend
+  backend.configure()
+  import jax, jax.numpy as jnp
   f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
-  n = 256
-  while True:
-    a = jnp.ones((n, n), dt); b = jnp.ones((n, n), dt)
-    f(a, b).block_until_ready()
-    t = time.perf_counter(); f(a, b).block_until_ready(); d = time.perf_counter() - t
-    if d > 0.25 or n >= (16384 if jax.default_backend() == "gpu" else 4096) or d * 32 > budget:
-      best = d
-      for _ in range(2 if d < budget / 4 else 0):
-        t = time.perf_counter(); f(a, b).block_until_ready(); best = min(best, time.perf_counter() - t)
-      out[f"xla {dt}"] = {"gflops": 2 * n ** 3 / best / 1e9, "n": n}
-      break
-    n *= 2
-out["xla_device"] = jax.devices()[0].device_kind
+  for dt in ("float32", "bfloat16"):
+    run(f"xla {dt}", lambda n, dt=dt: (jnp.ones((n, n), dt), jnp.ones((n, n), dt)), f,
+        lambda x: x.block_until_ready(), top=16384 if jax.default_backend() == "gpu" else 4096)
+  out["xla_device"] = jax.devices()[0].device_kind
 print(json.dumps(out))
 """
 
@@ -175,8 +162,9 @@ print(json.dumps(out))
 def ceilings(budget: float) -> dict:
   """GEMM ceilings of this machine: torch (MKL/oneDNN) and XLA, f32 and bf16."""
   res = {}
-  for code, extra in ((CEILING_CODE, []), (XLA_CEILING_CODE, [ROOT])):
-    out = _run([sys.executable, "-c", code, str(budget)] + extra, env=_clean_env(), label="ceiling")
+  for framework in ("torch", "xla"):
+    out = _run([sys.executable, "-c", CEILING_CODE, str(budget), framework, ROOT],
+               env=_clean_env(), label=f"{framework} ceiling")
     if out is not None:
       res.update(out)
   return res
@@ -415,10 +403,11 @@ def main(argv=None):
       out_dir = os.path.join(work, f"run_{name}_{i}_{int(time.time())}")
       runs.append(run_jax(s, paths, args, out_dir, steps, chunk))
       _cleanup(out_dir)
-    runs = [r for r in runs if r] or [None]
-    # The median process stands for jaxdt; every process's rate is printed.
-    res["jaxdt"] = sorted(runs, key=lambda r: r["steps_per_s"] if r else 0)[(len(runs) - 1) // 2]
-    res["jaxdt_processes"] = runs if runs != [None] else []
+    # The median process stands for jaxdt (None if all failed); every process is printed.
+    runs = [r for r in runs if r]
+    by_rate = sorted(runs, key=lambda r: r["steps_per_s"])
+    res["jaxdt"] = by_rate[(len(runs) - 1) // 2] if runs else None
+    res["jaxdt_processes"] = runs
     for line in report(s, res, paths):
       print(line)
     sys.stdout.flush()
@@ -449,7 +438,6 @@ def main(argv=None):
 
 def _cleanup(out_dir: str) -> None:
   """Deletes a run folder (the trajectory can be GBs)."""
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(out_dir, ignore_errors=True)
 
 
