@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 
 from absl import app
@@ -26,6 +27,7 @@ from jaxdt import config as config_lib
 from jaxdt import data
 from jaxdt import probes as probes_lib
 from jaxdt import report
+from jaxdt import rundir
 from jaxdt import store
 from jaxdt import train
 from jaxdt import verify
@@ -182,30 +184,44 @@ def analyze_or_compare() -> int:
 EXPERIMENTS = {"flannel_data": flannel_data}
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
+def _dispatch() -> int:
   if FLAGS.analyze or FLAGS.compare:
-    try:
-      return analyze_or_compare()
-    except (store.StoreError, ValueError, OSError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    return analyze_or_compare()
   name = FLAGS.experiment
   known = sorted(EXPERIMENTS) + list(experiments.NAMES)
+  if name is None:
+    raise ValueError(f"--experiment is required; pass --experiment=one of {known} (or "
+                     "--analyze=PATH, --compare=A,B)")
   if name not in known:
-    print(f"error: unknown experiment {name!r}; use --experiment=one of {known}", file=sys.stderr)
-    return 2
+    raise ValueError(f"unknown experiment {name!r}; use --experiment=one of {known}")
+  if name in EXPERIMENTS:
+    EXPERIMENTS[name]()
+    return 0
+  return 1 if run_experiment(name) else 0  # 1: a failed verification
+
+
+def main(argv: list[str]) -> int:
+  """Every failure ends in one line on stderr: bad input or OS errors exit 2,
+  SIGINT/SIGTERM 130/143 (the run folder left resumable), a failed
+  verification 1."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  rundir.raise_on_sigterm()
   try:
-    if name in EXPERIMENTS:
-      EXPERIMENTS[name]()
-    elif run_experiment(name):
-      return 1  # a failed verification
+    backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
+    return _dispatch()
+  except rundir.Interrupted as e:
+    print(f"\n{e}", file=sys.stderr)
+    return rundir.exit_status(e.signum)
+  except KeyboardInterrupt as e:
+    print("\ninterrupted; no run was left half-written", file=sys.stderr)
+    return rundir.exit_status(getattr(e, "signum", signal.SIGINT))
   except (data.DataError, store.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  return 0
+  except OSError as e:
+    print(f"error: {rundir.os_error_message(e)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -425,6 +425,9 @@ def analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional
   """
   traj = trajectory.open_trajectory(path)
   keys = traj.reader.keys()
+  diverged = divergence_step(traj)
+  if diverged is not None:  # analyse the steps before it: the lab's measures need finite W
+    max_steps = diverged - 1 if max_steps is None else min(max_steps, diverged - 1)
   T = traj.steps if max_steps is None else min(traj.steps, max_steps)
   if threshold is None:
     threshold = float(traj.metadata.get("motion_threshold") or stream.MOTION_THRESHOLD)
@@ -437,8 +440,11 @@ def analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional
       "rows": traj.n_rows, "hidden": traj.hidden, "w_format": traj.w_format,
       "delta_w_prime": "stored" if has_d else ("computed from W" if traj.w_key else None),
       "motion_threshold": threshold, "notes": list(traj.notes), "skipped": skipped,
-      "run": trajectory.run_info(traj.metadata),
+      "run": trajectory.run_info(traj.metadata), "diverged_at_step": diverged,
   }
+  if diverged is not None:
+    summary["notes"].append(f"the loss is non-finite from step {diverged}: every analysis "
+                            f"covers steps 0..{T} only")
   series = {}
   if traj.loss_key:
     loss = traj.reader.rows(traj.loss_key, 0, T + 1).astype(np.float64)
@@ -502,5 +508,19 @@ def analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional
       skip("Adam accounting", "no adam_* keys, and no W + m + v to recompute them")
   if traj.w_key and all(trajectory.state_keys(keys)) and max_steps is None:
     summary["sanity_check"] = sanity_check(traj)
+  summary["verified"] = traj.verify()  # raises before anything is printed or written
   traj.reader.close()
   return summary, series
+
+
+def divergence_step(traj: trajectory.Trajectory) -> Optional[int]:
+  """The first step whose loss is non-finite (metadata's diverged_at_step, else the
+  recorded loss of steps 1..T), or None."""
+  recorded = traj.metadata.get("diverged_at_step")
+  if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+    return recorded
+  if traj.loss_key is None or traj.steps == 0:
+    return None
+  loss = traj.reader.rows(traj.loss_key, 1, traj.steps + 1)  # row 0 may be NaN by design
+  bad = ~np.isfinite(loss.astype(np.float64))
+  return int(np.argmax(bad)) + 1 if bad.any() else None

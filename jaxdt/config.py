@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any, Optional
 
@@ -42,6 +43,21 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
 
+  def __post_init__(self):
+    # torch.optim.AdamW's own checks (0 <= lr, 0 <= eps, 0 <= betas < 1,
+    # 0 <= weight_decay), plus finiteness, which torch leaves to fail later.
+    for name, low, high, flag in (
+        ("learning_rate", 0.0, math.inf, "--learning_rate"), ("eps", 0.0, math.inf, None),
+        ("b1", 0.0, 1.0, None), ("b2", 0.0, 1.0, None),
+        ("weight_decay", 0.0, math.inf, "--weight_decay")):
+      value = getattr(self, name)
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value < high)
+      if not ok:
+        rng = f"in [{low:g}, {high:g})" if high < math.inf else f"finite and >= {low:g}"
+        fix = f"pass {flag}=<value>" if flag else "fix the experiment's config"
+        raise ValueError(f"{name}={value!r} is invalid: torch's AdamW needs it {rng}; {fix}")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -71,6 +87,12 @@ class ProbeConfig:
   # loss[0] before any step: None = NaN (Crucible), 0.0 for Thimble 8. (None,
   # not NaN, so that configs compare equal after a JSON round trip.)
   loss_initial: Optional[float] = None
+
+  def __post_init__(self):
+    if not self.names:
+      raise ValueError("no probes: a run must record something; pass e.g. --probes=W,loss")
+    if self.rows not in ("dead", "all"):
+      raise ValueError(f"rows={self.rows!r} is not 'dead' or 'all'; pass --rows=dead or all")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -572,6 +572,30 @@ def check_cache(directory: str) -> DefaultData:
   return _paths(directory, manifest, built=False)
 
 
+def _remove_dead_builds(root: str) -> None:
+  """Deletes the temporary folders of builds whose process is gone (killed mid-build).
+
+  A build folder is `.<subdir>.tmp-<pid>-<random>`; one whose pid no longer
+  runs can never be finished. Folders without a pid (older jaxdt) go too.
+  """
+  prefix = f".{CACHE_SUBDIR}.tmp-"
+  for entry in os.listdir(root):
+    if not entry.startswith(prefix):
+      continue
+    pid = entry[len(prefix):].split("-", 1)[0]
+    if pid.isdigit() and int(pid) != os.getpid():
+      try:
+        os.kill(int(pid), 0)
+        continue  # still building
+      except ProcessLookupError:
+        pass
+      except PermissionError:
+        continue  # alive, someone else's
+    elif pid.isdigit():
+      continue  # this process's own
+    shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
 def build_default(data_dir: Optional[str] = None, *, verbose: bool = False) -> DefaultData:
   """Builds the embedded default once, or validates and reuses the cache.
 
@@ -598,7 +622,8 @@ def build_default(data_dir: Optional[str] = None, *, verbose: bool = False) -> D
     return check_cache(directory)
   try:
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=root)
+    _remove_dead_builds(root)
+    tmp = tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-{os.getpid()}-", dir=root)
   except OSError as e:
     raise DataError(f"cannot create the data cache in {root!r} ({e.strerror}); "
                     "pass a writable --data_dir") from None

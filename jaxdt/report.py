@@ -181,6 +181,10 @@ def format_sanity_check(x: dict) -> str:
 def format_summary(s: dict, header: bool = True) -> str:
   """The whole printed summary: every block the file supports, then what was skipped."""
   blocks = [format_header(s)] if header else []
+  if s.get("diverged_at_step") is not None:
+    blocks.append(_block("DIVERGED", [
+        f"The loss is non-finite from step {s['diverged_at_step']} on (inf or NaN): the run "
+        "diverged.", f"The analyses below cover steps 0..{s['steps']}, before it."]))
   if s.get("fimbulwinter_check"):  # the seed's two blocks first, in its order
     blocks.append(analysis.format_fimbulwinter_check(s["fimbulwinter_check"]))
   if "stillness" in s:
@@ -301,7 +305,9 @@ def plot_phases(plt, series: dict, summary: dict, out_dir: str) -> str:
 
 def centroid_projection(c: np.ndarray) -> np.ndarray:
   """[T+1, 2]: c(t) − c(0) on the total-drift direction and the main direction across it."""
-  x = np.asarray(c, np.float64) - c[0]
+  full = np.asarray(c, np.float64) - c[0]
+  ok = np.isfinite(full).all(axis=1).cumprod().astype(bool)  # rows before the first non-finite
+  x = full[ok]
   total = x[-1]
   norm = np.linalg.norm(total)
   e1 = total / norm if norm > 0 else np.eye(x.shape[1])[0]
@@ -309,7 +315,9 @@ def centroid_projection(c: np.ndarray) -> np.ndarray:
   _, _, vt = np.linalg.svd(rest - rest.mean(0), full_matrices=False)
   e2 = vt[0] - (vt[0] @ e1) * e1
   e2 = e2 / max(np.linalg.norm(e2), 1e-300)
-  return np.stack([x @ e1, x @ e2], axis=1)
+  out = np.full((len(full), 2), np.nan)
+  out[ok] = np.stack([x @ e1, x @ e2], axis=1)
+  return out
 
 
 def plot_centroid(plt, series: dict, summary: dict, out_dir: str) -> str:

@@ -12,6 +12,14 @@ Completion markers come last (STYLE idioms 10, 11):
   checkpoint   `step_NNNNNN/arrays.safetensors`, then `meta.json` last.
 Readers (`is_complete`, `latest_checkpoint`) skip anything without its marker.
 
+Checksums: the writer hashes each tensor as its rows arrive in order (SHA-256,
+`prefix_digests()` snapshots them for a checkpoint's marker); `seal()` reads
+the whole file back once and returns the file's and every tensor's SHA-256,
+refusing when the disk holds other bytes than were written. A reader given
+those digests verifies each tensor in the pass it already makes over the rows
+(`TrajectoryReader(path, digests=...)`, then `verify()`). A checkpoint's
+marker carries the SHA-256 of its arrays file, checked on load.
+
 safetensors layout (little-endian throughout):
   u64 N | N bytes of JSON header, space-padded to a multiple of 8 | data
   header = {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}
@@ -20,6 +28,7 @@ safetensors layout (little-endian throughout):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import os
@@ -51,6 +60,30 @@ _CODE_TO_DTYPE = {
 }
 _DTYPE_TO_CODE = {d: c for c, d in _CODE_TO_DTYPE.items()}
 _CKPT_DIR = re.compile(r"step_(\d{6,})")
+HEADER_DIGEST = "__header__"  # the header's key among a file's tensor digests
+_HASH_BLOCK = 16 << 20  # bytes per read when hashing a file back
+
+
+def sha256_file(path: str) -> str:
+  """The SHA-256 (hex) of a whole file, read in blocks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(_HASH_BLOCK):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _fault_point(name: str) -> None:
+  """A named instant of the run-folder protocol (between two writes).
+
+  Fault-injection tests replace `FAULT_HOOK` to raise or to SIGKILL the
+  process there; it is None otherwise and costs one global lookup.
+  """
+  if FAULT_HOOK is not None:
+    FAULT_HOOK(name)
+
+
+FAULT_HOOK = None
 
 
 class StoreError(ValueError):
@@ -294,6 +327,9 @@ class TrajectoryWriter:
     self._data_start = len(self._header)
     self._fd = None
     self._finalized = False
+    # name -> [running sha256, rows hashed] while rows arrive in order; None
+    # once a tensor is written out of order (its digest then comes from seal()).
+    self._running = {name: [hashlib.sha256(), 0] for name in self._layout}
     if resume:
       self._fd = self._reopen()
     else:
@@ -393,6 +429,13 @@ class TrajectoryWriter:
                        f"{self.path} are out of range: it has {spec.shape[0]} rows")
     row_bytes = (spec.end - spec.begin) // spec.shape[0] if spec.shape[0] else 0
     _pwrite_all(self._fd, array, self._data_start + spec.begin + first_row * row_bytes)
+    running = self._running.get(name)
+    if running is not None:
+      if first_row == running[1]:
+        running[0].update(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        running[1] += array.shape[0]
+      elif first_row < running[1]:  # rows rewritten: hash them again from the file
+        self._running[name] = None
 
   def write(self, name: str, array: Any) -> None:
     """Writes a whole tensor (masks, indices, last_motion_step, scalars).
@@ -409,14 +452,79 @@ class TrajectoryWriter:
       raise StoreError(f"tensor {name!r} of {self.path} has shape {spec.shape}, got "
                        f"{array.shape}")
     _pwrite_all(self._fd, array, self._data_start + spec.begin)
+    h = hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+    self._running[name] = [h, spec.shape[0] if spec.shape else 1]
 
   def sync(self) -> None:
     """Flushes written rows to disk (call before saving a checkpoint)."""
     if self._fd is not None:
       os.fsync(self._fd)
 
-  def finalize(self) -> str:
-    """Fsyncs and renames `.partial` to the final name; a second call does nothing.
+  def prefix_digests(self) -> dict:
+    """{name: {"rows": k, "sha256": hex}}: the digest of rows [0, k) of each tensor
+    written in order so far (k = 0 for one not yet written)."""
+    return {name: {"rows": r[1], "sha256": r[0].copy().hexdigest()}
+            for name, r in self._running.items() if r is not None}
+
+  def rehash_prefix(self, name: str, rows: int) -> str:
+    """Reads rows [0, rows) of `name` back from the file, restarts the running
+    digest from them (for a resume), and returns their SHA-256."""
+    spec = self._layout[name]
+    n = spec.shape[0] if spec.shape else 1
+    row_bytes = (spec.end - spec.begin) // n if n else 0
+    h = hashlib.sha256()
+    offset, end = self._data_start + spec.begin, self._data_start + spec.begin + rows * row_bytes
+    while offset < end:
+      block = os.pread(self._fd, min(_HASH_BLOCK, end - offset), offset)
+      if not block:
+        raise StoreError(f"{self.partial_path} ended early at byte {offset:,}; delete the run "
+                         "folder and start again")
+      h.update(block)
+      offset += len(block)
+    self._running[name] = [h.copy(), rows]
+    return h.hexdigest()
+
+  def seal(self) -> dict:
+    """Fsyncs, reads the file back once, and returns its checksums (no rename).
+
+    Returns:
+      {"file": sha256 of the whole file, "tensors": {HEADER_DIGEST: ..., name:
+      ...}} as hex strings.
+
+    Raises:
+      StoreError: the bytes on disk differ from the bytes written (a tensor
+        whose rows all arrived in order hashes otherwise when read back).
+    """
+    if self._fd is None:
+      raise StoreError(f"writer for {self.path} was closed unfinished; reopen with "
+                       "resume=True to finish it")
+    os.fsync(self._fd)
+    whole = hashlib.sha256()
+    bounds = sorted(((self._data_start + s.begin, self._data_start + s.end, n)
+                     for n, s in self._layout.items()))
+    regions = [(0, self._data_start, HEADER_DIGEST)] + bounds
+    tensors = {}
+    for begin, end, name in regions:
+      h, offset = hashlib.sha256(), begin
+      while offset < end:
+        block = os.pread(self._fd, min(_HASH_BLOCK, end - offset), offset)
+        if not block:
+          raise StoreError(f"{self.partial_path} ended early at byte {offset:,}; the disk lost "
+                           "data, continue with --resume")
+        h.update(block)
+        whole.update(block)
+        offset += len(block)
+      tensors[name] = h.hexdigest()
+    for name, running in self._running.items():
+      spec = self._layout[name]
+      full = spec.shape[0] if spec.shape else 1
+      if running is not None and running[1] == full and running[0].hexdigest() != tensors[name]:
+        raise StoreError(f"{self.partial_path}: tensor {name!r} reads back other bytes than "
+                         "were written (disk fault?); continue with --resume to rewrite it")
+    return {"file": whole.hexdigest(), "tensors": tensors}
+
+  def commit(self) -> str:
+    """Renames `.partial` to the final name and makes the rename durable.
 
     Returns:
       The final path.
@@ -433,6 +541,16 @@ class TrajectoryWriter:
     _fsync_dir(os.path.dirname(self.path))
     self._finalized = True
     return self.path
+
+  def finalize(self) -> str:
+    """`seal()` then `commit()`; a second call does nothing.
+
+    Returns:
+      The final path.
+    """
+    if not self._finalized:
+      self.seal()
+    return self.commit()
 
   def close(self) -> None:
     """Closes without finalizing: the `.partial` stays, resumable."""
@@ -463,13 +581,24 @@ class TrajectoryReader:
   tensors come back as their uint16 bits, like the lab's W.
   """
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, digests: Optional[Mapping[str, str]] = None):
     """Opens `path` and parses its header.
 
+    Args:
+      path: the file.
+      digests: the file's tensor digests (`seal()["tensors"]`, as the run's
+        metadata.json records them), or None. Given them, the header is checked
+        at once, every tensor is hashed as its bytes are read, and `verify()`
+        hashes what the pass did not read and compares.
+
     Raises:
-      StoreError: missing file, or a header that does not describe the file.
+      StoreError: missing file, a header that does not describe the file, or
+        (with digests) a header other than the recorded one.
     """
     self.path = os.fspath(path)
+    self._fd = None
+    self._digests = None if digests is None else dict(digests)
+    self._hashing = {}  # name -> [sha256, bytes hashed from the tensor's start]
     try:
       self._fd = os.open(self.path, os.O_RDONLY)
     except FileNotFoundError:
@@ -480,9 +609,59 @@ class TrajectoryReader:
       self.metadata = dict(header.get("__metadata__") or {})
       self._entries = _parse_entries(header, self._data_start, os.fstat(self._fd).st_size,
                                      self.path)
+      if self._digests is not None:
+        self._check_header()
     except BaseException:
       self.close()
       raise
+
+  def _corrupt(self, what: str) -> StoreError:
+    return StoreError(f"{self.path} is corrupt: {what} does not match the SHA-256 recorded when "
+                      "the run finished; re-run it or restore the file from a copy")
+
+  def _check_header(self) -> None:
+    names = set(self._digests) - {HEADER_DIGEST}
+    if names != set(self._entries):
+      raise self._corrupt("its list of tensors")
+    raw = os.pread(self._fd, self._data_start, 0)
+    if hashlib.sha256(raw).hexdigest() != self._digests.get(HEADER_DIGEST):
+      raise self._corrupt("its header")
+    self._hashing = {name: [hashlib.sha256(), 0] for name in self._entries}
+
+  def _track(self, name: str, offset: int, out: np.ndarray) -> None:
+    """Feeds bytes just read at `offset` (from the tensor's start) to its digest."""
+    h = self._hashing.get(name)
+    if h is None:
+      return
+    raw = memoryview(out.reshape(-1).view(np.uint8))
+    if offset <= h[1] < offset + raw.nbytes:
+      h[0].update(raw[h[1] - offset:])
+      h[1] = offset + raw.nbytes
+
+  def verify(self) -> bool:
+    """Completes every tensor's digest (reading what the pass skipped) and compares.
+
+    Returns:
+      True when the file was opened with digests and matches them; False when
+      there is nothing to verify against (a lab file, or an older run).
+
+    Raises:
+      StoreError: a tensor differs from its recorded SHA-256.
+    """
+    if self._digests is None:
+      return False
+    for name, e in self._entries.items():
+      h = self._hashing[name]
+      size = e.end - e.begin
+      while h[1] < size:
+        block = os.pread(self._fd, min(_HASH_BLOCK, size - h[1]), self._data_start + e.begin + h[1])
+        if not block:
+          raise self._corrupt(f"tensor {name!r}")
+        h[0].update(block)
+        h[1] += len(block)
+      if h[0].hexdigest() != self._digests[name]:
+        raise self._corrupt(f"tensor {name!r}")
+    return True
 
   def keys(self) -> list[str]:
     """Tensor names in header order."""
@@ -532,13 +711,17 @@ class TrajectoryReader:
                        f"it has {n} rows")
     row_bytes = (e.end - e.begin) // n if n else 0
     out = np.empty((stop - start,) + e.shape[1:], self.dtype(name))
-    return _pread_into(self._fd, out, self._data_start + e.begin + start * row_bytes, self.path)
+    _pread_into(self._fd, out, self._data_start + e.begin + start * row_bytes, self.path)
+    self._track(name, start * row_bytes, out)
+    return out
 
   def read(self, name: str) -> np.ndarray:
     """The whole tensor (for small ones: masks, indices, scalars)."""
     e = self._entry(name)
     out = np.empty(e.shape, self.dtype(name))
-    return _pread_into(self._fd, out, self._data_start + e.begin, self.path)
+    _pread_into(self._fd, out, self._data_start + e.begin, self.path)
+    self._track(name, 0, out)
+    return out
 
   def close(self) -> None:
     """Closes the file."""
@@ -676,12 +859,15 @@ def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> str:
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
-                    extra: Optional[Mapping[str, Any]] = None) -> str:
+                    extra: Optional[Mapping[str, Any]] = None,
+                    covers: Optional[Mapping[str, Any]] = None) -> str:
   """Saves a pytree: arrays first, then `meta.json` last as the completion marker.
 
   Every leaf is stored under its key path (`jax.tree_util.keystr`, e.g.
   "['params']['embed']" or ".mu") with its own dtype: bf16 as BF16, so the
-  restore is bit-exact. Re-saving a step first removes its old `meta.json`.
+  restore is bit-exact. The marker holds the arrays file's SHA-256 (read back
+  after its fsync), checked by `load_checkpoint`. Re-saving a step first
+  removes its old `meta.json`.
 
   Args:
     ckpt_dir: the checkpoints directory.
@@ -689,6 +875,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
     tree: a pytree of JAX/numpy arrays and scalars (typed PRNG keys allowed).
     extra: JSON-ready dict saved beside the arrays (data position, probe
       state summaries, config, ...).
+    covers: JSON-ready record of what else this checkpoint vouches for (the
+      run folder stores the trajectory's prefix digests here).
 
   Returns:
     The checkpoint directory.
@@ -698,34 +886,56 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
   leaves = [(name, _leaf_array(leaf)) for name, leaf in _named_leaves(tree)]
   meta = {
       "format": CHECKPOINT_FORMAT, "step": operator.index(step), "extra": extra,
+      "covers": {} if covers is None else dict(covers),
       "leaves": [{"name": n, "dtype": _code(a.dtype, n), "shape": list(a.shape)}
                  for n, a in leaves]}
-  meta_text = json.dumps(meta, indent=2, default=_json_default) + "\n"  # fail before writing
+  json.dumps(meta, default=_json_default)  # fail before writing
   os.makedirs(directory, exist_ok=True)
   meta_path = os.path.join(directory, CHECKPOINT_META)
   if os.path.exists(meta_path):  # invalidate first: a crash now leaves no marker
     os.remove(meta_path)
     _fsync_dir(directory)
-  writer = TrajectoryWriter(os.path.join(directory, CHECKPOINT_ARRAYS),
-                            {n: (a.dtype, a.shape) for n, a in leaves},
+  arrays = os.path.join(directory, CHECKPOINT_ARRAYS)
+  writer = TrajectoryWriter(arrays, {n: (a.dtype, a.shape) for n, a in leaves},
                             {"format": CHECKPOINT_FORMAT, "step": str(step)}, overwrite=True)
   with writer:
     for name, array in leaves:
       writer.write(name, array)
-    writer.finalize()
-  _atomic_write_text(meta_path, meta_text)
+    meta["sha256"] = {CHECKPOINT_ARRAYS: writer.seal()["file"]}
+    writer.commit()
+  _fault_point("checkpoint_arrays_written")
+  meta = json.loads(json.dumps(meta, default=_json_default))
+  meta["marker_sha256"] = _marker_digest(meta)
+  _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
   return directory
+
+
+def _marker_digest(meta: Mapping[str, Any]) -> str:
+  """SHA-256 of a marker's canonical JSON without its own digest."""
+  body = {k: v for k, v in meta.items() if k != "marker_sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
+  """[(step, directory)] of the checkpoints that have their `meta.json`, newest first."""
+  ckpt_dir = os.fspath(ckpt_dir)
+  if not os.path.isdir(ckpt_dir):
+    return []
+  done = [(int(m.group(1)), os.path.join(ckpt_dir, entry)) for entry in os.listdir(ckpt_dir)
+          if (m := _CKPT_DIR.fullmatch(entry))
+          and os.path.isfile(os.path.join(ckpt_dir, entry, CHECKPOINT_META))]
+  return sorted(done, reverse=True)
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[str]:
   """The highest-step checkpoint directory that has its `meta.json`, or None."""
-  ckpt_dir = os.fspath(ckpt_dir)
-  if not os.path.isdir(ckpt_dir):
-    return None
-  done = [(int(m.group(1)), entry) for entry in os.listdir(ckpt_dir)
-          if (m := _CKPT_DIR.fullmatch(entry))
-          and os.path.isfile(os.path.join(ckpt_dir, entry, CHECKPOINT_META))]
-  return os.path.join(ckpt_dir, max(done)[1]) if done else None
+  done = checkpoints(ckpt_dir)
+  return done[0][1] if done else None
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict:
+  """A checkpoint's marker (step, extra, covers, leaves, sha256)."""
+  return _read_checkpoint_meta(os.fspath(path))
 
 
 def _read_checkpoint_meta(path: str) -> dict:
@@ -733,12 +943,20 @@ def _read_checkpoint_meta(path: str) -> dict:
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
+    if not isinstance(meta, dict):
+      raise ValueError("not an object")
   except FileNotFoundError:
     raise StoreError(f"checkpoint {path} has no {CHECKPOINT_META} (unfinished write); restore "
                      "from latest_checkpoint() instead") from None
+  except (UnicodeDecodeError, ValueError):
+    raise StoreError(f"checkpoint {path} has an unreadable {CHECKPOINT_META} (corrupt); "
+                     "restore from an older checkpoint") from None
   if meta.get("format") != CHECKPOINT_FORMAT:
     raise StoreError(f"checkpoint {path} has format {meta.get('format')!r}, expected "
                      f"{CHECKPOINT_FORMAT!r}; restore it with the jaxdt that wrote it")
+  if "marker_sha256" in meta and meta["marker_sha256"] != _marker_digest(meta):
+    raise StoreError(f"checkpoint {path} is corrupt: {CHECKPOINT_META} does not match its own "
+                     "SHA-256; restore from an older checkpoint")
   return meta
 
 
@@ -787,6 +1005,17 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]
   """
   path = os.fspath(path)
   meta = _read_checkpoint_meta(path)
+  arrays = os.path.join(path, CHECKPOINT_ARRAYS)
+  expected = (meta.get("sha256") or {}).get(CHECKPOINT_ARRAYS)
+  if expected is not None:
+    try:
+      actual = sha256_file(arrays)
+    except OSError as e:
+      raise StoreError(f"checkpoint {path} cannot be read ({e.strerror}); restore from an "
+                       "older checkpoint") from None
+    if actual != expected:
+      raise StoreError(f"checkpoint {path} is corrupt: {CHECKPOINT_ARRAYS} does not match the "
+                       "SHA-256 in its marker; restore from an older checkpoint")
   fix = "restore with the config the checkpoint was saved with"
   like = _named_leaves(like_tree)
   saved = [leaf["name"] for leaf in meta["leaves"]]
@@ -800,7 +1029,7 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]
     raise StoreError(f"checkpoint {path} does not fit this state: {detail}; {fix}")
   treedef = jax.tree_util.tree_structure(like_tree)
   out = []
-  with TrajectoryReader(os.path.join(path, CHECKPOINT_ARRAYS)) as reader:
+  with TrajectoryReader(arrays) as reader:
     for name, leaf in like:
       want_dtype, want_shape = _leaf_dtype_shape(leaf)
       code, shape = reader.raw_dtype(name), reader.shape(name)
@@ -815,8 +1044,13 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]
 # --- Preflight --------------------------------------------------------------
 
 
-def _fmt_gb(n: float, digits: int) -> str:
-  return f"{n / 1e9:.{digits}f} GB"
+def fmt_bytes(n: float) -> str:
+  """A byte count in the largest unit that keeps it >= 1 (e.g. 4.52 MB, 83.6 GB)."""
+  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    if abs(n) >= size:
+      v = n / size
+      return f"{v:,.{2 if v < 10 else 1 if v < 100 else 0}f} {unit}"
+  return f"{int(n)} bytes"
 
 
 def _mem_available() -> Optional[int]:
@@ -851,11 +1085,11 @@ def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: i
     probe = os.path.dirname(probe)
   free = shutil.disk_usage(probe).free
   if needed_bytes > free:
-    raise StoreError(f"not enough disk for {file_name}: need {_fmt_gb(needed_bytes, 2)}, "
-                     f"{_fmt_gb(free, 1)} free in {out_dir}; pass --output_dir on a larger "
+    raise StoreError(f"not enough disk for {file_name}: need {fmt_bytes(needed_bytes)}, "
+                     f"{fmt_bytes(free)} free in {out_dir}; pass --output_dir on a larger "
                      "disk or fewer --steps")
   available = _mem_available() if needed_ram_bytes > 0 else None
   if available is not None and needed_ram_bytes > available:
-    raise StoreError(f"not enough RAM for {file_name}: need {_fmt_gb(needed_ram_bytes, 2)}, "
-                     f"{_fmt_gb(available, 1)} available; pass a smaller --chunk_steps or "
+    raise StoreError(f"not enough RAM for {file_name}: need {fmt_bytes(needed_ram_bytes)}, "
+                     f"{fmt_bytes(available)} available; pass a smaller --chunk_steps or "
                      "record fewer rows")

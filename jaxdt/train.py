@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from typing import NamedTuple, Optional
@@ -34,6 +35,7 @@ from jaxdt import optim
 from jaxdt import ordered
 from jaxdt import precision
 from jaxdt import probes as probes_lib
+from jaxdt import rundir
 from jaxdt import store
 
 INIT_PURPOSE, DATA_PURPOSE = 0, 1  # fold_in constants of the root key
@@ -100,7 +102,11 @@ def _gather(x, rows):
 
 
 def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray]):
-  """The pure step `step(state, t) -> (state, record)` for this experiment."""
+  """The pure step `step(state, t) -> (state, (record, loss))` for this experiment.
+
+  `record` holds the declared probes' values (what the file stores); `loss`
+  is the f32 loss, which the host watches for divergence.
+  """
   sample = data.make_sampler(tokens, cfg.data)
   _, data_key = root_keys(cfg.seed)
   policy = precision.get_policy(cfg.precision)
@@ -125,7 +131,7 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
         loss_f32=loss)
     record = {s.key: s.record(view) for s in series}
     probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
-    return TrainState(params, opt_state, probe_state), record
+    return TrainState(params, opt_state, probe_state), (record, loss)
 
   return step
 
@@ -165,8 +171,8 @@ def chunk_plan(start: int, steps: int, chunk: int, checkpoints) -> list:
 
 # --- The host loop -----------------------------------------------------------
 
-CHECKPOINT_DIR = "checkpoints"
-METADATA_FILE = "metadata.json"
+CHECKPOINT_DIR = rundir.CHECKPOINT_DIR
+METADATA_FILE = rundir.METADATA_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,10 +223,19 @@ class Progress:
   def __init__(self, total: int, start: int, enabled: bool):
     self.total, self.start, self.enabled = total, start, enabled
     self.t0 = time.perf_counter()
+    self.dirty = False  # a bar is drawn and its line not ended
+
+  def close(self):
+    """Ends the bar's line if a run stops midway (so an error starts on its own line)."""
+    if self.dirty:
+      sys.stderr.write("\n")
+      sys.stderr.flush()
+      self.dirty = False
 
   def update(self, done: int, loss: float):
     if not self.enabled:
       return
+    self.dirty = done != self.total
     rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
     eta = (self.total - done) / rate if rate > 0 else float("inf")
     width = 30
@@ -232,21 +247,43 @@ class Progress:
       sys.stderr.write("\n")
 
 
+FILE_METADATA = {"format": "pt"}  # the trajectory's safetensors metadata (the lab's)
+
+
+def _state_bytes(state: TrainState) -> int:
+  """Disk bytes of one checkpoint of `state` (arrays, header and marker, rounded up)."""
+  leaves = jax.tree_util.tree_leaves(state)
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves) + (256 << 10)
+
+
 def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = False,
-          progress: bool = True, stop_after: Optional[int] = None) -> RunResult:
+          progress: bool = True, stop_after: Optional[int] = None,
+          log=print) -> Optional[RunResult]:
   """Runs an experiment to completion, streaming its trajectory into `out_dir`.
+
+  Every input is checked (the config on construction, the data and an
+  `--init_checkpoint` here) before `rundir.RunDir` touches the folder; the
+  folder's protocol (lock, resume, checkpoints, checksums, the commit point)
+  is RunDir's.
 
   Args:
     cfg: the experiment.
     out_dir: the run folder (created); holds the trajectory, metadata.json and
       checkpoints/.
-    resume: continue from the latest complete checkpoint in out_dir.
+    resume: continue the unfinished run in out_dir from its newest intact
+      checkpoint (from step 0 when there is none).
     progress: print the progress bar.
     stop_after: stop (unfinished, as if killed) once this many steps are done;
       for tests of resume.
+    log: where one-line notes go (resume point, divergence).
 
   Returns:
     RunResult (metadata has "completed": True), or None when stopped early.
+
+  Raises:
+    store.StoreError, data.DataError, ValueError: bad input or folder (one
+      line); nothing in the folder changed.
+    rundir.Interrupted: SIGINT/SIGTERM; the folder is resumable.
   """
   t_start = time.perf_counter()
   corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
@@ -260,81 +297,83 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
       cfg, corpus.live_mask, corpus.dead_mask, corpus.live_indices, corpus.dead_indices)))
   for k, a in static.items():
     specs[k] = (a.dtype, a.shape)
-  path = os.path.join(out_dir, cfg.store.trajectory_name)
-  ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
   per_epoch = data.batches_per_epoch(len(corpus.tokens), cfg.data)
   series = probes_lib.series_of(cfg.probes.names)
   chunk_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize
                     for k, (dt, shape) in specs.items() if k in {s.key for s in series})
-  ckpt = store.latest_checkpoint(ckpt_dir) if resume else None
-  if resume and ckpt is None:
-    raise store.StoreError(f"no complete checkpoint in {ckpt_dir}; run without --resume to start over")
-  unfinished = os.path.exists(path + ".partial") or (
-      not os.path.exists(path) and store.latest_checkpoint(ckpt_dir) is not None)
-  if not resume and unfinished:
-    raise store.StoreError(f"{out_dir} holds an unfinished run; pass --resume to continue it, "
-                           "or choose another --output_dir")
-  os.makedirs(out_dir, exist_ok=True)
-  if not resume:
-    store.preflight(out_dir, store.estimate_bytes(specs), 3 * chunk_bytes * cfg.store.chunk_steps,
-                    file_name=cfg.store.trajectory_name)
-  writer = store.TrajectoryWriter(path, specs, metadata={"format": "pt"}, resume=resume)
-
-  state = init_state(cfg, dims)
-  if ckpt is None:
-    start = 0
-    for k, a in initial_records(cfg, state, rows).items():
-      writer.write_rows(k, 0, a[None])
-    for k, a in static.items():
-      writer.write(k, a)
-    if 0 in cfg.store.checkpoint_steps:
-      store.save_checkpoint(ckpt_dir, 0, state, {"step": 0})
-  else:
-    state, extra = store.load_checkpoint(ckpt, state)
-    start = int(extra["step"])
-  meta_path_dir = out_dir
-  store.write_metadata(meta_path_dir, {**_lab_metadata(cfg, corpus, dims, start, per_epoch, None, specs),
-                                       **_our_metadata(cfg, corpus, None, False)})
-
-  run_chunk = make_run_chunk(make_step(cfg, corpus.tokens, rows))
-  bar = Progress(cfg.steps, start, progress)
+  state = init_state(cfg, dims)  # loads --init_checkpoint: a bad one fails here
+  checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
+  inputs = {"data_files": corpus.files,
+            "init_checkpoint_sha256": store.sha256_file(cfg.init_checkpoint)
+            if cfg.init_checkpoint else None}
+  running_meta = {**_lab_metadata(cfg, corpus, dims, 0, per_epoch, None, specs),
+                  **_our_metadata(cfg, corpus, None, False), **inputs}
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-  plan = chunk_plan(start, end, cfg.store.chunk_steps, cfg.store.checkpoint_steps)
-  last_loss = float("nan")
-  pending = run_chunk(state, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
-  for i, (s, n) in enumerate(plan):
-    state, records = pending
-    done = s + n
-    checkpoint = done in cfg.store.checkpoint_steps
-    if checkpoint:  # the next chunk donates `state`: save it first
-      store.save_checkpoint(ckpt_dir, done, state, {"step": done})
-    # Dispatch the next chunk before touching this one's records on the host.
-    pending = run_chunk(state, jnp.int32(plan[i + 1][0]), plan[i + 1][1]) if i + 1 < len(plan) else None
-    for ser in series:
-      writer.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
-    for key in ("loss", "losses"):  # Crucible/Thimble 8-9's name, Thimble 1-7's
-      if key in records:
-        last_loss = float(np.asarray(records[key])[-1])
-    if checkpoint:
-      # Records up to `done` are on disk before the run can be resumed from it
-      # (a resume rewrites the rows after the checkpoint with the same bytes).
-      writer.sync()
-    bar.update(done, last_loss)
-  done = plan[-1][0] + plan[-1][1] if plan else start
-  if done < cfg.steps:
-    writer.sync()
-    return None
+  done, last_loss, diverged, bar = 0, float("nan"), None, None
+  with rundir.RunDir(out_dir, cfg.store.trajectory_name, log=log) as run:
+    try:
+      start, restored = run.begin(
+          experiment=cfg.name, config=config_lib.to_dict(cfg), inputs=inputs, specs=specs,
+          file_metadata=FILE_METADATA, metadata=running_meta, like_state=state, resume=resume,
+          checkpoint_steps=checkpoint_steps, checkpoint_bytes=_state_bytes(state),
+          ram_bytes=3 * chunk_bytes * min(cfg.store.chunk_steps, cfg.steps))
+      done = start
+      if restored is None:
+        for k, a in initial_records(cfg, state, rows).items():
+          run.write_rows(k, 0, a[None])
+      else:
+        state = restored
+      for k, a in static.items():  # a resume rewrites the same bytes
+        run.write(k, a)
+      store._fault_point("initial_rows_written")
+      if restored is None and 0 in checkpoint_steps:
+        run.checkpoint(0, jax.device_get(state))
 
-  for k, a in state.probe_state.items():
-    writer.write(k, np.asarray(a))
-  writer.finalize()
-  wall = time.perf_counter() - t_start
-  meta = {**_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
-          **_our_metadata(cfg, corpus, wall, True, os.path.getsize(path))}
-  meta["steps_completed"] = cfg.steps
-  if "last_motion_step" in state.probe_state:  # the seed's Crucible metadata keys
-    check = analysis.fimbulwinter_check(np.asarray(state.probe_state["last_motion_step"]), cfg.steps)
-    meta["global_last_motion"] = check["global_last_motion"]
-    meta["fimbulwinter_duration"] = check["fimbulwinter_duration"]
-  store.write_metadata(out_dir, meta)
-  return RunResult(out_dir, path, meta)
+      run_chunk = make_run_chunk(make_step(cfg, corpus.tokens, rows))
+      bar = Progress(cfg.steps, start, progress)
+      plan = chunk_plan(start, end, cfg.store.chunk_steps, checkpoint_steps)
+      pending = run_chunk(state, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
+      for i, (s, n) in enumerate(plan):
+        state, (records, losses) = pending
+        # The next chunk donates `state`: copy a checkpoint's state to the host first.
+        host_state = jax.device_get(state) if s + n in checkpoint_steps else None
+        # Dispatch the next chunk before touching this one's records on the host.
+        pending = (run_chunk(state, jnp.int32(plan[i + 1][0]), plan[i + 1][1])
+                   if i + 1 < len(plan) else None)
+        for ser in series:
+          run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
+        store._fault_point("rows_written")
+        losses = np.asarray(losses)
+        if diverged is None and (diverged := rundir.first_nonfinite(losses, s + 1)) is not None:
+          log(f"loss became {losses[diverged - s - 1]} at step {diverged}; the run goes on "
+              "recording (metadata: diverged_at_step)")
+        if host_state is not None:  # rows 0..s+n are written: now the checkpoint
+          run.checkpoint(s + n, host_state)
+        done = s + n
+        last_loss = float(losses[-1])
+        for key in ("loss", "losses"):  # the recorded (bf16) loss, as the lab's final_loss
+          if key in records:
+            last_loss = float(np.asarray(records[key])[-1])
+        bar.update(done, last_loss)
+      if done < cfg.steps:
+        return None
+
+      for k, a in state.probe_state.items():
+        run.write(k, np.asarray(a))
+      store._fault_point("final_tensors_written")
+      meta = {**_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
+              **_our_metadata(cfg, corpus, time.perf_counter() - t_start, True), **inputs,
+              "steps_completed": cfg.steps, "diverged_at_step": diverged}
+      if "last_motion_step" in state.probe_state:  # the seed's Crucible metadata keys
+        check = analysis.fimbulwinter_check(np.asarray(state.probe_state["last_motion_step"]),
+                                            cfg.steps)
+        meta["global_last_motion"] = check["global_last_motion"]
+        meta["fimbulwinter_duration"] = check["fimbulwinter_duration"]
+      meta = run.commit(meta)
+    except KeyboardInterrupt as e:
+      raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), done,
+                               run.resume_from) from None
+    finally:
+      if bar is not None:
+        bar.close()
+  return RunResult(out_dir, run.trajectory, meta)

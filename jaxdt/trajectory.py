@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from jaxdt import rundir
 from jaxdt import store
 
 
@@ -178,6 +179,17 @@ class Trajectory:
   def has(self, key: str) -> bool:
     return key in self.reader.keys()
 
+  def verify(self) -> bool:
+    """Ends the pass: every tensor against its recorded SHA-256 (False: none recorded).
+
+    Raises:
+      AnalysisError: the file differs from what its run recorded.
+    """
+    try:
+      return self.reader.verify()
+    except store.StoreError as e:
+      raise AnalysisError(str(e)) from None
+
   def select(self, a: np.ndarray) -> np.ndarray:
     """The analysed rows of a block of recorded rows ([b, recorded, ...])."""
     return a if self.rows is None else a[:, self.rows]
@@ -236,11 +248,10 @@ def open_trajectory(path: str) -> Trajectory:
   """
   path = resolve_path(path)
   try:
-    reader = store.TrajectoryReader(path)
-  except store.StoreError as e:
+    reader, meta, integrity = rundir.open_result(path)
+  except (store.StoreError, OSError) as e:
     raise AnalysisError(str(e)) from None
   keys = reader.keys()
-  meta = _read_json(os.path.join(os.path.dirname(os.path.abspath(path)), store.METADATA_FILE))
   notes = []
   w_key, loss_key = first_key(keys, W_KEYS), first_key(keys, LOSS_KEYS)
   w_format, rows, recorded, hidden = None, None, 0, 0
@@ -273,7 +284,8 @@ def open_trajectory(path: str) -> Trajectory:
                         "nothing to analyse")
   ours = "config" in meta or any(k in keys for k in ACCOUNTING_KEYS)
   return Trajectory(path, reader, meta, "jaxdt" if ours else "lab", w_key, w_format, loss_key,
-                    rows, steps, recorded if rows is None else rows.size, hidden, notes)
+                    rows, steps, recorded if rows is None else rows.size, hidden,
+                    notes + integrity)
 
 
 # --- Run facts from metadata.json ---------------------------------------------

@@ -47,6 +47,7 @@ from jaxdt import lattice
 from jaxdt import optim
 from jaxdt import precision
 from jaxdt import probes
+from jaxdt import rundir
 from jaxdt import store
 from jaxdt import train
 from jaxdt import trajectory
@@ -116,13 +117,24 @@ class KeyResult(NamedTuple):
 
 
 def _open(path: str, what: str) -> store.TrajectoryReader:
+  """A finished trajectory (`rundir.open_result`: refuses unfinished runs, checks SHA-256)."""
+  if path.endswith(store.PARTIAL_SUFFIX):
+    raise VerifyError(f"{what} {path} is an unfinished trajectory (.partial); finish its run "
+                      "with --resume and pass the finished file")
   if not os.path.isfile(path):
     raise VerifyError(f"{what} {path} does not exist; pass --verify_against=PATH to a finished "
                       "reference trajectory (e.g. thimble_8_trajectory.safetensors)")
   try:
-    return store.TrajectoryReader(path)
+    return rundir.open_result(path)[0]
   except store.StoreError as e:
-    raise VerifyError(f"{what} is unreadable: {e}") from None
+    raise VerifyError(f"{what} is unusable: {e}") from None
+
+
+def _verified(reader: store.TrajectoryReader, what: str) -> None:
+  try:
+    reader.verify()
+  except store.StoreError as e:
+    raise VerifyError(f"{what}: {e}") from None
 
 
 def check_reference(path: str, spec: Verification, expected: dict,
@@ -226,6 +238,8 @@ def compare(ours_path: str, reference_path: str, spec: Verification, steps: int)
                           f"cannot hold this run's {ours.dtype(key)} {list(ours.shape(key))}")
       first = 0 if ours.shape(key)[0] == steps + 1 else 1
       out.append(compare_key(ours, ref, key, first))
+    _verified(ours, "this run's trajectory")
+    _verified(ref, "--verify_against")
     return tuple(out)
 
 

@@ -558,7 +558,7 @@ class PreflightTest(absltest.TestCase):
       store.preflight(os.path.join(self.dir, "new", "run"), 10**18, file_name=NAME)
     message = str(e.exception)
     self.assertRegex(message, r"^not enough disk for crucible_1_trajectory\.safetensors: need "
-                     r"1000000000\.00 GB, [\d.]+ GB free in .*new/run; pass --output_dir on a "
+                     r"1,000,000 TB, [\d.,]+ [KMGT]?B free in .*new/run; pass --output_dir on a "
                      r"larger disk or fewer --steps$")
     self.assertNotIn("\n", message)
 
@@ -566,7 +566,7 @@ class PreflightTest(absltest.TestCase):
     if not os.path.exists("/proc/meminfo"):
       self.skipTest("no /proc/meminfo: the RAM check is skipped on this system")
     with self.assertRaisesRegex(store.StoreError, r"^not enough RAM for crucible_1_traj.*: need "
-                                r"1000000\.00 GB, [\d.]+ GB available; pass a smaller"):
+                                r"1,000 TB, [\d.,]+ [KMGT]?B available; pass a smaller"):
       store.preflight(self.dir, 1, 10**15, file_name=NAME)
 
   def test_passes_when_it_fits(self):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxdt import backend, compare, report, train
+from jaxdt import analysis, backend, compare, report, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
@@ -71,6 +71,14 @@ def test_a_tampered_copy_reports_the_first_differing_step(runs, tmp_path):
   path = os.path.join(copy, os.path.basename(b.trajectory))
   _flip_bit(path, "W", row=7, element=5)  # W row 7 = the state after step 7
   _flip_bit(path, "loss", row=9, bit=20)
+  with pytest.raises(analysis.AnalysisError, match="tampered/crucible_1_trajectory.safetensors "
+                     "is corrupt: tensor '(W|loss)' does not match the SHA-256"):
+    report.compare(a.run_dir, copy, echo=lambda _: None)
+  # The same bytes without recorded checksums (as from a jaxdt before them): compared.
+  meta_path = os.path.join(copy, "metadata.json")
+  meta = json.load(open(meta_path))
+  del meta["tensor_sha256"], meta["trajectory_sha256"]
+  json.dump(meta, open(meta_path, "w"))
   lines = []
   c = report.compare(a.run_dir, copy, echo=lines.append)
   keys = {k["key"]: k for k in c["keys"]}

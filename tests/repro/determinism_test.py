@@ -55,10 +55,12 @@ def test_killed_after_checkpoint_and_resumed_gives_the_same_bytes(reference, tmp
   assert store.is_complete(out, cfg.store.trajectory_name)
 
 
-def test_resume_without_checkpoint_is_a_clear_error(reference, tmp_path):
-  cfg, _ = reference
-  with pytest.raises(store.StoreError, match="no complete checkpoint"):
-    train.train(cfg, str(tmp_path), resume=True, progress=False)
+def test_resume_without_checkpoint_restarts_from_step_0_and_says_so(reference, tmp_path):
+  cfg, ref = reference
+  said = []
+  result = train.train(cfg, str(tmp_path), resume=True, progress=False, log=said.append)
+  assert said == [f"{tmp_path} has no run to resume; starting from step 0"]
+  assert _bytes(result) == _bytes(ref)
 
 
 def test_a_fresh_run_never_overwrites_an_unfinished_or_finished_one(reference, tmp_path):
@@ -67,8 +69,8 @@ def test_a_fresh_run_never_overwrites_an_unfinished_or_finished_one(reference, t
   assert train.train(cfg, out, progress=False, stop_after=6) is None
   partial = os.path.join(out, cfg.store.trajectory_name + ".partial")
   before = open(partial, "rb").read()
-  with pytest.raises(store.StoreError, match="unfinished run; pass --resume"):
+  with pytest.raises(store.StoreError, match="unfinished crucible1 run; pass --resume"):
     train.train(cfg, out, progress=False)
   assert open(partial, "rb").read() == before
-  with pytest.raises(store.StoreError, match="already exists"):
+  with pytest.raises(store.StoreError, match="holds a finished crucible1 run; choose another"):
     train.train(cfg, ref.run_dir, progress=False)
