@@ -566,15 +566,27 @@ def load_torch_checkpoint(path: str | pathlib.Path, cfg: ModelConfig) -> Params:
     Params as in `params_from_torch_state_dict`.
   """
   path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"--init_checkpoint {path} does not exist; pass the lab's step-0 .pt or a "
+                     ".safetensors state_dict")
+  unreadable = (f"--init_checkpoint {path} is not a readable torch state_dict; pass the lab's "
+                "step-0 .pt or a .safetensors state_dict")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return params_from_torch_state_dict(load_file(path), cfg)
+    try:
+      state = load_file(path)
+    except Exception:  # safetensors raises its own error types
+      raise ValueError(unreadable) from None
+    return params_from_torch_state_dict(state, cfg)
   try:
     import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch; install it or convert the "
-                      "checkpoint to .safetensors") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  except ImportError:
+    raise ValueError(f"reading {path} needs torch; install it or convert the checkpoint to "
+                     ".safetensors") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception:  # pickle, zip and torch errors alike: not a state_dict we can read
+    raise ValueError(unreadable) from None
   if isinstance(obj, dict) and "model_state_dict" in obj:
     obj = obj["model_state_dict"]
   if not isinstance(obj, dict):

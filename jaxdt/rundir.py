@@ -185,13 +185,6 @@ def _read_json(path: str) -> Optional[dict]:
   return out
 
 
-def _finished(metadata: Optional[dict], path: str) -> bool:
-  """Finished = the final file exists and metadata says completed with its size."""
-  if not metadata or metadata.get("completed") is not True or not os.path.isfile(path):
-    return False
-  return metadata.get("trajectory_bytes") == os.path.getsize(path)
-
-
 class RunDir:
   """A run folder and its protocol (see the module docstring for the invariants).
 
@@ -216,6 +209,8 @@ class RunDir:
     self._lock_fd: Optional[int] = None
     self._writer: Optional[store.TrajectoryWriter] = None
     self._metadata: dict = {}
+    self._created = False  # lock() made the folder: removed again if nothing was written
+    self._wrote = False
 
   # -- the lock ------------------------------------------------------------------
 
@@ -237,6 +232,7 @@ class RunDir:
       raise store.StoreError(f"--output_dir {self.path} is a file, not a folder; choose "
                              "another --output_dir")
     try:
+      self._created = not os.path.exists(self.path)
       os.makedirs(self.path, exist_ok=True)
       fd = os.open(self.path, os.O_RDONLY)
     except OSError as e:
@@ -262,6 +258,11 @@ class RunDir:
       self._writer.close()
       self._writer = None
     if self._lock_fd is not None:
+      if self._created and not self._wrote:  # refused before any write: leave no trace
+        try:
+          os.rmdir(self.path)
+        except OSError:
+          pass
       os.close(self._lock_fd)  # releases the flock
       self._lock_fd = None
 
@@ -293,7 +294,7 @@ class RunDir:
       state = "finished" if meta.get("completed") is True else "unfinished"
       raise store.StoreError(f"{self.path} holds a {state} {config.get('name')!r} run, not "
                              f"{experiment!r}; choose another --output_dir")
-    if _finished(meta, self.trajectory):
+    if store.is_complete(self.path, os.path.basename(self.trajectory)):
       return Folder("finished", meta)
     return Folder("unfinished", meta)
 
@@ -404,6 +405,10 @@ class RunDir:
     self._preflight(specs, file_metadata, checkpoint_steps, checkpoint_bytes, ram_bytes,
                     folder.kind == "unfinished")
     # --- from here on the folder changes -------------------------------------
+    self._wrote = True
+    for entry in os.listdir(self.path):  # temporaries of a metadata write that was killed
+      if entry.startswith(METADATA_FILE + ".tmp"):
+        os.remove(os.path.join(self.path, entry))
     self._write_metadata({**metadata, "completed": False})
     store._fault_point("metadata_written")
     if folder.kind == "new":

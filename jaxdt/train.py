@@ -343,13 +343,13 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
         for ser in series:
           run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
         store._fault_point("rows_written")
+        done = s + n
         losses = np.asarray(losses)
         if diverged is None and (diverged := rundir.first_nonfinite(losses, s + 1)) is not None:
           log(f"loss became {losses[diverged - s - 1]} at step {diverged}; the run goes on "
               "recording (metadata: diverged_at_step)")
         if host_state is not None:  # rows 0..s+n are written: now the checkpoint
           run.checkpoint(s + n, host_state)
-        done = s + n
         last_loss = float(losses[-1])
         for key in ("loss", "losses"):  # the recorded (bf16) loss, as the lab's final_loss
           if key in records:
