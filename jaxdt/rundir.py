@@ -77,12 +77,15 @@ class Interrupted(Exception):
     resume_from: the step `--resume` will continue from (its newest checkpoint).
   """
 
-  def __init__(self, signum: int, step: Optional[int], resume_from: Optional[int]):
+  def __init__(self, signum: int, step: Optional[int], resume_from: Optional[int],
+               finished_in: Optional[str] = None):
     self.signum, self.step, self.resume_from = signum, step, resume_from
+    if finished_in is not None:  # the signal came after the commit point
+      super().__init__(f"interrupted after the run finished; see it with --analyze={finished_in}")
+      return
     where = "" if step is None else f" after step {step}"
-    restart = ("" if resume_from is None else
-               f" (from the checkpoint at step {resume_from})" if resume_from else
-               " (from step 0: no checkpoint yet)")
+    restart = (" (from step 0: no checkpoint yet)" if resume_from is None else
+               f" (from the checkpoint at step {resume_from})")
     super().__init__(f"interrupted{where}; continue with --resume{restart}")
 
 
@@ -211,6 +214,7 @@ class RunDir:
     self._metadata: dict = {}
     self._created = False  # lock() made the folder: removed again if nothing was written
     self._wrote = False
+    self.committed = False  # the run is finished (its final name exists)
 
   # -- the lock ------------------------------------------------------------------
 
@@ -421,6 +425,10 @@ class RunDir:
         os.remove(self.trajectory)
       else:
         os.replace(self.trajectory, self.partial)
+    if not os.path.exists(self.partial):
+      self.log(f"{self.path} has no trajectory yet; starting from step 0")
+      self._fresh(specs, file_metadata)
+      return 0, None
     try:
       self._writer = store.TrajectoryWriter(self.trajectory, specs, file_metadata, resume=True)
     except store.StoreError as e:
@@ -468,6 +476,7 @@ class RunDir:
     store._fault_point("final_metadata_written")
     self._writer.commit()  # THE commit point
     self._writer = None
+    self.committed = True
     store._fault_point("committed")
     return meta
 

@@ -371,8 +371,8 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
         meta["fimbulwinter_duration"] = check["fimbulwinter_duration"]
       meta = run.commit(meta)
     except KeyboardInterrupt as e:
-      raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), done,
-                               run.resume_from) from None
+      raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), done, run.resume_from,
+                               run.path if run.committed else None) from None
     finally:
       if bar is not None:
         bar.close()
