@@ -6,7 +6,7 @@ For each size it runs, each in its own process (allocator settings must be in
 the environment before a process starts, and JAX's and torch's thread pools
 must not share one):
   * torch, default allocator: benchmarks/torch_crucible1.py, a port of the
-    seed's loop (crucible1.md) with its per-step capture;
+    seed's loop (the lab's Crucible 1 notebook) with its per-step capture;
   * torch, tuned allocator: the same with MALLOC_MMAP_MAX_=0 and a huge
     MALLOC_TRIM_THRESHOLD_, so glibc keeps the logits-sized temporaries
     instead of returning them to the kernel every step (the honest bar);

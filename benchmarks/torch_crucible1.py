@@ -1,6 +1,6 @@
 """The lab's Crucible 1 training loop in PyTorch, ported for timing (the baseline).
 
-A port of shared/seeds/crucible1.md cells 6-11, kept as the lab wrote them:
+A port of the lab's Crucible 1 notebook, cells 6-11, kept as the lab wrote them:
 TinyLM (cell 7, unchanged), `model.to(torch.bfloat16)`, AdamW, a shuffled
 DataLoader over non-overlapping chunks, `torch.autocast(bf16)` around the
 forward and the loss, and the per-step capture into preallocated histories

@@ -1,4 +1,4 @@
-"""Crucible 1 (shared/seeds/crucible1.md): the full dead-token lifecycle, lr 1e-3, wd 0."""
+"""Crucible 1 (docs/experiments.md): the full dead-token lifecycle, lr 1e-3, wd 0."""
 
 from jaxdt.config import (DataConfig, ExperimentConfig, ModelConfig, OptimConfig,
                           ProbeConfig, StoreConfig)

@@ -1,9 +1,9 @@
-"""Crucible 3 (REFERENCE §2.2-2.3): Crucible 1's training, 500 steps, every row + h_mean.
+"""Crucible 3 (docs/experiments.md): Crucible 1's training, 500 steps, every row + h_mean.
 
 W (uint16 bits) over all 10,000 rows [501, 10000, 64], h_mean f32 [500, 64]
 (h_mean[t-1] is the mean post-ln_f hidden state of step t's forward over all
 B x L positions), loss [501] and the dead mask and ids. The seed notebook is
-not in shared/seeds; loss[0] = NaN as in Crucible 1.
+not among the seed notebooks; loss[0] = NaN as in Crucible 1.
 """
 
 import dataclasses

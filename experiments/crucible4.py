@@ -1,7 +1,7 @@
-"""Crucible 4 (REFERENCE §2.2-2.3): Crucible 3 run for 5000 steps.
+"""Crucible 4 (docs/experiments.md): Crucible 3 run for 5000 steps.
 
 Its first 500 steps are bitwise Crucible 3's (the lab's verify_reproducibility,
-REFERENCE §3.11). W over all rows [5001, 10000, 64], h_mean [5000, 64], loss.
+docs/definitions.md §Reproducibility). W over all rows [5001, 10000, 64], h_mean [5000, 64], loss.
 `verification()` repeats that check: `run.py --experiment=crucible4
 --verification --verify_against=.../crucible_3_trajectory.safetensors`.
 """
@@ -24,6 +24,6 @@ def config() -> ExperimentConfig:
 
 
 def verification() -> Verification:
-  """The lab's verify_reproducibility (REFERENCE §3.11): 500 steps against Crucible 3."""
+  """The lab's verify_reproducibility (docs/definitions.md §Reproducibility): 500 steps against Crucible 3."""
   return Verification(steps=500, checkpoint_steps=(), keys=("W", "h_mean", "loss"),
                       title="Crucible 4", reference_title="Crucible 3")

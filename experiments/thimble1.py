@@ -1,11 +1,11 @@
-"""Thimble 1 (shared/seeds/thimble1.md): Adam accounting validation, GPT2, every row, 1000 steps.
+"""Thimble 1 (docs/experiments.md): Adam accounting validation, GPT2, every row, 1000 steps.
 
 The seed trained HF GPT2LMHeadModel in bf16 on sliding windows (batch 128,
 lr 1e-3, wd 0) and kept W, grad_W, momentum_W, variance_W and losses for all
 10,000 rows at every step, plus its hyperparameters as scalar tensors.
 
 Labels: the seed passed `labels = window[1:]` to HF GPT2, whose loss shifts
-them again, so it trained on the token two ahead (REFERENCE §1.4). This config
+them again, so it trained on the token two ahead (docs/definitions.md §Steps and files). This config
 replays that (`double_shift_labels=True`); `--nodouble_shift_labels` gives true
 next-token prediction.
 """

@@ -1,4 +1,4 @@
-"""Thimble 6 (shared/seeds/thimble6.md): ground state or still cooling? GPT2, all rows, 6000 steps.
+"""Thimble 6 (docs/experiments.md): ground state or still cooling? GPT2, all rows, 6000 steps.
 
 The seed is Thimble 1's run for 6000 steps, streamed to HDF5 as float16
 (lossy: float16 has 5 exponent bits, so small bf16 values flush or round).

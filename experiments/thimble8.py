@@ -1,4 +1,4 @@
-"""Thimble 8 (shared/seeds/thimble8.md): dead rows' full optimizer state, TinyLM, 4000 steps.
+"""Thimble 8 (docs/experiments.md): dead rows' full optimizer state, TinyLM, 4000 steps.
 
 lr 3e-4, wd 0.1. Per step over the dead rows: W (uint16 bf16 bits), m, v, g
 (f32 copies; g is step t's gradient) and the bf16 loss, with loss[0] = 0.0 (the

@@ -1,4 +1,4 @@
-"""Thimble 9 (shared/seeds/thimble9.md): long-haul Fimbulwinter hunt, TinyLM, 10,000 steps.
+"""Thimble 9 (docs/experiments.md): long-haul Fimbulwinter hunt, TinyLM, 10,000 steps.
 
 Thimble 8's training exactly (lr 3e-4, wd 0.1, seed 42), recording only the
 dead rows' W (uint16 bits) and the loss (loss[0] = 0.0), checkpoints every

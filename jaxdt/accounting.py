@@ -6,7 +6,7 @@ Given W[t-1], the moments after step t (m_t, v_t) and t, two predictions of
 - `replay`: torch's own bf16 arithmetic (`optim.param_update`), which must
   reproduce W[t] bit for bit;
 - `textbook_delta`: the continuous f32 AdamW update the lab used in Thimble 1
-  (REFERENCE §3.10): −lr·m̂/(√v̂ + ε) − lr·wd·W[t-1], m̂ = m/(1−b1^t),
+  (docs/definitions.md §Adam accounting): −lr·m̂/(√v̂ + ε) − lr·wd·W[t-1], m̂ = m/(1−b1^t),
   v̂ = v/(1−b2^t). (The seed's cell wrote the decay as wd·W without lr; its
   runs had wd = 0, where both agree. We use PyTorch's lr·wd.)
 

@@ -1,4 +1,4 @@
-"""The lab's analyses (REFERENCE §3): pure functions of arrays, and `analyze(path)`.
+"""The lab's analyses (docs/definitions.md): pure functions of arrays, and `analyze(path)`.
 
 Each analysis is a pure function of the arrays that `stream.scan` (the one
 streaming pass over a trajectory file) keeps. `analyze(path)` opens a file
@@ -7,7 +7,7 @@ supports, and lists what it lacks as skipped. The seed's two printed blocks
 (FIMBULWINTER CHECK, STILLNESS PERIOD ANALYSIS) are formatted here, first;
 `jaxdt.report` formats the rest.
 
-Conventions (REFERENCE §2.3, §3):
+Conventions (docs/definitions.md):
   step t = 1..T; W row t is the state after step t (row 0: before any step);
   ΔW′ row t-1 holds step t. Every step number printed or saved is 1-based,
   so the lab's "0-based ΔW′ index" 559 is our step 560.
@@ -43,7 +43,7 @@ def torch_median(x: np.ndarray) -> float:
 
 
 def fimbulwinter_check(last_motion_step: np.ndarray, total_steps: int) -> dict:
-  """Crucible 1's FIMBULWINTER CHECK numbers (REFERENCE §3.2)."""
+  """Crucible 1's FIMBULWINTER CHECK numbers (docs/definitions.md §Motion threshold and last motion)."""
   lms = np.asarray(last_motion_step)
   global_last = int(lms.max())
   return {
@@ -141,7 +141,7 @@ def window_steps(total: int) -> int:
 
 
 def global_freeze(frozen: np.ndarray, window: Optional[int] = None) -> dict:
-  """Global freeze fraction and freeze/thaw cycles (`1.29c`, REFERENCE §3.3).
+  """Global freeze fraction and freeze/thaw cycles (the lab's `1.29c`, docs/definitions.md §Global freeze).
 
   Args:
     frozen: bool [T]; frozen[t-1] says W[t] == W[t-1] bitwise for every row.
@@ -181,7 +181,7 @@ def first_step_reaching(count: np.ndarray, n: int, percent: float) -> Optional[i
 
 def frozen_fraction(n_frozen: np.ndarray, n: int, cold_to_hot: int = 0,
                     hot_to_cold: int = 0) -> dict:
-  """Per-step frozen fraction (‖ΔW′_i‖₂ < threshold) and its milestones (REFERENCE §3.4b).
+  """Per-step frozen fraction (‖ΔW′_i‖₂ < threshold) and its milestones (docs/definitions.md §Frozen-fraction milestones).
 
   Returns:
     dict: milestones {"50%": step or None, ...}, first_frozen_token_step,
@@ -228,7 +228,7 @@ def nested_boundaries(last_early, last_midlife, last_l1) -> tuple:
 
 def lifecycle(last_early, last_midlife, last_l1, total_steps: int, *, last_hypernova=None,
               last_spherical=None) -> dict:
-  """Lifecycle phases by the last-exit rule (REFERENCE §3.4a, `A:lore/lifecycle-phases.md`).
+  """Lifecycle phases by the last-exit rule (docs/definitions.md §Lifecycle phases).
 
   A row is Early up to the last step with ‖ΔW′‖₂ > √D, Midlife up to the last
   step with L∞ > 1, Late up to the last step with L1 > 0, and in Fimbulwinter
@@ -238,7 +238,7 @@ def lifecycle(last_early, last_midlife, last_l1, total_steps: int, *, last_hyper
     last_early, last_midlife, last_l1: per-row last steps (-1 = never).
     total_steps: T.
     last_hypernova, last_spherical: optional per-row last ‖ΔW′‖₂ > 1000 and
-      last L1 > 1 steps (REFERENCE §3.4b vocabulary).
+      last L1 > 1 steps (docs/definitions.md §Lifecycle phases, second vocabulary).
 
   Returns:
     dict: boundaries {last_early, last_midlife, last_motion, fimbulwinter_onset:
@@ -284,7 +284,7 @@ def phase_populations(last_early, last_midlife, last_l1, total_steps: int) -> np
 
 def centroid_drift(centroid: np.ndarray, radius=None, radius_origin=None,
                    max_radius=None) -> dict:
-  """Centroid drift and cloud radius (REFERENCE §3.5).
+  """Centroid drift and cloud radius (docs/definitions.md §Centroid drift).
 
   Args:
     centroid: [T+1, D] dead-row centroid c(t).
@@ -337,7 +337,7 @@ def _finite(x: np.ndarray) -> np.ndarray:
 
 
 def accounting_summary(replay_match, cosine, norm_ratio, swallowed, max_ulp_error) -> dict:
-  """The Adam accounting summary (REFERENCE §3.10) from per-step [T] metrics.
+  """The Adam accounting summary (docs/definitions.md §Adam accounting) from per-step [T] metrics.
 
   Counts use all T steps as the denominator, as the lab's "476/1000 steps with
   ratio in [0.99, 1.01]"; means skip non-finite steps (nothing moved: ratio inf,
@@ -376,7 +376,7 @@ def loss_summary(loss: np.ndarray) -> dict:
 
 
 def sanity_check(traj: trajectory.Trajectory) -> dict:
-  """Thimble 8's SANITY CHECK numbers (thimble8.md cell 14) for files with W, m, v.
+  """Thimble 8's SANITY CHECK numbers (the lab's Thimble 8 notebook, cell 14) for files with W, m, v.
 
   `Mean |W[T] - W[0]|` subtracts in bf16 first, as the seed's
   `(W_bf16[-1] - W_bf16[0]).float().abs().mean()` does.

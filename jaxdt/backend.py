@@ -4,7 +4,7 @@ XLA reads `XLA_FLAGS` once, when the first backend is created (the first
 computation or `jax.devices()` call), not when `jax` is imported. `run.py`
 therefore calls `configure()` at the top of `main`, before any JAX work.
 
-What the flags do (shared/NUMERICS.md §5; help texts of jaxlib 0.10.2):
+What the flags do (docs/adamw.md §Determinism; help texts of jaxlib 0.10.2):
   --xla_gpu_deterministic_ops=true            "Guarantees run-to-run determinism
                                               on GPU" (scatter, reductions,
                                               GEMM/conv algorithms).
@@ -15,7 +15,7 @@ What the flags do (shared/NUMERICS.md §5; help texts of jaxlib 0.10.2):
 Both are accepted and ignored by XLA:CPU, so one setting serves every backend.
 
 Flags reported but left at XLA's defaults (changing them changes our bits):
-  xla_cpu_ftz=true            XLA:CPU flushes f32 subnormals (NUMERICS §3).
+  xla_cpu_ftz=true            XLA:CPU flushes f32 subnormals (docs/adamw.md).
   xla_gpu_ftz=false           XLA:GPU keeps them.
   xla_cpu_enable_fast_math=false
   xla_cpu_enable_platform_dependent_math=true   transcendental kernels may
@@ -26,7 +26,7 @@ Flags reported but left at XLA's defaults (changing them changes our bits):
 FMA contraction has no XLA flag: XLA:CPU contracts `a*b + c` under jit, and
 `fma_contracts()` measures it on the live backend (the optimizer's lerp and
 addcmul need it). CPU results also depend on the number of cores XLA:CPU uses
-(NUMERICS §5: `taskset -c 0` changed the bits), so `cpu_threads()` is recorded.
+(docs/adamw.md §Determinism: `taskset -c 0` changed the bits), so `cpu_threads()` is recorded.
 """
 
 from __future__ import annotations

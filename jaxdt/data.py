@@ -1,6 +1,6 @@
 """Data: the lab's Flannel recipe, built offline, in the lab's file formats.
 
-Three inputs feed every experiment (REFERENCE §1):
+Three inputs feed every experiment (docs/definitions.md §Steps and files):
   * a `tokenizers` JSON (`flannel_tokenizer_chars.json`),
   * the model corpus as UTF-8 text (`flannel_model_corpus.txt`),
   * the live/dead mask (`live_dead_tokens.safetensors`: `live_mask`,
@@ -69,7 +69,7 @@ DOC_SEPARATOR = "\n\n"  # the lab joined documents with a blank line
 # has only ~170 distinct non-Thai characters, so Thai must carry the dead set:
 # a third of the bytes gives the lab's scale (3,708 dead; 20% gives 2,814).
 THAI_BYTE_SHARE = 0.33
-MODEL_TOKENS = 1_371_328  # the lab's model-corpus token count (REFERENCE §1.3)
+MODEL_TOKENS = 1_371_328  # the lab's model-corpus token count (docs/definitions.md §Steps and files)
 
 # Packages whose docstrings are English sources (import name, distribution).
 # All are pinned dependencies. pythainlp is left out (its docstrings hold Thai),
@@ -872,7 +872,7 @@ def make_sampler(tokens: np.ndarray, cfg: DataConfig) -> Callable[[jax.Array, ja
   double_shift_labels: targets start one token later (w[:, 2:], chunk[:, 2:]).
     That is what the lab's GPT2 runs trained on: they passed labels = w[1:] to
     HF GPT2, whose loss shifts labels again, so each position predicted the
-    token two ahead (REFERENCE §1.4). Use it only for faithful replays.
+    token two ahead (docs/definitions.md §Steps and files). Use it only for faithful replays.
 
   Step t (1-based) uses batch index t-1 of epoch (t-1) // batches_per_epoch;
   the epoch's order is `feistel_permute(fold_in(key, epoch), ...)`, so no

@@ -4,7 +4,7 @@ Every function here is exact: it is built from integer bit operations and
 multiplications by powers of two, so it gives the same bits on CPU (which
 flushes f32 subnormals) and on GPU/TPU. Inputs may be numpy or JAX arrays.
 
-Definitions (shared/REFERENCE.md §3.1):
+Definitions (docs/definitions.md §ULP and ΔW′):
 
   E      = (bits(W) >> 7) & 0xFF               raw 8-bit exponent
   ULP    = 2^(max(E, 1) - 134)                  134 = 127 bias + 7 mantissa bits

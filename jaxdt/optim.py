@@ -1,6 +1,6 @@
 """AdamW as an optax GradientTransformation, bit-exact against torch.optim.AdamW.
 
-torch 2.13 on CPU runs `_single_tensor_adam` (shared/NUMERICS.md §1). For a
+torch 2.13 on CPU runs `_single_tensor_adam` (docs/adamw.md). For a
 bf16 parameter every torch op upcasts to f32, computes, and rounds to bf16 once
 when it stores. We follow the same op order and round after each op:
 
@@ -19,7 +19,7 @@ them, tabulated once per hyperparameter set (they are constant after ~17k steps
 for b2 = 0.999) and looked up with the traced step, so the transformation works
 under `jit` and inside `lax.scan` with no host callback.
 
-What XLA needs for this to hold (each measured in NUMERICS §3):
+What XLA needs for this to hold (each measured in docs/adamw.md):
 - FMA: `a * b + c` must be contracted; XLA:CPU and XLA:GPU do so under jit.
   `fma_contracts()` checks the current backend.
 - A true division by the bias-correction scalar (XLA rewrites x / scalar as a
@@ -307,7 +307,7 @@ def fma_contracts() -> bool:
   """True if `a * b + c` is fused into an FMA under jit on the default backend.
 
   torch's lerp_ and addcmul_ are FMAs; without contraction `adamw` is not
-  bit-exact (NUMERICS §3 ablation: thousands of mismatches in 300 steps).
+  bit-exact (docs/adamw.md, rule 2; BUILD_NOTES: thousands of mismatches in 300 steps).
   """
   a = b = np.float32(1 + 2.0**-12)
   c = np.float32(-(1 + 2.0**-11))

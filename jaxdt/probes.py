@@ -7,7 +7,7 @@ written once). Every series and tracker function is pure and runs inside the
 jitted scan body; the loop in `jaxdt.train` only looks probes up by the names
 in `ProbeConfig.names`.
 
-File layout follows the lab (REFERENCE §2.3): a series with an `initial`
+File layout follows the lab (docs/definitions.md §Steps and files): a series with an `initial`
 function has T+1 rows, row 0 being the state before any step and row t the
 state after step t; one without has T rows, row t-1 holding step t.
 """
@@ -146,7 +146,7 @@ _F32 = lambda d: np.dtype(np.float32)
 
 
 def lab_scalars(view: StaticView) -> dict:
-  """Thimble 1's scalar tensors (thimble1.md `save_dict`): int64 and f32 0-d arrays."""
+  """Thimble 1's scalar tensors (the lab's Thimble 1 `save_dict`, docs/experiments.md): int64 and f32 0-d arrays."""
   c = view.cfg
   i64 = lambda x: np.asarray(x, np.int64)
   f32 = lambda x: np.asarray(x, np.float32)
@@ -206,7 +206,7 @@ PROBES = {
     "g": (Series("g", _F32, _ROWS, lambda v: _f32(v.grad), initial=lambda w0, v: jnp.zeros(w0.shape)),),
     # Crucible 3/4: mean final hidden state, h_mean[t-1] for step t.
     "h_mean": (Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean),),
-    # Thimble 1 (thimble1.md): W and grad_W as bf16 tensors (safetensors BF16),
+    # Thimble 1 (docs/experiments.md): W and grad_W as bf16 tensors (safetensors BF16),
     # momentum_W / variance_W as `.float()` of the bf16 Adam state, losses f32
     # with losses[0] = NaN. grad_W[t] is step t's gradient (taken before the
     # step); row 0 is zeros. Under fp32/mixed precision W and grad_W are f32.

@@ -102,7 +102,7 @@ def _stat_line(label: str, x: Optional[dict], width: int = 34) -> str:
 
 
 def format_lifecycle(x: dict, hidden: int) -> str:
-  """Lifecycle phases, last-exit rule (REFERENCE §3.4a), plus the §3.4b boundaries."""
+  """Lifecycle phases, last-exit rule (docs/definitions.md §Lifecycle phases), plus the second vocabulary's boundaries."""
   b, d = x["boundaries"], x["durations"]
   lines = ["Last-exit steps (a row's phase ends at the last step it meets the criterion):",
            _stat_line(f"Last Early (‖ΔW′‖₂ > √{hidden})", b["last_early"]),
@@ -116,7 +116,7 @@ def format_lifecycle(x: dict, hidden: int) -> str:
   lines.append("Phase durations (steps):")
   lines += [_stat_line(p, d[p.lower()]) for p in PHASES]
   if "last_hypernova" in x:
-    lines += ["Other vocabulary (REFERENCE §3.4b):",
+    lines += ["Other vocabulary (docs/definitions.md §Lifecycle phases):",
               _stat_line("Last Hypernova (‖ΔW′‖₂ > 1000)", x["last_hypernova"]),
               _stat_line("Last Spherical (L1 > 1)", x["last_spherical"]),
               _stat_line("Stumbling duration", x["stumbling"])]
@@ -124,7 +124,7 @@ def format_lifecycle(x: dict, hidden: int) -> str:
 
 
 def format_centroid(c: dict) -> str:
-  """Centroid drift and cloud radius (REFERENCE §3.5)."""
+  """Centroid drift and cloud radius (docs/definitions.md §Centroid drift)."""
   lines = [f"Centroid: {c['source']}",
            f"‖c‖: {c['norm_start']:.6f} → {c['norm_end']:.6f}",
            f"Path length {c['path_length']:.6f}; crow-flies {c['crow_flies']:.6f}; "
@@ -145,7 +145,7 @@ def format_centroid(c: dict) -> str:
 
 
 def format_accounting(a: dict) -> str:
-  """Adam accounting (REFERENCE §3.10), with Thimble 1's per-step lines."""
+  """Adam accounting (docs/definitions.md §Adam accounting), with Thimble 1's per-step lines."""
   T = a["steps"]
   lines = [f"Source: {a['source']}"]
   if a.get("seed_validation"):  # Thimble 1/6: the seed's own cell, with exact replay

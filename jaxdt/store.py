@@ -6,7 +6,7 @@ preallocated the whole history in RAM and called `save_file` at the end), the
 file is written in place: the complete header first, then each chunk of rows
 at its byte offset. Peak RAM is one chunk, whatever the number of steps.
 
-Completion markers come last (STYLE idioms 10, 11):
+Completion markers come last:
   trajectory   `<name>.partial` until `finalize()` renames it to `<name>`, and
                `metadata.json` says `"completed": true` only after that.
   checkpoint   `step_NNNNNN/arrays.safetensors`, then `meta.json` last.

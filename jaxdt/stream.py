@@ -24,7 +24,7 @@ from jaxdt import trajectory
 
 BLOCK_BYTES = 64 << 20  # rows read per block: about this many bytes
 MOTION_THRESHOLD = 0.1  # the Crucible 1 default when the file's metadata has none
-HYPERNOVA = 1000.0  # ‖ΔW′‖₂ above this: Hypernova (REFERENCE §3.4b)
+HYPERNOVA = 1000.0  # ‖ΔW′‖₂ above this: Hypernova (docs/definitions.md §Lifecycle phases)
 
 
 # --- The one streaming pass ---------------------------------------------------

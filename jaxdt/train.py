@@ -185,7 +185,7 @@ class RunResult:
 
 
 def _lab_metadata(cfg, corpus, dims, steps_done, per_epoch, final_loss, specs) -> dict:
-  """The seed notebooks' metadata.json keys (crucible1.md, thimble8.md)."""
+  """The seed notebooks' metadata.json keys (Crucible 1 and Thimble 8; docs/experiments.md)."""
   return {
       "experiment": cfg.store.experiment_title, "series": cfg.store.series,
       "date": time.strftime("%Y-%m-%d"), "total_steps": cfg.steps,

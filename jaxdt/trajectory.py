@@ -1,4 +1,4 @@
-"""Trajectory files, ours and the lab's, opened for analysis (REFERENCE §2.3).
+"""Trajectory files, ours and the lab's, opened for analysis (docs/definitions.md §Steps and files).
 
 `open_trajectory(path)` takes a .safetensors file or a run folder, works out
 its layout (our keys and metadata.json, or the lab's key names: `W` or

@@ -1,6 +1,6 @@
 """Checks a run against its seed: bitwise verification, and Thimble 1's accounting report.
 
-Verification (thimble9.md, VERIFICATION_MODE): a short run of an experiment
+Verification (the lab's Thimble 9 VERIFICATION_MODE, docs/experiments.md): a short run of an experiment
 is compared bit for bit with the first rows of a reference trajectory that the
 same training produced (Thimble 9's first 1000 steps against Thimble 8). An
 experiment declares it with `verification() -> Verification` in its module;
@@ -18,7 +18,7 @@ experiment declares it with `verification() -> Verification` in its module;
 followed by our stricter check of every other key (the loss: bitwise, where
 the seed only looked at it on a W mismatch, within 1e-5).
 
-Accounting (thimble1.md, "Quick Validation: Test Adam Accounting"): at
+Accounting (the lab's Thimble 1 notebook, "Quick Validation: Test Adam Accounting"): at
 t = 1, 10, 50, 100, 200, 500, 800 the seed compared the observed ΔW with the
 continuous f32 AdamW update built from the recorded m and v, and printed
 `t=  1: ratio=1.012, cosine=+1.000`. `accounting_rows` recomputes that from the
@@ -64,7 +64,7 @@ class VerifyError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Verification:
-  """An experiment's verification mode (thimble9.md: 1000 steps against Thimble 8)."""
+  """An experiment's verification mode (Thimble 9, docs/experiments.md: 1000 steps against Thimble 8)."""
 
   steps: int = 1000  # TOTAL_STEPS in verification mode
   checkpoint_steps: tuple = (0, 100, 500, 1000)  # the seed's verification checkpoints
@@ -257,7 +257,7 @@ def _label(key: str) -> str:
 
 
 def format_report(results, spec: Verification) -> str:
-  """The seed's VERIFICATION report (thimble9.md), then our bitwise check of the other keys.
+  """The seed's VERIFICATION report (the lab's Thimble 9 notebook), then our bitwise check of the other keys.
 
   Args:
     results: `compare`'s KeyResults; the first is the main key (W).
@@ -362,7 +362,7 @@ def _state_rows(reader: store.TrajectoryReader, key: str, t: int) -> np.ndarray:
 def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> AccountingRow:
   """The seed's ratio and cosine at step t, and the exact replay's bitwise match.
 
-  The seed's way (thimble1.md): observed ΔW = W[t] − W[t-1] in the stored dtype
+  The seed's way (Thimble 1; docs/definitions.md §Adam accounting): observed ΔW = W[t] − W[t-1] in the stored dtype
   (a bf16 subtraction, rounded to bf16), then `.float()`; computed ΔW is the
   continuous f32 AdamW step from the recorded m_t, v_t
   (`accounting.textbook_delta`; it writes the decay as lr·wd·W where the seed

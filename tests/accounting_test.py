@@ -53,7 +53,7 @@ class AccountingTest(absltest.TestCase):
     self.assertLess(float(out["replay_match"]), 0.5)
 
   def test_step_one_textbook_agrees_with_the_realized_step(self):
-    # The lab's t=1: cosine 0.999925, ratio 1.012 (REFERENCE §3.10).
+    # The lab's t=1: cosine 0.999925, ratio 1.012 (docs/definitions.md §Adam accounting).
     hp, (w_prev, w_next, m, v) = trajectory(lr=1e-3)
     first = accounting.metrics(w_prev[0], w_next[0], m[0], v[0], 1, hp)
     self.assertGreater(float(first["cosine"]), 0.99)

@@ -1,4 +1,4 @@
-"""Experiment configs against their seeds (shared/seeds/*.md), and tiny runs of each layout.
+"""Experiment configs against their seeds (docs/experiments.md), and tiny runs of each layout.
 
 Config tests check the full-size values: hyperparameters, probes, file keys,
 dtypes, shapes and checkpoint steps. Tiny runs (vocab 256, D 32, batch 4 x 16,

@@ -16,7 +16,7 @@ BF16_MAX = float(ml_dtypes.finfo(BF16).max)
 
 
 def lab_ulp_numpy(w):
-  """The lab's compute_ulp_bf16 (crucible1.md), in numpy f32 (keeps subnormals)."""
+  """The lab's compute_ulp_bf16 (docs/definitions.md §ULP and ΔW′), in numpy f32 (keeps subnormals)."""
   e = (w.view(np.uint16).astype(np.int32) >> 7) & 0xFF
   e = np.where(e == 0, 1, e)
   return np.power(np.float32(2.0), (e - 134).astype(np.float32))

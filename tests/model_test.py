@@ -15,7 +15,7 @@ from jaxdt import model
 from jaxdt.config import ModelConfig
 
 VARIANTS = ("encoder", "gpt2")
-LAB_PARAMS = 748_288  # Crucible 1 prints "Model parameters: 748,288"; REFERENCE §2.1
+LAB_PARAMS = 748_288  # Crucible 1 prints "Model parameters: 748,288"; docs/experiments.md
 SMALL = dict(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=2, max_seq_len=16)
 B, T = 2, 12
 NLL_VOCAB, NLL_B, NLL_T = 301, 4, 16  # tied-logits loss tests: 4 x 15 target rows

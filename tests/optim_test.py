@@ -94,7 +94,7 @@ class CompilerTest(absltest.TestCase):
     self.assertIn("divide", hlo)
 
   def test_true_division_differs_from_reciprocal_multiply(self):
-    # The rewrite x * (1/s) flips bf16 results at t = 2934 (NUMERICS §3).
+    # The rewrite x * (1/s) flips bf16 results at t = 2934 (docs/adamw.md).
     rng = np.random.default_rng(0)
     x = rng.uniform(1, 2, 1 << 16).astype(np.float32)
     s = np.float32(0.7)
@@ -105,7 +105,7 @@ class CompilerTest(absltest.TestCase):
 class BehaviourTest(absltest.TestCase):
 
   def test_first_step_moves_every_coordinate_by_lr(self):
-    # At t=1 bias correction cancels: m̂ = g, v̂ = g², so |ΔW| ≈ lr (REFERENCE §3.9).
+    # At t=1 bias correction cancels: m̂ = g, v̂ = g², so |ΔW| ≈ lr (docs/adamw.md).
     rng = np.random.default_rng(0)
     p = jnp.asarray((rng.standard_normal((64, 64)) * 0.02 + 1.0).astype(np.float32))
     z = rng.standard_normal((64, 64))

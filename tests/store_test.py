@@ -30,7 +30,7 @@ from jaxdt import store
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, TOKENS, DIM, VOCAB = 22, 9, 4, 20
 NAME = "crucible_1_trajectory.safetensors"
-# The Crucible 1 layout (REFERENCE.md §2.3), at toy sizes.
+# The Crucible 1 layout (docs/definitions.md §Steps and files), at toy sizes.
 SPECS = {
     "W": (np.uint16, (STEPS + 1, TOKENS, DIM)),
     "delta_W_prime": (np.float32, (STEPS, TOKENS, DIM)),
@@ -575,7 +575,7 @@ class PreflightTest(absltest.TestCase):
   def test_estimate_bytes_is_the_file_size(self):
     self.assertEqual(os.path.getsize(_write_file(os.path.join(self.dir, NAME), _records(), 7)),
                      store.estimate_bytes(SPECS, META))
-    crucible_1 = {  # the lab printed "File size: 7.10 GB" (crucible1.md)
+    crucible_1 = {  # the lab printed "File size: 7.10 GB" (its Crucible 1 notebook)
         "W": (np.uint16, (5001, 3699, 64)), "delta_W_prime": (np.float32, (5000, 3699, 64)),
         "centroid": (np.float32, (5001, 64)), "loss": (np.float32, (5001,)),
         "last_motion_step": (np.int32, (3699,)), "dead_mask": (np.bool_, (10000,)),

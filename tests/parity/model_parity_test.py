@@ -1,6 +1,6 @@
 """jaxdt.model against PyTorch on the same weights.
 
-encoder: the lab's TinyLM class, unchanged from Crucible 1 (crucible1.md), as
+encoder: the lab's TinyLM class, unchanged from Crucible 1 (its notebook; docs/experiments.md), as
 benchmarks/torch_crucible1.py holds it.
 gpt2: HF GPT2LMHeadModel built as Thimble 1 builds it; tested only where
 transformers is importable (a hand-written torch GPT-2 would prove nothing).

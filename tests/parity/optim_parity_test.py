@@ -233,7 +233,7 @@ class Fp32ParityTest(parameterized.TestCase):
     self.assertLess(r["p"], 0.01 * 300 * 64000)
 
   def test_fp32_against_stock_torch_differs_only_in_params(self):
-    # torch's own f32 sqrt is not correctly rounded on this CPU (NUMERICS §3).
+    # torch's own f32 sqrt is not correctly rounded on this CPU (docs/adamw.md).
     r = compare((1000, 64), 1e-3, 0.0, np.float32, steps=300)
     print(f"fp32 vs stock torch: {r}")
     self.assertEqual((r["v"], r["m_outside_subnormal"]), (0, 0), r)

@@ -1,4 +1,4 @@
-"""Recorded diagnostics do not depend on the CPU thread count (NUMERICS §5).
+"""Recorded diagnostics do not depend on the CPU thread count (docs/adamw.md §Determinism).
 
 XLA:CPU splits f32 reductions by thread count; jaxdt's recorded sums go through
 `jaxdt.ordered`, so a 1-core and a 2-core process must print the same bits.
