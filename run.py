@@ -209,6 +209,7 @@ def main(argv: list[str]) -> int:
   rundir.raise_on_sigterm()
   try:
     backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
+    backend.quiet_backend_probe()
     return _dispatch()
   except rundir.Interrupted as e:
     print(f"\n{e}", file=sys.stderr)

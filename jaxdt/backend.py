@@ -160,3 +160,10 @@ def format_description(d: Mapping) -> str:
       f"Bit-relevant flags: {flags}",
       f"a*b+c contracted to FMA under jit: {d['fma_contracts']}",
   ])
+
+
+def quiet_backend_probe() -> None:
+  """Silences JAX's INFO line for every platform it fails to load ("Unable to
+  initialize backend 'tpu' ... libtpu.so"), which absl's handler would print."""
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -247,6 +247,16 @@ class Progress:
       sys.stderr.write("\n")
 
 
+def describe_corpus(corpus: data.Corpus) -> str:
+  """One line: where the data came from and its counts."""
+  d = corpus.default
+  source = ("the lab's files" if d is None else
+            f"embedded default, built in {d.seconds:.0f} s" if d.built else
+            f"embedded default, reused from {d.directory}")
+  return (f"{len(corpus.tokens):,} tokens, vocab {corpus.vocab_size:,}, {corpus.n_dead:,} dead "
+          f"({source})")
+
+
 FILE_METADATA = {"format": "pt"}  # the trajectory's safetensors metadata (the lab's)
 
 
@@ -287,6 +297,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   """
   t_start = time.perf_counter()
   corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
+  log(f"data: {describe_corpus(corpus)}")
   rows = corpus.dead_indices if cfg.probes.rows == "dead" else None
   policy = precision.get_policy(cfg.precision)
   dims = probes_lib.Dims(rows=corpus.n_dead if rows is not None else cfg.model.vocab_size,
@@ -318,6 +329,8 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
           checkpoint_steps=checkpoint_steps, checkpoint_bytes=_state_bytes(state),
           ram_bytes=3 * chunk_bytes * min(cfg.store.chunk_steps, cfg.steps))
       done = start
+      log(f"run folder: {run.path} ({os.path.basename(run.partial)}, "
+          f"{store.fmt_bytes(store.estimate_bytes(specs, FILE_METADATA))})")
       if restored is None:
         for k, a in initial_records(cfg, state, rows).items():
           run.write_rows(k, 0, a[None])
@@ -332,7 +345,11 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
       run_chunk = make_run_chunk(make_step(cfg, corpus.tokens, rows))
       bar = Progress(cfg.steps, start, progress)
       plan = chunk_plan(start, end, cfg.store.chunk_steps, checkpoint_steps)
+      t_compile = time.perf_counter()
       pending = run_chunk(state, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
+      if plan:  # the first call traces and compiles before it dispatches
+        log(f"compiled the {plan[0][1]}-step chunk in {time.perf_counter() - t_compile:.1f} s; "
+            f"training steps {start + 1}..{end}")
       for i, (s, n) in enumerate(plan):
         state, (records, losses) = pending
         # The next chunk donates `state`: copy a checkpoint's state to the host first.

@@ -61,3 +61,11 @@ def tiny_config(paths: dict, **overrides):
                                tokenizer_path=paths["tokenizer"], dead_mask_path=paths["mask"]),
       store=dataclasses.replace(cfg.store, checkpoint_steps=(5, 9), chunk_steps=4))
   return dataclasses.replace(cfg, **overrides)
+
+
+PHASES = ("data: ", "run folder: ", "compiled the ")  # train's phase lines
+
+
+def notes_of(said: list) -> list:
+  """What `train(log=said.append)` logged apart from its phase lines."""
+  return [s for s in said if not s.startswith(PHASES)]

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import notes_of, tiny_config
 from jaxdt import analysis, config as config_lib, data, report, rundir, store, train, verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,6 +192,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(cfg, ref, 
     train.train(no_ckpt, out, **QUIET)
   said = []
   result = train.train(no_ckpt, out, resume=True, progress=False, log=said.append)
+  said = notes_of(said)
   assert said == [f"no intact checkpoint in {out}/checkpoints; restarting from step 0"]
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
 
@@ -286,6 +287,7 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_an_older_one_used(cfg, ref,
   _flip_byte(arrays, size - 7)
   said = []
   result = train.train(cfg, out, resume=True, progress=False, log=said.append)
+  said = notes_of(said)
   assert said[0].startswith("skipping checkpoint step 9: checkpoint ") and "is corrupt" in said[0]
   assert said[1] == f"resuming {out} from the checkpoint at step 5"
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
@@ -300,6 +302,7 @@ def test_a_corrupt_checkpoint_marker_is_skipped(cfg, ref, tmp_path):
     f.write(text)
   said = []
   result = train.train(cfg, out, resume=True, progress=False, log=said.append)
+  said = notes_of(said)
   assert "meta.json does not match its own SHA-256" in said[0]
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
 
@@ -310,6 +313,7 @@ def test_corrupt_rows_in_the_unfinished_trajectory_are_caught_on_resume(cfg, ref
   _flip_byte(partial, _row_offset(partial, "W", 7))  # covered by step 9's checkpoint, not 5's
   said = []
   result = train.train(cfg, out, resume=True, progress=False, log=said.append)
+  said = notes_of(said)
   assert "rows of 'W' up to step 9 do not match" in said[0]
   assert said[1] == f"resuming {out} from the checkpoint at step 5"
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
@@ -395,6 +399,7 @@ def test_a_diverged_run_keeps_its_records_and_every_analysis_reports_it(cfg, tmp
   wild = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=1e30))
   said = []
   result = train.train(wild, str(tmp_path), progress=False, log=said.append)
+  said = notes_of(said)
   step = result.metadata["diverged_at_step"]
   assert isinstance(step, int) and 1 <= step <= STEPS
   assert said and f"at step {step}" in said[0]

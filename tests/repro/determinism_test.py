@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import notes_of, tiny_config
 from jaxdt import store, train
 
 STEPS = 12  # checkpoints at 5 and 9 (tiny_config)
@@ -59,6 +59,7 @@ def test_resume_without_checkpoint_restarts_from_step_0_and_says_so(reference, t
   cfg, ref = reference
   said = []
   result = train.train(cfg, str(tmp_path), resume=True, progress=False, log=said.append)
+  said = notes_of(said)
   assert said == [f"{tmp_path} has no run to resume; starting from step 0"]
   assert _bytes(result) == _bytes(ref)
 
