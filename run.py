@@ -82,6 +82,10 @@ flags.DEFINE_string(
     "compare", None,
     "Compare two runs of one config, A,B (run folders or trajectory files): first differing "
     "step, identical bits per key, loss and freeze-statistics differences, both backends.")
+flags.DEFINE_multi_string(
+    "set", None,
+    "Set any config field by its dotted path, e.g. --set model.hidden_dim=32 --set "
+    "store.checkpoint_steps=0,10 (repeatable; applied after the named flags).")
 flags.DEFINE_string("analysis_dir", None,
                     "Where --analyze writes summary.json and plots (and --compare compare.json).")
 
@@ -101,31 +105,31 @@ def flannel_data() -> None:
   print(data.report(corpus, cfg.data))
 
 
+# Named flags and the config field each one sets (every field also takes --set).
+NAMED_FLAGS = {
+    "steps": "steps", "seed": "seed", "precision": "precision",
+    "init_checkpoint": "init_checkpoint", "batch_size": "data.batch_size",
+    "seq_len": "data.seq_len", "double_shift_labels": "data.double_shift_labels",
+    "learning_rate": "optim.learning_rate", "weight_decay": "optim.weight_decay",
+    "chunk_steps": "store.chunk_steps", "rows": "probes.rows", "probes": "probes.names",
+}
+
+
 def experiment_config(name: str) -> config_lib.ExperimentConfig:
-  """The experiment's config with every given flag applied (dataclasses.replace)."""
+  """The experiment's config with the data flags, the named flags, then --set applied."""
   cfg = experiments.load(name)
-  d = cfg.data
-  d = dataclasses.replace(data_config(d), **{
-      k: getattr(FLAGS, k) for k in ("batch_size", "seq_len", "double_shift_labels")
-      if getattr(FLAGS, k) is not None})
-  o = dataclasses.replace(cfg.optim, **{
-      k: getattr(FLAGS, k) for k in ("learning_rate", "weight_decay")
-      if getattr(FLAGS, k) is not None})
-  p = cfg.probes
-  if FLAGS.rows is not None:
-    p = dataclasses.replace(p, rows=FLAGS.rows)
+  cfg = dataclasses.replace(cfg, data=data_config(cfg.data))
   if FLAGS.probes is not None:
     probes_lib.resolve(FLAGS.probes)  # unknown names: a one-line error before any work
-    p = dataclasses.replace(p, names=tuple(FLAGS.probes))
-  st = cfg.store
-  if FLAGS.chunk_steps is not None:
-    st = dataclasses.replace(st, chunk_steps=FLAGS.chunk_steps)
-  top = {k: getattr(FLAGS, k) for k in ("steps", "seed", "precision", "init_checkpoint")
-         if getattr(FLAGS, k) is not None}
+  for flag, path in NAMED_FLAGS.items():
+    value = getattr(FLAGS, flag)
+    if value is not None:
+      cfg = config_lib.set_path(cfg, path, tuple(value) if flag == "probes" else value)
+  for assignment in FLAGS.set or ():
+    cfg = config_lib.override(cfg, assignment)
   if FLAGS.steps is not None:  # keep only the checkpoints inside the shortened run
-    st = dataclasses.replace(st, checkpoint_steps=tuple(
-        c for c in st.checkpoint_steps if c <= FLAGS.steps))
-  return dataclasses.replace(cfg, data=d, optim=o, probes=p, store=st, **top)
+    cfg = config_lib.with_steps(cfg, FLAGS.steps)
+  return cfg
 
 
 def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) -> None:

@@ -32,6 +32,7 @@ backend.configure()  # as run.py: XLA_FLAGS before JAX starts
 import jax  # pylint: disable=g-import-not-at-top
 
 import experiments  # pylint: disable=g-import-not-at-top
+from jaxdt import config as config_lib  # pylint: disable=g-import-not-at-top
 from jaxdt import model  # pylint: disable=g-import-not-at-top
 from jaxdt import train  # pylint: disable=g-import-not-at-top
 from procstat import (  # pylint: disable=g-import-not-at-top
@@ -50,16 +51,16 @@ class TimedProgress(train.Progress):
 
 
 def bench_config(args):
-  cfg = experiments.load(args.experiment)
+  cfg = config_lib.with_steps(experiments.load(args.experiment), args.steps,
+                             None if args.checkpoints else ())
   return dataclasses.replace(
-      cfg, steps=args.steps,
+      cfg,
       model=dataclasses.replace(cfg.model, vocab_size=args.vocab, hidden_dim=args.hidden,
                                 max_seq_len=args.seq),  # the seed's TinyLM(..., SEQ_LEN)
       data=dataclasses.replace(cfg.data, batch_size=args.batch, seq_len=args.seq,
                                corpus_path=args.corpus_path, tokenizer_path=args.tokenizer_path,
                                data_dir=args.data_dir),
-      store=dataclasses.replace(cfg.store, chunk_steps=args.chunk, checkpoint_steps=tuple(
-          c for c in cfg.store.checkpoint_steps if c <= args.steps) if args.checkpoints else ()))
+      store=dataclasses.replace(cfg.store, chunk_steps=args.chunk))
 
 
 def main(argv=None):

@@ -137,6 +137,93 @@ class ExperimentConfig:
                        f"max_seq_len={self.model.max_seq_len}; lower --seq_len")
 
 
+def with_steps(cfg: ExperimentConfig, steps: int,
+               checkpoint_steps: Optional[tuple] = None) -> ExperimentConfig:
+  """`cfg` run for `steps` steps, keeping only the checkpoints inside the run.
+
+  Args:
+    cfg: the config.
+    steps: the new number of steps.
+    checkpoint_steps: checkpoints to filter instead of cfg's own (e.g. a
+      verification's).
+  """
+  marks = cfg.store.checkpoint_steps if checkpoint_steps is None else checkpoint_steps
+  store = dataclasses.replace(cfg.store, checkpoint_steps=tuple(c for c in marks if c <= steps))
+  return dataclasses.replace(cfg, steps=steps, store=store)
+
+
+def _parse(text: str, hint: Any, name: str) -> Any:
+  """A flag's text as a value of the field's type (int, float, bool, str, tuple, Optional)."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is typing.Union:  # Optional[X]
+    if text.lower() in ("none", "null", ""):
+      return None
+    hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+  if hint is bool:
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"--set {name}={text}: expected true or false")
+  if hint is tuple or origin is tuple:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple(int(t) if t.lstrip("-").isdigit() else t for t in items)
+  try:
+    return hint(text)
+  except (TypeError, ValueError):
+    raise ValueError(f"--set {name}={text}: expected {getattr(hint, '__name__', hint)}") from None
+
+
+def _field(cfg: Any, dotted: str) -> tuple:
+  """(owner config, field name, type hint) of a dotted path; ValueError if there is none."""
+  *sections, name = dotted.split(".")
+  owner = cfg
+  for i, sec in enumerate(sections):
+    if not dataclasses.is_dataclass(owner) or not hasattr(owner, sec):
+      raise ValueError(f"--set {dotted}: no config section {'.'.join(sections[:i + 1])!r}")
+    owner = getattr(owner, sec)
+  fields = {f.name for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else {}
+  if name not in fields:
+    raise ValueError(f"--set {dotted}: no such field; {'.'.join(sections) or 'the config'} has "
+                     f"{sorted(fields)}")
+  hint = typing.get_type_hints(type(owner))[name]
+  if dataclasses.is_dataclass(hint):
+    raise ValueError(f"--set {dotted}: {name!r} is a section; set one of its fields, e.g. "
+                     f"{dotted}.{dataclasses.fields(hint)[0].name}=...")
+  return owner, name, hint
+
+
+def set_path(cfg: Any, dotted: str, value: Any) -> Any:
+  """`cfg` with the field at a dotted path (e.g. "optim.learning_rate") replaced.
+
+  Raises:
+    ValueError: no such field, or the new config is invalid (its __post_init__).
+  """
+  _field(cfg, dotted)
+  head, _, rest = dotted.partition(".")
+  if not rest:
+    return dataclasses.replace(cfg, **{head: value})
+  return dataclasses.replace(cfg, **{head: set_path(getattr(cfg, head), rest, value)})
+
+
+def override(cfg: Any, assignment: str) -> Any:
+  """`cfg` with one `path=value` applied, the value parsed by the field's type.
+
+  Every config field can be set this way from the command line
+  (`run.py --set model.hidden_dim=32 --set store.checkpoint_steps=0,10`).
+
+  Raises:
+    ValueError: not `path=value`, no such field, a value of the wrong type, or
+      an invalid config.
+  """
+  dotted, eq, text = assignment.partition("=")
+  if not eq or not dotted:
+    raise ValueError(f"--set {assignment!r}: write path=value, e.g. --set model.hidden_dim=32")
+  _, _, hint = _field(cfg, dotted.strip())
+  return set_path(cfg, dotted.strip(), _parse(text.strip(), hint, dotted.strip()))
+
+
 def to_dict(cfg: Any) -> dict:
   """A JSON-ready dict of a (nested) config dataclass."""
   out = dataclasses.asdict(cfg)

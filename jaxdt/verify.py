@@ -88,10 +88,10 @@ def verification_config(cfg: config_lib.ExperimentConfig, spec: Verification,
     bits (model, optimizer, data, seed, precision) is unchanged.
   """
   steps = spec.steps if steps is None else steps
-  store_cfg = dataclasses.replace(
-      cfg.store, checkpoint_steps=tuple(c for c in spec.checkpoint_steps if c <= steps),
-      notes=f"{spec.title} verification run ({steps} steps) against {spec.reference_title}.")
-  return dataclasses.replace(cfg, steps=steps, store=store_cfg)
+  cfg = config_lib.with_steps(cfg, steps, spec.checkpoint_steps)
+  return dataclasses.replace(cfg, store=dataclasses.replace(
+      cfg.store,
+      notes=f"{spec.title} verification run ({steps} steps) against {spec.reference_title}."))
 
 
 # --- Comparing trajectories --------------------------------------------------

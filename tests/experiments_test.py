@@ -36,15 +36,13 @@ def _specs(cfg, rows):
 
 def tiny(name, paths, steps=TINY_STEPS, checkpoint_steps=None):
   """Experiment `name` shrunk to the tiny data; its own checkpoints inside `steps` by default."""
-  cfg = experiments.load(name)
-  ckpts = (tuple(c for c in cfg.store.checkpoint_steps if c <= steps)
-           if checkpoint_steps is None else checkpoint_steps)
+  cfg = config_lib.with_steps(experiments.load(name), steps, checkpoint_steps)
   return dataclasses.replace(
-      cfg, steps=steps,
+      cfg,
       model=dataclasses.replace(cfg.model, vocab_size=TINY_VOCAB, hidden_dim=32, max_seq_len=16),
       data=dataclasses.replace(cfg.data, batch_size=4, seq_len=16, corpus_path=paths["corpus"],
                                tokenizer_path=paths["tokenizer"], dead_mask_path=paths["mask"]),
-      store=dataclasses.replace(cfg.store, checkpoint_steps=ckpts, chunk_steps=1))
+      store=dataclasses.replace(cfg.store, chunk_steps=1))
 
 
 # --- Configs ----------------------------------------------------------------
@@ -369,3 +367,25 @@ def test_verification_steps_flag_keeps_the_seeds_checkpoints_inside_the_run():
   spec = experiments.verification("thimble9")
   cfg = verify.verification_config(experiments.load("thimble9"), spec, steps=300)
   assert (cfg.steps, cfg.store.checkpoint_steps) == (300, (0, 100))
+
+
+def test_set_reaches_every_config_field_by_its_dotted_path(flags_of):
+  run = flags_of("--experiment=crucible1", "--set=model.hidden_dim=32",
+                 "--set=store.checkpoint_steps=0,10", "--set=data.double_shift_labels=true",
+                 "--set=init_checkpoint=none", "--learning_rate=0.01", "--steps=20")
+  cfg = run.experiment_config("crucible1")
+  assert (cfg.model.hidden_dim, cfg.store.checkpoint_steps) == (32, (0, 10))
+  assert cfg.data.double_shift_labels is True and cfg.init_checkpoint is None
+  assert (cfg.optim.learning_rate, cfg.steps) == (0.01, 20)
+  for bad, message in (("model.hidden=3", "no such field"), ("nope.x=1", "no config section"),
+                       ("model=1", "is a section"), ("model.hidden_dim=x", "expected int"),
+                       ("optim.learning_rate=-1", "invalid: torch's AdamW"), ("steps", "path=value")):
+    run = flags_of("--experiment=crucible1", f"--set={bad}")
+    with pytest.raises(ValueError, match=message):
+      run.experiment_config("crucible1")
+
+
+def test_with_steps_keeps_the_checkpoints_inside_the_run():
+  cfg = config_lib.with_steps(experiments.load("thimble8"), 100)
+  assert (cfg.steps, cfg.store.checkpoint_steps) == (100, (0, 1, 10, 100))
+  assert config_lib.with_steps(cfg, 5, (0, 3, 9)).store.checkpoint_steps == (0, 3)
