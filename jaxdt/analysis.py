@@ -76,18 +76,8 @@ def format_fimbulwinter_check(r: dict) -> str:
 
 
 def stillness_runs(any_motion: np.ndarray) -> list:
-  """Maximal runs of steps with no motion, longest first (the seed's loop)."""
-  runs, current = [], 0
-  for m in np.asarray(any_motion, bool):
-    if not m:
-      current += 1
-    else:
-      if current > 0:
-        runs.append(current)
-      current = 0
-  if current > 0:
-    runs.append(current)
-  return sorted(runs, reverse=True)
+  """Lengths of the maximal runs of steps with no motion, longest first (the seed's loop)."""
+  return sorted((n for _, n in runs_of(~np.asarray(any_motion, bool))), reverse=True)
 
 
 def format_stillness(runs: list) -> str:
@@ -391,8 +381,7 @@ def sanity_check(traj: trajectory.Trajectory) -> dict:
     dw = dw.astype(ml_dtypes.bfloat16).astype(np.float32)
 
   def state(key, t):
-    row = traj.select(traj.reader.rows(key, t, t + 1))[0]
-    return trajectory.np_bf16_to_f32(row) if traj.reader.raw_dtype(key) in ("U16", "BF16") else row
+    return traj.select(trajectory.read_state(traj.reader, key, t, t + 1))[0].astype(np.float32)
 
   loss = traj.reader.read(traj.loss_key).astype(np.float64) if traj.loss_key else None
   return {

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from jaxdt import analysis
+from jaxdt import store
 from jaxdt import compare as compare_lib
 
 SUMMARY_FILE = "summary.json"
@@ -208,27 +209,12 @@ def format_summary(s: dict, header: bool = True) -> str:
   return "\n\n".join(blocks)
 
 
-def _plain(x):
-  """JSON-ready: numpy scalars to Python, non-finite floats to None."""
-  if isinstance(x, dict):
-    return {str(k): _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return _plain(x.tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_summary(summary: dict, out_dir: str) -> str:
   """Writes `out_dir/summary.json` (strict JSON: NaN and inf become null)."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, SUMMARY_FILE)
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(_plain(summary), f, indent=2, allow_nan=False)
+    json.dump(store.json_ready(summary), f, indent=2, allow_nan=False)
     f.write("\n")
   return path
 
@@ -476,6 +462,6 @@ def compare(path_a: str, path_b: str, analysis_dir: Optional[str] = None, *,
   if analysis_dir:
     os.makedirs(analysis_dir, exist_ok=True)
     with open(os.path.join(analysis_dir, "compare.json"), "w", encoding="utf-8") as f:
-      json.dump(_plain(result), f, indent=2, allow_nan=False)
+      json.dump(store.json_ready(result), f, indent=2, allow_nan=False)
       f.write("\n")
   return result

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -745,11 +746,20 @@ class TrajectoryReader:
 # --- Run metadata and the completion marker ---------------------------------
 
 
-def _json_default(x: Any) -> Any:
-  """numpy / JAX scalars and arrays as plain JSON values."""
-  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
-    return np.asarray(x).tolist()
-  raise TypeError(f"{type(x).__name__} is not JSON serializable")
+def json_ready(x: Any) -> Any:
+  """A JSON-ready copy: numpy/JAX scalars and arrays to Python values and lists,
+  tuples to lists, non-finite floats to None (so the JSON is strict)."""
+  if isinstance(x, dict):
+    return {str(k): json_ready(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_ready(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return json_ready(np.asarray(x).tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -784,7 +794,7 @@ def write_metadata(run_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> s
   run_dir = os.fspath(run_dir)
   os.makedirs(run_dir, exist_ok=True)
   path = os.path.join(run_dir, METADATA_FILE)
-  _atomic_write_text(path, json.dumps(dict(metadata), indent=2, default=_json_default) + "\n")
+  _atomic_write_text(path, json.dumps(json_ready(dict(metadata)), indent=2, allow_nan=False) + "\n")
   return path
 
 
@@ -889,7 +899,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
       "covers": {} if covers is None else dict(covers),
       "leaves": [{"name": n, "dtype": _code(a.dtype, n), "shape": list(a.shape)}
                  for n, a in leaves]}
-  json.dumps(meta, default=_json_default)  # fail before writing
+  json.dumps(json_ready(meta), allow_nan=False)  # fail before writing
   os.makedirs(directory, exist_ok=True)
   meta_path = os.path.join(directory, CHECKPOINT_META)
   if os.path.exists(meta_path):  # invalidate first: a crash now leaves no marker
@@ -904,7 +914,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
     meta["sha256"] = {CHECKPOINT_ARRAYS: writer.seal()["file"]}
     writer.commit()
   _fault_point("checkpoint_arrays_written")
-  meta = json.loads(json.dumps(meta, default=_json_default))
+  meta = json_ready(meta)
   meta["marker_sha256"] = _marker_digest(meta)
   _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
   return directory

@@ -162,12 +162,10 @@ def scan(traj: trajectory.Trajectory, threshold: float = MOTION_THRESHOLD,
 def _state_rows(traj: trajectory.Trajectory, key: str, start: int, stop: int):
   """m or v rows as W's dtype (f32 copies of bf16 state round-trip exactly)."""
   import ml_dtypes
-  a = traj.select(traj.reader.rows(key, start, stop))
+  a = traj.select(trajectory.read_state(traj.reader, key, start, stop))
   if traj.w_format == "f32":
     return a.astype(np.float32)
-  if traj.reader.raw_dtype(key) in ("U16", "BF16"):
-    return a.view(ml_dtypes.bfloat16)
-  return a.astype(np.float32).astype(ml_dtypes.bfloat16)
+  return a.astype(ml_dtypes.bfloat16)
 
 
 def accounting_from_state(traj: trajectory.Trajectory, hyper, block_steps: Optional[int] = None,

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdt import analysis
+from jaxdt import backend
 from jaxdt import config as config_lib
 from jaxdt import data
 from jaxdt import lattice
@@ -203,17 +204,14 @@ def _lab_metadata(cfg, corpus, dims, steps_done, per_epoch, final_loss, specs) -
   }
 
 
-def _our_metadata(cfg, corpus, wall, completed, trajectory_bytes=None) -> dict:
-  dev = jax.devices()[0]
+def _our_metadata(cfg, corpus, wall, completed) -> dict:
+  """jaxdt's metadata keys: the config, the data, the backend (`backend.describe`)."""
   return {
-      "completed": completed, "trajectory_bytes": trajectory_bytes,
+      "completed": completed, "trajectory_bytes": None,
       "config": config_lib.to_dict(cfg), "data_files": corpus.files,
       "data_manifest": None if corpus.default is None else corpus.default.manifest,
-      "jax_version": jax.__version__, "jaxlib_version": jax.lib.__version__,
-      "backend": jax.default_backend(), "device_kind": dev.device_kind,
-      "cpu_threads": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": platform.python_version(),
-      "wall_time_s": wall,
+      **backend.describe(), "jaxlib_version": jax.lib.__version__,
+      "python": platform.python_version(), "wall_time_s": wall,
   }
 
 

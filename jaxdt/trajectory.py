@@ -18,6 +18,7 @@ import json
 import os
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 
 from jaxdt import rundir
@@ -88,6 +89,13 @@ ACCOUNTING_KEYS = ("adam_replay_match", "adam_cosine", "adam_norm_ratio", "adam_
 _HYPER_KEYS = {"learning_rate": ("learning_rate", "learning_rate"),
                "b1": ("beta1", "adam_beta1"), "b2": ("beta2", "adam_beta2"),
                "eps": ("epsilon", "adam_epsilon"), "weight_decay": ("weight_decay", "weight_decay")}
+
+
+def read_state(reader: store.TrajectoryReader, key: str, start: int, stop: int) -> np.ndarray:
+  """Rows [start, stop) of a recorded tensor in its training dtype: bf16 (ml_dtypes) for
+  U16/BF16 bits, else as stored (f32 copies of bf16 m/v keep their values exactly)."""
+  rows = reader.rows(key, start, stop)
+  return rows.view(ml_dtypes.bfloat16) if reader.raw_dtype(key) in ("U16", "BF16") else rows
 
 
 def first_key(keys, candidates) -> Optional[str]:

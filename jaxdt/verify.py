@@ -41,6 +41,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdt import accounting
+from jaxdt import analysis
 from jaxdt import config as config_lib
 from jaxdt import data
 from jaxdt import lattice
@@ -53,7 +54,6 @@ from jaxdt import train
 from jaxdt import trajectory
 
 RULE = "=" * 60
-ACCOUNTING_STEPS = (1, 10, 50, 100, 200, 500, 800)  # the seed's test_steps
 LOSS_RTOL = LOSS_ATOL = 1e-5  # the seed's torch.allclose tolerance (reported, not decisive)
 _BLOCK_BYTES = 64 << 20  # rows compared per read: about 64 MB from each file
 
@@ -355,8 +355,7 @@ class AccountingRow(NamedTuple):
 
 def _state_rows(reader: store.TrajectoryReader, key: str, t: int) -> np.ndarray:
   """Row t of a stored state tensor in its training dtype (bf16 bits -> bf16)."""
-  row = reader.rows(key, t, t + 1)[0]
-  return row.view(ml_dtypes.bfloat16) if reader.raw_dtype(key) in ("U16", "BF16") else row
+  return trajectory.read_state(reader, key, t, t + 1)[0]
 
 
 def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> AccountingRow:
@@ -395,7 +394,7 @@ def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> A
 
 
 def accounting_rows(reader: store.TrajectoryReader, hp: optim.Hyper,
-                    steps=ACCOUNTING_STEPS) -> tuple:
+                    steps=analysis.ACCOUNTING_SAMPLE_STEPS) -> tuple:
   """`accounting_row` at each of `steps` the file holds (the seed skips t > NUM_STEPS)."""
   last = reader.shape("W")[0] - 1
   return tuple(accounting_row(reader, t, hp) for t in steps if 1 <= t <= last)

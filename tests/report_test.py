@@ -112,7 +112,7 @@ def test_analyze_our_run_prints_the_seed_blocks_and_writes_json_and_pngs(run, tm
 def test_streaming_block_size_does_not_change_a_real_runs_summary(run):
   a, _ = analysis.analyze(run.trajectory, block_steps=1)
   b, _ = analysis.analyze(run.trajectory)
-  assert json.dumps(report._plain(a)) == json.dumps(report._plain(b))
+  assert json.dumps(store.json_ready(a)) == json.dumps(store.json_ready(b))
 
 
 def test_lab_crucible_file_without_our_keys(run, tmp_path):
@@ -127,7 +127,7 @@ def test_lab_crucible_file_without_our_keys(run, tmp_path):
   theirs, _ = analysis.analyze(path)
   assert theirs["layout"] == "lab"
   for k in SHARED + ("centroid",):
-    assert report._plain(theirs[k]) == report._plain(ours[k]), k
+    assert store.json_ready(theirs[k]) == store.json_ready(ours[k]), k
   assert [x["analysis"] for x in theirs["skipped"]] == ["Adam accounting"]
 
 
@@ -142,7 +142,7 @@ def test_lab_thimble1_file_bf16_w_and_losses_through_the_cli(run, tmp_path):
   ours, _ = analysis.analyze(run.trajectory)
   assert "FIMBULWINTER CHECK" in result.stdout  # no last_motion_step: recounted from W
   for k in SHARED:
-    assert s[k] == report._plain(ours[k]), k
+    assert s[k] == store.json_ready(ours[k]), k
   assert s["delta_w_prime"] == "computed from W" and "no dead_mask" in s["notes"][0]
   # The centroid is recomputed as an f64 mean (ours stores a pairwise f32 mean).
   assert s["centroid"]["norm_end"] == pytest.approx(ours["centroid"]["norm_end"], rel=1e-6)
