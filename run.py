@@ -120,7 +120,7 @@ def experiment_config(name: str) -> config_lib.ExperimentConfig:
   cfg = experiments.load(name)
   cfg = dataclasses.replace(cfg, data=data_config(cfg.data))
   if FLAGS.probes is not None:
-    probes_lib.resolve(FLAGS.probes)  # unknown names: a one-line error before any work
+    probes_lib.check_names(FLAGS.probes)  # unknown names: a one-line error before any work
   for flag, path in NAMED_FLAGS.items():
     value = getattr(FLAGS, flag)
     if value is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdt import config as config_lib
 from jaxdt import lattice
 from jaxdt import optim
 from jaxdt import ordered
@@ -26,7 +27,7 @@ from jaxdt import ordered
 METRIC_NAMES = ("replay_match", "cosine", "norm_ratio", "swallowed", "max_ulp_error")
 
 
-def replay(w_prev, m_t, v_t, t, hp: optim.Hyper) -> jax.Array:
+def replay(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
   """W[t] from W[t-1] and the step-t moments by torch's arithmetic (exact).
 
   Args:
@@ -45,7 +46,7 @@ def replay(w_prev, m_t, v_t, t, hp: optim.Hyper) -> jax.Array:
   return new_p.astype(dtype)
 
 
-def textbook_delta(w_prev, m_t, v_t, t, hp: optim.Hyper) -> jax.Array:
+def textbook_delta(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
   """The lab's continuous f32 AdamW step (module docstring), f32."""
   s = optim.lookup_scalars(hp, t)
   w, m, v = (x.astype(jnp.float32) for x in (w_prev, m_t, v_t))
@@ -61,7 +62,7 @@ def _fraction(mask) -> jax.Array:
   return optim._true_div(count, jnp.float32(mask.size))
 
 
-def metrics(w_prev, w_next, m_t, v_t, t, hp: optim.Hyper) -> dict:
+def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig) -> dict:
   """Per-step accounting over a set of rows (all arrays [rows, D]).
 
   Returns:

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from jaxdt import lattice
+from jaxdt.config import OptimConfig
 
 # Columns of the per-step scalar table.
 NEG_STEP_SIZE, BC2_SQRT, BC1, BC2 = range(4)
@@ -59,17 +60,7 @@ class AdamWState(NamedTuple):
   nu: optax.Updates  # exp_avg_sq, in each parameter's dtype.
 
 
-class Hyper(NamedTuple):
-  """AdamW hyperparameters, as torch takes them (Python floats)."""
-
-  learning_rate: float
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
-
-
-def torch_step_scalars(hp: Hyper, t: int) -> np.ndarray:
+def torch_step_scalars(hp: OptimConfig, t: int) -> np.ndarray:
   """The per-step scalars of torch's `_single_tensor_adam`, in float64, as f32.
 
   Args:
@@ -90,7 +81,7 @@ def torch_step_scalars(hp: Hyper, t: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def scalar_table(hp: Hyper) -> np.ndarray:
+def scalar_table(hp: OptimConfig) -> np.ndarray:
   """Rows t = 0..T of `torch_step_scalars`; row T serves every t >= T.
 
   T is the first step after which every f32 scalar stays at its limit (the
@@ -115,7 +106,7 @@ def scalar_table(hp: Hyper) -> np.ndarray:
       f"{_MAX_TABLE} steps; use betas further from 1")
 
 
-def lookup_scalars(hp: Hyper, t) -> jax.Array:
+def lookup_scalars(hp: OptimConfig, t) -> jax.Array:
   """The f32 [4] scalars for a traced 1-based step t (jit/scan safe)."""
   table = scalar_table(hp)
   idx = jnp.clip(jnp.asarray(t, jnp.int32), 0, table.shape[0] - 1)
@@ -143,7 +134,7 @@ def _true_div(x, s):
   return x / (s + x * 0)
 
 
-def moments_update(g, m, v, hp: Hyper, dtype):
+def moments_update(g, m, v, hp: OptimConfig, dtype):
   """torch's `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, in f32.
 
   Args:
@@ -166,7 +157,7 @@ def moments_update(g, m, v, hp: Hyper, dtype):
   return m, v
 
 
-def denominator(v, bc2_sqrt, hp: Hyper, dtype):
+def denominator(v, bc2_sqrt, hp: OptimConfig, dtype):
   """torch's `(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, in f32."""
   r = _rounder(dtype)
   # For bf16 tensors torch adds eps as a bf16 scalar: 1e-8 becomes 1.00117e-8.
@@ -174,7 +165,7 @@ def denominator(v, bc2_sqrt, hp: Hyper, dtype):
   return r(r(_true_div(r(jnp.sqrt(v)), bc2_sqrt)) + eps)
 
 
-def param_update(p, m, v, scalars, hp: Hyper, dtype):
+def param_update(p, m, v, scalars, hp: OptimConfig, dtype):
   """torch's decoupled decay and `param.addcdiv_`, in f32.
 
   Args:
@@ -197,7 +188,7 @@ def param_update(p, m, v, scalars, hp: Hyper, dtype):
   return r(p + step), step, p
 
 
-def _leaf_update(g, p, m, v, scalars, hp: Hyper):
+def _leaf_update(g, p, m, v, scalars, hp: OptimConfig):
   """One parameter leaf: returns (new_param, updates, mu, nu)."""
   dtype = p.dtype
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
@@ -229,7 +220,12 @@ def _round_to(x, dtype):
 def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0
           ) -> optax.GradientTransformation:
-  """torch.optim.AdamW (torch 2.13, CPU default path), bit for bit.
+  """torch.optim.AdamW (torch 2.13, CPU default path), bit for bit, as an optax transform.
+
+  The trainer's one optimizer path is `init` + `step(hp, params, grads,
+  state)`; this is the adapter for optax users, built on the same update
+  (`_update_tree`) and tested on its own (tests/optim_test.py,
+  tests/parity/optim_parity_test.py).
 
   Decay and the Adam step stay in one transformation because torch rounds the
   decayed parameter before `addcdiv_`, and the step is never rounded on its
@@ -252,14 +248,8 @@ def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
   Returns:
     An optax.GradientTransformation whose state is `AdamWState`.
   """
-  hp = Hyper(float(learning_rate), float(b1), float(b2), float(eps), float(weight_decay))
+  hp = OptimConfig(float(learning_rate), float(b1), float(b2), float(eps), float(weight_decay))
   scalar_table(hp)  # fail early on unsupported betas
-
-  def init_fn(params):
-    zeros = lambda p: jnp.zeros_like(p)
-    return AdamWState(count=jnp.zeros([], jnp.int32),
-                      mu=jax.tree.map(zeros, params),
-                      nu=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -267,10 +257,17 @@ def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
     _, u, state = _update_tree(updates, state, params, hp)
     return u, state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init, update_fn)
 
 
-def _update_tree(grads, state: AdamWState, params, hp: Hyper):
+def init(params) -> AdamWState:
+  """torch's fresh AdamW state: step 0, exp_avg and exp_avg_sq zeros in each param's dtype."""
+  zeros = lambda p: jnp.zeros_like(p)
+  return AdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
+                    nu=jax.tree.map(zeros, params))
+
+
+def _update_tree(grads, state: AdamWState, params, hp: OptimConfig):
   """(new_params, updates, new_state) for a whole pytree."""
   count = state.count + 1
   scalars = lookup_scalars(hp, count)
@@ -285,7 +282,7 @@ def _update_tree(grads, state: AdamWState, params, hp: Hyper):
   return new_params, u, AdamWState(count=count, mu=mu, nu=nu)
 
 
-def step(hp: Hyper, params, grads, state: AdamWState):
+def step(hp: OptimConfig, params, grads, state: AdamWState):
   """One AdamW step returning torch's new parameters directly: (params, state).
 
   Always bit-exact. `tx.update` + `optax.apply_updates` gives the same bits for

@@ -1,11 +1,14 @@
 """Probes: what a training step records, declared per experiment, never coded into the loop.
 
-A probe is a named group of series (one array per step, stacked by `lax.scan`),
-trackers (state carried in the scan, written once at the end) and statics
-(arrays fixed before training, e.g. the lab's scalar hyperparameter tensors,
-written once). Every series and tracker function is pure and runs inside the
-jitted scan body; the loop in `jaxdt.train` only looks probes up by the names
-in `ProbeConfig.names`.
+A probe is a factory: given the run's constants (`Context`: the AdamW
+hyperparameters, the motion threshold, loss[0]) it returns a group of series
+(one array per step, stacked by `lax.scan`), trackers (state carried in the
+scan, written once at the end) and statics (arrays fixed before training, e.g.
+the lab's scalar hyperparameter tensors, written once). Each item names its
+file key explicitly; `build` refuses unknown probe names and two items that
+would write one key. Every series and tracker function is pure, sees only the
+arrays of `StepView`, and runs inside the jitted scan body; the loop in
+`jaxdt.train` only calls what `build` returns.
 
 File layout follows the lab (docs/definitions.md §Steps and files): a series with an `initial`
 function has T+1 rows, row 0 being the state before any step and row t the
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxdt import config as config_lib
 from jaxdt import accounting
 from jaxdt import lattice
 from jaxdt import optim
@@ -37,7 +41,7 @@ class Dims(NamedTuple):
 
 
 class StepView(NamedTuple):
-  """Everything a probe may read about step t (rows already gathered)."""
+  """The arrays a probe may read about step t (rows already gathered); nothing else."""
 
   t: jax.Array  # int32, 1-based step
   w_prev: jax.Array  # (R, D) embedding rows before the step
@@ -47,23 +51,33 @@ class StepView(NamedTuple):
   v: jax.Array  # (R, D) exp_avg_sq after the step
   loss: jax.Array  # f32 scalar, the bf16-representable loss of step t
   h_mean: jax.Array  # (D,) mean post-LayerNorm hidden state of step t's forward
-  hyper: optim.Hyper
-  motion_threshold: float
-  loss_initial: Optional[float]
   # The f32 mean cross entropy, unrounded: HF GPT2's loss (it upcasts the
   # logits), which Thimble 1/6 stored. `loss` above is its bf16 rounding.
-  loss_f32: Optional[jax.Array] = None
+  loss_f32: jax.Array
+
+
+class Context(NamedTuple):
+  """The run's constants that probe factories close over (from the config)."""
+
+  hyper: config_lib.OptimConfig  # AdamW's hyperparameters
+  motion_threshold: float = 0.1
+  loss_initial: Optional[float] = None  # loss[0]; None = NaN
+
+  @classmethod
+  def of(cls, cfg) -> "Context":
+    """The context of a `config.ExperimentConfig`."""
+    return cls(cfg.optim, cfg.probes.motion_threshold, cfg.probes.loss_initial)
 
 
 @dataclasses.dataclass(frozen=True)
 class Series:
-  """One per-step record."""
+  """One per-step record, stored under file key `key`."""
 
   key: str
   dtype: Callable[[Dims], np.dtype]
   shape: Callable[[Dims], tuple]
   record: Callable[[StepView], jax.Array]
-  initial: Optional[Callable[[jax.Array, StepView], jax.Array]] = None  # (w0 rows, view) -> row 0
+  initial: Optional[Callable[[jax.Array], jax.Array]] = None  # w0 rows -> row 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +124,10 @@ def displacement(w_prev, w_next) -> jax.Array:
   return lattice.in_ulps(w_next.astype(jnp.float32) - w_prev.astype(jnp.float32), w_prev)
 
 
-def moved(view: StepView) -> jax.Array:
+def moved(view: StepView, threshold: float) -> jax.Array:
   """Per-row motion: ‖ΔW′_i‖₂ ≥ threshold (nonzero ΔW′ is ≥ 0.5, so: any bit changed)."""
   d = displacement(view.w_prev, view.w_next)
-  return jnp.sqrt(jnp.sum(d * d, axis=-1)) >= view.motion_threshold
-
-
-def _update_last_motion(state, view: StepView):
-  return jnp.where(moved(view), view.t.astype(jnp.int32), state)
+  return jnp.sqrt(jnp.sum(d * d, axis=-1)) >= threshold
 
 
 def _f32(x):
@@ -129,13 +139,16 @@ def _as_stored(x) -> jax.Array:
   return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
 
 
-def _zeros_like_stored(w0, view):
-  del view
+def _zeros_like_stored(w0):
   return jnp.zeros(w0.shape, w0.dtype if w0.dtype == jnp.bfloat16 else jnp.float32)
 
 
-def _zeros_bits(w0, view):
-  return stored_bits(_zeros_like_stored(w0, view))
+def _zeros_bits(w0):
+  return stored_bits(_zeros_like_stored(w0))
+
+
+def _zeros_f32(w0):
+  return jnp.zeros(w0.shape, jnp.float32)
 
 
 _W_DTYPE = lambda d: np.dtype(np.uint16) if d.param_dtype == jnp.bfloat16 else np.dtype(np.float32)
@@ -174,110 +187,147 @@ def live_dead_ids(view: StaticView) -> dict:
           "dead_ids": np.asarray(view.dead_indices, np.int64)}
 
 
-def _accounting_series() -> tuple:
-  out = []
-  for name in accounting.METRIC_NAMES:
-    out.append(Series(
-        key=f"adam_{name}", dtype=_F32, shape=lambda d: (),
-        record=lambda v, name=name: accounting.metrics(
-            v.w_prev, v.w_next, v.m, v.v, v.t, v.hyper)[name]))
-  return tuple(out)
+def _accounting(ctx: Context) -> tuple:
+  return tuple(Series(
+      key=f"adam_{name}", dtype=_F32, shape=lambda d: (),
+      record=lambda v, name=name: accounting.metrics(
+          v.w_prev, v.w_next, v.m, v.v, v.t, ctx.hyper)[name])
+      for name in accounting.METRIC_NAMES)
 
 
-# Probe name -> its series and trackers. Keys are the lab's file keys.
+def _loss0(ctx: Context):
+  return lambda w0: jnp.float32(np.nan if ctx.loss_initial is None else ctx.loss_initial)
+
+
+def _last_motion(ctx: Context) -> tuple:
+  return (Tracker("last_motion_step", np.dtype(np.int32), lambda d: (d.rows,),
+                  lambda d: np.full((d.rows,), -1, np.int32),
+                  lambda state, v: jnp.where(moved(v, ctx.motion_threshold),
+                                             v.t.astype(jnp.int32), state)),)
+
+
+def _const(*items):
+  """A factory for items that need no context."""
+  return lambda ctx: items
+
+
+# Probe name -> factory(Context) -> its items. Keys are the lab's file keys.
 PROBES = {
     # Crucible / Thimble 8/9 names.
-    "W": (Series("W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.w_next),
-                 initial=lambda w0, v: stored_bits(w0)),),
-    "delta_W_prime": (Series("delta_W_prime", _F32, _ROWS,
-                             lambda v: displacement(v.w_prev, v.w_next)),),
-    "centroid": (Series("centroid", _F32, lambda d: (d.hidden,),
-                        lambda v: ordered.mean_rows(v.w_next),
-                        initial=lambda w0, v: ordered.mean_rows(w0)),),
-    "loss": (Series("loss", _F32, lambda d: (), lambda v: v.loss,
-                    initial=lambda w0, v: jnp.float32(
-                        np.nan if v.loss_initial is None else v.loss_initial)),),
-    "last_motion_step": (Tracker("last_motion_step", np.dtype(np.int32), lambda d: (d.rows,),
-                                 lambda d: np.full((d.rows,), -1, np.int32),
-                                 _update_last_motion),),
+    "W": _const(Series("W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.w_next),
+                       initial=stored_bits)),
+    "delta_W_prime": _const(Series("delta_W_prime", _F32, _ROWS,
+                                   lambda v: displacement(v.w_prev, v.w_next))),
+    "centroid": _const(Series("centroid", _F32, lambda d: (d.hidden,),
+                              lambda v: ordered.mean_rows(v.w_next), initial=ordered.mean_rows)),
+    "loss": lambda ctx: (Series("loss", _F32, lambda d: (), lambda v: v.loss,
+                                initial=_loss0(ctx)),),
+    "last_motion_step": _last_motion,
     # Thimble 8: m, v, g as f32 copies; row 0 is zeros (nothing before step 1).
-    "m": (Series("m", _F32, _ROWS, lambda v: _f32(v.m), initial=lambda w0, v: jnp.zeros(w0.shape)),),
-    "v": (Series("v", _F32, _ROWS, lambda v: _f32(v.v), initial=lambda w0, v: jnp.zeros(w0.shape)),),
-    "g": (Series("g", _F32, _ROWS, lambda v: _f32(v.grad), initial=lambda w0, v: jnp.zeros(w0.shape)),),
+    "m": _const(Series("m", _F32, _ROWS, lambda v: _f32(v.m), initial=_zeros_f32)),
+    "v": _const(Series("v", _F32, _ROWS, lambda v: _f32(v.v), initial=_zeros_f32)),
+    "g": _const(Series("g", _F32, _ROWS, lambda v: _f32(v.grad), initial=_zeros_f32)),
     # Crucible 3/4: mean final hidden state, h_mean[t-1] for step t.
-    "h_mean": (Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean),),
+    "h_mean": _const(Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean)),
     # Thimble 1 (docs/experiments.md): W and grad_W as bf16 tensors (safetensors BF16),
     # momentum_W / variance_W as `.float()` of the bf16 Adam state, losses f32
     # with losses[0] = NaN. grad_W[t] is step t's gradient (taken before the
     # step); row 0 is zeros. Under fp32/mixed precision W and grad_W are f32.
-    "W_bf16": (Series("W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.w_next),
-                      initial=lambda w0, v: _as_stored(w0)),),
-    "grad_W": (Series("grad_W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.grad),
-                      initial=_zeros_like_stored),),
-    "momentum_W": (Series("momentum_W", _F32, _ROWS, lambda v: _f32(v.m),
-                          initial=lambda w0, v: jnp.zeros(w0.shape)),),
-    "variance_W": (Series("variance_W", _F32, _ROWS, lambda v: _f32(v.v),
-                          initial=lambda w0, v: jnp.zeros(w0.shape)),),
+    "W_bf16": _const(Series("W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.w_next),
+                            initial=_as_stored)),
+    "grad_W": _const(Series("grad_W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.grad),
+                            initial=_zeros_like_stored)),
+    "momentum_W": _const(Series("momentum_W", _F32, _ROWS, lambda v: _f32(v.m),
+                                initial=_zeros_f32)),
+    "variance_W": _const(Series("variance_W", _F32, _ROWS, lambda v: _f32(v.v),
+                                initial=_zeros_f32)),
     # The f32 loss unrounded (HF GPT2 upcasts logits; Thimble 1-7's losses are
     # not bf16 values, e.g. 6.4703); NaN before step 1 unless loss_initial.
-    "losses": (Series("losses", _F32, lambda d: (), lambda v: v.loss_f32,
-                      initial=lambda w0, v: jnp.float32(
-                          np.nan if v.loss_initial is None else v.loss_initial)),),
+    "losses": lambda ctx: (Series("losses", _F32, lambda d: (), lambda v: v.loss_f32,
+                                  initial=_loss0(ctx)),),
     # Thimble 6, exact: grad_W and the Adam state as uint16 bits of the bf16
     # tensors (the lab's Thimble 7 layout; its Thimble 6 float16 lost bits).
-    "grad_W_bits": (Series("grad_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.grad),
-                           initial=_zeros_bits),),
-    "momentum_W_bits": (Series("momentum_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.m),
-                               initial=_zeros_bits),),
-    "variance_W_bits": (Series("variance_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.v),
-                               initial=_zeros_bits),),
+    "grad_W_bits": _const(Series("grad_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.grad),
+                                 initial=_zeros_bits)),
+    "momentum_W_bits": _const(Series("momentum_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.m),
+                                     initial=_zeros_bits)),
+    "variance_W_bits": _const(Series("variance_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.v),
+                                     initial=_zeros_bits)),
     # Written once: Thimble 1's scalar tensors; Thimble 4-7's masks and ids.
-    "lab_scalars": (Static(_LAB_SCALAR_KEYS, lab_scalars),),
-    "live_dead_ids": (Static(("live_mask", "live_ids", "dead_ids"), live_dead_ids),),
+    "lab_scalars": _const(Static(_LAB_SCALAR_KEYS, lab_scalars)),
+    "live_dead_ids": _const(Static(("live_mask", "live_ids", "dead_ids"), live_dead_ids)),
     # In-scan Adam accounting over the recorded rows (jaxdt.accounting).
-    "adam_accounting": _accounting_series(),
+    "adam_accounting": _accounting,
 }
+# File keys the loop writes itself, beside the probes'.
+RESERVED_KEYS = ("dead_mask", "dead_indices")
 
 
-def resolve(names) -> tuple:
-  """The Series and Trackers of the named probes, in order; unknown names are an error."""
+def _file_keys(item) -> tuple:
+  return item.keys if isinstance(item, Static) else (item.key,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+  """The built probes of one run: what its step records and its file holds."""
+
+  series: tuple
+  trackers: tuple
+  statics: tuple
+
+  def file_specs(self, dims: Dims, steps: int) -> dict:
+    """Ordered {key: (dtype, full shape)} of the per-step records and trackers.
+
+    Statics are not listed: their arrays are known up front (`static_arrays`).
+    """
+    specs = {}
+    for s in self.series:
+      n = steps + 1 if s.initial is not None else steps
+      specs[s.key] = (s.dtype(dims), (n,) + tuple(s.shape(dims)))
+    for k in self.trackers:
+      specs[k.key] = (k.dtype, tuple(k.shape(dims)))
+    return specs
+
+  def static_arrays(self, view: StaticView) -> dict:
+    """Ordered {key: numpy array} of the statics."""
+    out = {}
+    for p in self.statics:
+      values = p.value(view)
+      out.update((k, values[k]) for k in p.keys)
+    return out
+
+
+def check_names(names) -> None:
+  """Refuses unknown probe names (one line, before any work)."""
   unknown = [n for n in names if n not in PROBES]
   if unknown:
     raise ValueError(f"unknown probes {unknown}; known: {sorted(PROBES)}")
-  return tuple(item for n in names for item in PROBES[n])
 
 
-def series_of(names) -> tuple:
-  return tuple(p for p in resolve(names) if isinstance(p, Series))
+def build(names, ctx: Context) -> Probes:
+  """The named probes' items, in order, built over `ctx`.
 
-
-def trackers_of(names) -> tuple:
-  return tuple(p for p in resolve(names) if isinstance(p, Tracker))
-
-
-def file_specs(names, dims: Dims, steps: int) -> dict:
-  """Ordered {key: (dtype, full shape)} of the per-step records and trackers.
-
-  Statics are not listed: their arrays are known up front (`static_arrays`).
+  Raises:
+    ValueError: an unknown name, or two items (or an item and the loop's own
+      dead_mask/dead_indices) that would write the same file key.
   """
-  specs = {}
-  for p in resolve(names):
-    if isinstance(p, Series):
-      n = steps + 1 if p.initial is not None else steps
-      specs[p.key] = (p.dtype(dims), (n,) + tuple(p.shape(dims)))
-    elif isinstance(p, Tracker):
-      specs[p.key] = (p.dtype, tuple(p.shape(dims)))
-  return specs
+  check_names(names)
+  items, owner = [], {k: "the run itself" for k in RESERVED_KEYS}
+  for name in names:
+    for item in PROBES[name](ctx):
+      for key in _file_keys(item):
+        if key in owner:
+          raise ValueError(f"probes {owner[key]!r} and {name!r} both write the file key "
+                           f"{key!r}; record only one of them")
+        owner[key] = name
+      items.append(item)
+  kinds = lambda cls: tuple(i for i in items if isinstance(i, cls))
+  return Probes(kinds(Series), kinds(Tracker), kinds(Static))
 
 
-def static_arrays(names, view: StaticView) -> dict:
-  """Ordered {key: numpy array} of the named probes' statics."""
-  out = {}
-  for p in resolve(names):
-    if isinstance(p, Static):
-      values = p.value(view)
-      out.update((k, values[k]) for k in p.keys)
-  return out
+def of_config(cfg) -> Probes:
+  """The probes a config declares (`cfg.probes.names`), built over its constants."""
+  return build(cfg.probes.names, Context.of(cfg))
 
 
 def file_row(series: Series, t: int) -> int:

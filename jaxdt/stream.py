@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from jaxdt import config as config_lib
 from jaxdt import lattice
 from jaxdt import trajectory
 
@@ -178,7 +179,7 @@ def accounting_from_state(traj: trajectory.Trajectory, hyper, block_steps: Optio
 
   Args:
     traj: a trajectory with W and m, v of T+1 rows (row t: after step t).
-    hyper: `optim.Hyper` of the run.
+    hyper: `config_lib.OptimConfig` of the run.
     block_steps, max_steps: as in `scan`.
 
   Returns:

@@ -57,9 +57,9 @@ def root_keys(seed: int):
   return jax.random.fold_in(root, INIT_PURPOSE), jax.random.fold_in(root, DATA_PURPOSE)
 
 
-def hyper(cfg: config_lib.ExperimentConfig) -> optim.Hyper:
-  o = cfg.optim
-  return optim.Hyper(o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay)
+def hyper(cfg: config_lib.ExperimentConfig) -> config_lib.OptimConfig:
+  """AdamW's hyperparameters: the config's own `OptimConfig`."""
+  return cfg.optim
 
 
 def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: data.Batch):
@@ -87,15 +87,10 @@ def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> Train
   else:
     params = model.init_params(init_key, cfg.model)
   params = precision.cast_params(params, policy)
-  opt_state = optim.adamw(**_adamw_kwargs(cfg)).init(params)
-  trackers = probes_lib.trackers_of(cfg.probes.names)
-  return TrainState(params, opt_state, {k.key: jnp.asarray(k.init(dims)) for k in trackers})
-
-
-def _adamw_kwargs(cfg):
-  o = cfg.optim
-  return dict(learning_rate=o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps,
-              weight_decay=o.weight_decay)
+  optim.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
+  trackers = probes_lib.of_config(cfg).trackers
+  return TrainState(params, optim.init(params),
+                    {k.key: jnp.asarray(k.init(dims)) for k in trackers})
 
 
 def _gather(x, rows):
@@ -111,9 +106,9 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
   sample = data.make_sampler(tokens, cfg.data)
   _, data_key = root_keys(cfg.seed)
   policy = precision.get_policy(cfg.precision)
-  hp = hyper(cfg)
-  series = probes_lib.series_of(cfg.probes.names)
-  trackers = probes_lib.trackers_of(cfg.probes.names)
+  hp = cfg.optim
+  built = probes_lib.of_config(cfg)
+  series, trackers = built.series, built.trackers
   row_idx = None if rows is None else jnp.asarray(rows, jnp.int32)
 
   def objective(params, batch):
@@ -127,9 +122,7 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
         t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
         w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
         m=_gather(opt_state.mu[EMBEDDING], row_idx), v=_gather(opt_state.nu[EMBEDDING], row_idx),
-        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, hyper=hp,
-        motion_threshold=cfg.probes.motion_threshold, loss_initial=cfg.probes.loss_initial,
-        loss_f32=loss)
+        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss)
     record = {s.key: s.record(view) for s in series}
     probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
     return TrainState(params, opt_state, probe_state), (record, loss)
@@ -150,11 +143,7 @@ def make_run_chunk(step):
 def initial_records(cfg, state: TrainState, rows) -> dict:
   """Row 0 of every series that has one (the state before any step)."""
   w0 = _gather(state.params[EMBEDDING], None if rows is None else jnp.asarray(rows))
-  view = probes_lib.StepView(
-      t=jnp.int32(0), w_prev=w0, w_next=w0, grad=None, m=None, v=None, loss=None,
-      h_mean=None, hyper=hyper(cfg), motion_threshold=cfg.probes.motion_threshold,
-      loss_initial=cfg.probes.loss_initial)
-  return {s.key: np.asarray(s.initial(w0, view)) for s in probes_lib.series_of(cfg.probes.names)
+  return {s.key: np.asarray(s.initial(w0)) for s in probes_lib.of_config(cfg).series
           if s.initial is not None}
 
 
@@ -300,14 +289,15 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   policy = precision.get_policy(cfg.precision)
   dims = probes_lib.Dims(rows=corpus.n_dead if rows is not None else cfg.model.vocab_size,
                          hidden=cfg.model.hidden_dim, param_dtype=policy.param_dtype)
-  specs = probes_lib.file_specs(cfg.probes.names, dims, cfg.steps)
+  built = probes_lib.of_config(cfg)  # refuses two probes writing one key
+  specs = built.file_specs(dims, cfg.steps)
   static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
-  static.update(probes_lib.static_arrays(cfg.probes.names, probes_lib.StaticView(
+  static.update(built.static_arrays(probes_lib.StaticView(
       cfg, corpus.live_mask, corpus.dead_mask, corpus.live_indices, corpus.dead_indices)))
   for k, a in static.items():
     specs[k] = (a.dtype, a.shape)
   per_epoch = data.batches_per_epoch(len(corpus.tokens), cfg.data)
-  series = probes_lib.series_of(cfg.probes.names)
+  series = built.series
   chunk_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize
                     for k, (dt, shape) in specs.items() if k in {s.key for s in series})
   state = init_state(cfg, dims)  # loads --init_checkpoint: a bad one fails here

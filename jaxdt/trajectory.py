@@ -21,6 +21,7 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
+from jaxdt import config as config_lib
 from jaxdt import rundir
 from jaxdt import store
 
@@ -245,7 +246,7 @@ class Trajectory:
         got[name] = float(str(value)) if value.dtype == np.float32 else float(value)
     if len(got) < len(_HYPER_KEYS):
       return None
-    return optim.Hyper(got["learning_rate"], got["b1"], got["b2"], got["eps"], got["weight_decay"])
+    return config_lib.OptimConfig(got["learning_rate"], got["b1"], got["b2"], got["eps"], got["weight_decay"])
 
 
 def open_trajectory(path: str) -> Trajectory:

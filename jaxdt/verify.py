@@ -144,7 +144,7 @@ def check_reference(path: str, spec: Verification, expected: dict,
   Args:
     path: the reference trajectory (e.g. thimble_8_trajectory.safetensors).
     spec: the verification; its keys must be in the reference.
-    expected: {key: (dtype, shape)} of this run's file (probes.file_specs).
+    expected: {key: (dtype, shape)} of this run's file (`probes.Probes.file_specs`).
     dead_indices: this run's recorded dead rows; must equal the reference's
       `dead_indices` where it has one.
 
@@ -330,7 +330,7 @@ def run(cfg: config_lib.ExperimentConfig, spec: Verification, reference: Optiona
   n_rows = corpus.n_dead if cfg.probes.rows == "dead" else cfg.model.vocab_size
   dims = probes.Dims(rows=n_rows, hidden=cfg.model.hidden_dim,
                      param_dtype=precision.get_policy(cfg.precision).param_dtype)
-  expected = probes.file_specs(cfg.probes.names, dims, cfg.steps)
+  expected = probes.of_config(cfg).file_specs(dims, cfg.steps)
   missing = [k for k in spec.keys if k not in expected]
   if missing:
     raise VerifyError(f"{cfg.name} does not record {missing}, which its verification compares")
@@ -358,7 +358,7 @@ def _state_rows(reader: store.TrajectoryReader, key: str, t: int) -> np.ndarray:
   return trajectory.read_state(reader, key, t, t + 1)[0]
 
 
-def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> AccountingRow:
+def accounting_row(reader: store.TrajectoryReader, t: int, hp: config_lib.OptimConfig) -> AccountingRow:
   """The seed's ratio and cosine at step t, and the exact replay's bitwise match.
 
   The seed's way (Thimble 1; docs/definitions.md §Adam accounting): observed ΔW = W[t] − W[t-1] in the stored dtype
@@ -393,7 +393,7 @@ def accounting_row(reader: store.TrajectoryReader, t: int, hp: optim.Hyper) -> A
   return AccountingRow(t, float(ratio), float(cosine), equal, int(w_next.size))
 
 
-def accounting_rows(reader: store.TrajectoryReader, hp: optim.Hyper,
+def accounting_rows(reader: store.TrajectoryReader, hp: config_lib.OptimConfig,
                     steps=analysis.ACCOUNTING_SAMPLE_STEPS) -> tuple:
   """`accounting_row` at each of `steps` the file holds (the seed skips t > NUM_STEPS)."""
   last = reader.shape("W")[0] - 1

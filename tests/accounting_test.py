@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
+from jaxdt import config as config_lib
 from jaxdt import accounting
 from jaxdt import optim
 
@@ -13,7 +14,7 @@ ROWS, DIM, STEPS = 64, 16, 60
 
 def trajectory(lr=1e-3, wd=0.0, dtype=jnp.bfloat16, seed=0):
   """W[0..T], m[1..T], v[1..T] from our (torch-exact) optimizer on a toy stream."""
-  hp = optim.Hyper(lr, weight_decay=wd)
+  hp = config_lib.OptimConfig(lr, weight_decay=wd)
   key = jax.random.key(seed)
   w = (jax.random.normal(key, (ROWS, DIM)) * 0.02).astype(dtype)
   grads = (jax.random.normal(jax.random.fold_in(key, 1), (STEPS, ROWS, DIM)) * 1e-4).astype(dtype)
@@ -39,7 +40,7 @@ class AccountingTest(absltest.TestCase):
 
   def test_fractions_are_exact_at_the_lab_size(self):
     # jnp.mean multiplies by 1/n: 237,312 matches gave 0.99999994, not 1.0.
-    hp = optim.Hyper(1e-3)
+    hp = config_lib.OptimConfig(1e-3)
     w = jnp.full((3708, 64), 0.5, jnp.bfloat16)
     m = jnp.zeros_like(w)
     v = jnp.ones_like(w)
@@ -72,7 +73,7 @@ class AccountingTest(absltest.TestCase):
     self.assertEqual(float(first["max_ulp_error"]), np.float32(np.max(np.abs(realized - text) / ulp)))
 
   def test_frozen_rows_give_nan_cosine_and_inf_ratio(self):
-    hp = optim.Hyper(1e-3)
+    hp = config_lib.OptimConfig(1e-3)
     w = jnp.ones((4, 4), jnp.bfloat16)
     m = jnp.full((4, 4), 1e-9, jnp.bfloat16)
     v = jnp.full((4, 4), 1.0, jnp.bfloat16)
@@ -83,7 +84,7 @@ class AccountingTest(absltest.TestCase):
     self.assertEqual(float(out["replay_match"]), 1.0)
 
   def test_textbook_matches_formula(self):
-    hp = optim.Hyper(1e-3, weight_decay=0.1)
+    hp = config_lib.OptimConfig(1e-3, weight_decay=0.1)
     w = jnp.float32([[0.5, -0.25]])
     m = jnp.float32([[1e-3, -2e-3]])
     v = jnp.float32([[1e-6, 4e-6]])

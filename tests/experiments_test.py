@@ -31,7 +31,7 @@ TINY_STEPS = 6
 def _specs(cfg, rows):
   dims = probes.Dims(rows=rows, hidden=D, param_dtype=jnp.bfloat16)
   return {k: (np.dtype(dt), shape) for k, (dt, shape) in
-          probes.file_specs(cfg.probes.names, dims, cfg.steps).items()}
+          probes.of_config(cfg).file_specs(dims, cfg.steps).items()}
 
 
 def tiny(name, paths, steps=TINY_STEPS, checkpoint_steps=None):
@@ -57,7 +57,7 @@ def test_config_round_trips_through_json_and_is_frozen(name):
     cfg.steps = 1
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.store.checkpoint_steps = ()
-  probes.resolve(cfg.probes.names)  # every probe exists
+  probes.of_config(cfg)  # every probe exists, no two write one key
 
 
 # name: (variant, scheme, double shift, steps, lr, wd, rows, trajectory, checkpoints)

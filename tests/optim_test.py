@@ -7,6 +7,7 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
+from jaxdt import config as config_lib
 from jaxdt import optim
 
 BF16 = ml_dtypes.bfloat16
@@ -61,7 +62,7 @@ class ScalarsTest(parameterized.TestCase):
 
   @parameterized.parameters((1e-3, 0.9, 0.999), (3e-4, 0.9, 0.999), (1e-3, 0.8, 0.99))
   def test_table_rows_are_the_host_scalars_and_settle(self, lr, b1, b2):
-    hp = optim.Hyper(lr, b1, b2)
+    hp = config_lib.OptimConfig(lr, b1, b2)
     table = optim.scalar_table(hp)
     for t in [t for t in (1, 2, 10, 2934, 4923) if t < len(table)] + [len(table) - 1]:
       np.testing.assert_array_equal(table[t], optim.torch_step_scalars(hp, t))
@@ -72,7 +73,7 @@ class ScalarsTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(got), table[-1])
 
   def test_step_one_scalars_are_torch_floats(self):
-    hp = optim.Hyper(1e-3)
+    hp = config_lib.OptimConfig(1e-3)
     s = optim.torch_step_scalars(hp, 1)
     self.assertEqual(s[optim.NEG_STEP_SIZE], np.float32(-1e-3 / (1 - 0.9)))
     self.assertEqual(s[optim.BC2_SQRT], np.float32((1 - 0.999) ** 0.5))

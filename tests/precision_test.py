@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
+from jaxdt import config as config_lib
 from jaxdt import optim
 from jaxdt import precision
 
@@ -37,7 +38,7 @@ class PolicyTest(absltest.TestCase):
   def test_mixed_master_moves_below_the_bf16_lattice(self):
     # The open question in one flag: a sub-half-ULP update is kept by the f32
     # master (mixed) but rounded away in pure bf16.
-    hp = optim.Hyper(1e-4)
+    hp = config_lib.OptimConfig(1e-4)
     moved = {}
     for name in ("bf16", "mixed"):
       pol = precision.get_policy(name)

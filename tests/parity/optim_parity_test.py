@@ -12,6 +12,7 @@ import pytest
 import torch
 from absl.testing import absltest, parameterized
 
+from jaxdt import config as config_lib
 from jaxdt import accounting
 from jaxdt import optim
 
@@ -79,7 +80,7 @@ def compare(shape, lr, wd, dtype, steps=STEPS, seed=0, torch_sqrt=None, via="opt
   tp = torch.nn.Parameter(to_torch(p0).clone())
   opt = torch.optim.AdamW([tp], lr=lr, weight_decay=wd)
   tx = optim.adamw(lr, weight_decay=wd)
-  run = jax_chunk_runner(tx, optim.Hyper(lr, weight_decay=wd), via)
+  run = jax_chunk_runner(tx, config_lib.OptimConfig(lr, weight_decay=wd), via)
   carry = (jnp.asarray(p0), tx.init(jnp.asarray(p0)))
   out = dict(p=0, m=0, v=0, m_outside_subnormal=0, m_subnormal=0, first_p=None)
   for start in range(0, steps, CHUNK):
@@ -168,7 +169,7 @@ class SubnormalTest(absltest.TestCase):
     zero_rows = np.arange(shape[0]) % 2 == 0
     tp = torch.nn.Parameter(to_torch(p0).clone())
     opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
-    hp = optim.Hyper(lr)
+    hp = config_lib.OptimConfig(lr)
     step = jax.jit(lambda p, s, g: optim.step(hp, p, g, s))
     p, s = jnp.asarray(p0), optim.adamw(lr).init(jnp.asarray(p0))
     m_diff_total = m_diff_late = 0
@@ -244,7 +245,7 @@ class AccountingParityTest(absltest.TestCase):
 
   def test_replay_of_torch_states_is_exact(self):
     shape, lr, wd = (300, 64), 1e-3, 0.0
-    hp = optim.Hyper(lr, weight_decay=wd)
+    hp = config_lib.OptimConfig(lr, weight_decay=wd)
     p0 = (np.random.default_rng(3).standard_normal(shape) * 0.02).astype(BF16)
     tp = torch.nn.Parameter(to_torch(p0).clone())
     opt = torch.optim.AdamW([tp], lr=lr, weight_decay=wd)

@@ -13,12 +13,13 @@ import pytest
 
 SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
+from jaxdt import config as config_lib
 from jaxdt import accounting, optim, ordered
 rng = np.random.default_rng(0)
 w = jnp.asarray((rng.standard_normal((3708, 64)) * 0.02).astype(jnp.bfloat16))
 m = jnp.asarray((rng.standard_normal((3708, 64)) * 1e-4).astype(jnp.bfloat16))
 v = jnp.asarray((np.abs(rng.standard_normal((3708, 64))) * 1e-8).astype(jnp.bfloat16))
-hp = optim.Hyper(1e-3)
+hp = config_lib.OptimConfig(1e-3)
 w2 = accounting.replay(w, m, v, jnp.int32(7), hp)
 out = jax.jit(lambda *a: accounting.metrics(*a, hp))(w, w2, m, v, jnp.int32(7))
 cen = jax.jit(ordered.mean_rows)(w2)
