@@ -271,9 +271,22 @@ def _file_keys(item) -> tuple:
 class Probes:
   """The built probes of one run: what its step records and its file holds."""
 
-  series: tuple
-  trackers: tuple
-  statics: tuple
+  items: tuple  # every series, tracker and static, in declaration order (the file's)
+
+  def _of(self, cls) -> tuple:
+    return tuple(i for i in self.items if isinstance(i, cls))
+
+  @property
+  def series(self) -> tuple:
+    return self._of(Series)
+
+  @property
+  def trackers(self) -> tuple:
+    return self._of(Tracker)
+
+  @property
+  def statics(self) -> tuple:
+    return self._of(Static)
 
   def file_specs(self, dims: Dims, steps: int) -> dict:
     """Ordered {key: (dtype, full shape)} of the per-step records and trackers.
@@ -281,11 +294,12 @@ class Probes:
     Statics are not listed: their arrays are known up front (`static_arrays`).
     """
     specs = {}
-    for s in self.series:
-      n = steps + 1 if s.initial is not None else steps
-      specs[s.key] = (s.dtype(dims), (n,) + tuple(s.shape(dims)))
-    for k in self.trackers:
-      specs[k.key] = (k.dtype, tuple(k.shape(dims)))
+    for p in self.items:
+      if isinstance(p, Series):
+        n = steps + 1 if p.initial is not None else steps
+        specs[p.key] = (p.dtype(dims), (n,) + tuple(p.shape(dims)))
+      elif isinstance(p, Tracker):
+        specs[p.key] = (p.dtype, tuple(p.shape(dims)))
     return specs
 
   def static_arrays(self, view: StaticView) -> dict:
@@ -321,8 +335,7 @@ def build(names, ctx: Context) -> Probes:
                            f"{key!r}; record only one of them")
         owner[key] = name
       items.append(item)
-  kinds = lambda cls: tuple(i for i in items if isinstance(i, cls))
-  return Probes(kinds(Series), kinds(Tracker), kinds(Static))
+  return Probes(tuple(items))
 
 
 def of_config(cfg) -> Probes:

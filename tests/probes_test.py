@@ -54,10 +54,10 @@ def test_context_of_a_config():
 
 def test_file_keys_are_explicit_and_collisions_refused():
   ctx = probes.Context(config_lib.OptimConfig(1e-3))
-  built = probes.build(["W", "m", "loss", "last_motion_step", "lab_scalars"], ctx)
+  built = probes.build(["W", "last_motion_step", "m", "loss", "lab_scalars"], ctx)
   dims = probes.Dims(rows=2, hidden=D, param_dtype=jnp.bfloat16)
   specs = built.file_specs(dims, steps=5)
-  assert list(specs) == ["W", "m", "loss", "last_motion_step"]
+  assert list(specs) == ["W", "last_motion_step", "m", "loss"]  # declaration order
   assert specs["W"] == (np.dtype(np.uint16), (6, 2, D))
   assert specs["last_motion_step"] == (np.dtype(np.int32), (2,))
   assert built.statics[0].keys[0] == "vocab_size"
