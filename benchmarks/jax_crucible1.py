@@ -2,8 +2,8 @@
 
 The experiment's own config (experiments/<name>.py, all its probes, streaming
 to disk, chunk overlap) with the benchmark's sizes and step count. Timing comes
-from the run's own progress updates: `train.Progress.update` is called once per
-chunk, after that chunk's records are on disk, so the span from the first
+from the run's own `on_chunk` callback, called once per chunk after that
+chunk's records are on disk, so the span from the first
 update to the last is steady state (compile and the first chunk excluded) with
 the I/O overlap included. Compile time comes from JAX's monitoring events.
 
@@ -39,15 +39,15 @@ from procstat import (  # pylint: disable=g-import-not-at-top
     context_switches, cpu_seconds, peak_rss_bytes, rss_bytes)
 
 
-class TimedProgress(train.Progress):
-  """train.Progress that also stamps every chunk: (time, steps done, RSS, peak RSS, loss, CPU s)."""
+def mark(marks: list):
+  """An `on_chunk` callback stamping every chunk: (time, steps done, RSS, peak RSS, loss,
+  CPU s, context switches)."""
 
-  marks: list = []
+  def on_chunk(done: int, loss: float):
+    marks.append((time.perf_counter(), done, rss_bytes(), peak_rss_bytes(), loss,
+                  cpu_seconds(), context_switches()))
 
-  def update(self, done: int, loss: float):
-    TimedProgress.marks.append((time.perf_counter(), done, rss_bytes(), peak_rss_bytes(), loss,
-                                cpu_seconds(), context_switches()))
-    super().update(done, loss)
+  return on_chunk
 
 
 def bench_config(args):
@@ -91,11 +91,11 @@ def main(argv=None):
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compile_s.append((event, secs)))
   cfg = bench_config(args)
-  train.Progress = TimedProgress
+  marks = []
   t0 = time.perf_counter()
-  result = train.train(cfg, args.out_dir, progress=args.progress, stop_after=args.stop_after)
+  result = train.train(cfg, args.out_dir, progress=args.progress, stop_after=args.stop_after,
+                       log=lambda s: None, on_chunk=mark(marks))
   wall = time.perf_counter() - t0
-  marks = TimedProgress.marks
   first, last = marks[0], marks[-1]
   steady = (last[1] - first[1]) / (last[0] - first[0]) if len(marks) > 1 else None
   backend_compile = sum(s for e, s in compile_s if e.endswith("backend_compile_duration"))

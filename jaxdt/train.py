@@ -20,13 +20,12 @@ import platform
 import signal
 import sys
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdt import analysis
 from jaxdt import backend
 from jaxdt import config as config_lib
 from jaxdt import data
@@ -244,6 +243,36 @@ def describe_corpus(corpus: data.Corpus) -> str:
           f"({source})")
 
 
+class Layout(NamedTuple):
+  """What a run records and where: rows, sizes, probes, the file's tensors."""
+
+  rows: Optional[np.ndarray]  # recorded vocabulary rows (dead ids), None = all
+  dims: probes_lib.Dims
+  probes: probes_lib.Probes
+  specs: dict  # the trajectory's {key: (dtype, shape)}, statics included
+  static: dict  # {key: array} written once (masks, ids, the lab's scalars)
+  chunk_bytes: int  # bytes of one step's records
+
+
+def layout(cfg: config_lib.ExperimentConfig, corpus: data.Corpus) -> Layout:
+  """The run's file layout for this config and corpus (refuses colliding probes)."""
+  rows = corpus.dead_indices if cfg.probes.rows == "dead" else None
+  dims = probes_lib.Dims(rows=corpus.n_dead if rows is not None else cfg.model.vocab_size,
+                         hidden=cfg.model.hidden_dim,
+                         param_dtype=precision.get_policy(cfg.precision).param_dtype)
+  built = probes_lib.of_config(cfg)
+  specs = built.file_specs(dims, cfg.steps)
+  static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
+  static.update(built.static_arrays(probes_lib.StaticView(
+      cfg, corpus.live_mask, corpus.dead_mask, corpus.live_indices, corpus.dead_indices)))
+  for k, a in static.items():
+    specs[k] = (a.dtype, a.shape)
+  keys = {s.key for s in built.series}
+  chunk_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize
+                    for k, (dt, shape) in specs.items() if k in keys)
+  return Layout(rows, dims, built, specs, static, chunk_bytes)
+
+
 FILE_METADATA = {"format": "pt"}  # the trajectory's safetensors metadata (the lab's)
 
 
@@ -255,7 +284,8 @@ def _state_bytes(state: TrainState) -> int:
 
 def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = False,
           progress: bool = True, stop_after: Optional[int] = None,
-          log=print) -> Optional[RunResult]:
+          log=print, on_chunk: Optional[Callable[[int, float], None]] = None
+          ) -> Optional[RunResult]:
   """Runs an experiment to completion, streaming its trajectory into `out_dir`.
 
   Every input is checked (the config on construction, the data and an
@@ -272,7 +302,9 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
     progress: print the progress bar.
     stop_after: stop (unfinished, as if killed) once this many steps are done;
       for tests of resume.
-    log: where one-line notes go (resume point, divergence).
+    log: where one-line notes go (phases, resume point, divergence).
+    on_chunk: called as on_chunk(steps done, last loss) after each chunk's
+      records are written (benchmarks time the run with it).
 
   Returns:
     RunResult (metadata has "completed": True), or None when stopped early.
@@ -285,21 +317,9 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   t_start = time.perf_counter()
   corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
   log(f"data: {describe_corpus(corpus)}")
-  rows = corpus.dead_indices if cfg.probes.rows == "dead" else None
-  policy = precision.get_policy(cfg.precision)
-  dims = probes_lib.Dims(rows=corpus.n_dead if rows is not None else cfg.model.vocab_size,
-                         hidden=cfg.model.hidden_dim, param_dtype=policy.param_dtype)
-  built = probes_lib.of_config(cfg)  # refuses two probes writing one key
-  specs = built.file_specs(dims, cfg.steps)
-  static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
-  static.update(built.static_arrays(probes_lib.StaticView(
-      cfg, corpus.live_mask, corpus.dead_mask, corpus.live_indices, corpus.dead_indices)))
-  for k, a in static.items():
-    specs[k] = (a.dtype, a.shape)
+  lay = layout(cfg, corpus)
+  rows, dims, specs, static, series = lay.rows, lay.dims, lay.specs, lay.static, lay.probes.series
   per_epoch = data.batches_per_epoch(len(corpus.tokens), cfg.data)
-  series = built.series
-  chunk_bytes = sum(int(np.prod(shape[1:])) * np.dtype(dt).itemsize
-                    for k, (dt, shape) in specs.items() if k in {s.key for s in series})
   state = init_state(cfg, dims)  # loads --init_checkpoint: a bad one fails here
   checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
   inputs = {"data_files": corpus.files,
@@ -315,7 +335,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
           experiment=cfg.name, config=config_lib.to_dict(cfg), inputs=inputs, specs=specs,
           file_metadata=FILE_METADATA, metadata=running_meta, like_state=state, resume=resume,
           checkpoint_steps=checkpoint_steps, checkpoint_bytes=_state_bytes(state),
-          ram_bytes=3 * chunk_bytes * min(cfg.store.chunk_steps, cfg.steps))
+          ram_bytes=3 * lay.chunk_bytes * min(cfg.store.chunk_steps, cfg.steps))
       done = start
       log(f"run folder: {run.path} ({os.path.basename(run.partial)}, "
           f"{store.fmt_bytes(store.estimate_bytes(specs, FILE_METADATA))})")
@@ -360,6 +380,8 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
           if key in records:
             last_loss = float(np.asarray(records[key])[-1])
         bar.update(done, last_loss)
+        if on_chunk is not None:
+          on_chunk(done, last_loss)
       if done < cfg.steps:
         return None
 
@@ -370,10 +392,8 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
               **_our_metadata(cfg, corpus, time.perf_counter() - t_start, True), **inputs,
               "steps_completed": cfg.steps, "diverged_at_step": diverged}
       if "last_motion_step" in state.probe_state:  # the seed's Crucible metadata keys
-        check = analysis.fimbulwinter_check(np.asarray(state.probe_state["last_motion_step"]),
-                                            cfg.steps)
-        meta["global_last_motion"] = check["global_last_motion"]
-        meta["fimbulwinter_duration"] = check["fimbulwinter_duration"]
+        meta["global_last_motion"] = int(np.max(state.probe_state["last_motion_step"]))
+        meta["fimbulwinter_duration"] = cfg.steps - meta["global_last_motion"]
       meta = run.commit(meta)
     except KeyboardInterrupt as e:
       raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), done, run.resume_from,
