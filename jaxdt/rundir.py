@@ -298,7 +298,9 @@ class RunDir:
       state = "finished" if meta.get("completed") is True else "unfinished"
       raise store.StoreError(f"{self.path} holds a {state} {config.get('name')!r} run, not "
                              f"{experiment!r}; choose another --output_dir")
-    if store.is_complete(self.path, os.path.basename(self.trajectory)):
+    recorded = (config.get("store") or {}).get("trajectory_name")
+    names = {os.path.basename(self.trajectory), recorded} - {None}
+    if any(store.is_complete(self.path, n) for n in names):  # its own file name, or ours
       return Folder("finished", meta)
     return Folder("unfinished", meta)
 
