@@ -74,6 +74,19 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
+def _hash_range(fd: int, begin: int, end: int, path: str, *hashers) -> None:
+  """Feeds bytes [begin, end) of an open file to every hasher, in blocks."""
+  offset = begin
+  while offset < end:
+    block = os.pread(fd, min(_HASH_BLOCK, end - offset), offset)
+    if not block:
+      raise StoreError(f"{path} ended early at byte {offset:,}; the file is truncated, continue "
+                       "its run with --resume or re-create it")
+    for h in hashers:
+      h.update(block)
+    offset += len(block)
+
+
 def _fault_point(name: str) -> None:
   """A named instant of the run-folder protocol (between two writes).
 
@@ -474,14 +487,8 @@ class TrajectoryWriter:
     n = spec.shape[0] if spec.shape else 1
     row_bytes = (spec.end - spec.begin) // n if n else 0
     h = hashlib.sha256()
-    offset, end = self._data_start + spec.begin, self._data_start + spec.begin + rows * row_bytes
-    while offset < end:
-      block = os.pread(self._fd, min(_HASH_BLOCK, end - offset), offset)
-      if not block:
-        raise StoreError(f"{self.partial_path} ended early at byte {offset:,}; delete the run "
-                         "folder and start again")
-      h.update(block)
-      offset += len(block)
+    begin = self._data_start + spec.begin
+    _hash_range(self._fd, begin, begin + rows * row_bytes, self.partial_path, h)
     self._running[name] = [h.copy(), rows]
     return h.hexdigest()
 
@@ -506,15 +513,8 @@ class TrajectoryWriter:
     regions = [(0, self._data_start, HEADER_DIGEST)] + bounds
     tensors = {}
     for begin, end, name in regions:
-      h, offset = hashlib.sha256(), begin
-      while offset < end:
-        block = os.pread(self._fd, min(_HASH_BLOCK, end - offset), offset)
-        if not block:
-          raise StoreError(f"{self.partial_path} ended early at byte {offset:,}; the disk lost "
-                           "data, continue with --resume")
-        h.update(block)
-        whole.update(block)
-        offset += len(block)
+      h = hashlib.sha256()
+      _hash_range(self._fd, begin, end, self.partial_path, h, whole)
       tensors[name] = h.hexdigest()
     for name, running in self._running.items():
       spec = self._layout[name]
@@ -653,13 +653,9 @@ class TrajectoryReader:
       return False
     for name, e in self._entries.items():
       h = self._hashing[name]
-      size = e.end - e.begin
-      while h[1] < size:
-        block = os.pread(self._fd, min(_HASH_BLOCK, size - h[1]), self._data_start + e.begin + h[1])
-        if not block:
-          raise self._corrupt(f"tensor {name!r}")
-        h[0].update(block)
-        h[1] += len(block)
+      start = self._data_start + e.begin
+      _hash_range(self._fd, start + h[1], start + e.end - e.begin, self.path, h[0])
+      h[1] = e.end - e.begin
       if h[0].hexdigest() != self._digests[name]:
         raise self._corrupt(f"tensor {name!r}")
     return True
