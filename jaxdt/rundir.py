@@ -295,8 +295,8 @@ class RunDir:
       raise store.StoreError(f"{self.path} holds a run jaxdt did not write ({METADATA_FILE} has "
                              "no config); choose another --output_dir")
     if config.get("name") != experiment:
-      state = "finished" if meta.get("completed") is True else "unfinished"
-      raise store.StoreError(f"{self.path} holds a {state} {config.get('name')!r} run, not "
+      state = "a finished" if meta.get("completed") is True else "an unfinished"
+      raise store.StoreError(f"{self.path} holds {state} {config.get('name')!r} run, not "
                              f"{experiment!r}; choose another --output_dir")
     recorded = (config.get("store") or {}).get("trajectory_name")
     names = {os.path.basename(self.trajectory), recorded} - {None}
