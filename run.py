@@ -167,7 +167,12 @@ def run_experiment(name: str) -> int:
   cfg = experiment_config(name)
   out_dir = FLAGS.output_dir or f"runs/{name}"
   result = train.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
-  print_analyses(result, cfg)
+  try:
+    print_analyses(result, cfg)
+  except OSError as e:  # the run itself is finished and intact
+    raise ValueError(f"the run in {out_dir} finished, but its analysis failed "
+                     f"({rundir.os_error_message(e).split(';')[0]}); fix that and see it with "
+                     f"--analyze={out_dir}") from None
   return 0
 
 
@@ -204,6 +209,25 @@ def _dispatch() -> int:
   return 1 if run_experiment(name) else 0  # 1: a failed verification
 
 
+def _exit_now(line: str, status: int) -> None:
+  """Prints one line and leaves at once: a chunk may still be running on the
+  XLA threads (dispatched before the signal came), and tearing the interpreter
+  down under it crashes; the run folder is crash-safe, so nothing is lost."""
+  print(line, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors as one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}; see --helpfull", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
   """Every failure ends in one line on stderr: bad input or OS errors exit 2,
   SIGINT/SIGTERM 130/143 (the run folder left resumable), a failed
@@ -216,11 +240,9 @@ def main(argv: list[str]) -> int:
     backend.quiet_backend_probe()
     return _dispatch()
   except rundir.Interrupted as e:
-    print(f"\n{e}", file=sys.stderr)
-    return rundir.exit_status(e.signum)
+    _exit_now(str(e), rundir.exit_status(e.signum))
   except KeyboardInterrupt as e:
-    print("\ninterrupted; no run was left half-written", file=sys.stderr)
-    return rundir.exit_status(getattr(e, "signum", signal.SIGINT))
+    _exit_now("interrupted", rundir.exit_status(getattr(e, "signum", signal.SIGINT)))
   except (data.DataError, store.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -230,4 +252,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -399,6 +400,16 @@ def sanity_check(traj: trajectory.Trajectory) -> dict:
 
 def analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional[int] = None,
             threshold: Optional[float] = None) -> tuple[dict, dict]:
+  """Every analysis the file supports (see `_analyze`); numpy's warnings about
+  non-finite values are silenced (a diverged or corrupt file is reported, not
+  warned about line by line)."""
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return _analyze(path, block_steps=block_steps, max_steps=max_steps, threshold=threshold)
+
+
+def _analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional[int] = None,
+             threshold: Optional[float] = None) -> tuple[dict, dict]:
   """Every analysis the file supports, streamed; what it lacks is listed as skipped.
 
   Args:

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxdt import analysis
 from jaxdt import lattice
+from jaxdt import rundir
 from jaxdt import stream
 from jaxdt import trajectory
 
@@ -143,7 +144,9 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
   Returns:
     dict: a, b (file, steps, run info), steps_compared, keys (compare_key
     results, common keys in A's order), only_in_a, only_in_b, loss,
-    freeze {a, b, diff}, identical (every common key bitwise equal over the
+    freeze {a, b, diff}, config_differences (one line per config field that
+    differs, input paths and chunk size aside; None without both configs),
+    identical (every common key bitwise equal over the
     common steps), first_difference ({key, step} of the earliest, or None).
   """
   ta, tb = trajectory.open_trajectory(path_a), trajectory.open_trajectory(path_b)
@@ -158,6 +161,9 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
     info = lambda t: {"file": os.path.abspath(t.path), "steps": t.steps, "rows": t.n_rows,
                       **trajectory.run_info(t.metadata)}
     a_info, b_info = info(ta), info(tb)
+    ca, cb = ta.metadata.get("config"), tb.metadata.get("config")
+    configs = (rundir.config_differences(ca, cb, labels=("A has", "B has"))
+               if isinstance(ca, dict) and isinstance(cb, dict) else None)
   finally:
     ta.reader.close()
     tb.reader.close()
@@ -171,6 +177,7 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
       "a": a_info, "b": b_info, "steps_compared": T, "keys": keys,
       "only_in_a": [k for k in ka if k not in kb], "only_in_b": [k for k in kb if k not in ka],
       "loss": loss, "freeze": {"a": fa, "b": fb, "diff": diff},
+      "config_differences": configs,
       "identical": all(k["identical"] is not False for k in keys) and bool(keys),
       "first_difference": None if first is None else {"step": first[0], "key": first[1]},
   }

@@ -429,6 +429,9 @@ def format_compare(c: dict) -> str:
     where = f" at step {loss['step']}" if loss["step"] else ""
     lines += ["", f"Largest |loss difference|: {loss['max_abs_diff']:.6f}{where} "
               f"({loss['steps_differing']} steps differ)"]
+  if c.get("config_differences"):
+    lines += ["", "The two runs' configs differ (so their bits are not expected to match):"]
+    lines += [f"  {d}" for d in c["config_differences"]]
   lines += ["", "Freeze statistics (A → B, difference):"]
   fa, fb, fd = c["freeze"]["a"], c["freeze"]["b"], c["freeze"]["diff"]
   for k in fa:

@@ -129,7 +129,8 @@ def _show(v: Any) -> str:
 
 
 def config_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
-                       ignore=RESUMABLE_FIELDS) -> list[str]:
+                       ignore=RESUMABLE_FIELDS,
+                       labels: tuple = ("the run has", "the flags say")) -> list[str]:
   """One line per field where two config dicts (`config.to_dict`) differ.
 
   Returns:
@@ -142,7 +143,7 @@ def config_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
       continue
     has = _show(a[key]) if key in a else "no such field"
     say = _show(b[key]) if key in b else "no such field"
-    lines.append(f"{key}: the run has {has}, the flags say {say}")
+    lines.append(f"{key}: {labels[0]} {has}, {labels[1]} {say}")
   return lines
 
 
@@ -162,6 +163,32 @@ def _lock_holder(fd: int) -> Optional[int]:
   except (OSError, ValueError):
     pass
   return None
+
+
+def writer_of(path: str) -> Optional[str]:
+  """Who writes the run folder `path` now ("pid N" or "another process"), or None.
+
+  Takes and drops a shared lock, which a running writer's exclusive lock refuses.
+  """
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _lock_holder(fd)
+    return f"pid {holder}" if holder is not None else "another process"
+  finally:
+    os.close(fd)
+  return None
+
+
+def unfinished_advice(folder: str) -> str:
+  """What to do with an unfinished run: wait for its writer, or resume it."""
+  who = writer_of(folder)
+  return (f"it is still running ({who}); wait for it to finish" if who else
+          "continue it with --resume first")
 
 
 # --- The folder's state ----------------------------------------------------------
@@ -362,7 +389,8 @@ class RunDir:
             raise store.StoreError(f"{os.path.basename(self.partial)}: rows of {name!r} up to "
                                    f"step {step} do not match checkpoint {path}'s SHA-256")
       except (store.StoreError, KeyError, TypeError, ValueError) as e:
-        self.log(f"skipping checkpoint step {step}: {e}")
+        reason = str(e).rsplit("; ", 1)[0]  # the tool does the fix itself: try an older one
+        self.log(f"skipping checkpoint step {step}: {reason}; trying an older one")
         continue
       return step, state
     return None
@@ -434,12 +462,14 @@ class RunDir:
     try:
       self._writer = store.TrajectoryWriter(self.trajectory, specs, file_metadata, resume=True)
     except store.StoreError as e:
-      self.log(f"the unfinished trajectory is unusable ({e}); restarting from step 0")
+      reason = str(e).split(": ", 1)[-1].rsplit("; ", 1)[0]
+      self.log(f"the unfinished trajectory is unusable ({reason}); restarting from step 0")
       self._fresh(specs, file_metadata)
       return 0, None
     found = self._intact_checkpoint(like_state)
     if found is None:
-      self.log(f"no intact checkpoint in {self.ckpt_dir}; restarting from step 0")
+      what = "intact checkpoint" if store.checkpoints(self.ckpt_dir) else "checkpoint yet"
+      self.log(f"no {what} in {self.ckpt_dir}; restarting from step 0")
       self._writer.close()
       self._fresh(specs, file_metadata)
       return 0, None
@@ -503,10 +533,11 @@ def open_result(path: str) -> tuple[store.TrajectoryReader, dict, list]:
       size other than recorded, a header other than recorded.
   """
   path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
   if path.endswith(store.PARTIAL_SUFFIX):
-    raise store.StoreError(f"{path} is an unfinished trajectory (.partial); finish its run with "
-                           "--resume and pass the finished file")
-  meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), METADATA_FILE)
+    raise store.StoreError(f"{path} is an unfinished trajectory (.partial); "
+                           f"{unfinished_advice(folder)}, then pass the finished file")
+  meta_path = os.path.join(folder, METADATA_FILE)
   try:
     meta = _read_json(meta_path) or {}
   except store.StoreError:
@@ -518,7 +549,7 @@ def open_result(path: str) -> tuple[store.TrajectoryReader, dict, list]:
   if ours and name == os.path.basename(path):
     if meta.get("completed") is not True:
       raise store.StoreError(f"{path} belongs to an unfinished run ({METADATA_FILE} says "
-                             "completed: false); continue it with --resume first")
+                             f"completed: false); {unfinished_advice(folder)}")
     size = os.path.getsize(path) if os.path.isfile(path) else None
     if size is not None and meta.get("trajectory_bytes") != size:
       raise store.StoreError(f"{path} is {size:,} bytes but its run recorded "

@@ -618,7 +618,8 @@ class TrajectoryReader:
 
   def _corrupt(self, what: str) -> StoreError:
     return StoreError(f"{self.path} is corrupt: {what} does not match the SHA-256 recorded when "
-                      "the run finished; re-run it or restore the file from a copy")
+                      "the run finished; restore the file from a copy, or re-run the experiment "
+                      "into a new --output_dir")
 
   def _check_header(self) -> None:
     names = set(self._digests) - {HEADER_DIGEST}

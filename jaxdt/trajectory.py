@@ -126,8 +126,8 @@ def resolve_path(path: str) -> str:
       return os.path.join(path, found[0])
     partial = [f for f in os.listdir(path) if f.endswith(".safetensors" + store.PARTIAL_SUFFIX)]
     if not found and partial:
-      raise AnalysisError(f"{path} holds only the unfinished {partial[0]}; finish the run with "
-                          "--resume first")
+      raise AnalysisError(f"{path} holds only the unfinished {partial[0]}; "
+                          f"{rundir.unfinished_advice(path)}")
     if not found:
       raise AnalysisError(f"{path} has no .safetensors trajectory; pass a run folder or a "
                           ".safetensors file")
@@ -136,10 +136,13 @@ def resolve_path(path: str) -> str:
     if path.endswith(".h5"):
       raise AnalysisError(f"{path} is HDF5 (Thimble 6/7); convert it to safetensors (uint16 W) "
                           "first")
+    if not path.endswith((".safetensors", store.PARTIAL_SUFFIX)):
+      raise AnalysisError(f"{path} is not a .safetensors trajectory; pass its run folder or the "
+                          ".safetensors file")
     return path
   if os.path.exists(path + store.PARTIAL_SUFFIX):
     raise AnalysisError(f"{path} is unfinished (only {os.path.basename(path)}.partial exists); "
-                        "finish the run with --resume first")
+                        f"{rundir.unfinished_advice(os.path.dirname(os.path.abspath(path)))}")
   raise AnalysisError(f"{path} does not exist; pass a run folder or a .safetensors file")
 
 

@@ -193,7 +193,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(cfg, ref, 
   said = []
   result = train.train(no_ckpt, out, resume=True, progress=False, log=said.append)
   said = notes_of(said)
-  assert said == [f"no intact checkpoint in {out}/checkpoints; restarting from step 0"]
+  assert said == [f"no checkpoint yet in {out}/checkpoints; restarting from step 0"]
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
 
 
@@ -223,6 +223,9 @@ def test_a_second_writer_is_refused_naming_the_holders_pid(cfg, tmp_path):
       train.train(cfg, out, resume=True, **QUIET)
     assert str(e.value) == (f"{out} is in use by pid {holder.pid} (another jaxdt run writes "
                             "there); wait for it to end or choose another --output_dir")
+    with pytest.raises(analysis.AnalysisError, match=f"it is still running \\(pid {holder.pid}\\); "
+                       "wait for it to finish"):
+      report.analyze(out, echo=lambda s: None)
     assert _snapshot(out) == before
   finally:
     holder.kill()
@@ -289,6 +292,7 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_an_older_one_used(cfg, ref,
   result = train.train(cfg, out, resume=True, progress=False, log=said.append)
   said = notes_of(said)
   assert said[0].startswith("skipping checkpoint step 9: checkpoint ") and "is corrupt" in said[0]
+  assert said[0].endswith("; trying an older one")
   assert said[1] == f"resuming {out} from the checkpoint at step 5"
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
 
@@ -483,6 +487,11 @@ def test_cli_missing_experiment():
   assert proc.returncode == 2
   assert _one_line(proc.stderr).startswith("error: --experiment is required; pass "
                                             "--experiment=one of ['flannel_data', 'crucible1'")
+  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "run.py"),
+                         "--precision=fp64"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert _one_line(proc.stderr) == ("error: flag --precision=fp64: value should be one of "
+                                    "<bf16|fp32|mixed>; see --helpfull")
 
 
 @pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
