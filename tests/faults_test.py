@@ -147,11 +147,13 @@ def test_sigkill_at_random_instants(reference, tmp_path):
   stamps = [float(line.split()[0]) for line in open(times)]
   first, last = stamps[0], stamps[-1]
   rng = random.Random(20261201)
-  kills, chain, finished = 0, 0, 0
+  kills, chain, finished, spawned = 0, 0, 0, 0
   while kills < 24:
     out = str(tmp_path / f"chain_{chain}")
     resume = False
     while True:
+      spawned += 1
+      assert spawned <= 150, f"only {kills} kills landed in {spawned} processes"
       proc = _spawn(cfg, out, resume=resume)
       delay = rng.uniform(0.8 * first, last + 0.2)
       time.sleep(delay)
