@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from jaxdt import rundir
 from jaxdt import stream
 from jaxdt import trajectory
 
@@ -522,5 +523,4 @@ def divergence_step(traj: trajectory.Trajectory) -> Optional[int]:
   if traj.loss_key is None or traj.steps == 0:
     return None
   loss = traj.reader.rows(traj.loss_key, 1, traj.steps + 1)  # row 0 may be NaN by design
-  bad = ~np.isfinite(loss.astype(np.float64))
-  return int(np.argmax(bad)) + 1 if bad.any() else None
+  return rundir.first_nonfinite(loss, first_step=1)

@@ -165,6 +165,11 @@ def _lock_holder(fd: int) -> Optional[int]:
   return None
 
 
+def _holder_text(fd: int) -> str:
+  holder = _lock_holder(fd)
+  return f"pid {holder}" if holder is not None else "another process"
+
+
 def writer_of(path: str) -> Optional[str]:
   """Who writes the run folder `path` now ("pid N" or "another process"), or None.
 
@@ -177,8 +182,7 @@ def writer_of(path: str) -> Optional[str]:
   try:
     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
   except BlockingIOError:
-    holder = _lock_holder(fd)
-    return f"pid {holder}" if holder is not None else "another process"
+    return _holder_text(fd)
   finally:
     os.close(fd)
   return None
@@ -238,7 +242,6 @@ class RunDir:
     self.resume_from: Optional[int] = None  # newest durable checkpoint step
     self._lock_fd: Optional[int] = None
     self._writer: Optional[store.TrajectoryWriter] = None
-    self._metadata: dict = {}
     self._created = False  # lock() made the folder: removed again if nothing was written
     self._wrote = False
     self.committed = False  # the run is finished (its final name exists)
@@ -272,9 +275,8 @@ class RunDir:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = _lock_holder(fd)
+      who = _holder_text(fd)
       os.close(fd)
-      who = f"pid {holder}" if holder is not None else "another process"
       raise store.StoreError(f"{self.path} is in use by {who} (another jaxdt run writes "
                              "there); wait for it to end or choose another --output_dir") from None
     self._lock_fd = fd
@@ -364,10 +366,6 @@ class RunDir:
     store.preflight(self.path, need, ram_bytes,
                     file_name=f"{os.path.basename(self.trajectory)} and {ckpts} checkpoints")
 
-  def _write_metadata(self, metadata: Mapping[str, Any]) -> None:
-    self._metadata = dict(metadata)
-    store.write_metadata(self.path, self._metadata)
-
   def _fresh(self, specs, file_metadata) -> None:
     if os.path.exists(self.trajectory):  # never finished (inspect said so): not a result
       os.remove(self.trajectory)
@@ -443,7 +441,7 @@ class RunDir:
     for entry in os.listdir(self.path):  # temporaries of a metadata write that was killed
       if entry.startswith(METADATA_FILE + ".tmp"):
         os.remove(os.path.join(self.path, entry))
-    self._write_metadata({**metadata, "completed": False})
+    store.write_metadata(self.path, {**metadata, "completed": False})
     store._fault_point("metadata_written")
     if folder.kind == "new":
       if resume:
@@ -504,7 +502,7 @@ class RunDir:
     store._fault_point("sealed")
     meta = {**metadata, "completed": True, "trajectory_bytes": self._writer.nbytes,
             "trajectory_sha256": digests["file"], "tensor_sha256": digests["tensors"]}
-    self._write_metadata(meta)
+    store.write_metadata(self.path, meta)
     store._fault_point("final_metadata_written")
     self._writer.commit()  # THE commit point
     self._writer = None

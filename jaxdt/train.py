@@ -388,9 +388,10 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
       for k, a in state.probe_state.items():
         run.write(k, np.asarray(a))
       store._fault_point("final_tensors_written")
-      meta = {**_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
-              **_our_metadata(cfg, corpus, time.perf_counter() - t_start, True), **inputs,
-              "steps_completed": cfg.steps, "diverged_at_step": diverged}
+      meta = {**running_meta,  # the backend facts are the start's; commit sets completed
+              **_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
+              "wall_time_s": time.perf_counter() - t_start, "steps_completed": cfg.steps,
+              "diverged_at_step": diverged}
       if "last_motion_step" in state.probe_state:  # the seed's Crucible metadata keys
         meta["global_last_motion"] = int(np.max(state.probe_state["last_motion_step"]))
         meta["fimbulwinter_duration"] = cfg.steps - meta["global_last_motion"]

@@ -118,9 +118,6 @@ class KeyResult(NamedTuple):
 
 def _open(path: str, what: str) -> store.TrajectoryReader:
   """A finished trajectory (`rundir.open_result`: refuses unfinished runs, checks SHA-256)."""
-  if path.endswith(store.PARTIAL_SUFFIX):
-    raise VerifyError(f"{what} {path} is an unfinished trajectory (.partial); finish its run "
-                      "with --resume and pass the finished file")
   if not os.path.isfile(path):
     raise VerifyError(f"{what} {path} does not exist; pass --verify_against=PATH to a finished "
                       "reference trajectory (e.g. thimble_8_trajectory.safetensors)")
