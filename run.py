@@ -2,13 +2,13 @@
 
 `flannel_data` builds or checks the data; every other name is a training
 experiment from `experiments/` (a config), run by the one loop in
-`jaxdt.train`, with flags overriding the config. Bad input (data, store or
+`jaxdt.training.loop`, with flags overriding the config. Bad input (data, store or
 config errors) prints one line, `error: <message>`, to stderr and exits with
 status 2, without a traceback. `--verification` (thimble9, crucible4) runs the
 experiment's short verification mode and exits with status 1 when its records
 differ from `--verify_against` by a single bit. `--analyze=PATH` analyses a
 stored run (ours or the lab's files) and `--compare=A,B` compares two runs bit
-for bit, both without training. XLA_FLAGS are set by `jaxdt.backend` first.
+for bit, both without training. XLA_FLAGS are set by `jaxdt.numerics.backend` first.
 """
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ from absl import app
 from absl import flags
 
 import experiments
-from jaxdt import backend
+
 from jaxdt import config as config_lib
-from jaxdt import data
-from jaxdt import probes as probes_lib
-from jaxdt import report
-from jaxdt import rundir
-from jaxdt import store
-from jaxdt import train
+from jaxdt.data import corpus as corpus_lib
+from jaxdt.data import demographics
+from jaxdt.data import vocabulary
+from jaxdt.io import disk
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
+from jaxdt.numerics import backend
+from jaxdt.report import outputs
+from jaxdt.training import loop
+from jaxdt.training import probes as probes_lib
+from jaxdt.training import step
 from jaxdt import verify
 
 FLAGS = flags.FLAGS
@@ -73,7 +78,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum("rows", None, ["dead", "all"],
                   "Record the dead rows or every vocabulary row (the lab's Crucible 3/4).")
 flags.DEFINE_list("probes", None,
-                  "Override what each step records, e.g. W,h_mean,loss (jaxdt.probes.PROBES).")
+                  "Override what each step records, e.g. W,h_mean,loss (jaxdt.training.probes.PROBES).")
 flags.DEFINE_string(
     "analyze", None,
     "Analyse a run folder or .safetensors trajectory (ours or the lab's layout) instead of "
@@ -101,8 +106,8 @@ def flannel_data() -> None:
   """Builds or validates the data and prints the lab's notebook counts."""
   cfg = config_lib.ExperimentConfig()
   cfg = dataclasses.replace(cfg, data=data_config(cfg.data))
-  corpus = data.load_corpus(cfg.data, cfg.model.vocab_size, verbose=True)
-  print(data.report(corpus, cfg.data))
+  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, verbose=True)
+  print(demographics.report(corpus, cfg.data))
 
 
 # Named flags and the config field each one sets (every field also takes --set).
@@ -132,9 +137,9 @@ def experiment_config(name: str) -> config_lib.ExperimentConfig:
   return cfg
 
 
-def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) -> None:
+def print_analyses(result: loop.RunResult, cfg: config_lib.ExperimentConfig) -> None:
   """The lab's end-of-run printouts for what the run recorded."""
-  reader = store.TrajectoryReader(result.trajectory)
+  reader = tensorfile.TrajectoryReader(result.trajectory)
   meta = result.metadata
   print(f"\nTraining complete. Final loss: {meta['final_loss']:.4f}")
   print(f"Completed {meta['total_epochs']} epochs\n")
@@ -142,8 +147,8 @@ def print_analyses(result: train.RunResult, cfg: config_lib.ExperimentConfig) ->
   # STILLNESS blocks first), plus summary.json and PNGs in the run folder.
   seed_validation = None
   if verify.has_accounting_inputs(reader):  # Thimble 1/6: the seed's accounting check
-    seed_validation = verify.format_accounting(verify.accounting_rows(reader, train.hyper(cfg)))
-  report.analyze(result.trajectory, header=False, seed_validation=seed_validation)
+    seed_validation = verify.format_accounting(verify.accounting_rows(reader, step.hyper(cfg)))
+  outputs.analyze(result.trajectory, header=False, seed_validation=seed_validation)
   print(f"\nSaved to {result.trajectory}")
 
 
@@ -166,7 +171,7 @@ def run_experiment(name: str) -> int:
     raise ValueError("--verify_against needs --verification")
   cfg = experiment_config(name)
   out_dir = FLAGS.output_dir or f"runs/{name}"
-  result = train.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
+  result = loop.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
   try:
     print_analyses(result, cfg)
   except OSError as e:  # the run itself is finished and intact
@@ -181,12 +186,12 @@ def analyze_or_compare() -> int:
   if FLAGS.experiment or (FLAGS.analyze and FLAGS.compare):
     raise ValueError("pass one of --experiment, --analyze, --compare")
   if FLAGS.analyze:
-    report.analyze(FLAGS.analyze, FLAGS.analysis_dir)
+    outputs.analyze(FLAGS.analyze, FLAGS.analysis_dir)
     return 0
   paths = FLAGS.compare.split(",")
   if len(paths) != 2 or not all(paths):
     raise ValueError(f"--compare takes two paths A,B separated by a comma, got {FLAGS.compare!r}")
-  report.compare(paths[0], paths[1], FLAGS.analysis_dir)
+  outputs.compare(paths[0], paths[1], FLAGS.analysis_dir)
   return 0
 
 
@@ -243,7 +248,7 @@ def main(argv: list[str]) -> int:
     _exit_now(str(e), rundir.exit_status(e.signum))
   except KeyboardInterrupt as e:
     _exit_now("interrupted", rundir.exit_status(getattr(e, "signum", signal.SIGINT)))
-  except (data.DataError, store.StoreError, ValueError) as e:
+  except (vocabulary.DataError, disk.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:

@@ -19,7 +19,7 @@ FLOPs of the seed's step, the same count for both sides), ratios and peak RSS.
 The last line is `ratio_vs_tuned_torch=<x>` for the largest size run.
 
 Both sides read the same token ids: the embedded default corpus (or
---corpus_path/--tokenizer_path), tokenised by jaxdt.data; sizes below the
+--corpus_path/--tokenizer_path), tokenised by jaxdt.data.corpus; sizes below the
 tokenizer's vocabulary use the same BPE cut to its first `vocab` ids (the
 alphabet and the earliest merges), so the text and the tokenizer are the same.
 Nothing here is a test; tests/benchmark_smoke_test.py runs --size=tiny.
@@ -147,7 +147,7 @@ if framework == "torch":
   out["torch_threads"] = torch.get_num_threads()
 else:
   sys.path.insert(0, sys.argv[3])
-  from jaxdt import backend
+  from jaxdt.numerics import backend
   backend.configure()
   import jax, jax.numpy as jnp
   f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
@@ -198,17 +198,18 @@ def truncated_tokenizer(src: str, vocab: int, dst: str) -> str:
 
 def prepare_data(s: Size, args, work: str) -> dict:
   """Paths both sides read, plus tokens/dead-mask .npy for the torch port."""
-  from jaxdt import data  # pylint: disable=g-import-not-at-top
+  from jaxdt.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from jaxdt.data import recipe  # pylint: disable=g-import-not-at-top
   from jaxdt.config import DataConfig  # pylint: disable=g-import-not-at-top
   if args.corpus_path:
     corpus_path, tok_path = args.corpus_path, args.tokenizer_path
   else:
-    default = data.build_default(args.data_dir)
+    default = recipe.build_default(args.data_dir)
     corpus_path, tok_path = default.corpus_path, default.tokenizer_path
   tok_path = truncated_tokenizer(tok_path, s.vocab, os.path.join(work, f"tokenizer_{s.vocab}.json"))
   cfg = DataConfig(batch_size=s.batch, seq_len=s.seq, corpus_path=corpus_path,
                    tokenizer_path=tok_path)
-  corpus = data.load_corpus(cfg, s.vocab)
+  corpus = corpus_lib.load_corpus(cfg, s.vocab)
   paths = {"corpus": corpus_path, "tokenizer": tok_path,
            "tokens": os.path.join(work, f"tokens_{s.name}.npy"),
            "dead": os.path.join(work, f"dead_{s.name}.npy"),

@@ -1,4 +1,4 @@
-"""jaxdt's side of the Crucible 1 benchmark: `train.train` as `run.py` runs it.
+"""jaxdt's side of the Crucible 1 benchmark: `loop.train` as `run.py` runs it.
 
 The experiment's own config (experiments/<name>.py, all its probes, streaming
 to disk, chunk overlap) with the benchmark's sizes and step count. Timing comes
@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdt import backend  # pylint: disable=g-import-not-at-top
+from jaxdt.model import tinylm
+from jaxdt.numerics import backend
+from jaxdt.training import loop
 
 backend.configure()  # as run.py: XLA_FLAGS before JAX starts
 
@@ -33,8 +35,6 @@ import jax  # pylint: disable=g-import-not-at-top
 
 import experiments  # pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # pylint: disable=g-import-not-at-top
-from jaxdt import model  # pylint: disable=g-import-not-at-top
-from jaxdt import train  # pylint: disable=g-import-not-at-top
 from procstat import (  # pylint: disable=g-import-not-at-top
     context_switches, cpu_seconds, peak_rss_bytes, rss_bytes)
 
@@ -82,10 +82,10 @@ def main(argv=None):
   p.add_argument("--out_dir", required=True)
   p.add_argument("--progress", action="store_true", help="show the progress bar on stderr")
   p.add_argument("--gemm_operands", default="auto", choices=("auto", "float32", "bfloat16"),
-                 help="force the GEMM operand dtype (model.GEMM_OPERAND_DTYPE); auto: per backend")
+                 help="force the GEMM operand dtype (tinylm.GEMM_OPERAND_DTYPE); auto: per backend")
   args = p.parse_args(argv)
   if args.gemm_operands != "auto":
-    model.GEMM_OPERAND_DTYPE = args.gemm_operands
+    tinylm.GEMM_OPERAND_DTYPE = args.gemm_operands
 
   compile_s = []
   jax.monitoring.register_event_duration_secs_listener(
@@ -93,7 +93,7 @@ def main(argv=None):
   cfg = bench_config(args)
   marks = []
   t0 = time.perf_counter()
-  result = train.train(cfg, args.out_dir, progress=args.progress, stop_after=args.stop_after,
+  result = loop.train(cfg, args.out_dir, progress=args.progress, stop_after=args.stop_after,
                        log=lambda s: None, on_chunk=mark(marks))
   wall = time.perf_counter() - t0
   first, last = marks[0], marks[-1]
@@ -105,7 +105,7 @@ def main(argv=None):
       "side": "jaxdt", "experiment": args.experiment, "device": dev.platform,
       "device_kind": dev.device_kind, "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps, "chunk": args.chunk,
-      "gemm_operands": str(model._gemm_dtype(jax.numpy.bfloat16)),  # pylint: disable=protected-access
+      "gemm_operands": str(tinylm._gemm_dtype(jax.numpy.bfloat16)),  # pylint: disable=protected-access
       "steps_per_s": steady, "wall_s": wall, "first_chunk_s": first[0] - t0,
       "compile_s": backend_compile, "trace_lower_s": trace,
       "marks": [(round(t - t0, 3), d, r, pk) for t, d, r, pk, *_ in marks],

@@ -9,6 +9,7 @@ not among the seed notebooks; loss[0] = NaN as in Crucible 1.
 import dataclasses
 
 from experiments import crucible1
+
 from jaxdt.config import ExperimentConfig, ProbeConfig
 
 

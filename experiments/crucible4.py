@@ -9,6 +9,7 @@ docs/definitions.md §Reproducibility). W over all rows [5001, 10000, 64], h_mea
 import dataclasses
 
 from experiments import crucible3
+
 from jaxdt.config import ExperimentConfig
 from jaxdt.verify import Verification
 

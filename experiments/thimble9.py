@@ -10,6 +10,7 @@ checkpoints [0, 100, 500, 1000], W and loss compared bit for bit with the first
 import dataclasses
 
 from experiments import thimble8
+
 from jaxdt.config import ExperimentConfig, ProbeConfig
 from jaxdt.verify import Verification
 

@@ -23,10 +23,10 @@ t = 1, 10, 50, 100, 200, 500, 800 the seed compared the observed ΔW with the
 continuous f32 AdamW update built from the recorded m and v, and printed
 `t=  1: ratio=1.012, cosine=+1.000`. `accounting_rows` recomputes that from the
 stored W, momentum_W and variance_W, and next to it the exact replay of
-torch's bf16 arithmetic (`jaxdt.accounting.replay`), which must give W[t] bit
+torch's bf16 arithmetic (`jaxdt.optim.accounting.replay`), which must give W[t] bit
 for bit.
 
-Both read trajectories row by row from disk (`store.TrajectoryReader`), so
+Both read trajectories row by row from disk (`tensorfile.TrajectoryReader`), so
 memory stays at a few rows whatever the run length.
 """
 
@@ -37,21 +37,20 @@ import os
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from jaxdt import accounting
-from jaxdt import analysis
+from jaxdt.analysis import metrics
+from jaxdt.analysis import trajectory
 from jaxdt import config as config_lib
-from jaxdt import data
-from jaxdt import lattice
-from jaxdt import optim
-from jaxdt import precision
-from jaxdt import probes
-from jaxdt import rundir
-from jaxdt import store
-from jaxdt import train
-from jaxdt import trajectory
+from jaxdt.data import corpus as corpus_lib
+from jaxdt.io import disk
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
+from jaxdt.numerics import lattice
+from jaxdt.numerics import precision
+from jaxdt.optim import accounting
+from jaxdt.training import loop
+from jaxdt.training import probes
 
 RULE = "=" * 60
 LOSS_RTOL = LOSS_ATOL = 1e-5  # the seed's torch.allclose tolerance (reported, not decisive)
@@ -116,21 +115,21 @@ class KeyResult(NamedTuple):
     return self.n_diff == 0
 
 
-def _open(path: str, what: str) -> store.TrajectoryReader:
+def _open(path: str, what: str) -> tensorfile.TrajectoryReader:
   """A finished trajectory (`rundir.open_result`: refuses unfinished runs, checks SHA-256)."""
   if not os.path.isfile(path):
     raise VerifyError(f"{what} {path} does not exist; pass --verify_against=PATH to a finished "
                       "reference trajectory (e.g. thimble_8_trajectory.safetensors)")
   try:
     return rundir.open_result(path)[0]
-  except store.StoreError as e:
+  except disk.StoreError as e:
     raise VerifyError(f"{what} is unusable: {e}") from None
 
 
-def _verified(reader: store.TrajectoryReader, what: str) -> None:
+def _verified(reader: tensorfile.TrajectoryReader, what: str) -> None:
   try:
     reader.verify()
-  except store.StoreError as e:
+  except disk.StoreError as e:
     raise VerifyError(f"{what}: {e}") from None
 
 
@@ -173,7 +172,7 @@ def check_reference(path: str, spec: Verification, expected: dict,
             f"({len(dead_indices)} ids); pass a reference made from the same data")
 
 
-def compare_key(ours: store.TrajectoryReader, ref: store.TrajectoryReader, key: str,
+def compare_key(ours: tensorfile.TrajectoryReader, ref: tensorfile.TrajectoryReader, key: str,
                 first_step: int) -> KeyResult:
   """Compares `key` of `ours` with the same number of leading rows of `ref`, bit for bit.
 
@@ -323,7 +322,7 @@ def run(cfg: config_lib.ExperimentConfig, spec: Verification, reference: Optiona
   if not reference:
     raise VerifyError(f"--verification needs --verify_against=PATH to a "
                       f"{spec.reference_title} trajectory")
-  corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
+  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   n_rows = corpus.n_dead if cfg.probes.rows == "dead" else cfg.model.vocab_size
   dims = probes.Dims(rows=n_rows, hidden=cfg.model.hidden_dim,
                      param_dtype=precision.get_policy(cfg.precision).param_dtype)
@@ -332,7 +331,7 @@ def run(cfg: config_lib.ExperimentConfig, spec: Verification, reference: Optiona
   if missing:
     raise VerifyError(f"{cfg.name} does not record {missing}, which its verification compares")
   check_reference(reference, spec, expected, corpus.dead_indices)
-  result = train.train(cfg, out_dir, resume=resume, progress=progress)
+  result = loop.train(cfg, out_dir, resume=resume, progress=progress)
   results = compare(result.trajectory, reference, spec, cfg.steps)
   return format_report(results, spec), passed(results)
 
@@ -350,12 +349,12 @@ class AccountingRow(NamedTuple):
   total: int
 
 
-def _state_rows(reader: store.TrajectoryReader, key: str, t: int) -> np.ndarray:
+def _state_rows(reader: tensorfile.TrajectoryReader, key: str, t: int) -> np.ndarray:
   """Row t of a stored state tensor in its training dtype (bf16 bits -> bf16)."""
   return trajectory.read_state(reader, key, t, t + 1)[0]
 
 
-def accounting_row(reader: store.TrajectoryReader, t: int, hp: config_lib.OptimConfig) -> AccountingRow:
+def accounting_row(reader: tensorfile.TrajectoryReader, t: int, hp: config_lib.OptimConfig) -> AccountingRow:
   """The seed's ratio and cosine at step t, and the exact replay's bitwise match.
 
   The seed's way (Thimble 1; docs/definitions.md §Adam accounting): observed ΔW = W[t] − W[t-1] in the stored dtype
@@ -390,8 +389,8 @@ def accounting_row(reader: store.TrajectoryReader, t: int, hp: config_lib.OptimC
   return AccountingRow(t, float(ratio), float(cosine), equal, int(w_next.size))
 
 
-def accounting_rows(reader: store.TrajectoryReader, hp: config_lib.OptimConfig,
-                    steps=analysis.ACCOUNTING_SAMPLE_STEPS) -> tuple:
+def accounting_rows(reader: tensorfile.TrajectoryReader, hp: config_lib.OptimConfig,
+                    steps=metrics.ACCOUNTING_SAMPLE_STEPS) -> tuple:
   """`accounting_row` at each of `steps` the file holds (the seed skips t > NUM_STEPS)."""
   last = reader.shape("W")[0] - 1
   return tuple(accounting_row(reader, t, hp) for t in steps if 1 <= t <= last)
@@ -410,6 +409,6 @@ def format_accounting(rows) -> str:
   return "\n".join(lines)
 
 
-def has_accounting_inputs(reader: store.TrajectoryReader) -> bool:
+def has_accounting_inputs(reader: tensorfile.TrajectoryReader) -> bool:
   """Whether a trajectory holds what `accounting_rows` reads (Thimble 1/6 layouts)."""
   return {"W", "momentum_W", "variance_W"} <= set(reader.keys())

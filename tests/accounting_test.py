@@ -6,8 +6,8 @@ import numpy as np
 from absl.testing import absltest
 
 from jaxdt import config as config_lib
-from jaxdt import accounting
-from jaxdt import optim
+from jaxdt.optim import accounting
+from jaxdt.optim import adamw
 
 ROWS, DIM, STEPS = 64, 16, 60
 
@@ -18,11 +18,11 @@ def trajectory(lr=1e-3, wd=0.0, dtype=jnp.bfloat16, seed=0):
   key = jax.random.key(seed)
   w = (jax.random.normal(key, (ROWS, DIM)) * 0.02).astype(dtype)
   grads = (jax.random.normal(jax.random.fold_in(key, 1), (STEPS, ROWS, DIM)) * 1e-4).astype(dtype)
-  tx = optim.adamw(lr, weight_decay=wd)
+  tx = adamw.adamw(lr, weight_decay=wd)
 
   def body(carry, g):
     w, s = carry
-    w2, s2 = optim.step(hp, w, g, s)
+    w2, s2 = adamw.step(hp, w, g, s)
     return (w2, s2), (w, w2, s2.mu, s2.nu)
 
   _, ys = jax.lax.scan(body, (w, tx.init(w)), grads)

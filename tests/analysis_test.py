@@ -7,7 +7,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxdt import analysis, compare, lattice, store, stream, trajectory
+from jaxdt.analysis import compare
+from jaxdt.analysis import metrics
+from jaxdt.analysis import stream
+from jaxdt.analysis import trajectory
+from jaxdt.io import tensorfile
+from jaxdt.numerics import lattice
 
 T, N, D = 10, 3, 4  # steps, rows, hidden (√D = 2)
 
@@ -52,7 +57,7 @@ def write_file(path, w_bits, *, delta=False, loss=None, extra=None):
     arrays["loss"] = np.asarray(loss, np.float32)
   arrays.update(extra or {})
   specs = {k: (a.dtype, a.shape) for k, a in arrays.items()}
-  with store.TrajectoryWriter(path, specs) as writer:
+  with tensorfile.TrajectoryWriter(path, specs) as writer:
     for k, a in arrays.items():
       writer.write(k, a)
     writer.finalize()
@@ -100,41 +105,41 @@ def test_numpy_ulp_matches_lattice_ulp_for_every_bf16():
 
 def test_stillness_runs_with_the_seeds_median_and_mean():
   moved = np.array([1, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 1, 0], bool)  # runs 2, 1, 4, 1
-  s = analysis.stillness_summary(moved)
+  s = metrics.stillness_summary(moved)
   assert s["runs"] == [4, 2, 1, 1]
   assert s["count"] == 4 and s["mean"] == 2.0
   assert s["median"] == 2  # the seed's sorted(runs)[len // 2]: upper middle of [1, 1, 2, 4]
   assert s["final_vs_second"] == 2.0
-  text = analysis.format_stillness(s["runs"])
+  text = metrics.format_stillness(s["runs"])
   assert "Median stillness: 2 steps" in text and "Mean stillness: 2.0 steps" in text
-  assert analysis.stillness_summary(np.ones(5, bool))["count"] == 0
+  assert metrics.stillness_summary(np.ones(5, bool))["count"] == 0
 
 
 def test_global_freeze_cycles_and_windows():
   frozen = np.zeros(20, bool)
   frozen[[2, 3, 4, 9, 15, 16, 17, 18, 19]] = True  # steps 3-5, 10, 16-20
-  g = analysis.global_freeze(frozen, window=10)
+  g = metrics.global_freeze(frozen, window=10)
   assert g["frozen_steps"] == 9 and g["fraction"] == 0.45 and g["cycles"] == 3
   assert g["longest"] == {"start": 16, "end": 20, "length": 5}
   assert g["mean_run"] == 3.0 and g["median_run"] == 3.0
   assert g["first_frozen_step"] == 3 and g["final_run_to_end"]
   assert [w["fraction"] for w in g["windows"]] == [0.4, 0.5]
-  assert analysis.global_freeze(np.zeros(4, bool))["longest"] is None
+  assert metrics.global_freeze(np.zeros(4, bool))["longest"] is None
 
 
 def test_milestones_are_exact_counts():
   n_frozen = np.array([0, 1, 2, 2, 3, 2, 3])  # of n = 3 rows
-  f = analysis.frozen_fraction(n_frozen, 3)
+  f = metrics.frozen_fraction(n_frozen, 3)
   assert f["milestones"] == {"50%": 3, "90%": 5, "99%": 5, "100%": 5}
   assert f["first_frozen_token_step"] == 2
   assert f["moving_at"] == {"1": 3, "7": 0}
-  assert analysis.first_step_reaching(np.array([99, 100]), 100, 100) == 2
-  assert analysis.first_step_reaching(np.array([99, 99]), 100, 100) is None  # 99% is not 100%
+  assert metrics.first_step_reaching(np.array([99, 100]), 100, 100) == 2
+  assert metrics.first_step_reaching(np.array([99, 99]), 100, 100) is None  # 99% is not 100%
 
 
 def test_centroid_efficiency_cosine_and_liftoff():
   c = np.array([[0, 0], [1, 0], [2, 0], [2, 1], [2, 1]], float)
-  x = analysis.centroid_drift(c, radius=np.array([2, 2, 1, 1, 0.5]),
+  x = metrics.centroid_drift(c, radius=np.array([2, 2, 1, 1, 0.5]),
                               max_radius=np.array([3, 3, 1.5, 1.5, 1.5]))
   assert x["path_length"] == 3.0 and x["crow_flies"] == pytest.approx(math.sqrt(5))
   assert x["efficiency"] == pytest.approx(math.sqrt(5) / 3)
@@ -148,7 +153,7 @@ def test_centroid_efficiency_cosine_and_liftoff():
 def test_accounting_summary_counts_like_the_lab():
   ratio = np.array([1.0, 0.99, 1.011, np.inf, 0.5])
   cos = np.array([0.999, 0.995, 0.98, np.nan, 0.2])
-  a = analysis.accounting_summary(np.array([1, 1, 0.5, 1, 1]), cos, ratio, np.zeros(5),
+  a = metrics.accounting_summary(np.array([1, 1, 0.5, 1, 1]), cos, ratio, np.zeros(5),
                                   np.array([0, 1, 2, 0, 3]))
   assert a["ratio_within_1pct"] == 2 and a["cosine_above_0_99"] == 2
   assert a["replay_exact_steps"] == 4 and a["replay_match_min"] == 0.5
@@ -178,7 +183,7 @@ def test_scan_counts_and_last_exit_steps(synthetic):
 
 def test_lifecycle_last_exit_rule_and_populations(synthetic):
   sc = stream.scan(trajectory.open_trajectory(synthetic), 0.1)
-  x = analysis.lifecycle(sc.last_early, sc.last_midlife, sc.last_l1, T,
+  x = metrics.lifecycle(sc.last_early, sc.last_midlife, sc.last_l1, T,
                          last_spherical=sc.last_spherical)
   b, d = x["boundaries"], x["durations"]
   assert (b["last_early"]["median"], b["last_early"]["count"], b["last_early_never"]) == (4, 1, 2)
@@ -189,7 +194,7 @@ def test_lifecycle_last_exit_rule_and_populations(synthetic):
   assert [d[p]["mean"] for p in ("early", "midlife", "late", "fimbulwinter")] == [
       4 / 3, 7 / 3, 1.0, 16 / 3]
   assert x["stumbling"]["max"] == 2  # row 2: last L1 > 1 at 7, last motion at 9
-  pops = analysis.phase_populations(sc.last_early, sc.last_midlife, sc.last_l1, T)
+  pops = metrics.phase_populations(sc.last_early, sc.last_midlife, sc.last_l1, T)
   np.testing.assert_array_equal(pops, [
       [1, 1, 0, 1], [1, 1, 0, 1], [1, 1, 0, 1], [1, 1, 0, 1], [0, 1, 1, 1],
       [0, 1, 0, 2], [0, 1, 0, 2], [0, 0, 1, 2], [0, 0, 1, 2], [0, 0, 0, 3]])
@@ -201,14 +206,14 @@ def test_phase_populations_match_a_brute_force_classification():
   le = rng.integers(-1, 30, 50)
   lm = np.maximum(le, rng.integers(-1, 40, 50))
   ll = np.maximum(lm, rng.integers(-1, 60, 50))
-  pops = analysis.phase_populations(le, lm, ll, 60)
+  pops = metrics.phase_populations(le, lm, ll, 60)
   for t in range(1, 61):
     phase = np.where(t <= le, 0, np.where(t <= lm, 1, np.where(t <= ll, 2, 3)))
     np.testing.assert_array_equal(pops[t - 1], np.bincount(phase, minlength=4))
 
 
 def test_full_analysis_of_the_synthetic_file(synthetic):
-  s, series = analysis.analyze(synthetic)
+  s, series = metrics.analyze(synthetic)
   assert s["layout"] == "lab" and s["delta_w_prime"] == "computed from W"
   assert s["fimbulwinter_check"]["global_last_motion"] == 9
   assert s["fimbulwinter_check"]["never_moved"] == 1
@@ -247,17 +252,17 @@ def test_streaming_in_tiny_blocks_equals_one_block(tmp_path, delta):
   k[30:] = 0  # a final freeze
   path = write_file(str(tmp_path / "r.safetensors"), w_bits_from_cells(k, 64), delta=delta,
                     loss=rng.random(41))
-  whole = analysis.analyze(path, block_steps=1000)
+  whole = metrics.analyze(path, block_steps=1000)
   for block in (1, 3, 7):
-    _assert_same(analysis.analyze(path, block_steps=block), whole)
+    _assert_same(metrics.analyze(path, block_steps=block), whole)
   assert whole[0]["fimbulwinter_check"]["fimbulwinter_duration"] >= 10
   assert whole[0]["delta_w_prime"] == ("stored" if delta else "computed from W")
 
 
 def test_stored_and_computed_delta_give_the_same_analysis(tmp_path):
   w = w_bits_from_cells(cells_schedule())
-  a = analysis.analyze(write_file(str(tmp_path / "a.safetensors"), w))
-  b = analysis.analyze(write_file(str(tmp_path / "b.safetensors"), w, delta=True))
+  a = metrics.analyze(write_file(str(tmp_path / "a.safetensors"), w))
+  b = metrics.analyze(write_file(str(tmp_path / "b.safetensors"), w, delta=True))
   for k in ("fimbulwinter_check", "stillness", "frozen_fraction", "lifecycle", "global_freeze",
             "centroid"):
     _assert_same(a[0][k], b[0][k], k)
@@ -269,23 +274,23 @@ def test_all_row_files_analyse_the_dead_rows(tmp_path):
   full = np.concatenate([live[:, :1], w, live[:, 1:]], axis=1)  # rows: live, 3 dead, live
   mask = np.array([False, True, True, True, False])
   path = write_file(str(tmp_path / "all.safetensors"), full, extra={"dead_mask": mask})
-  s, _ = analysis.analyze(path)
+  s, _ = metrics.analyze(path)
   assert s["rows"] == 3 and s["rows_recorded"] == 5 and "dead rows" in s["notes"][0]
   assert s["fimbulwinter_check"]["global_last_motion"] == 9  # the live rows move to the end
   assert s["global_freeze"]["cycles"] == 3
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):
-  with pytest.raises(analysis.AnalysisError, match="does not exist"):
+  with pytest.raises(metrics.AnalysisError, match="does not exist"):
     trajectory.open_trajectory(str(tmp_path / "missing.safetensors"))
-  with pytest.raises(analysis.AnalysisError, match="no .safetensors"):
+  with pytest.raises(metrics.AnalysisError, match="no .safetensors"):
     trajectory.open_trajectory(str(tmp_path))
   (tmp_path / "x.safetensors.partial").write_bytes(b"")
-  with pytest.raises(analysis.AnalysisError, match="unfinished"):
+  with pytest.raises(metrics.AnalysisError, match="unfinished"):
     trajectory.open_trajectory(str(tmp_path))
   junk = tmp_path / "junk.safetensors"
   junk.write_bytes(b"not a safetensors file")
-  with pytest.raises(analysis.AnalysisError, match="corrupt safetensors header"):
+  with pytest.raises(metrics.AnalysisError, match="corrupt safetensors header"):
     trajectory.open_trajectory(str(junk))
 
 

@@ -4,7 +4,7 @@ CONFIG.json holds {"config": config JSON, "fault": null or ["point#n", "errno na
 `experiments.load(<its name>)` returns that config (run.py's flags still apply on
 top; its data paths are passed as flags), so the tests drive the real command
 line on a tiny model. With fault, the
-n-th call of `store._fault_point(point)` raises OSError(errno), as a full or
+n-th call of `disk.fault_point(point)` raises OSError(errno), as a full or
 failing disk would, or (errno "SIGINT", "SIGTERM") sends the process that signal.
 """
 
@@ -20,8 +20,9 @@ from absl import app  # noqa: E402
 
 import experiments  # noqa: E402
 import run  # noqa: E402
+
+from jaxdt.io import disk
 from jaxdt import config as config_lib  # noqa: E402
-from jaxdt import store  # noqa: E402
 
 
 def _setup(path: str) -> None:
@@ -46,7 +47,7 @@ def _setup(path: str) -> None:
         number = getattr(errno, code)
         raise OSError(number, os.strerror(number), "injected")
 
-    store.FAULT_HOOK = hook
+    disk.FAULT_HOOK = hook
 
 
 if __name__ == "__main__":

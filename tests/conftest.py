@@ -25,7 +25,7 @@ def _english():
 
 def make_tiny_data(folder: str) -> dict:
   """Tokenizer (English + Thai BPE, vocab 256) and an English-only corpus; Thai is dead."""
-  from jaxdt import data
+  from jaxdt.data import vocabulary
   english = _english()
   tok_text = english[:60_000] + "\n\n" + _THAI
   tokenizer = Tokenizer(models.BPE())
@@ -40,7 +40,7 @@ def make_tiny_data(folder: str) -> dict:
   tokenizer.save(paths["tokenizer"])
   with open(paths["corpus"], "w", encoding="utf-8") as f:
     f.write(corpus)
-  data.write_mask_file(paths["mask"], data.masks_from_counts(data.count_tokens(tokenizer, corpus)))
+  vocabulary.write_mask_file(paths["mask"], vocabulary.masks_from_counts(vocabulary.count_tokens(tokenizer, corpus)))
   return paths
 
 
@@ -52,7 +52,6 @@ def tiny_data(tmp_path_factory):
 def tiny_config(paths: dict, **overrides):
   """crucible1 shrunk: vocab 256, D 32, batch 4 x 16, 12 steps, checkpoints at 5 and 9."""
   import experiments
-  from jaxdt import config as c
   cfg = experiments.load("crucible1")
   cfg = dataclasses.replace(
       cfg, steps=12,

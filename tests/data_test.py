@@ -19,8 +19,12 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from jaxdt import data
 from jaxdt.config import DataConfig
+from jaxdt.data import corpus as corpus_lib
+from jaxdt.data import demographics
+from jaxdt.data import recipe
+from jaxdt.data import sampler
+from jaxdt.data import vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB_KEYS = ("live_mask", "dead_mask", "live_indices", "dead_indices", "token_occurrence_counts")
@@ -52,8 +56,8 @@ def _snapshot(folder):
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-  first = data.build_default(str(tmp_path_factory.mktemp("build_a")))
-  second = data.build_default(str(tmp_path_factory.mktemp("build_b")))
+  first = recipe.build_default(str(tmp_path_factory.mktemp("build_a")))
+  second = recipe.build_default(str(tmp_path_factory.mktemp("build_b")))
   return first, second
 
 
@@ -61,22 +65,22 @@ def test_two_fresh_builds_are_byte_identical(builds):
   first, second = builds
   assert first.built and second.built
   hashes = _hashes(first.directory)
-  assert sorted(hashes) == sorted([data.TOKENIZER_FILE, data.CORPUS_FILE, data.MASK_FILE,
-                                   data.TOKENIZER_CORPUS_FILE, data.MANIFEST_FILE])
+  assert sorted(hashes) == sorted([recipe.TOKENIZER_FILE, recipe.CORPUS_FILE, recipe.MASK_FILE,
+                                   recipe.TOKENIZER_CORPUS_FILE, recipe.MANIFEST_FILE])
   assert hashes == _hashes(second.directory)
 
 
 def test_no_temporary_folder_is_left(builds):
   root = os.path.dirname(builds[0].directory)
-  assert os.listdir(root) == [data.CACHE_SUBDIR]
+  assert os.listdir(root) == [recipe.CACHE_SUBDIR]
 
 
 def test_manifest_lists_every_file_versions_and_recipe(builds):
   d = builds[0]
-  with open(os.path.join(d.directory, data.MANIFEST_FILE)) as f:
+  with open(os.path.join(d.directory, recipe.MANIFEST_FILE)) as f:
     manifest = json.load(f)
-  assert manifest["recipe_version"] == data.RECIPE_VERSION
-  assert set(manifest["files"]) == set(os.listdir(d.directory)) - {data.MANIFEST_FILE}
+  assert manifest["recipe_version"] == recipe.RECIPE_VERSION
+  assert set(manifest["files"]) == set(os.listdir(d.directory)) - {recipe.MANIFEST_FILE}
   for name, digest in manifest["files"].items():
     assert hashlib.sha256(open(os.path.join(d.directory, name), "rb").read()).hexdigest() == digest
   for dist in ("python", "tokenizers", "pythainlp", "numpy", "jax"):
@@ -109,72 +113,72 @@ def test_default_is_at_the_lab_scale(builds):
   counts = d.manifest["counts"]
   assert abs(counts["total_tokens"] - 1_371_328) < 2_000
   assert counts["dead"] >= 1000
-  assert data.batches_per_epoch(counts["total_tokens"], DataConfig()) == 83
+  assert sampler.batches_per_epoch(counts["total_tokens"], DataConfig()) == 83
   with open(d.corpus_path, encoding="utf-8") as f:
-    assert not data._has_thai(f.read())  # English-only model corpus
+    assert not recipe._has_thai(f.read())  # English-only model corpus
   vocab = [tokenizer.id_to_token(i) for i in range(10000)]
   dead = load_file(d.mask_path)["dead_mask"]
-  thai = np.array([data.token_category(t) == "thai" for t in vocab])
+  thai = np.array([vocabulary.token_category(t) == "thai" for t in vocab])
   assert thai.sum() > 1000 and dead[thai].all()  # every Thai token is dead
 
 
 def test_load_corpus_uses_the_cache(builds):
   d = builds[0]
-  corpus = data.load_corpus(DataConfig(data_dir=os.path.dirname(d.directory)), 10000)
+  corpus = corpus_lib.load_corpus(DataConfig(data_dir=os.path.dirname(d.directory)), 10000)
   assert corpus.default is not None and not corpus.default.built
   assert corpus.tokens.dtype == np.int32
   assert corpus.tokens.size == d.manifest["counts"]["total_tokens"]
   assert corpus.n_dead == d.manifest["counts"]["dead"]
   assert set(corpus.files) == {"corpus", "tokenizer", "mask"}
-  report = data.report(corpus, DataConfig())
+  report = demographics.report(corpus, DataConfig())
   assert f"Dead: {corpus.n_dead:,}" in report and "Dead tokens by category:" in report
 
 
 def _copy_cache(build, tmp_path):
   root = tmp_path / "cache"
-  shutil.copytree(build.directory, root / data.CACHE_SUBDIR)
-  return str(root), str(root / data.CACHE_SUBDIR)
+  shutil.copytree(build.directory, root / recipe.CACHE_SUBDIR)
+  return str(root), str(root / recipe.CACHE_SUBDIR)
 
 
 def test_tampered_cache_file_is_reported_and_left_alone(builds, tmp_path):
   root, folder = _copy_cache(builds[0], tmp_path)
-  corpus = os.path.join(folder, data.CORPUS_FILE)
+  corpus = os.path.join(folder, recipe.CORPUS_FILE)
   with open(corpus, "r+b") as f:
     f.seek(1000)
     byte = f.read(1)
     f.seek(1000)
     f.write(bytes([byte[0] ^ 1]))
   before = _snapshot(root)
-  with pytest.raises(data.DataError, match=data.CORPUS_FILE) as e:
-    data.build_default(root)
+  with pytest.raises(vocabulary.DataError, match=recipe.CORPUS_FILE) as e:
+    recipe.build_default(root)
   assert "\n" not in str(e.value) and "delete" in str(e.value)
   assert _snapshot(root) == before
 
 
 def test_manifest_of_other_versions_is_reported(builds, tmp_path):
   root, folder = _copy_cache(builds[0], tmp_path)
-  path = os.path.join(folder, data.MANIFEST_FILE)
+  path = os.path.join(folder, recipe.MANIFEST_FILE)
   manifest = json.load(open(path))
   manifest["versions"]["tokenizers"] = "0.0.1"
   json.dump(manifest, open(path, "w"))
-  with pytest.raises(data.DataError, match="tokenizers 0.0.1"):
-    data.build_default(root)
+  with pytest.raises(vocabulary.DataError, match="tokenizers 0.0.1"):
+    recipe.build_default(root)
 
 
 def test_folder_without_manifest_is_reported(builds, tmp_path):
   root, folder = _copy_cache(builds[0], tmp_path)
-  os.remove(os.path.join(folder, data.MANIFEST_FILE))
-  with pytest.raises(data.DataError, match="no manifest.json"):
-    data.build_default(root)
+  os.remove(os.path.join(folder, recipe.MANIFEST_FILE))
+  with pytest.raises(vocabulary.DataError, match="no manifest.json"):
+    recipe.build_default(root)
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
   def crash(folder, log):
-    open(os.path.join(folder, data.CORPUS_FILE), "w").write("half")
+    open(os.path.join(folder, recipe.CORPUS_FILE), "w").write("half")
     raise RuntimeError("crash mid-build")
-  monkeypatch.setattr(data, "_build_files", crash)
+  monkeypatch.setattr(recipe, "_build_files", crash)
   with pytest.raises(RuntimeError):
-    data.build_default(str(tmp_path))
+    recipe.build_default(str(tmp_path))
   assert os.listdir(tmp_path) == []
 
 
@@ -195,8 +199,8 @@ def tiny(tmp_path):
   tokenizer.save(paths["tokenizer"])
   with open(paths["corpus"], "w", encoding="utf-8") as f:
     f.write(TINY_TEXT)
-  counts = data.count_tokens(tokenizer, TINY_TEXT)
-  data.write_mask_file(paths["mask"], data.masks_from_counts(counts))
+  counts = vocabulary.count_tokens(tokenizer, TINY_TEXT)
+  vocabulary.write_mask_file(paths["mask"], vocabulary.masks_from_counts(counts))
   cfg = DataConfig(batch_size=4, seq_len=8, corpus_path=paths["corpus"],
                    tokenizer_path=paths["tokenizer"], dead_mask_path=paths["mask"])
   return dict(paths=paths, cfg=cfg, vocab=tokenizer.get_vocab_size(), counts=counts,
@@ -204,11 +208,11 @@ def tiny(tmp_path):
 
 
 def test_user_files_load_unchanged(tiny):
-  corpus = data.load_corpus(tiny["cfg"], tiny["vocab"])
+  corpus = corpus_lib.load_corpus(tiny["cfg"], tiny["vocab"])
   np.testing.assert_array_equal(corpus.token_occurrence_counts, tiny["counts"])
   assert corpus.n_dead > 0  # the Thai, 'é', '☃' and 'Zebras' pieces
   assert corpus.default is None and set(corpus.paths) == {"corpus", "tokenizer", "mask"}
-  no_mask = data.load_corpus(dataclasses.replace(tiny["cfg"], dead_mask_path=None), tiny["vocab"])
+  no_mask = corpus_lib.load_corpus(dataclasses.replace(tiny["cfg"], dead_mask_path=None), tiny["vocab"])
   np.testing.assert_array_equal(no_mask.dead_mask, corpus.dead_mask)
 
 
@@ -217,7 +221,7 @@ def test_encode_text_equals_one_encode():
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
   tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=40, show_progress=False))
-  np.testing.assert_array_equal(data.encode_text(tokenizer, text), tokenizer.encode(text).ids)
+  np.testing.assert_array_equal(vocabulary.encode_text(tokenizer, text), tokenizer.encode(text).ids)
 
 
 def _write(path, content):
@@ -231,11 +235,11 @@ def _bad_inputs(tiny):
   """(name, cfg, vocab, the file the message must name) for every bad input."""
   cfg, p, d, v = tiny["cfg"], tiny["paths"], tiny["dir"], tiny["vocab"]
   counts = tiny["counts"]
-  flipped = data.masks_from_counts(counts)
+  flipped = vocabulary.masks_from_counts(counts)
   live_id = int(np.flatnonzero(counts)[0])
   flipped["dead_mask"][live_id] = True
-  short = data.masks_from_counts(counts[:-1])
-  bad_counts = data.masks_from_counts(counts)
+  short = vocabulary.masks_from_counts(counts[:-1])
+  bad_counts = vocabulary.masks_from_counts(counts)
   bad_counts["token_occurrence_counts"] = counts + (counts > 0)
   missing = os.path.join(d, "missing.txt")
   files = {
@@ -247,7 +251,7 @@ def _bad_inputs(tiny):
   f = {name: _write(os.path.join(d, name), content) for name, content in files.items()}
   for name, masks in (("short.st", short), ("flip.st", flipped), ("cnt.st", bad_counts)):
     f[name] = os.path.join(d, name)
-    data.write_mask_file(f[name], masks)
+    vocabulary.write_mask_file(f[name], masks)
   with_ = lambda **kw: dataclasses.replace(cfg, **kw)
   return [
       ("missing corpus", with_(corpus_path=missing), v, missing),
@@ -271,8 +275,8 @@ def test_every_bad_input_is_one_line_naming_the_file_and_writes_nothing(tiny):
   cases = _bad_inputs(tiny)
   before = _snapshot(tiny["dir"])
   for name, cfg, vocab, culprit in cases:
-    with pytest.raises(data.DataError) as e:
-      data.load_corpus(cfg, vocab)
+    with pytest.raises(vocabulary.DataError) as e:
+      corpus_lib.load_corpus(cfg, vocab)
     message = str(e.value)
     assert "\n" not in message, name
     assert culprit in message, (name, message)
@@ -282,8 +286,8 @@ def test_every_bad_input_is_one_line_naming_the_file_and_writes_nothing(tiny):
 
 def test_unwritable_data_dir_is_reported(tmp_path):
   blocker = _write(str(tmp_path / "a_file"), "x")
-  with pytest.raises(data.DataError, match="a_file"):
-    data.build_default(os.path.join(blocker, "cache"))
+  with pytest.raises(vocabulary.DataError, match="a_file"):
+    recipe.build_default(os.path.join(blocker, "cache"))
 
 
 # --- Token classes -------------------------------------------------------------------
@@ -296,7 +300,7 @@ def test_unwritable_data_dir_is_reported(tmp_path):
     ("aé", "mixed"), ("กa", "mixed"), ("ก1", "other"),
 ])
 def test_token_category_follows_the_lab(token, category):
-  assert data.token_category(token) == category
+  assert vocabulary.token_category(token) == category
 
 
 # --- Sampling ------------------------------------------------------------------------
@@ -305,24 +309,24 @@ def test_token_category_follows_the_lab(token, category):
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 100, 1000, 4096, 10713, 65537])
 def test_feistel_is_a_bijection(n):
   for seed in (0, 7):
-    perm = np.asarray(data.feistel_permute(jax.random.PRNGKey(seed), jnp.arange(n), n))
+    perm = np.asarray(sampler.feistel_permute(jax.random.PRNGKey(seed), jnp.arange(n), n))
     np.testing.assert_array_equal(np.sort(perm), np.arange(n))
     if n >= 100:
       assert (perm != np.arange(n)).mean() > 0.9  # a real shuffle, not the identity
 
 
 def test_feistel_depends_on_the_key():
-  a = data.feistel_permute(jax.random.PRNGKey(0), jnp.arange(1000), 1000)
-  b = data.feistel_permute(jax.random.PRNGKey(1), jnp.arange(1000), 1000)
+  a = sampler.feistel_permute(jax.random.PRNGKey(0), jnp.arange(1000), 1000)
+  b = sampler.feistel_permute(jax.random.PRNGKey(1), jnp.arange(1000), 1000)
   assert (np.asarray(a) != np.asarray(b)).mean() > 0.9
 
 
 def test_lab_batch_arithmetic():
   cfg = DataConfig()
-  assert data.num_sequences(10713 * 128 + 100, cfg) == 10713
-  assert data.batches_per_epoch(10713 * 128 + 100, cfg) == 83
+  assert sampler.num_sequences(10713 * 128 + 100, cfg) == 10713
+  assert sampler.batches_per_epoch(10713 * 128 + 100, cfg) == 83
   windows = dataclasses.replace(cfg, scheme="windows")
-  assert data.num_sequences(1_371_328, windows) == 1_371_200  # the lab's len = N - 128
+  assert sampler.num_sequences(1_371_328, windows) == 1_371_200  # the lab's len = N - 128
 
 
 def _chunk_ids(sample, key, steps, seq_len):
@@ -333,9 +337,9 @@ def test_chunks_cover_every_sequence_once_per_epoch_and_reshuffle():
   cfg = DataConfig(scheme="chunks", batch_size=4, seq_len=8)
   n_seq = 24
   tokens = np.arange(n_seq * 8 + 5, dtype=np.int32)  # a tail shorter than a chunk is dropped
-  sample = jax.jit(data.make_sampler(tokens, cfg))
+  sample = jax.jit(sampler.make_sampler(tokens, cfg))
   key = jax.random.PRNGKey(42)
-  per_epoch = data.batches_per_epoch(tokens.size, cfg)
+  per_epoch = sampler.batches_per_epoch(tokens.size, cfg)
   assert per_epoch == 6
   epoch1 = _chunk_ids(sample, key, range(1, per_epoch + 1), 8)
   epoch2 = _chunk_ids(sample, key, range(per_epoch + 1, 2 * per_epoch + 1), 8)
@@ -353,7 +357,7 @@ def test_chunks_cover_every_sequence_once_per_epoch_and_reshuffle():
 def test_chunks_drop_last_within_an_epoch():
   cfg = DataConfig(scheme="chunks", batch_size=4, seq_len=8)
   tokens = np.arange(23 * 8, dtype=np.int32)  # 23 chunks -> 5 batches, 3 chunks dropped
-  sample = data.make_sampler(tokens, cfg)
+  sample = sampler.make_sampler(tokens, cfg)
   ids = _chunk_ids(sample, jax.random.PRNGKey(0), range(1, 6), 8).ravel()
   assert len(set(ids.tolist())) == 20 and ids.max() < 23
 
@@ -362,10 +366,10 @@ def test_windows_targets_are_next_tokens_and_double_shift():
   tokens = np.arange(500, dtype=np.int32)
   cfg = DataConfig(scheme="windows", batch_size=5, seq_len=16)
   key = jax.random.PRNGKey(3)
-  batch = data.make_sampler(tokens, cfg)(key, 7)
+  batch = sampler.make_sampler(tokens, cfg)(key, 7)
   assert batch.inputs.shape == (5, 16) and batch.targets.shape == (5, 16)
   np.testing.assert_array_equal(batch.targets, batch.inputs + 1)
-  shifted = data.make_sampler(tokens, dataclasses.replace(cfg, double_shift_labels=True))(key, 7)
+  shifted = sampler.make_sampler(tokens, dataclasses.replace(cfg, double_shift_labels=True))(key, 7)
   np.testing.assert_array_equal(shifted.inputs, batch.inputs)
   assert shifted.targets.shape == (5, 15)
   np.testing.assert_array_equal(shifted.targets, batch.inputs[:, :-1] + 2)  # two tokens ahead
@@ -375,7 +379,7 @@ def test_windows_targets_are_next_tokens_and_double_shift():
 def test_windows_visit_every_start_once_per_epoch():
   tokens = np.arange(40, dtype=np.int32)
   cfg = DataConfig(scheme="windows", batch_size=4, seq_len=4)  # 36 windows, 9 batches
-  sample = data.make_sampler(tokens, cfg)
+  sample = sampler.make_sampler(tokens, cfg)
   key = jax.random.PRNGKey(1)
   starts = np.concatenate([np.asarray(sample(key, t).inputs[:, 0]) for t in range(1, 10)])
   np.testing.assert_array_equal(np.sort(starts), np.arange(36))
@@ -385,8 +389,8 @@ def test_batches_are_pure_functions_of_key_and_step():
   tokens = np.random.default_rng(0).integers(0, 100, 3000).astype(np.int32)
   cfg = DataConfig(scheme="chunks", batch_size=8, seq_len=16)
   key = jax.random.PRNGKey(9)
-  sample = data.make_sampler(tokens, cfg)
-  fresh = jax.jit(data.make_sampler(tokens.copy(), cfg))  # as rebuilt after a resume
+  sample = sampler.make_sampler(tokens, cfg)
+  fresh = jax.jit(sampler.make_sampler(tokens.copy(), cfg))  # as rebuilt after a resume
   for step in (1, 5, 23, 24, 100):
     a, b = sample(key, step), fresh(key, jnp.int32(step))
     np.testing.assert_array_equal(a.inputs, b.inputs)
@@ -402,8 +406,8 @@ def test_batches_are_pure_functions_of_key_and_step():
 
 
 def test_sampler_rejects_a_corpus_shorter_than_a_batch():
-  with pytest.raises(data.DataError, match="fewer than one"):
-    data.make_sampler(np.arange(10, dtype=np.int32), DataConfig(batch_size=4, seq_len=8))
+  with pytest.raises(vocabulary.DataError, match="fewer than one"):
+    sampler.make_sampler(np.arange(10, dtype=np.int32), DataConfig(batch_size=4, seq_len=8))
 
 
 # --- run.py ----------------------------------------------------------------------------

@@ -20,8 +20,14 @@ import pytest
 
 import experiments
 from conftest import TINY_VOCAB
+
 from jaxdt import config as config_lib
-from jaxdt import probes, store, train, verify
+from jaxdt.io import metadata
+from jaxdt.io import tensorfile
+from jaxdt.training import loop
+from jaxdt.training import probes
+from jaxdt.training import step
+from jaxdt import verify
 
 N_DEAD, VOCAB, D = 3699, 10000, 64  # the lab's sizes
 BF16, U16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16), np.dtype(np.float32)
@@ -159,18 +165,18 @@ def test_crucible3_and_4_record_all_rows_and_h_mean():
 @pytest.fixture(scope="module")
 def thimble8_run(tiny_data, tmp_path_factory):
   cfg = tiny("thimble8", tiny_data)
-  return cfg, train.train(cfg, str(tmp_path_factory.mktemp("t8")), progress=False)
+  return cfg, loop.train(cfg, str(tmp_path_factory.mktemp("t8")), progress=False)
 
 
 @pytest.fixture(scope="module")
 def thimble1_run(tiny_data, tmp_path_factory):
   cfg = tiny("thimble1", tiny_data, checkpoint_steps=())
-  return cfg, train.train(cfg, str(tmp_path_factory.mktemp("t1")), progress=False)
+  return cfg, loop.train(cfg, str(tmp_path_factory.mktemp("t1")), progress=False)
 
 
 def test_tiny_thimble8_file(thimble8_run):
   cfg, result = thimble8_run
-  r = store.TrajectoryReader(result.trajectory)
+  r = tensorfile.TrajectoryReader(result.trajectory)
   n = r.shape("dead_indices")[0]
   t = (TINY_STEPS + 1, n, 32)
   for key, code, shape in (("W", "U16", t), ("m", "F32", t), ("v", "F32", t), ("g", "F32", t),
@@ -184,7 +190,7 @@ def test_tiny_thimble8_file(thimble8_run):
   # m and v are f32 copies of bf16 state: exact bf16 values.
   m = r.read("m")
   np.testing.assert_array_equal(m, m.astype(ml_dtypes.bfloat16).astype(np.float32))
-  done = sorted(os.listdir(os.path.join(result.run_dir, train.CHECKPOINT_DIR)))
+  done = sorted(os.listdir(os.path.join(result.run_dir, loop.CHECKPOINT_DIR)))
   assert done == ["step_000000", "step_000001"]  # the seed's steps <= 6
   assert result.metadata["experiment"] == "Thimble 8"
 
@@ -196,7 +202,7 @@ def test_thimble9_verification_passes_bitwise_against_thimble8(thimble8_run, tin
   cfg = verify.verification_config(tiny("thimble9", tiny_data), spec)
   text, ok = verify.run(cfg, spec, t8.trajectory, str(tmp_path / "verification"), progress=False)
   assert ok, text
-  n = store.TrajectoryReader(t8.trajectory).shape("W")[1]
+  n = tensorfile.TrajectoryReader(t8.trajectory).shape("W")[1]
   assert text.splitlines()[:7] == [
       "=" * 60, "VERIFICATION: Comparing to Thimble 8", "=" * 60,
       f"Thimble 9 W shape: torch.Size([6, {n}, 32])",
@@ -204,7 +210,7 @@ def test_thimble9_verification_passes_bitwise_against_thimble8(thimble8_run, tin
       "✓ BITWISE IDENTICAL: Thimble 9 matches Thimble 8 exactly!"]
   assert "Loss values bitwise identical: True (6 values)" in text
   # The short run is kept as a complete run folder.
-  assert store.is_complete(str(tmp_path / "verification"), cfg.store.trajectory_name)
+  assert metadata.is_complete(str(tmp_path / "verification"), cfg.store.trajectory_name)
   # A tampered reference: one W bit at step 3, one loss at step 4.
   bad = str(tmp_path / "tampered.safetensors")
   shutil.copy(t8.trajectory, bad)
@@ -226,7 +232,7 @@ def test_thimble9_verification_passes_bitwise_against_thimble8(thimble8_run, tin
 
 def _flip(path, key, row, index, xor):
   """XORs the bits of one element of row `row` of `key`, in place (a tampered reference)."""
-  with store.TrajectoryReader(path) as r:
+  with tensorfile.TrajectoryReader(path) as r:
     a = r.rows(key, row, row + 1)
   bits = a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32).reshape(-1)
   bits[index] ^= xor
@@ -266,7 +272,7 @@ def test_tiny_thimble1_file(thimble1_run):
   import torch  # the lab's loader opens the file, BF16 included
   from safetensors.torch import load_file
   cfg, result = thimble1_run
-  r = store.TrajectoryReader(result.trajectory)
+  r = tensorfile.TrajectoryReader(result.trajectory)
   t = (TINY_STEPS + 1, TINY_VOCAB, 32)
   for key, code in (("W", "BF16"), ("grad_W", "BF16"), ("momentum_W", "F32"),
                     ("variance_W", "F32")):
@@ -294,9 +300,9 @@ def test_tiny_thimble1_file(thimble1_run):
 
 def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
   cfg, result = thimble1_run
-  with store.TrajectoryReader(result.trajectory) as r:
+  with tensorfile.TrajectoryReader(result.trajectory) as r:
     assert verify.has_accounting_inputs(r)
-    rows = verify.accounting_rows(r, train.hyper(cfg))
+    rows = verify.accounting_rows(r, step.hyper(cfg))
     text = verify.format_accounting(rows)
   assert [row.t for row in rows] == [1]  # the seed's steps <= 6
   assert all(row.replay_equal == row.total == TINY_VOCAB * 32 for row in rows)
@@ -307,7 +313,7 @@ def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
   assert rows[0].cosine > 0.99 and abs(rows[0].ratio - 1) < 0.05  # the lab's t=1: 1.012, +1.000
   assert "(Ratio should be ~1.0, cosine should be ~1.0 for perfect match)" in lines
   assert lines[-1] == "✓ Validation complete"
-  more = verify.accounting_rows(store.TrajectoryReader(result.trajectory), train.hyper(cfg),
+  more = verify.accounting_rows(tensorfile.TrajectoryReader(result.trajectory), step.hyper(cfg),
                                 steps=(1, 2, 5, 50))
   assert [row.t for row in more] == [1, 2, 5]
 
@@ -315,8 +321,8 @@ def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
 def test_tiny_thimble6_stores_thimble1s_bf16_tensors_as_bits(thimble1_run, tiny_data, tmp_path):
   steps = 3
   cfg6 = tiny("thimble6", tiny_data, steps=steps)
-  r6 = store.TrajectoryReader(train.train(cfg6, str(tmp_path), progress=False).trajectory)
-  r1 = store.TrajectoryReader(thimble1_run[1].trajectory)
+  r6 = tensorfile.TrajectoryReader(loop.train(cfg6, str(tmp_path), progress=False).trajectory)
+  r1 = tensorfile.TrajectoryReader(thimble1_run[1].trajectory)
   for key in ("W", "grad_W", "momentum_W", "variance_W"):
     assert r6.raw_dtype(key) == "U16" and r6.shape(key) == (steps + 1, TINY_VOCAB, 32), key
     one = r1.rows(key, 0, steps + 1)

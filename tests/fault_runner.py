@@ -2,7 +2,7 @@
 
 ARGS.json: {"config": config JSON, "out_dir", "resume": bool, "kill_at": "point#n" or
 null, "times": path or null}. With kill_at, the process SIGKILLs itself at the n-th
-(1-based) call of `store._fault_point(point)` (no Python clean-up runs: as a
+(1-based) call of `disk.fault_point(point)` (no Python clean-up runs: as a
 power cut or `kill -9`). With times, it appends "<seconds since start> <point>"
 per protocol point (for choosing random kill instants inside the run).
 """
@@ -16,9 +16,9 @@ import time
 T0 = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxdt.io import disk
+from jaxdt.training import loop
 from jaxdt import config as config_lib  # noqa: E402
-from jaxdt import store  # noqa: E402
-from jaxdt import train  # noqa: E402
 
 
 def main(path: str) -> int:
@@ -36,8 +36,8 @@ def main(path: str) -> int:
     if kill_at == f"{point}#{counts[point]}":
       os.kill(os.getpid(), signal.SIGKILL)
 
-  store.FAULT_HOOK = hook
-  train.train(cfg, args["out_dir"], resume=args["resume"], progress=False, log=lambda s: None)
+  disk.FAULT_HOOK = hook
+  loop.train(cfg, args["out_dir"], resume=args["resume"], progress=False, log=lambda s: None)
   return 0
 
 

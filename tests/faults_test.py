@@ -1,4 +1,4 @@
-"""Fault injection against the run-folder protocol (jaxdt/rundir.py).
+"""Fault injection against the run-folder protocol (jaxdt/io/rundir.py).
 
 Every fault ends, after `--resume`, in the uninterrupted run's exact bytes, and
 no fault ever leaves a finished-looking file with other bytes:
@@ -19,8 +19,14 @@ import time
 import pytest
 
 from conftest import tiny_config
+
 from jaxdt import config as config_lib
-from jaxdt import rundir, store, train
+from jaxdt.io import checkpoints
+from jaxdt.io import disk
+from jaxdt.io import metadata
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
+from jaxdt.training import loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = (0, 1, 5, 9, 12)  # step 0, mid-chunk ones, and the last step
@@ -46,12 +52,12 @@ def reference(tiny_data, tmp_path_factory):
   """The uninterrupted run's bytes and the protocol's instants, in order."""
   cfg = _config(tiny_data)
   points = []
-  store.FAULT_HOOK = points.append
+  disk.FAULT_HOOK = points.append
   try:
-    result = train.train(cfg, str(tmp_path_factory.mktemp("ref")), progress=False,
+    result = loop.train(cfg, str(tmp_path_factory.mktemp("ref")), progress=False,
                          log=lambda s: None)
   finally:
-    store.FAULT_HOOK = None
+    disk.FAULT_HOOK = None
   return cfg, _bytes(result.trajectory), points
 
 
@@ -62,17 +68,17 @@ def _no_lie(cfg, out, ref_bytes):
     True when finished.
   """
   path = os.path.join(out, cfg.store.trajectory_name)
-  if store.is_complete(out, cfg.store.trajectory_name):
+  if metadata.is_complete(out, cfg.store.trajectory_name):
     assert _bytes(path) == ref_bytes, "a finished-looking file with other bytes"
     reader, _, _ = rundir.open_result(path)
     with reader:
       assert reader.verify()
     return True
   if os.path.exists(path):
-    with pytest.raises(store.StoreError):
+    with pytest.raises(disk.StoreError):
       rundir.open_result(path)
-  with pytest.raises(store.StoreError, match="unfinished"):
-    rundir.open_result(path + store.PARTIAL_SUFFIX)
+  with pytest.raises(disk.StoreError, match="unfinished"):
+    rundir.open_result(path + tensorfile.PARTIAL_SUFFIX)
   return False
 
 
@@ -98,16 +104,16 @@ def test_a_failure_between_any_two_writes_resumes_to_identical_bytes(reference, 
       if len(calls) == k + 1:
         raise InjectedFault(point)
 
-    store.FAULT_HOOK = hook
+    disk.FAULT_HOOK = hook
     try:
       with pytest.raises(InjectedFault):
-        train.train(cfg, out, progress=False, log=lambda s: None)
+        loop.train(cfg, out, progress=False, log=lambda s: None)
     finally:
-      store.FAULT_HOOK = None
+      disk.FAULT_HOOK = None
     if _no_lie(cfg, out, ref_bytes):
       assert points[k] == "committed", f"finished before its commit point ({points[k]})"
       continue
-    result = train.train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    result = loop.train(cfg, out, resume=True, progress=False, log=lambda s: None)
     assert _bytes(result.trajectory) == ref_bytes, f"fault at {points[k]} (#{k})"
     assert _no_lie(cfg, out, ref_bytes)
 
@@ -131,7 +137,7 @@ def test_sigkill_right_after_every_checkpoint_marker(reference, tmp_path):
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == -9, text
     assert not _no_lie(cfg, out, ref_bytes)
-    assert store.checkpoints(os.path.join(out, "checkpoints"))[0][0] == CHECKPOINTS[i]
+    assert checkpoints.checkpoints(os.path.join(out, "checkpoints"))[0][0] == CHECKPOINTS[i]
   proc = _spawn(cfg, out, resume=True)
   text, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, text

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 from absl.testing import absltest
 
-from jaxdt import lattice
+from jaxdt.numerics import lattice
 
 BF16 = ml_dtypes.bfloat16
 ALL_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxdt import model
 from jaxdt.config import ModelConfig
+from jaxdt.model import tied_nll
+from jaxdt.model import tinylm
+from jaxdt.model import torch_io
 
 VARIANTS = ("encoder", "gpt2")
 LAB_PARAMS = 748_288  # Crucible 1 prints "Model parameters: 748,288"; docs/experiments.md
@@ -59,14 +61,14 @@ class ModelTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.lab = {v: model.init_params(jax.random.key(0), ModelConfig(variant=v))
+    cls.lab = {v: tinylm.init_params(jax.random.key(0), ModelConfig(variant=v))
                for v in VARIANTS}
-    cls.small = {v: model.init_params(jax.random.key(1), _small(v)) for v in VARIANTS}
+    cls.small = {v: tinylm.init_params(jax.random.key(1), _small(v)) for v in VARIANTS}
 
   @parameterized.parameters(*VARIANTS)
   def test_lab_size_param_count(self, variant):
     params = self.lab[variant]
-    self.assertEqual(model.count_params(params), LAB_PARAMS)
+    self.assertEqual(tinylm.count_params(params), LAB_PARAMS)
     self.assertEqual(params["embedding"].shape, (10000, 64))
     for leaf in jax.tree.leaves(params):
       self.assertEqual(leaf.dtype, jnp.float32)
@@ -75,7 +77,7 @@ class ModelTest(parameterized.TestCase):
   def test_shapes_and_dtypes(self, variant):
     cfg = _small(variant)
     ids = jnp.arange(B * T).reshape(B, T) % cfg.vocab_size
-    fwd = jax.jit(model.apply, static_argnums=1, static_argnames="return_hidden")
+    fwd = jax.jit(tinylm.apply, static_argnums=1, static_argnames="return_hidden")
     logits, h = fwd(self.small[variant], cfg, ids, return_hidden=True)
     self.assertEqual(logits.shape, (B, T, cfg.vocab_size))
     self.assertEqual(h.shape, (B, T, cfg.hidden_dim))
@@ -144,7 +146,7 @@ class ModelTest(parameterized.TestCase):
 
   def test_init_std_config(self):
     cfg = ModelConfig(variant="gpt2", init_std=0.005)
-    p = model.init_params(jax.random.key(0), cfg)
+    p = tinylm.init_params(jax.random.key(0), cfg)
     self.assertAlmostEqual(float(p["embedding"].std()), 0.005, delta=0.0005)
     self.assertAlmostEqual(float(p["pos_embedding"].std()), 0.02, delta=0.002)  # HF's wpe
 
@@ -152,7 +154,7 @@ class ModelTest(parameterized.TestCase):
   def test_causal(self, variant):
     cfg = _small(variant)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
-    fwd = jax.jit(model.apply, static_argnums=1)
+    fwd = jax.jit(tinylm.apply, static_argnums=1)
     t = 5
     changed = ids.copy()
     changed[:, t] = (changed[:, t] + 1) % cfg.vocab_size
@@ -165,88 +167,88 @@ class ModelTest(parameterized.TestCase):
   def test_position_dependence(self):
     # Same token everywhere: only the positional table makes rows differ.
     cfg = _small("encoder")
-    logits = model.apply(self.small["encoder"], cfg, jnp.full((1, T), 3))
+    logits = tinylm.apply(self.small["encoder"], cfg, jnp.full((1, T), 3))
     self.assertGreater(float(jnp.abs(logits[0, 0] - logits[0, 1]).max()), 0.0)
 
   def test_rejects_too_long_sequence(self):
     cfg = _small("encoder")
     with self.assertRaisesRegex(AssertionError, "max_seq_len"):
-      model.apply(self.small["encoder"], cfg, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
+      tinylm.apply(self.small["encoder"], cfg, jnp.zeros((1, cfg.max_seq_len + 1), jnp.int32))
 
   @parameterized.product(variant=VARIANTS, dtype=("float32", "bfloat16"))
   def test_torch_state_dict_round_trip(self, variant, dtype):
     cfg = ModelConfig(variant=variant)
     params = jax.tree.map(lambda a: a.astype(dtype), self.lab[variant])
-    sd = model.params_to_torch_state_dict(params, cfg)
+    sd = torch_io.params_to_torch_state_dict(params, cfg)
     self.assertEqual(set(sd), TORCH_KEYS[variant])
     self.assertEqual(sd["embedding.weight" if variant == "encoder" else "lm_head.weight"].shape,
                      (10000, 64))
     for v in sd.values():
       self.assertIsInstance(v, np.ndarray)
       self.assertEqual(v.dtype, np.dtype(dtype) if dtype == "float32" else jnp.bfloat16)
-    _assert_trees_bit_equal(self, model.params_from_torch_state_dict(sd, cfg), params)
+    _assert_trees_bit_equal(self, torch_io.params_from_torch_state_dict(sd, cfg), params)
     with tempfile.TemporaryDirectory() as d:  # and through a safetensors file
       path = os.path.join(d, "model.safetensors")
       save_file({k: np.ascontiguousarray(v) for k, v in sd.items()
                  if k != "lm_head.weight"}, path)  # HF drops the tied head
-      _assert_trees_bit_equal(self, model.load_torch_checkpoint(path, cfg), params)
+      _assert_trees_bit_equal(self, torch_io.load_torch_checkpoint(path, cfg), params)
 
   def test_torch_keys_for_layers(self):
-    sd = model.params_to_torch_state_dict(self.small["encoder"], _small("encoder"))
+    sd = torch_io.params_to_torch_state_dict(self.small["encoder"], _small("encoder"))
     self.assertEqual(sd["transformer.layers.1.self_attn.in_proj_weight"].shape, (96, 32))
     self.assertEqual(sd["transformer.layers.0.linear1.weight"].shape, (128, 32))  # [out, in]
-    sd = model.params_to_torch_state_dict(self.small["gpt2"], _small("gpt2"))
+    sd = torch_io.params_to_torch_state_dict(self.small["gpt2"], _small("gpt2"))
     self.assertEqual(sd["transformer.h.1.mlp.c_fc.weight"].shape, (32, 128))  # [in, out]
     self.assertIs(sd["lm_head.weight"], sd["transformer.wte.weight"])
 
   @parameterized.parameters(*VARIANTS)
   def test_bad_checkpoints_fail_clearly(self, variant):
     cfg = _small(variant)
-    good = model.params_to_torch_state_dict(self.small[variant], cfg)
+    good = torch_io.params_to_torch_state_dict(self.small[variant], cfg)
     good.pop("lm_head.weight", None)  # optional for gpt2 (tied); tested below
     first = "embedding.weight" if variant == "encoder" else "transformer.wte.weight"
     cases = {
         "missing": ({k: v for k, v in good.items() if k != first}, "missing " + first),
         "unexpected": ({**good, "decoder.weight": good[first]}, "unexpected decoder.weight"),
         "shape": ({**good, first: good[first][:-1]}, first + ": checkpoint shape"),
-        "other variant": (model.params_to_torch_state_dict(
+        "other variant": (torch_io.params_to_torch_state_dict(
             self.small[_other(variant)], _small(_other(variant))), "does not match"),
     }
     for name, (sd, pattern) in cases.items():
       with self.assertRaisesRegex(ValueError, pattern, msg=name) as cm:
-        model.params_from_torch_state_dict(sd, cfg)
+        torch_io.params_from_torch_state_dict(sd, cfg)
       self.assertNotIn("\n", str(cm.exception))
 
   def test_gpt2_untied_head_rejected(self):
     cfg = _small("gpt2")
-    sd = dict(model.params_to_torch_state_dict(self.small["gpt2"], cfg))
+    sd = dict(torch_io.params_to_torch_state_dict(self.small["gpt2"], cfg))
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
     with self.assertRaisesRegex(ValueError, "tied"):
-      model.params_from_torch_state_dict(sd, cfg)
+      torch_io.params_from_torch_state_dict(sd, cfg)
 
   def test_bad_config(self):
     with self.assertRaisesRegex(ValueError, "variant"):
-      model.init_params(jax.random.key(0), ModelConfig(variant="llama"))
+      tinylm.init_params(jax.random.key(0), ModelConfig(variant="llama"))
     with self.assertRaisesRegex(ValueError, "divisible"):
-      model.init_params(jax.random.key(0), ModelConfig(num_heads=3))
+      tinylm.init_params(jax.random.key(0), ModelConfig(num_heads=3))
 
   @parameterized.parameters(*VARIANTS)
   def test_hidden_is_apply_without_the_head(self, variant):
     cfg = _small(variant)
     ids = jnp.arange(B * T).reshape(B, T) % cfg.vocab_size
     for params in (self.small[variant], _bf16(self.small[variant])):
-      _, h = model.apply(params, cfg, ids, return_hidden=True)
-      np.testing.assert_array_equal(_bits(model.hidden(params, cfg, ids)), _bits(h))
+      _, h = tinylm.apply(params, cfg, ids, return_hidden=True)
+      np.testing.assert_array_equal(_bits(tinylm.hidden(params, cfg, ids)), _bits(h))
 
 
 class TiedLogitsNllTest(parameterized.TestCase):
-  """model.tied_logits_nll against the materialised logits + log_softmax."""
+  """tied_nll.tied_logits_nll against the materialised logits + log_softmax."""
 
   def setUp(self):
     super().setUp()
     self.cfg = ModelConfig(vocab_size=NLL_VOCAB, hidden_dim=32, num_layers=1, num_heads=2,
                            max_seq_len=NLL_T)
-    self.params = model.init_params(jax.random.key(2), self.cfg)
+    self.params = tinylm.init_params(jax.random.key(2), self.cfg)
     rng = np.random.default_rng(3)
     self.ids = jnp.asarray(rng.integers(0, NLL_VOCAB, (NLL_B, NLL_T)), jnp.int32)
 
@@ -254,13 +256,13 @@ class TiedLogitsNllTest(parameterized.TestCase):
     cfg, ids = self.cfg, self.ids
 
     def reference(p):  # the loss as train.loss_and_hidden computed it before
-      logits = model.apply(p, cfg, ids)
+      logits = tinylm.apply(p, cfg, ids)
       logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
       return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
     def fused(p):
-      h = model.hidden(p, cfg, ids)
-      return model.tied_logits_nll(h[:, :-1], p["embedding"], ids[:, 1:], block_rows=block_rows)
+      h = tinylm.hidden(p, cfg, ids)
+      return tied_nll.tied_logits_nll(h[:, :-1], p["embedding"], ids[:, 1:], block_rows=block_rows)
 
     return (jax.jit(jax.value_and_grad(reference))(params),
             jax.jit(jax.value_and_grad(fused))(params), jax.jit(fused)(params))
@@ -292,15 +294,15 @@ class TiedLogitsNllTest(parameterized.TestCase):
   def test_gemm_operand_dtype_changes_no_value(self):
     # f32 operands holding bf16 values: exact products, f32 sums either way.
     params = _bf16(self.params)
-    h = model.hidden(params, self.cfg, self.ids)
+    h = tinylm.hidden(params, self.cfg, self.ids)
     losses = {}
     for name in ("float32", "bfloat16"):
-      model.GEMM_OPERAND_DTYPE = name
+      tinylm.GEMM_OPERAND_DTYPE = name
       try:
-        losses[name] = float(jax.jit(model.tied_logits_nll)(
+        losses[name] = float(jax.jit(tied_nll.tied_logits_nll)(
             h[:, :-1], params["embedding"], self.ids[:, 1:]))
       finally:
-        model.GEMM_OPERAND_DTYPE = None
+        tinylm.GEMM_OPERAND_DTYPE = None
     self.assertAlmostEqual(losses["float32"], losses["bfloat16"], delta=1e-5)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 from absl.testing import absltest
 
 from jaxdt import config as config_lib
-from jaxdt import optim
-from jaxdt import precision
+from jaxdt.numerics import precision
+from jaxdt.optim import adamw
 
 
 class PolicyTest(absltest.TestCase):
@@ -31,7 +31,7 @@ class PolicyTest(absltest.TestCase):
 
     g = jax.grad(loss)(params)
     self.assertEqual(g["E"].dtype, jnp.float32)
-    tx = optim.adamw(1e-3)
+    tx = adamw.adamw(1e-3)
     state = tx.init(params)
     self.assertEqual(state.mu["E"].dtype, jnp.float32)
 
@@ -44,7 +44,7 @@ class PolicyTest(absltest.TestCase):
       pol = precision.get_policy(name)
       p = precision.cast_params(jnp.full((8,), 1.0, jnp.float32), pol)
       g = jnp.full((8,), 1.0, pol.param_dtype)
-      new, _ = optim.step(hp, p, g, optim.adamw(1e-4).init(p))
+      new, _ = adamw.step(hp, p, g, adamw.adamw(1e-4).init(p))
       moved[name] = bool(np.any(np.asarray(new, np.float32) != np.asarray(p, np.float32)))
     self.assertEqual(moved, {"bf16": False, "mixed": True})
 

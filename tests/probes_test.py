@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxdt import config as config_lib
-from jaxdt import lattice, probes
+from jaxdt.numerics import lattice
+from jaxdt.training import probes
 
 D = 4
 

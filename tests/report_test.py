@@ -1,4 +1,4 @@
-"""report.analyze and `run.py --analyze` on our tiny runs and on files in the lab's layouts."""
+"""outputs.analyze and `run.py --analyze` on our tiny runs and on files in the lab's layouts."""
 
 import dataclasses
 import json
@@ -13,7 +13,13 @@ import torch  # a test dependency: the lab's files are written with safetensors.
 from safetensors.torch import save_file
 
 from conftest import tiny_config
-from jaxdt import analysis, report, store, train
+
+from jaxdt.analysis import metrics
+from jaxdt.io import metadata
+from jaxdt.io import tensorfile
+from jaxdt.report import outputs
+from jaxdt.report import plots as plots_lib
+from jaxdt.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +34,7 @@ SHARED = ("fimbulwinter_check", "stillness", "global_freeze", "frozen_fraction",
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
   cfg = tiny_config(tiny_data, steps=30)
-  return train.train(cfg, str(tmp_path_factory.mktemp("run")), progress=False)
+  return loop.train(cfg, str(tmp_path_factory.mktemp("run")), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +44,11 @@ def state_run(tiny_data, tmp_path_factory):
   probes = dataclasses.replace(cfg.probes, names=("W", "m", "v", "g", "loss", "adam_accounting"),
                                loss_initial=0.0)
   cfg = dataclasses.replace(cfg, probes=probes)
-  return train.train(cfg, str(tmp_path_factory.mktemp("state_run")), progress=False)
+  return loop.train(cfg, str(tmp_path_factory.mktemp("state_run")), progress=False)
 
 
 def _tensors(result) -> dict:
-  with store.TrajectoryReader(result.trajectory) as r:
+  with tensorfile.TrajectoryReader(result.trajectory) as r:
     return {k: r.read(k) for k in r.keys()}
 
 
@@ -85,24 +91,24 @@ def _cli(*flags):
 
 def test_analyze_our_run_prints_the_seed_blocks_and_writes_json_and_pngs(run, tmp_path):
   lines = []
-  s = report.analyze(run.run_dir, str(tmp_path), echo=lines.append)
+  s = outputs.analyze(run.run_dir, str(tmp_path), echo=lines.append)
   text = "\n".join(lines)
-  with store.TrajectoryReader(run.trajectory) as r:  # the seed's blocks, computed the old way
-    check = analysis.fimbulwinter_check(r.read("last_motion_step"), 30)
-    still = analysis.stillness_runs(_any_motion(r, 0.1))
-  assert analysis.format_fimbulwinter_check(check) in text
-  assert analysis.format_stillness(still) in text
+  with tensorfile.TrajectoryReader(run.trajectory) as r:  # the seed's blocks, computed the old way
+    check = metrics.fimbulwinter_check(r.read("last_motion_step"), 30)
+    still = metrics.stillness_runs(_any_motion(r, 0.1))
+  assert metrics.format_fimbulwinter_check(check) in text
+  assert metrics.format_stillness(still) in text
   for title in ("LOSS", "GLOBAL FREEZE", "PER-STEP FROZEN FRACTION", "LIFECYCLE PHASES",
                 "CENTROID DRIFT AND CLOUD RADIUS", "ADAM ACCOUNTING"):
     assert f"\n{title}" in text, title
-  saved = _strict_json(tmp_path / report.SUMMARY_FILE)
+  saved = _strict_json(tmp_path / outputs.SUMMARY_FILE)
   assert SUMMARY_KEYS <= set(saved)
   assert saved["skipped"] == [] and saved["layout"] == "jaxdt"
   assert saved["fimbulwinter_check"] == check
   assert saved["accounting"]["replay_exact_steps"] == 30
   assert saved["run"]["cpu_threads"] >= 1 and "xla_flags" in saved["run"]
   assert sorted(os.path.basename(p) for p in saved["outputs"]["plots"]) == sorted(
-      report.PLOT_FILES.values())
+      plots_lib.PLOT_FILES.values())
   for p in saved["outputs"]["plots"]:
     w, h = _png_size(p)
     assert w > 100 and h > 100
@@ -110,9 +116,9 @@ def test_analyze_our_run_prints_the_seed_blocks_and_writes_json_and_pngs(run, tm
 
 
 def test_streaming_block_size_does_not_change_a_real_runs_summary(run):
-  a, _ = analysis.analyze(run.trajectory, block_steps=1)
-  b, _ = analysis.analyze(run.trajectory)
-  assert json.dumps(store.json_ready(a)) == json.dumps(store.json_ready(b))
+  a, _ = metrics.analyze(run.trajectory, block_steps=1)
+  b, _ = metrics.analyze(run.trajectory)
+  assert json.dumps(metadata.json_ready(a)) == json.dumps(metadata.json_ready(b))
 
 
 def test_lab_crucible_file_without_our_keys(run, tmp_path):
@@ -123,11 +129,11 @@ def test_lab_crucible_file_without_our_keys(run, tmp_path):
   path = str(tmp_path / "crucible_1_trajectory.safetensors")
   save_file(lab, path)
   _write_metadata(str(tmp_path), motion_threshold=0.1, total_steps=30)
-  ours, _ = analysis.analyze(run.trajectory)
-  theirs, _ = analysis.analyze(path)
+  ours, _ = metrics.analyze(run.trajectory)
+  theirs, _ = metrics.analyze(path)
   assert theirs["layout"] == "lab"
   for k in SHARED + ("centroid",):
-    assert store.json_ready(theirs[k]) == store.json_ready(ours[k]), k
+    assert metadata.json_ready(theirs[k]) == metadata.json_ready(ours[k]), k
   assert [x["analysis"] for x in theirs["skipped"]] == ["Adam accounting"]
 
 
@@ -138,16 +144,16 @@ def test_lab_thimble1_file_bf16_w_and_losses_through_the_cli(run, tmp_path):
   save_file({"W": _bf16(t["W"]), "losses": _torch(t["loss"])}, path)
   result = _cli(f"--analyze={path}")
   assert result.returncode == 0, result.stderr
-  s = _strict_json(tmp_path / report.SUMMARY_FILE)
-  ours, _ = analysis.analyze(run.trajectory)
+  s = _strict_json(tmp_path / outputs.SUMMARY_FILE)
+  ours, _ = metrics.analyze(run.trajectory)
   assert "FIMBULWINTER CHECK" in result.stdout  # no last_motion_step: recounted from W
   for k in SHARED:
-    assert s[k] == store.json_ready(ours[k]), k
+    assert s[k] == metadata.json_ready(ours[k]), k
   assert s["delta_w_prime"] == "computed from W" and "no dead_mask" in s["notes"][0]
   # The centroid is recomputed as an f64 mean (ours stores a pairwise f32 mean).
   assert s["centroid"]["norm_end"] == pytest.approx(ours["centroid"]["norm_end"], rel=1e-6)
   assert "Skipped: Adam accounting" in result.stdout
-  for name in report.PLOT_FILES.values():
+  for name in plots_lib.PLOT_FILES.values():
     _png_size(tmp_path / name)
 
 
@@ -171,8 +177,8 @@ def test_state_files_recompute_the_accounting_we_record(state_run, tmp_path):
             str(t1 / "thimble_1.safetensors"))
   for folder in (t8, t1):
     lines = []
-    s = report.analyze(str(folder), plots=False, echo=lines.append)
-    _, series = analysis.analyze(str(folder))
+    s = outputs.analyze(str(folder), plots=False, echo=lines.append)
+    _, series = metrics.analyze(str(folder))
     assert s["accounting"]["source"].startswith("recomputed")
     for k in ("adam_replay_match", "adam_swallowed"):  # exact counts
       np.testing.assert_array_equal(series["accounting"][k], t[k], err_msg=k)
@@ -187,7 +193,7 @@ def test_state_files_recompute_the_accounting_we_record(state_run, tmp_path):
 def test_unknown_hyperparameters_are_reported_as_skipped(state_run, tmp_path):
   t = _tensors(state_run)
   save_file({k: _torch(t[k]) for k in ("W", "m", "v", "loss")}, str(tmp_path / "x.safetensors"))
-  s, _ = analysis.analyze(str(tmp_path))
+  s, _ = metrics.analyze(str(tmp_path))
   why = {x["analysis"]: x["reason"] for x in s["skipped"]}
   assert "hyperparameters are unknown" in why["Adam accounting"]
 

@@ -1,11 +1,10 @@
-"""The run folder's protocol, one test per promise (jaxdt/rundir.py's invariants).
+"""The run folder's protocol, one test per promise (jaxdt/io/rundir.py's invariants).
 
 Small runs through the Python API; the command-line promises (one-line errors,
 exit codes, signals) run `run.py`'s main in a subprocess (tests/cli_runner.py).
 """
 
 import dataclasses
-import errno
 import fcntl
 import json
 import os
@@ -20,7 +19,19 @@ import numpy as np
 import pytest
 
 from conftest import notes_of, tiny_config
-from jaxdt import analysis, config as config_lib, data, report, rundir, store, train, verify
+
+from jaxdt.analysis import metrics
+from jaxdt import config as config_lib, verify
+from jaxdt.data import recipe
+from jaxdt.io import checkpoints
+from jaxdt.io import disk
+from jaxdt.io import metadata
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
+from jaxdt.report import outputs
+from jaxdt.training import loop
+from jaxdt.training import probes
+from jaxdt.training import step as step_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 12  # tiny_config: checkpoints at 5 and 9, chunks of 4
@@ -66,12 +77,12 @@ def cfg(tiny_data):
 
 @pytest.fixture(scope="module")
 def ref(cfg, tmp_path_factory):
-  return train.train(cfg, str(tmp_path_factory.mktemp("ref")), **QUIET)
+  return loop.train(cfg, str(tmp_path_factory.mktemp("ref")), **QUIET)
 
 
 def _unfinished(cfg, out, stop_after=7):
-  assert train.train(cfg, out, stop_after=stop_after, **QUIET) is None
-  return os.path.join(out, cfg.store.trajectory_name + store.PARTIAL_SUFFIX)
+  assert loop.train(cfg, out, stop_after=stop_after, **QUIET) is None
+  return os.path.join(out, cfg.store.trajectory_name + tensorfile.PARTIAL_SUFFIX)
 
 
 # --- 2. Ordering: rows durable before the checkpoint that covers them ------------
@@ -79,26 +90,26 @@ def _unfinished(cfg, out, stop_after=7):
 
 def test_a_checkpoint_marker_appears_only_after_its_rows_are_on_disk(cfg, ref, tmp_path):
   out = str(tmp_path)
-  partial = os.path.join(out, cfg.store.trajectory_name + store.PARTIAL_SUFFIX)
+  partial = os.path.join(out, cfg.store.trajectory_name + tensorfile.PARTIAL_SUFFIX)
   seen = []
 
   def hook(point):
-    latest = store.checkpoints(os.path.join(out, "checkpoints"))
+    latest = checkpoints.checkpoints(os.path.join(out, "checkpoints"))
     if point == "checkpoint_arrays_written":  # arrays written, marker not yet
       assert [s for s, _ in latest] == seen[::-1]
     if point == "checkpoint_written":
       step = latest[0][0]
       seen.append(step)
-      with store.TrajectoryReader(partial) as now, store.TrajectoryReader(ref.trajectory) as done:
+      with tensorfile.TrajectoryReader(partial) as now, tensorfile.TrajectoryReader(ref.trajectory) as done:
         for key in ("W", "loss", "delta_W_prime"):
           rows = step + 1 if key != "delta_W_prime" else step
           assert now.rows(key, 0, rows).tobytes() == done.rows(key, 0, rows).tobytes(), key
 
-  store.FAULT_HOOK = hook
+  disk.FAULT_HOOK = hook
   try:
-    train.train(cfg, out, **QUIET)
+    loop.train(cfg, out, **QUIET)
   finally:
-    store.FAULT_HOOK = None
+    disk.FAULT_HOOK = None
   assert seen == [5, 9]
 
 
@@ -112,8 +123,8 @@ def test_resume_refuses_a_changed_config_one_line_per_field(cfg, ref, tmp_path):
   changed = dataclasses.replace(
       cfg, seed=7, optim=dataclasses.replace(cfg.optim, learning_rate=1e-2),
       data=dataclasses.replace(cfg.data, batch_size=8))
-  with pytest.raises(store.StoreError) as e:
-    train.train(changed, out, resume=True, **QUIET)
+  with pytest.raises(disk.StoreError) as e:
+    loop.train(changed, out, resume=True, **QUIET)
   lines = str(e.value).splitlines()
   assert lines[0].startswith(f"cannot resume {out}: 3 setting(s) differ from the run's")
   assert sorted(s.strip() for s in lines[1:]) == [
@@ -123,7 +134,7 @@ def test_resume_refuses_a_changed_config_one_line_per_field(cfg, ref, tmp_path):
   assert _snapshot(out) == before
   # The chunk size is free to change: the result is the same bytes.
   other_chunk = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, chunk_steps=3))
-  assert _bytes(train.train(other_chunk, out, resume=True, **QUIET).trajectory) == \
+  assert _bytes(loop.train(other_chunk, out, resume=True, **QUIET).trajectory) == \
       _bytes(ref.trajectory)
 
 
@@ -138,8 +149,8 @@ def test_resume_refuses_other_data_files(cfg, tiny_data, tmp_path):
     f.write(text[:-200])
   other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus_path=corpus,
                                                           dead_mask_path=None))
-  with pytest.raises(store.StoreError, match="data_files: the run used other input files"):
-    train.train(other, out, resume=True, **QUIET)
+  with pytest.raises(disk.StoreError, match="data_files: the run used other input files"):
+    loop.train(other, out, resume=True, **QUIET)
   assert _snapshot(out) == before
 
 
@@ -180,7 +191,7 @@ def test_a_bad_init_checkpoint_is_refused_before_the_folder_exists(cfg, tmp_path
     f.write(b"not a checkpoint")
   for path in (str(tmp_path / "missing.pt"), junk):
     with pytest.raises((ValueError, OSError)):
-      train.train(dataclasses.replace(cfg, init_checkpoint=path), out, **QUIET)
+      loop.train(dataclasses.replace(cfg, init_checkpoint=path), out, **QUIET)
     assert not os.path.exists(out)
 
 
@@ -188,10 +199,10 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(cfg, ref, 
   no_ckpt = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, checkpoint_steps=()))
   out = str(tmp_path)
   _unfinished(no_ckpt, out, stop_after=6)
-  with pytest.raises(store.StoreError, match="unfinished crucible1 run; pass --resume"):
-    train.train(no_ckpt, out, **QUIET)
+  with pytest.raises(disk.StoreError, match="unfinished crucible1 run; pass --resume"):
+    loop.train(no_ckpt, out, **QUIET)
   said = []
-  result = train.train(no_ckpt, out, resume=True, progress=False, log=said.append)
+  result = loop.train(no_ckpt, out, resume=True, progress=False, log=said.append)
   said = notes_of(said)
   assert said == [f"no checkpoint yet in {out}/checkpoints; restarting from step 0"]
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
@@ -200,9 +211,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(cfg, ref, 
 def test_a_refused_new_folder_is_not_left_behind(cfg, tmp_path, monkeypatch):
   out = str(tmp_path / "new")
   real = shutil.disk_usage
-  monkeypatch.setattr(store.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-  with pytest.raises(store.StoreError, match="not enough disk"):
-    train.train(cfg, out, **QUIET)
+  monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+  with pytest.raises(disk.StoreError, match="not enough disk"):
+    loop.train(cfg, out, **QUIET)
   assert not os.path.exists(out)
 
 
@@ -219,19 +230,19 @@ def test_a_second_writer_is_refused_naming_the_holders_pid(cfg, tmp_path):
       stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(store.StoreError) as e:
-      train.train(cfg, out, resume=True, **QUIET)
+    with pytest.raises(disk.StoreError) as e:
+      loop.train(cfg, out, resume=True, **QUIET)
     assert str(e.value) == (f"{out} is in use by pid {holder.pid} (another jaxdt run writes "
                             "there); wait for it to end or choose another --output_dir")
-    with pytest.raises(analysis.AnalysisError, match=f"it is still running \\(pid {holder.pid}\\); "
+    with pytest.raises(metrics.AnalysisError, match=f"it is still running \\(pid {holder.pid}\\); "
                        "wait for it to finish"):
-      report.analyze(out, echo=lambda s: None)
+      outputs.analyze(out, echo=lambda s: None)
     assert _snapshot(out) == before
   finally:
     holder.kill()
     holder.wait()
   # The kernel drops the lock with its holder: the run continues.
-  assert train.train(cfg, out, resume=True, **QUIET) is not None
+  assert loop.train(cfg, out, resume=True, **QUIET) is not None
 
 
 def test_the_lock_is_held_for_the_whole_run(cfg, tmp_path):
@@ -248,11 +259,11 @@ def test_the_lock_is_held_for_the_whole_run(cfg, tmp_path):
         os.close(fd)
       tried.append(point)
 
-  store.FAULT_HOOK = hook
+  disk.FAULT_HOOK = hook
   try:
-    train.train(cfg, out, **QUIET)
+    loop.train(cfg, out, **QUIET)
   finally:
-    store.FAULT_HOOK = None
+    disk.FAULT_HOOK = None
   assert tried
 
 
@@ -262,20 +273,20 @@ def test_another_experiments_folder_is_refused_and_unchanged(cfg, ref, tmp_path)
   before = _snapshot(out)
   other = dataclasses.replace(cfg, name="crucible3")
   for resume in (False, True):
-    with pytest.raises(store.StoreError, match=f"{out} holds a finished 'crucible1' run, not "
+    with pytest.raises(disk.StoreError, match=f"{out} holds a finished 'crucible1' run, not "
                        "'crucible3'; choose another --output_dir"):
-      train.train(other, out, resume=resume, **QUIET)
+      loop.train(other, out, resume=resume, **QUIET)
   assert _snapshot(out) == before
-  with pytest.raises(store.StoreError, match="holds a finished crucible1 run, nothing to resume"):
-    train.train(cfg, out, resume=True, **QUIET)
+  with pytest.raises(disk.StoreError, match="holds a finished crucible1 run, nothing to resume"):
+    loop.train(cfg, out, resume=True, **QUIET)
   assert _snapshot(out) == before
 
 
 def test_run_files_without_metadata_are_refused(cfg, ref, tmp_path):
   out = str(tmp_path)
   shutil.copy(ref.trajectory, out)
-  with pytest.raises(store.StoreError, match="holds run files .* but no metadata.json"):
-    train.train(cfg, out, **QUIET)
+  with pytest.raises(disk.StoreError, match="holds run files .* but no metadata.json"):
+    loop.train(cfg, out, **QUIET)
 
 
 # --- 6. Integrity: checkpoints and trajectories carry SHA-256 ---------------------
@@ -284,12 +295,12 @@ def test_run_files_without_metadata_are_refused(cfg, ref, tmp_path):
 def test_a_corrupt_latest_checkpoint_is_reported_and_an_older_one_used(cfg, ref, tmp_path):
   out = str(tmp_path)
   _unfinished(cfg, out, stop_after=10)
-  arrays = os.path.join(out, "checkpoints", "step_000009", store.CHECKPOINT_ARRAYS)
+  arrays = os.path.join(out, "checkpoints", "step_000009", checkpoints.CHECKPOINT_ARRAYS)
   size = os.path.getsize(arrays)
   _flip_byte(arrays, size - 100)
   _flip_byte(arrays, size - 7)
   said = []
-  result = train.train(cfg, out, resume=True, progress=False, log=said.append)
+  result = loop.train(cfg, out, resume=True, progress=False, log=said.append)
   said = notes_of(said)
   assert said[0].startswith("skipping checkpoint step 9: checkpoint ") and "is corrupt" in said[0]
   assert said[0].endswith("; trying an older one")
@@ -300,12 +311,12 @@ def test_a_corrupt_latest_checkpoint_is_reported_and_an_older_one_used(cfg, ref,
 def test_a_corrupt_checkpoint_marker_is_skipped(cfg, ref, tmp_path):
   out = str(tmp_path)
   _unfinished(cfg, out, stop_after=10)
-  marker = os.path.join(out, "checkpoints", "step_000009", store.CHECKPOINT_META)
+  marker = os.path.join(out, "checkpoints", "step_000009", checkpoints.CHECKPOINT_META)
   text = open(marker).read().replace('"step": 9', '"step": 8', 1)
   with open(marker, "w") as f:
     f.write(text)
   said = []
-  result = train.train(cfg, out, resume=True, progress=False, log=said.append)
+  result = loop.train(cfg, out, resume=True, progress=False, log=said.append)
   said = notes_of(said)
   assert "meta.json does not match its own SHA-256" in said[0]
   assert _bytes(result.trajectory) == _bytes(ref.trajectory)
@@ -316,7 +327,7 @@ def test_corrupt_rows_in_the_unfinished_trajectory_are_caught_on_resume(cfg, ref
   partial = _unfinished(cfg, out, stop_after=10)
   _flip_byte(partial, _row_offset(partial, "W", 7))  # covered by step 9's checkpoint, not 5's
   said = []
-  result = train.train(cfg, out, resume=True, progress=False, log=said.append)
+  result = loop.train(cfg, out, resume=True, progress=False, log=said.append)
   said = notes_of(said)
   assert "rows of 'W' up to step 9 do not match" in said[0]
   assert said[1] == f"resuming {out} from the checkpoint at step 5"
@@ -334,17 +345,17 @@ def test_a_corrupt_finished_trajectory_is_refused_by_every_reader(cfg, ref, tmp_
   with open(path, "r+b") as f:  # 4 KB of garbage in the middle
     f.seek(offset)
     f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-  with pytest.raises(analysis.AnalysisError, match="is corrupt: tensor 'W' does not match the "
+  with pytest.raises(metrics.AnalysisError, match="is corrupt: tensor 'W' does not match the "
                      "SHA-256 recorded when the run finished"):
-    report.analyze(out, echo=lambda s: None)
+    outputs.analyze(out, echo=lambda s: None)
   assert not os.path.exists(os.path.join(out, "summary.json"))
-  with pytest.raises(analysis.AnalysisError, match="is corrupt"):
-    report.compare(ref.run_dir, out, echo=lambda s: None)
+  with pytest.raises(metrics.AnalysisError, match="is corrupt"):
+    outputs.compare(ref.run_dir, out, echo=lambda s: None)
   spec = verify.Verification(keys=("W", "loss"))
   with pytest.raises(verify.VerifyError, match="is corrupt"):
     verify.compare(ref.trajectory, path, spec, STEPS)
   # The intact run verifies, and says so.
-  summary, _ = analysis.analyze(ref.run_dir)
+  summary, _ = metrics.analyze(ref.run_dir)
   assert summary["verified"] is True
 
 
@@ -352,10 +363,10 @@ def test_readers_refuse_partial_files_and_unfinished_runs(cfg, ref, tmp_path):
   out = str(tmp_path)
   partial = _unfinished(cfg, out)
   for path in (partial, out):
-    with pytest.raises(analysis.AnalysisError, match="unfinished"):
-      report.analyze(path, echo=lambda s: None)
-    with pytest.raises(analysis.AnalysisError, match="unfinished"):
-      report.compare(ref.run_dir, path, echo=lambda s: None)
+    with pytest.raises(metrics.AnalysisError, match="unfinished"):
+      outputs.analyze(path, echo=lambda s: None)
+    with pytest.raises(metrics.AnalysisError, match="unfinished"):
+      outputs.compare(ref.run_dir, path, echo=lambda s: None)
   assert not os.path.exists(os.path.join(out, "summary.json"))
   spec = verify.Verification(keys=("W",))
   with pytest.raises(verify.VerifyError, match="unfinished trajectory"):
@@ -364,18 +375,18 @@ def test_readers_refuse_partial_files_and_unfinished_runs(cfg, ref, tmp_path):
   # between rename and metadata): refused, and --resume repairs it.
   shutil.copy(partial, os.path.join(out, cfg.store.trajectory_name))
   os.remove(partial)
-  with pytest.raises(analysis.AnalysisError, match="completed: false"):
-    report.analyze(os.path.join(out, cfg.store.trajectory_name), echo=lambda s: None)
-  assert _bytes(train.train(cfg, out, resume=True, **QUIET).trajectory) == _bytes(ref.trajectory)
+  with pytest.raises(metrics.AnalysisError, match="completed: false"):
+    outputs.analyze(os.path.join(out, cfg.store.trajectory_name), echo=lambda s: None)
+  assert _bytes(loop.train(cfg, out, resume=True, **QUIET).trajectory) == _bytes(ref.trajectory)
 
 
 def test_finished_metadata_records_the_checksums(ref):
   meta = ref.metadata
-  assert meta["completed"] is True and meta["trajectory_sha256"] == store.sha256_file(
+  assert meta["completed"] is True and meta["trajectory_sha256"] == disk.sha256_file(
       ref.trajectory)
-  with store.TrajectoryReader(ref.trajectory) as r:
-    assert set(meta["tensor_sha256"]) == set(r.keys()) | {store.HEADER_DIGEST}
-  assert store.read_metadata(ref.run_dir) == meta
+  with tensorfile.TrajectoryReader(ref.trajectory) as r:
+    assert set(meta["tensor_sha256"]) == set(r.keys()) | {tensorfile.HEADER_DIGEST}
+  assert metadata.read_metadata(ref.run_dir) == meta
 
 
 # --- 8, 11. Preflight, divergence, small things -------------------------------------
@@ -383,51 +394,51 @@ def test_finished_metadata_records_the_checksums(ref):
 
 def test_preflight_counts_the_checkpoints(cfg, tmp_path, monkeypatch):
   out = str(tmp_path / "new")
-  state_bytes = train._state_bytes(train.init_state(cfg, train.probes_lib.Dims(
+  state_bytes = loop._state_bytes(step_lib.init_state(cfg, probes.Dims(
       rows=1, hidden=cfg.model.hidden_dim, param_dtype=np.float32)))
   real = shutil.disk_usage
   # Room for the trajectory and metadata, not for its two checkpoints.
   free = 200_000 + rundir.METADATA_BUDGET_BYTES + state_bytes
-  monkeypatch.setattr(store.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
-  with pytest.raises(store.StoreError, match=r"not enough disk for crucible_1_trajectory"
+  monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+  with pytest.raises(disk.StoreError, match=r"not enough disk for crucible_1_trajectory"
                      r"\.safetensors and 2 checkpoints: need [\d.]+ MB, [\d.]+ MB free"):
-    train.train(cfg, out, **QUIET)
+    loop.train(cfg, out, **QUIET)
 
 
 def test_the_ram_check_uses_the_steps_when_the_chunk_is_longer(cfg, ref, tmp_path):
   huge = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, chunk_steps=10**9))
-  assert _bytes(train.train(huge, str(tmp_path), **QUIET).trajectory) == _bytes(ref.trajectory)
+  assert _bytes(loop.train(huge, str(tmp_path), **QUIET).trajectory) == _bytes(ref.trajectory)
 
 
 def test_a_diverged_run_keeps_its_records_and_every_analysis_reports_it(cfg, tmp_path):
   wild = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=1e30))
   said = []
-  result = train.train(wild, str(tmp_path), progress=False, log=said.append)
+  result = loop.train(wild, str(tmp_path), progress=False, log=said.append)
   said = notes_of(said)
   step = result.metadata["diverged_at_step"]
   assert isinstance(step, int) and 1 <= step <= STEPS
   assert said and f"at step {step}" in said[0]
-  with store.TrajectoryReader(result.trajectory) as r:
+  with tensorfile.TrajectoryReader(result.trajectory) as r:
     loss = r.read("loss")
   assert np.isfinite(loss[1:step]).all() and not np.isfinite(loss[step])
   lines = []
-  summary = report.analyze(result.run_dir, echo=lines.append)
+  summary = outputs.analyze(result.run_dir, echo=lines.append)
   assert summary["diverged_at_step"] == step and summary["steps"] == step - 1
   assert f"The loss is non-finite from step {step} on" in lines[0]
 
 
 def test_fmt_bytes_picks_a_unit():
-  assert [store.fmt_bytes(n) for n in (512, 4_520_000, 83.6e9, 1e18)] == [
+  assert [disk.fmt_bytes(n) for n in (512, 4_520_000, 83.6e9, 1e18)] == [
       "512 bytes", "4.52 MB", "83.6 GB", "1,000,000 TB"]
 
 
 def test_dead_data_builds_are_cleaned_up(tmp_path):
-  prefix = f".{data.CACHE_SUBDIR}.tmp-"
+  prefix = f".{recipe.CACHE_SUBDIR}.tmp-"
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   for name in (f"{dead.pid}-abc", f"{os.getpid()}-mine", "old"):
     os.makedirs(tmp_path / (prefix + name))
-  data._remove_dead_builds(str(tmp_path))
+  recipe._remove_dead_builds(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == [prefix + f"{os.getpid()}-mine"]
 
 
@@ -503,7 +514,7 @@ def test_cli_signals_stop_cleanly_and_the_run_resumes(cfg, ref, tmp_path, signal
   assert code == status
   assert _one_line(err) == ("interrupted after step 5; continue with --resume (from the "
                             "checkpoint at step 5)")
-  assert not store.is_complete(out, cfg.store.trajectory_name)
+  assert not metadata.is_complete(out, cfg.store.trajectory_name)
   code, _, err = _cli(cfg, tmp_path, f"--output_dir={out}", "--resume")
   assert code == 0, err
   assert _bytes(os.path.join(out, cfg.store.trajectory_name)) == _bytes(ref.trajectory)

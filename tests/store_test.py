@@ -1,4 +1,4 @@
-"""Tests of jaxdt.store: in-place safetensors writing, readers, markers, checkpoints.
+"""Tests of jaxdt.io: in-place safetensors writing, readers, markers, checkpoints.
 
 Files are tiny except in the RSS test, which streams 300 MB in 1 MB chunks in a
 child process (so this process's earlier allocations cannot hide growth).
@@ -25,7 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
-from jaxdt import store
+from jaxdt.io import checkpoints
+from jaxdt.io import disk
+from jaxdt.io import metadata as metadata_lib
+from jaxdt.io import tensorfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, TOKENS, DIM, VOCAB = 22, 9, 4, 20
@@ -77,7 +80,7 @@ def _write_whole(writer, records):
 
 
 def _write_file(path, records, chunk):
-  writer = store.TrajectoryWriter(path, SPECS, META)
+  writer = tensorfile.TrajectoryWriter(path, SPECS, META)
   _write_rows(writer, records, chunk)
   _write_whole(writer, records)
   return writer.finalize()
@@ -112,10 +115,10 @@ class WriterTest(parameterized.TestCase):
     self.records = _records()
 
   def test_header_is_written_first_and_data_preallocated(self):
-    writer = store.TrajectoryWriter(self.path, SPECS, META)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS, META)
     partial = self.path + ".partial"
     self.assertFalse(os.path.exists(self.path))
-    self.assertEqual(os.path.getsize(partial), store.estimate_bytes(SPECS, META))
+    self.assertEqual(os.path.getsize(partial), tensorfile.estimate_bytes(SPECS, META))
     raw = _read(partial)
     n = int.from_bytes(raw[:8], "little")
     self.assertEqual((8 + n) % 8, 0)
@@ -145,7 +148,7 @@ class WriterTest(parameterized.TestCase):
     self.assertEqual(_read(_write_file(self.path, self.records, chunk)), reference)
 
   def test_partial_until_finalize_and_finalize_is_idempotent(self):
-    writer = store.TrajectoryWriter(self.path, SPECS, META)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS, META)
     _write_rows(writer, self.records, 4)
     _write_whole(writer, self.records)
     writer.sync()
@@ -155,46 +158,46 @@ class WriterTest(parameterized.TestCase):
     self.assertEqual(writer.finalize(), self.path)
     self.assertFalse(os.path.exists(self.path + ".partial"))
     self.assertEqual(os.path.getsize(self.path), writer.nbytes)
-    with self.assertRaisesRegex(store.StoreError, "finalized"):
+    with self.assertRaisesRegex(disk.StoreError, "finalized"):
       writer.write("last_motion_step", self.records["last_motion_step"])
 
   def test_unfinished_writer_leaves_the_partial(self):
-    writer = store.TrajectoryWriter(self.path, SPECS)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS)
     writer.write_rows("W", 0, self.records["W"][:3])
     del writer
     gc.collect()
     self.assertTrue(os.path.exists(self.path + ".partial"))
     self.assertFalse(os.path.exists(self.path))
     with self.assertRaises(RuntimeError):
-      with store.TrajectoryWriter(self.path, SPECS) as writer:
+      with tensorfile.TrajectoryWriter(self.path, SPECS) as writer:
         writer.write_rows("W", 0, self.records["W"][:3])
         raise RuntimeError("the trainer crashed")
     self.assertTrue(os.path.exists(self.path + ".partial"))
     self.assertFalse(os.path.exists(self.path))
-    with self.assertRaisesRegex(store.StoreError, "closed unfinished"):
+    with self.assertRaisesRegex(disk.StoreError, "closed unfinished"):
       writer.finalize()
 
   def test_resume_continues_in_place_with_identical_bytes(self):
     reference = _read(_write_file(os.path.join(self.dir, "ref.safetensors"), self.records, 5))
     crashed_at, checkpoint_row = 15, 10  # rows past the checkpoint are rewritten
-    writer = store.TrajectoryWriter(self.path, SPECS, META)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS, META)
     for key in ROW_KEYS:
       writer.write_rows(key, 0, self.records[key][:crashed_at])
     writer.write("dead_mask", self.records["dead_mask"])
     writer.close()  # the process dies here
-    resumed = store.TrajectoryWriter(self.path, SPECS, META, resume=True)
+    resumed = tensorfile.TrajectoryWriter(self.path, SPECS, META, resume=True)
     _write_rows(resumed, self.records, 3, start=checkpoint_row)
     _write_whole(resumed, self.records)
     self.assertEqual(_read(resumed.finalize()), reference)
 
   def test_resume_refuses_another_header(self):
-    store.TrajectoryWriter(self.path, SPECS, META).close()
+    tensorfile.TrajectoryWriter(self.path, SPECS, META).close()
     other = dict(SPECS, W=(np.uint16, (STEPS + 2, TOKENS, DIM)))
     cases = [(other, META, "tensor 'W'"), (SPECS, {"experiment": "x"}, "metadata"),
              (dict(SPECS, W=(np.float32, SPECS["W"][1])), META, "tensor 'W'")]
     for specs, meta, what in cases:
-      with self.assertRaises(store.StoreError) as e:
-        store.TrajectoryWriter(self.path, specs, meta, resume=True)
+      with self.assertRaises(disk.StoreError) as e:
+        tensorfile.TrajectoryWriter(self.path, specs, meta, resume=True)
       message = str(e.exception)
       self.assertIn(self.path + ".partial", message)
       self.assertIn(what, message)
@@ -202,41 +205,41 @@ class WriterTest(parameterized.TestCase):
       self.assertNotIn("\n", message)
 
   def test_resume_needs_the_partial(self):
-    with self.assertRaisesRegex(store.StoreError, r"\.partial does not exist; start the run "):
-      store.TrajectoryWriter(self.path, SPECS, resume=True)
+    with self.assertRaisesRegex(disk.StoreError, r"\.partial does not exist; start the run "):
+      tensorfile.TrajectoryWriter(self.path, SPECS, resume=True)
     _write_file(self.path, self.records, 8)
-    with self.assertRaisesRegex(store.StoreError, "already finished"):
-      store.TrajectoryWriter(self.path, SPECS, META, resume=True)
+    with self.assertRaisesRegex(disk.StoreError, "already finished"):
+      tensorfile.TrajectoryWriter(self.path, SPECS, META, resume=True)
 
   def test_a_finished_file_is_not_clobbered_by_default(self):
     _write_file(self.path, self.records, 8)
-    with self.assertRaisesRegex(store.StoreError, "already exists"):
-      store.TrajectoryWriter(self.path, SPECS, META)
-    writer = store.TrajectoryWriter(self.path, SPECS, META, overwrite=True)
+    with self.assertRaisesRegex(disk.StoreError, "already exists"):
+      tensorfile.TrajectoryWriter(self.path, SPECS, META)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS, META, overwrite=True)
     self.assertFalse(os.path.exists(self.path))  # gone at once: never mistaken for this run's
     writer.close()
 
   def test_bf16_arrays_are_written_as_their_bits(self):
     bits = self.records["W"][:4]
-    writer = store.TrajectoryWriter(self.path, SPECS)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS)
     writer.write_rows("W", 0, jnp.asarray(bits.view(ml_dtypes.bfloat16)))
     writer.write_rows("W", 4, bits.view(ml_dtypes.bfloat16))
     writer.finalize()
-    with store.TrajectoryReader(self.path) as reader:
+    with tensorfile.TrajectoryReader(self.path) as reader:
       np.testing.assert_array_equal(reader.rows("W", 0, 4), bits)
       np.testing.assert_array_equal(reader.rows("W", 4, 8), bits)
 
   def test_empty_and_scalar_tensors(self):
     specs = {"none": (np.float32, (0, 3)), "W": (np.uint16, (2, 2)), "step": (np.int64, ()),
              "flag": (np.bool_, ())}
-    writer = store.TrajectoryWriter(self.path, specs)
+    writer = tensorfile.TrajectoryWriter(self.path, specs)
     writer.write_rows("none", 0, np.zeros((0, 3), np.float32))
     writer.write_rows("W", 0, np.array([[1, 2], [3, 4]], np.uint16))
     writer.write("step", np.int64(-5))
     writer.write("flag", np.bool_(True))
     writer.finalize()
     lab = torch_load_file(self.path)
-    with store.TrajectoryReader(self.path) as reader, safe_open(self.path, "np") as st:
+    with tensorfile.TrajectoryReader(self.path) as reader, safe_open(self.path, "np") as st:
       for key in specs:
         np.testing.assert_array_equal(reader.read(key), st.get_tensor(key))
         np.testing.assert_array_equal(reader.read(key), lab[key].numpy())
@@ -255,15 +258,15 @@ class WriterTest(parameterized.TestCase):
         ({"__metadata__": (np.uint16, (2,))}, "not usable"),
     ]
     for specs, pattern in bad:
-      with self.assertRaisesRegex(store.StoreError, pattern) as e:
-        store.TrajectoryWriter(self.path, specs)
+      with self.assertRaisesRegex(disk.StoreError, pattern) as e:
+        tensorfile.TrajectoryWriter(self.path, specs)
       self.assertNotIn("\n", str(e.exception))
-    with self.assertRaisesRegex(store.StoreError, "str to str"):
-      store.TrajectoryWriter(self.path, SPECS, {"steps": 5})
-    self.assertIsInstance(store.StoreError("x"), ValueError)
+    with self.assertRaisesRegex(disk.StoreError, "str to str"):
+      tensorfile.TrajectoryWriter(self.path, SPECS, {"steps": 5})
+    self.assertIsInstance(disk.StoreError("x"), ValueError)
 
   def test_bad_writes_are_one_line_errors(self):
-    writer = store.TrajectoryWriter(self.path, SPECS)
+    writer = tensorfile.TrajectoryWriter(self.path, SPECS)
     w = self.records["W"]
     bad = [
         (lambda: writer.write_rows("V", 0, w), r"no tensor 'V'.*\['W', "),
@@ -277,29 +280,29 @@ class WriterTest(parameterized.TestCase):
         (lambda: writer.write("dead_indices", np.zeros(TOKENS, np.int32)), "int64, got int32"),
     ]
     for call, pattern in bad:
-      with self.assertRaisesRegex(store.StoreError, pattern) as e:
+      with self.assertRaisesRegex(disk.StoreError, pattern) as e:
         call()
       self.assertNotIn("\n", str(e.exception))
-    scalar = store.TrajectoryWriter(os.path.join(self.dir, "s.safetensors"),
+    scalar = tensorfile.TrajectoryWriter(os.path.join(self.dir, "s.safetensors"),
                                     {"step": (np.int64, ())})
-    with self.assertRaisesRegex(store.StoreError, "0-d; write it with write"):
+    with self.assertRaisesRegex(disk.StoreError, "0-d; write it with write"):
       scalar.write_rows("step", 0, np.zeros(1, np.int64))
     scalar.write("step", np.int64(7))
-    with store.TrajectoryReader(scalar.finalize()) as reader:
+    with tensorfile.TrajectoryReader(scalar.finalize()) as reader:
       self.assertEqual(reader.read("step"), 7)
     writer.close()
-    with self.assertRaisesRegex(store.StoreError, "closed; reopen it with resume=True"):
+    with self.assertRaisesRegex(disk.StoreError, "closed; reopen it with resume=True"):
       writer.write_rows("W", 0, w)
 
 
 _RSS_CHILD = textwrap.dedent("""
     import json, os, resource, sys
     import numpy as np
-    from jaxdt import store
+    from jaxdt.io import tensorfile
     path, total_mb, chunk_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rows = total_mb // chunk_mb
     chunk = np.zeros((1, chunk_mb << 19), np.uint16)  # one row = chunk_mb MB
-    writer = store.TrajectoryWriter(path, {"W": (np.uint16, (rows, chunk.shape[1]))})
+    writer = tensorfile.TrajectoryWriter(path, {"W": (np.uint16, (rows, chunk.shape[1]))})
     writer.write_rows("W", 0, chunk)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for t in range(1, rows):
@@ -325,7 +328,7 @@ class MemoryTest(absltest.TestCase):
     growth_mb = (got["after_kb"] - got["before_kb"]) / 1024  # ru_maxrss is in KiB on Linux
     self.assertLess(growth_mb, RSS_LIMIT_MB, f"peak RSS grew {growth_mb:.1f} MB "
                     f"while writing {RSS_FILE_MB} MB")
-    with store.TrajectoryReader(path) as reader:  # and the chunks landed where they belong
+    with tensorfile.TrajectoryReader(path) as reader:  # and the chunks landed where they belong
       for t in (0, 1, RSS_FILE_MB // 2, RSS_FILE_MB - 1):
         np.testing.assert_array_equal(reader.rows("W", t, t + 1)[0, :9], [t] * 8 + [0])
 
@@ -340,7 +343,7 @@ class ReaderTest(absltest.TestCase):
 
   def test_ours_safe_open_and_torch_load_file_agree_bit_for_bit(self):
     lab = torch_load_file(self.path)  # the lab's own loader
-    with store.TrajectoryReader(self.path) as reader, safe_open(self.path, "np") as st:
+    with tensorfile.TrajectoryReader(self.path) as reader, safe_open(self.path, "np") as st:
       self.assertEqual(reader.keys(), list(SPECS))
       self.assertEqual(reader.metadata, META)
       self.assertEqual(st.metadata(), META)
@@ -356,14 +359,14 @@ class ReaderTest(absltest.TestCase):
     self.assertEqual(lab["W"].dtype, torch.uint16)
 
   def test_rows_reads_only_the_asked_rows(self):
-    with store.TrajectoryReader(self.path) as reader:
+    with tensorfile.TrajectoryReader(self.path) as reader:
       np.testing.assert_array_equal(reader.rows("W", 5, 12), self.records["W"][5:12])
       np.testing.assert_array_equal(_bits(reader.rows("delta_W_prime", 17)),
                                     _bits(self.records["delta_W_prime"][17:]))
       self.assertEqual(reader.rows("centroid", 4, 4).shape, (0, DIM))
-      with self.assertRaisesRegex(store.StoreError, r"rows \[3, 99\) of 'W'.*has 23 rows"):
+      with self.assertRaisesRegex(disk.StoreError, r"rows \[3, 99\) of 'W'.*has 23 rows"):
         reader.rows("W", 3, 99)
-      with self.assertRaisesRegex(store.StoreError, "no tensor 'm'"):
+      with self.assertRaisesRegex(disk.StoreError, "no tensor 'm'"):
         reader.rows("m", 0, 1)
 
   def test_reads_the_lab_layout_with_bf16(self):
@@ -374,7 +377,7 @@ class ReaderTest(absltest.TestCase):
            "last_motion_step": torch.arange(5, dtype=torch.int32) - 1}
     path = os.path.join(self.dir, "thimble_8_trajectory.safetensors")
     torch_save_file(lab, path, metadata={"source": "lab"})
-    with store.TrajectoryReader(path) as reader:
+    with tensorfile.TrajectoryReader(path) as reader:
       self.assertEqual(sorted(reader.keys()), sorted(lab))
       self.assertEqual(reader.metadata, {"source": "lab"})
       self.assertEqual(reader.raw_dtype("W_bf16"), "BF16")
@@ -389,16 +392,16 @@ class ReaderTest(absltest.TestCase):
     short = os.path.join(self.dir, "short.safetensors")
     with open(short, "wb") as f:
       f.write(_read(self.path)[:-1])
-    with self.assertRaisesRegex(store.StoreError, "truncated or padded, re-create it"):
-      store.TrajectoryReader(short)
+    with self.assertRaisesRegex(disk.StoreError, "truncated or padded, re-create it"):
+      tensorfile.TrajectoryReader(short)
     with open(short, "wb") as f:
       f.write(b"\xff" * 16)
-    with self.assertRaisesRegex(store.StoreError, "corrupt safetensors header"):
-      store.TrajectoryReader(short)
+    with self.assertRaisesRegex(disk.StoreError, "corrupt safetensors header"):
+      tensorfile.TrajectoryReader(short)
     unfinished = os.path.join(self.dir, "run.safetensors")
-    store.TrajectoryWriter(unfinished, SPECS).close()
-    with self.assertRaisesRegex(store.StoreError, r"not found \(the run is unfinished\)"):
-      store.TrajectoryReader(unfinished)
+    tensorfile.TrajectoryWriter(unfinished, SPECS).close()
+    with self.assertRaisesRegex(disk.StoreError, r"not found \(the run is unfinished\)"):
+      tensorfile.TrajectoryReader(unfinished)
 
 
 class MetadataTest(absltest.TestCase):
@@ -410,33 +413,33 @@ class MetadataTest(absltest.TestCase):
   def test_write_metadata_is_indented_json_written_atomically(self):
     meta = {"experiment": "Crucible 1", "final_loss": np.float32(5.25),
             "data_shapes": {"W": [5001, 3699, 64]}, "global_last_motion": np.int64(2509)}
-    path = store.write_metadata(os.path.join(self.dir, "run"), meta)
+    path = metadata_lib.write_metadata(os.path.join(self.dir, "run"), meta)
     with open(path) as f:
       text = f.read()
     plain = {**meta, "final_loss": 5.25, "global_last_motion": 2509}
     self.assertEqual(text, json.dumps(plain, indent=2) + "\n")
-    self.assertEqual(store.read_metadata(os.path.dirname(path)), plain)
+    self.assertEqual(metadata_lib.read_metadata(os.path.dirname(path)), plain)
     self.assertEqual(os.listdir(os.path.dirname(path)), ["metadata.json"])  # no tmp left
 
   def test_is_complete_follows_the_run_lifecycle(self):
     records = _records(2)
-    self.assertFalse(store.is_complete(self.dir, NAME))
-    store.write_metadata(self.dir, {"completed": False})
-    writer = store.TrajectoryWriter(os.path.join(self.dir, NAME), SPECS, META)
+    self.assertFalse(metadata_lib.is_complete(self.dir, NAME))
+    metadata_lib.write_metadata(self.dir, {"completed": False})
+    writer = tensorfile.TrajectoryWriter(os.path.join(self.dir, NAME), SPECS, META)
     _write_rows(writer, records, 9)
     _write_whole(writer, records)
-    self.assertFalse(store.is_complete(self.dir, NAME))  # only a .partial
+    self.assertFalse(metadata_lib.is_complete(self.dir, NAME))  # only a .partial
     path = writer.finalize()
-    self.assertFalse(store.is_complete(self.dir, NAME))  # marker not written yet
+    self.assertFalse(metadata_lib.is_complete(self.dir, NAME))  # marker not written yet
     size = os.path.getsize(path)
-    store.write_metadata(self.dir, {"completed": True, "trajectory_bytes": size + 8})
-    self.assertFalse(store.is_complete(self.dir, NAME))  # sizes disagree
-    store.write_metadata(self.dir, {"completed": "yes", "trajectory_bytes": size})
-    self.assertFalse(store.is_complete(self.dir, NAME))
-    store.write_metadata(self.dir, {"completed": True, "trajectory_bytes": size})
-    self.assertTrue(store.is_complete(self.dir, NAME))
+    metadata_lib.write_metadata(self.dir, {"completed": True, "trajectory_bytes": size + 8})
+    self.assertFalse(metadata_lib.is_complete(self.dir, NAME))  # sizes disagree
+    metadata_lib.write_metadata(self.dir, {"completed": "yes", "trajectory_bytes": size})
+    self.assertFalse(metadata_lib.is_complete(self.dir, NAME))
+    metadata_lib.write_metadata(self.dir, {"completed": True, "trajectory_bytes": size})
+    self.assertTrue(metadata_lib.is_complete(self.dir, NAME))
     os.remove(path)
-    self.assertFalse(store.is_complete(self.dir, NAME))
+    self.assertFalse(metadata_lib.is_complete(self.dir, NAME))
 
 
 class State(NamedTuple):
@@ -476,7 +479,7 @@ class CheckpointTest(absltest.TestCase):
     self.assertEqual(jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(want))
     for a, b in zip(got_leaves, want_leaves):
       self.assertIs(type(a), type(b))
-      if store._is_key(b):  # pylint: disable=protected-access
+      if checkpoints._is_key(b):  # pylint: disable=protected-access
         a, b = jax.random.key_data(a), jax.random.key_data(b)
       a, b = np.asarray(a), np.asarray(b)
       self.assertEqual(a.dtype, b.dtype)
@@ -484,13 +487,13 @@ class CheckpointTest(absltest.TestCase):
 
   def test_round_trip_into_a_differently_seeded_state_is_bit_exact(self):
     extra = {"step": 10, "data_position": 10, "config": {"lr": 1e-3}}
-    path = store.save_checkpoint(self.dir, 10, self.state, extra)
+    path = checkpoints.save_checkpoint(self.dir, 10, self.state, extra)
     self.assertEqual(path, os.path.join(self.dir, "step_000010"))
     self.assertEqual(sorted(os.listdir(path)), ["arrays.safetensors", "meta.json"])
     other = _state(2)
     self.assertFalse(np.array_equal(_bits(other.params["embedding"]),
                                     _bits(self.state.params["embedding"])))
-    restored, got_extra = store.load_checkpoint(store.latest_checkpoint(self.dir), other)
+    restored, got_extra = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(self.dir), other)
     self.assertEqual(got_extra, extra)
     self._assert_bit_identical(restored, self.state)
     self.assertEqual(restored.params["embedding"].dtype, jnp.bfloat16)
@@ -506,34 +509,34 @@ class CheckpointTest(absltest.TestCase):
 
   def test_restores_into_an_abstract_state(self):
     tree = {"params": self.state.params, "count": self.state.count}
-    store.save_checkpoint(self.dir, 3, tree)
+    checkpoints.save_checkpoint(self.dir, 3, tree)
     like = jax.eval_shape(lambda: tree)
-    restored, extra = store.load_checkpoint(store.latest_checkpoint(self.dir), like)
+    restored, extra = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(self.dir), like)
     self.assertEqual(extra, {})
     self._assert_bit_identical(restored, tree)
 
   def test_truncated_checkpoint_is_ignored(self):
-    store.save_checkpoint(self.dir, 10, self.state)
-    store.save_checkpoint(self.dir, 20, _state(3))
+    checkpoints.save_checkpoint(self.dir, 10, self.state)
+    checkpoints.save_checkpoint(self.dir, 20, _state(3))
     os.remove(os.path.join(self.dir, "step_000020", "meta.json"))  # died before the marker
-    later = store.TrajectoryWriter(os.path.join(self.dir, "step_000030", "arrays.safetensors"),
+    later = tensorfile.TrajectoryWriter(os.path.join(self.dir, "step_000030", "arrays.safetensors"),
                                    {"x": (np.float32, (4,))})
     later.close()  # died while writing arrays
-    self.assertEqual(store.latest_checkpoint(self.dir), os.path.join(self.dir, "step_000010"))
-    with self.assertRaisesRegex(store.StoreError, "no meta.json .unfinished write.; restore"):
-      store.load_checkpoint(os.path.join(self.dir, "step_000020"), self.state)
-    store.save_checkpoint(self.dir, 20, _state(4))  # re-saving a step replaces it whole
-    restored, _ = store.load_checkpoint(store.latest_checkpoint(self.dir), self.state)
+    self.assertEqual(checkpoints.latest_checkpoint(self.dir), os.path.join(self.dir, "step_000010"))
+    with self.assertRaisesRegex(disk.StoreError, "no meta.json .unfinished write.; restore"):
+      checkpoints.load_checkpoint(os.path.join(self.dir, "step_000020"), self.state)
+    checkpoints.save_checkpoint(self.dir, 20, _state(4))  # re-saving a step replaces it whole
+    restored, _ = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(self.dir), self.state)
     self._assert_bit_identical(restored, _state(4))
 
   def test_latest_checkpoint_without_checkpoints_is_none(self):
-    self.assertIsNone(store.latest_checkpoint(os.path.join(self.dir, "missing")))
+    self.assertIsNone(checkpoints.latest_checkpoint(os.path.join(self.dir, "missing")))
     os.makedirs(os.path.join(self.dir, "step_000005"))
     os.makedirs(os.path.join(self.dir, "notes"))
-    self.assertIsNone(store.latest_checkpoint(self.dir))
+    self.assertIsNone(checkpoints.latest_checkpoint(self.dir))
 
   def test_a_state_that_does_not_fit_is_a_one_line_error(self):
-    path = store.save_checkpoint(self.dir, 1, self.state)
+    path = checkpoints.save_checkpoint(self.dir, 1, self.state)
     wide = self.state._replace(count=jnp.float32(1))
     small = self.state._replace(last_motion_step=np.zeros(TOKENS - 1, np.int32))
     fewer = {"params": self.state.params}
@@ -541,8 +544,8 @@ class CheckpointTest(absltest.TestCase):
              (small, r"'.last_motion_step' is I32\[9\], the state wants I32\[8\]"),
              (fewer, "state leaf \"\\['params'\\]\\['embedding'\\]\" is not in it")]
     for like, pattern in cases:
-      with self.assertRaisesRegex(store.StoreError, pattern) as e:
-        store.load_checkpoint(path, like)
+      with self.assertRaisesRegex(disk.StoreError, pattern) as e:
+        checkpoints.load_checkpoint(path, like)
       self.assertIn("restore with the config the checkpoint was saved with", str(e.exception))
       self.assertNotIn("\n", str(e.exception))
 
@@ -554,8 +557,8 @@ class PreflightTest(absltest.TestCase):
     self.dir = _tempdir(self)
 
   def test_refuses_absurd_disk_with_one_line(self):
-    with self.assertRaises(store.StoreError) as e:
-      store.preflight(os.path.join(self.dir, "new", "run"), 10**18, file_name=NAME)
+    with self.assertRaises(disk.StoreError) as e:
+      disk.preflight(os.path.join(self.dir, "new", "run"), 10**18, file_name=NAME)
     message = str(e.exception)
     self.assertRegex(message, r"^not enough disk for crucible_1_trajectory\.safetensors: need "
                      r"1,000,000 TB, [\d.,]+ [KMGT]?B free in .*new/run; pass --output_dir on a "
@@ -565,22 +568,22 @@ class PreflightTest(absltest.TestCase):
   def test_refuses_absurd_ram(self):
     if not os.path.exists("/proc/meminfo"):
       self.skipTest("no /proc/meminfo: the RAM check is skipped on this system")
-    with self.assertRaisesRegex(store.StoreError, r"^not enough RAM for crucible_1_traj.*: need "
+    with self.assertRaisesRegex(disk.StoreError, r"^not enough RAM for crucible_1_traj.*: need "
                                 r"1,000 TB, [\d.,]+ [KMGT]?B available; pass a smaller"):
-      store.preflight(self.dir, 1, 10**15, file_name=NAME)
+      disk.preflight(self.dir, 1, 10**15, file_name=NAME)
 
   def test_passes_when_it_fits(self):
-    store.preflight(self.dir, store.estimate_bytes(SPECS), 1 << 20, file_name=NAME)
+    disk.preflight(self.dir, tensorfile.estimate_bytes(SPECS), 1 << 20, file_name=NAME)
 
   def test_estimate_bytes_is_the_file_size(self):
     self.assertEqual(os.path.getsize(_write_file(os.path.join(self.dir, NAME), _records(), 7)),
-                     store.estimate_bytes(SPECS, META))
+                     tensorfile.estimate_bytes(SPECS, META))
     crucible_1 = {  # the lab printed "File size: 7.10 GB" (its Crucible 1 notebook)
         "W": (np.uint16, (5001, 3699, 64)), "delta_W_prime": (np.float32, (5000, 3699, 64)),
         "centroid": (np.float32, (5001, 64)), "loss": (np.float32, (5001,)),
         "last_motion_step": (np.int32, (3699,)), "dead_mask": (np.bool_, (10000,)),
         "dead_indices": (np.int64, (3699,))}
-    self.assertEqual(f"{store.estimate_bytes(crucible_1) / 1e9:.2f}", "7.10")
+    self.assertEqual(f"{tensorfile.estimate_bytes(crucible_1) / 1e9:.2f}", "7.10")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The training loop on a tiny crucible1: records, probes, loss, purity."""
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +8,23 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxdt import data, lattice, ordered, probes, store, train
+
+from jaxdt.data import corpus as corpus_lib
+from jaxdt.io import metadata
+from jaxdt.io import tensorfile
+from jaxdt.numerics import lattice
+from jaxdt.numerics import ordered
+from jaxdt.training import loop
+from jaxdt.training import probes
+from jaxdt.training import step as step_lib
 
 
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
   cfg = tiny_config(tiny_data, steps=30)
   out = str(tmp_path_factory.mktemp("run"))
-  result = train.train(cfg, out, progress=False)
-  return cfg, result, store.TrajectoryReader(result.trajectory)
+  result = loop.train(cfg, out, progress=False)
+  return cfg, result, tensorfile.TrajectoryReader(result.trajectory)
 
 
 def test_file_has_the_lab_keys_dtypes_and_shapes(run):
@@ -30,8 +37,8 @@ def test_file_has_the_lab_keys_dtypes_and_shapes(run):
   for k, (dt, shape) in want.items():
     assert (str(r.dtype(k)), r.shape(k)) == (dt, shape), k
   assert np.isnan(r.read("loss")[0])
-  assert store.is_complete(result.run_dir, cfg.store.trajectory_name)
-  meta = store.read_metadata(result.run_dir)
+  assert metadata.is_complete(result.run_dir, cfg.store.trajectory_name)
+  meta = metadata.read_metadata(result.run_dir)
   for key in ("experiment", "total_steps", "learning_rate", "n_dead_tokens", "final_loss",
               "total_epochs", "data_shapes", "config", "jax_version", "backend", "cpu_threads",
               "wall_time_s", "data_files"):
@@ -77,13 +84,13 @@ def test_accounting_replay_is_exact_on_every_step(run):
 
 def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
   cfg = tiny_config(tiny_data)
-  corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
+  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   dims = probes.Dims(corpus.n_dead, cfg.model.hidden_dim, jnp.bfloat16)
-  step = train.make_step(cfg, corpus.tokens, corpus.dead_indices)
-  state = train.init_state(cfg, dims)
+  step = step_lib.make_step(cfg, corpus.tokens, corpus.dead_indices)
+  state = step_lib.init_state(cfg, dims)
   jaxpr = str(jax.make_jaxpr(lambda s: jax.lax.scan(step, s, jnp.arange(1, 3)))(state))
   assert "callback" not in jaxpr
-  run_chunk = train.make_run_chunk(step)
+  run_chunk = step_lib.make_run_chunk(step)
   state, _ = run_chunk(state, jnp.int32(0), 2)
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
@@ -94,22 +101,22 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
 
 
 def test_chunk_plan_ends_chunks_on_checkpoints():
-  assert train.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
-  assert train.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
+  assert step_lib.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
+  assert step_lib.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
 
 
 def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):
   import torch  # a test dependency: missing is a failure, not a skip
-  from jaxdt import model
+  from jaxdt.model import tinylm, torch_io
   cfg = tiny_config(tiny_data, steps=2)
-  params = model.init_params(jax.random.key(123), cfg.model)
+  params = tinylm.init_params(jax.random.key(123), cfg.model)
   sd = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
-        for k, v in model.params_to_torch_state_dict(params, cfg.model).items()}
+        for k, v in torch_io.params_to_torch_state_dict(params, cfg.model).items()}
   path = str(tmp_path / "checkpoint_step_00000.pt")
   torch.save({"step": 0, "model_state_dict": sd}, path)
-  result = train.train(dataclasses.replace(cfg, init_checkpoint=path), str(tmp_path / "run"),
+  result = loop.train(dataclasses.replace(cfg, init_checkpoint=path), str(tmp_path / "run"),
                        progress=False)
-  r = store.TrajectoryReader(result.trajectory)
+  r = tensorfile.TrajectoryReader(result.trajectory)
   rows = r.read("dead_indices")
   want = sd["embedding.weight"][torch.from_numpy(rows)].view(torch.int16).numpy().view(np.uint16)
   np.testing.assert_array_equal(r.rows("W", 0, 1)[0], want)
@@ -118,7 +125,7 @@ def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):
 def test_mixed_precision_is_one_flag_with_f32_master_records(tiny_data, tmp_path):
   # The lab's first open question: do dead tokens freeze with f32 master weights?
   cfg = tiny_config(tiny_data, steps=6, precision="mixed")
-  r = store.TrajectoryReader(train.train(cfg, str(tmp_path), progress=False).trajectory)
+  r = tensorfile.TrajectoryReader(loop.train(cfg, str(tmp_path), progress=False).trajectory)
   assert r.dtype("W") == np.float32  # the master weights, not bf16 bits
   np.testing.assert_array_equal(r.read("adam_replay_match"), 1.0)
   w = r.read("W")

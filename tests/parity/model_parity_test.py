@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdt import model
 from jaxdt.config import ModelConfig
+from jaxdt.model import tinylm
+from jaxdt.model import torch_io
 
 try:
   import torch
@@ -98,7 +99,7 @@ def _torch_loss(logits, ids):
 
 
 def _jax_loss(params, cfg, ids):
-  logits, h = model.apply(params, cfg, ids, return_hidden=True)
+  logits, h = tinylm.apply(params, cfg, ids, return_hidden=True)
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   loss = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
   return loss, (logits, h)
@@ -141,7 +142,7 @@ class ModelParityTest(parameterized.TestCase):
     t_loss = _torch_loss(t_logits, t_ids)
     t_loss.backward()
 
-    params = model.params_from_torch_state_dict(tm.state_dict(), cfg)
+    params = torch_io.params_from_torch_state_dict(tm.state_dict(), cfg)
     grad_fn = jax.jit(jax.value_and_grad(_jax_loss, has_aux=True), static_argnums=1)
     (loss, (logits, h)), grads = grad_fn(params, cfg, jnp.asarray(ids))
 
@@ -150,7 +151,7 @@ class ModelParityTest(parameterized.TestCase):
     self.assertLess(errs["logits"], LOGITS_RTOL)
     self.assertLess(errs["h"], LOGITS_RTOL)
     self.assertLess(errs["loss"], LOGITS_RTOL)
-    jax_grads = model.params_to_torch_state_dict(grads, cfg)
+    jax_grads = torch_io.params_to_torch_state_dict(grads, cfg)
     grad_errs = {k: _rel(jax_grads[k], _np(p.grad)) for k, p in tm.named_parameters()}
     worst = max(grad_errs, key=grad_errs.get)
     print(f"\n[{variant}/{name} fp32] rel err logits {errs['logits']:.2e} "
@@ -173,7 +174,7 @@ class ModelParityTest(parameterized.TestCase):
       # an ulp of 0.0625 near ln V; the trainer owns that choice.)
       t_loss = _torch_loss(t_logits.float(), t_ids)
       t_loss_bf16 = _torch_loss(t_logits, t_ids)
-    params = model.params_from_torch_state_dict(tm.state_dict(), cfg)
+    params = torch_io.params_from_torch_state_dict(tm.state_dict(), cfg)
     self.assertEqual(params["embedding"].dtype, jnp.bfloat16)
     loss, (logits, _) = jax.jit(_jax_loss, static_argnums=1)(params, cfg, jnp.asarray(ids))
     self.assertEqual(logits.dtype, jnp.bfloat16)
@@ -190,15 +191,15 @@ class ModelParityTest(parameterized.TestCase):
     ids = _ids(cfg, 3, 16)
     with torch.no_grad():
       t_logits = tm(torch.from_numpy(ids))
-    params = model.params_from_torch_state_dict(tm.state_dict(), cfg)
-    logits = model.apply(params, cfg, jnp.asarray(ids))
+    params = torch_io.params_from_torch_state_dict(tm.state_dict(), cfg)
+    logits = tinylm.apply(params, cfg, jnp.asarray(ids))
     self.assertLess(_rel(logits, _np(t_logits)), LOGITS_RTOL)
 
   @parameterized.parameters(*VARIANTS)
   def test_init_distributions_match_torch(self, variant):
     # Same distribution per tensor (not the same bits: torch's RNG is not ours).
     cfg = self._cfg(variant, LAB)
-    ours = model.params_to_torch_state_dict(model.init_params(jax.random.key(0), cfg), cfg)
+    ours = torch_io.params_to_torch_state_dict(tinylm.init_params(jax.random.key(0), cfg), cfg)
     theirs = {k: _np(v) for k, v in _torch_model(cfg).state_dict().items()}
     self.assertEqual(sorted(ours), sorted(theirs))
     for k, t in theirs.items():
@@ -227,8 +228,8 @@ class ModelParityTest(parameterized.TestCase):
       path = os.path.join(d, "checkpoint_step_0.pt")
       torch.save({"step": 0, "model_state_dict": tm.state_dict(),
                   "rng_state": torch.get_rng_state()}, path)
-      params = model.load_torch_checkpoint(path, cfg)
-    back = model.params_to_torch_state_dict(params, cfg)
+      params = torch_io.load_torch_checkpoint(path, cfg)
+    back = torch_io.params_to_torch_state_dict(params, cfg)
     for k, v in tm.state_dict().items():
       np.testing.assert_array_equal(back[k].view(np.uint16), _np(v).view(np.uint16), err_msg=k)
 

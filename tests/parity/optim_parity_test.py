@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
-import pytest
 import torch
 from absl.testing import absltest, parameterized
 
 from jaxdt import config as config_lib
-from jaxdt import accounting
-from jaxdt import optim
+from jaxdt.optim import accounting
+from jaxdt.optim import adamw
 
 BF16 = ml_dtypes.bfloat16
 STEPS = 1000
@@ -69,7 +68,7 @@ def jax_chunk_runner(tx, hp, via):
       u, s = tx.update(g, s, p)
       p = optax.apply_updates(p, u)
     else:
-      p, s = optim.step(hp, p, g, s)
+      p, s = adamw.step(hp, p, g, s)
     return (p, s), (p, s.mu, s.nu)
   return jax.jit(lambda c, gs: jax.lax.scan(body, c, gs))
 
@@ -79,7 +78,7 @@ def compare(shape, lr, wd, dtype, steps=STEPS, seed=0, torch_sqrt=None, via="opt
   p0 = (np.random.default_rng(seed + 1).standard_normal(shape) * 0.02).astype(dtype)
   tp = torch.nn.Parameter(to_torch(p0).clone())
   opt = torch.optim.AdamW([tp], lr=lr, weight_decay=wd)
-  tx = optim.adamw(lr, weight_decay=wd)
+  tx = adamw.adamw(lr, weight_decay=wd)
   run = jax_chunk_runner(tx, config_lib.OptimConfig(lr, weight_decay=wd), via)
   carry = (jnp.asarray(p0), tx.init(jnp.asarray(p0)))
   out = dict(p=0, m=0, v=0, m_outside_subnormal=0, m_subnormal=0, first_p=None)
@@ -170,8 +169,8 @@ class SubnormalTest(absltest.TestCase):
     tp = torch.nn.Parameter(to_torch(p0).clone())
     opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
     hp = config_lib.OptimConfig(lr)
-    step = jax.jit(lambda p, s, g: optim.step(hp, p, g, s))
-    p, s = jnp.asarray(p0), optim.adamw(lr).init(jnp.asarray(p0))
+    step = jax.jit(lambda p, s, g: adamw.step(hp, p, g, s))
+    p, s = jnp.asarray(p0), adamw.adamw(lr).init(jnp.asarray(p0))
     m_diff_total = m_diff_late = 0
     for t in range(1, 1501):
       g = (rng.standard_normal(shape) * 1e-3).astype(np.float32)

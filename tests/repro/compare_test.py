@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxdt import analysis, backend, compare, report, train
+
+from jaxdt.analysis import compare
+from jaxdt.analysis import metrics
+from jaxdt.numerics import backend
+from jaxdt.report import outputs
+from jaxdt.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
@@ -24,7 +29,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
   cfg = tiny_config(tiny_data, steps=STEPS)
-  return [train.train(cfg, str(tmp_path_factory.mktemp(name)), progress=False)
+  return [loop.train(cfg, str(tmp_path_factory.mktemp(name)), progress=False)
           for name in ("cpu_a", "cpu_b")]
 
 
@@ -51,7 +56,7 @@ def _cli(*flags):
 def test_two_cpu_runs_of_one_config_are_identical(runs, tmp_path):
   a, b = runs
   lines = []
-  c = report.compare(a.run_dir, b.run_dir, str(tmp_path), echo=lines.append)
+  c = outputs.compare(a.run_dir, b.run_dir, str(tmp_path), echo=lines.append)
   assert c["identical"] and c["first_difference"] is None and c["steps_compared"] == STEPS
   assert {k["key"] for k in c["keys"]} >= {"W", "delta_W_prime", "loss", "last_motion_step"}
   for k in c["keys"]:
@@ -71,16 +76,16 @@ def test_a_tampered_copy_reports_the_first_differing_step(runs, tmp_path):
   path = os.path.join(copy, os.path.basename(b.trajectory))
   _flip_bit(path, "W", row=7, element=5)  # W row 7 = the state after step 7
   _flip_bit(path, "loss", row=9, bit=20)
-  with pytest.raises(analysis.AnalysisError, match="tampered/crucible_1_trajectory.safetensors "
+  with pytest.raises(metrics.AnalysisError, match="tampered/crucible_1_trajectory.safetensors "
                      "is corrupt: tensor '(W|loss)' does not match the SHA-256"):
-    report.compare(a.run_dir, copy, echo=lambda _: None)
+    outputs.compare(a.run_dir, copy, echo=lambda _: None)
   # The same bytes without recorded checksums (as from a jaxdt before them): compared.
   meta_path = os.path.join(copy, "metadata.json")
   meta = json.load(open(meta_path))
   del meta["tensor_sha256"], meta["trajectory_sha256"]
   json.dump(meta, open(meta_path, "w"))
   lines = []
-  c = report.compare(a.run_dir, copy, echo=lines.append)
+  c = outputs.compare(a.run_dir, copy, echo=lines.append)
   keys = {k["key"]: k for k in c["keys"]}
   assert not c["identical"] and c["first_difference"] == {"step": 7, "key": "W"}
   w = keys["W"]
@@ -94,7 +99,7 @@ def test_a_tampered_copy_reports_the_first_differing_step(runs, tmp_path):
 
 def test_runs_of_different_length_compare_their_common_steps(runs, tiny_data, tmp_path):
   a, _ = runs
-  short = train.train(tiny_config(tiny_data, steps=8), str(tmp_path / "short"), progress=False)
+  short = loop.train(tiny_config(tiny_data, steps=8), str(tmp_path / "short"), progress=False)
   c = compare.compare(a.run_dir, short.run_dir)
   assert c["steps_compared"] == 8 and c["identical"]  # the first 8 steps are the same run
   lms = {k["key"]: k for k in c["keys"]}["last_motion_step"]

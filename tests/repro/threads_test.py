@@ -1,7 +1,7 @@
 """Recorded diagnostics do not depend on the CPU thread count (docs/adamw.md §Determinism).
 
 XLA:CPU splits f32 reductions by thread count; jaxdt's recorded sums go through
-`jaxdt.ordered`, so a 1-core and a 2-core process must print the same bits.
+`jaxdt.numerics.ordered`, so a 1-core and a 2-core process must print the same bits.
 """
 
 import os
@@ -13,8 +13,10 @@ import pytest
 
 SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
+
 from jaxdt import config as config_lib
-from jaxdt import accounting, optim, ordered
+from jaxdt.numerics import ordered
+from jaxdt.optim import accounting
 rng = np.random.default_rng(0)
 w = jnp.asarray((rng.standard_normal((3708, 64)) * 0.02).astype(jnp.bfloat16))
 m = jnp.asarray((rng.standard_normal((3708, 64)) * 1e-4).astype(jnp.bfloat16))

@@ -170,3 +170,8 @@ def np_bits(x: np.ndarray) -> np.ndarray:
   uint16 for bf16, uint32 for f32), for bit-exact comparisons."""
   x = np.asarray(x)
   return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+
+def true_divide(x, s):
+  """x / s as an IEEE division; a bare `x / scalar` becomes x · (1/s) in XLA."""
+  return x / (s + x * 0)

@@ -9,7 +9,7 @@
             question — do dead tokens still freeze with f32 master weights? —
             is `--precision=mixed` against `--precision=bf16`.
 
-The optimizer needs no policy of its own: `optim.adamw` rounds in each
+The optimizer needs no policy of its own: `jaxdt.optim.adamw` rounds in each
 parameter's dtype, so bf16 params get bf16 moments and f32 params f32 ones.
 """
 

@@ -8,7 +8,7 @@ the lab's scalar hyperparameter tensors, written once). Each item names its
 file key explicitly; `build` refuses unknown probe names and two items that
 would write one key. Every series and tracker function is pure, sees only the
 arrays of `StepView`, and runs inside the jitted scan body; the loop in
-`jaxdt.train` only calls what `build` returns.
+`jaxdt.training.loop` only calls what `build` returns.
 
 File layout follows the lab (docs/definitions.md §Steps and files): a series with an `initial`
 function has T+1 rows, row 0 being the state before any step and row t the
@@ -26,10 +26,9 @@ import ml_dtypes
 import numpy as np
 
 from jaxdt import config as config_lib
-from jaxdt import accounting
-from jaxdt import lattice
-from jaxdt import optim
-from jaxdt import ordered
+from jaxdt.numerics import lattice
+from jaxdt.numerics import ordered
+from jaxdt.optim import accounting
 
 
 class Dims(NamedTuple):
@@ -256,7 +255,7 @@ PROBES = {
     # Written once: Thimble 1's scalar tensors; Thimble 4-7's masks and ids.
     "lab_scalars": _const(Static(_LAB_SCALAR_KEYS, lab_scalars)),
     "live_dead_ids": _const(Static(("live_mask", "live_ids", "dead_ids"), live_dead_ids)),
-    # In-scan Adam accounting over the recorded rows (jaxdt.accounting).
+    # In-scan Adam accounting over the recorded rows (jaxdt.optim.accounting).
     "adam_accounting": _accounting,
 }
 # File keys the loop writes itself, beside the probes'.

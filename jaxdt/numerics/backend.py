@@ -138,15 +138,13 @@ def describe() -> dict:
     text), flags (`effective_flags`), fma_contracts, jax_version.
   """
   import jax
-
-  from jaxdt import optim
   dev = jax.devices()[0]
   return {
       "backend": jax.default_backend(), "device_kind": dev.device_kind,
       "device_count": jax.device_count(), "cpu_threads": cpu_threads(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "flags": {k: v for k, (v, _) in effective_flags().items()},
-      "fma_contracts": optim.fma_contracts(), "jax_version": jax.__version__,
+      "fma_contracts": fma_contracts(), "jax_version": jax.__version__,
   }
 
 
@@ -167,3 +165,19 @@ def quiet_backend_probe() -> None:
   initialize backend 'tpu' ... libtpu.so"), which absl's handler would print."""
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def fma_contracts() -> bool:
+  """True if `a * b + c` is fused into an FMA under jit on the default backend.
+
+  torch's lerp_ and addcmul_ are FMAs; without contraction `adamw` is not
+  bit-exact (docs/adamw.md, rule 2; BUILD_NOTES: thousands of mismatches in 300 steps).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a = b = np.float32(1 + 2.0**-12)
+  c = np.float32(-(1 + 2.0**-11))
+  # a·b = 1 + 2^-11 + 2^-24 exactly; rounded to f32 first it is a tie that goes
+  # to 1 + 2^-11, so a·b + c = 0, whereas an FMA gives 2^-24.
+  out = jax.jit(lambda x, y, z: x * y + z)(a, b, c)
+  return float(out) == 2.0**-24

@@ -8,7 +8,7 @@ recomputes the Adam accounting metrics from recorded W, m, v in the same
 blocks. Memory is one block plus what is kept, so files larger than memory
 work.
 
-Conventions as in `jaxdt.analysis`: W row t is the state after step t, ΔW′
+Conventions as in `jaxdt.analysis.metrics`: W row t is the state after step t, ΔW′
 row t-1 holds step t, and "never" is -1 in every per-row step array.
 """
 
@@ -19,9 +19,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from jaxdt import config as config_lib
-from jaxdt import lattice
-from jaxdt import trajectory
+from jaxdt.analysis import trajectory
+from jaxdt.numerics import lattice
 
 BLOCK_BYTES = 64 << 20  # rows read per block: about this many bytes
 MOTION_THRESHOLD = 0.1  # the Crucible 1 default when the file's metadata has none
@@ -173,7 +172,7 @@ def accounting_from_state(traj: trajectory.Trajectory, hyper, block_steps: Optio
                           max_steps: Optional[int] = None) -> dict:
   """Per-step accounting metrics recomputed from W[t-1], W[t], m_t, v_t.
 
-  Runs `jaxdt.accounting.metrics` (the same function the trainer's in-scan
+  Runs `jaxdt.optim.accounting.metrics` (the same function the trainer's in-scan
   probe runs) over blocks of steps, so a Thimble 8 file (W, m, v) gets the
   same numbers as our adam_* keys.
 
@@ -188,7 +187,7 @@ def accounting_from_state(traj: trajectory.Trajectory, hyper, block_steps: Optio
   import jax
   import ml_dtypes
 
-  from jaxdt import accounting
+  from jaxdt.optim import accounting  # pylint: disable=g-import-not-at-top
   m_key, v_key = trajectory.state_keys(traj.reader.keys())
   T = traj.steps if max_steps is None else min(traj.steps, max_steps)
   block = block_steps or default_block_steps(traj.n_rows, traj.hidden)

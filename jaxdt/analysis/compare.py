@@ -3,8 +3,8 @@
 `compare(a, b)` compares every key both files hold, bitwise, over the steps
 both have (`compare_key`: first differing step, identical elements and bits,
 largest |difference|), the loss (`loss_difference`) and the freeze
-statistics of each run (`freeze_statistics` of `analysis.analyze`), and
-reports both runs' backend facts from metadata.json. `jaxdt.report` prints it.
+statistics of each run (`freeze_statistics` of `metrics.analyze`), and
+reports both runs' backend facts from metadata.json. `jaxdt.report.text` prints it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Optional
 
 import numpy as np
 
-from jaxdt import analysis
-from jaxdt import lattice
-from jaxdt import rundir
-from jaxdt import stream
-from jaxdt import trajectory
+from jaxdt.analysis import metrics
+from jaxdt.analysis import stream
+from jaxdt.analysis import trajectory
+from jaxdt.io import rundir
+from jaxdt.numerics import lattice
 
 # Tensors written once (not per step): compared whole.
 STATIC_KEYS = ("dead_mask", "dead_indices", "live_mask", "live_ids", "dead_ids",
@@ -167,8 +167,8 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
   finally:
     ta.reader.close()
     tb.reader.close()
-  fa = freeze_statistics(analysis.analyze(path_a, block_steps=block_steps, max_steps=T)[0])
-  fb = freeze_statistics(analysis.analyze(path_b, block_steps=block_steps, max_steps=T)[0])
+  fa = freeze_statistics(metrics.analyze(path_a, block_steps=block_steps, max_steps=T)[0])
+  fb = freeze_statistics(metrics.analyze(path_b, block_steps=block_steps, max_steps=T)[0])
   number = lambda x: isinstance(x, (int, float))
   diff = {k: fb[k] - fa[k] if number(fa[k]) and number(fb.get(k)) else None for k in fa}
   firsts = [(k["first_diff_step"], k["key"]) for k in keys if k.get("first_diff_step") is not None]

@@ -5,7 +5,7 @@ streaming pass over a trajectory file) keeps. `analyze(path)` opens a file
 (`trajectory.open_trajectory`), runs the pass and every analysis the file
 supports, and lists what it lacks as skipped. The seed's two printed blocks
 (FIMBULWINTER CHECK, STILLNESS PERIOD ANALYSIS) are formatted here, first;
-`jaxdt.report` formats the rest.
+`jaxdt.report.text` formats the rest.
 
 Conventions (docs/definitions.md):
   step t = 1..T; W row t is the state after step t (row 0: before any step);
@@ -24,9 +24,9 @@ from typing import Optional
 
 import numpy as np
 
-from jaxdt import rundir
-from jaxdt import stream
-from jaxdt import trajectory
+from jaxdt.analysis import stream
+from jaxdt.analysis import trajectory
+from jaxdt.io import rundir
 
 MILESTONES = (50, 90, 99, 100)  # per-step frozen-fraction milestones, percent
 ACCOUNTING_SAMPLE_STEPS = (1, 10, 50, 100, 200, 500, 800)  # Thimble 1's validation steps
@@ -500,7 +500,7 @@ def _analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optiona
       got = stream.accounting_from_state(traj, hyper, block_steps, max_steps)
       arrays = [got[k[len("adam_"):]] for k in trajectory.ACCOUNTING_KEYS]
       summary["accounting"] = {**accounting_summary(*arrays),
-                               "source": "recomputed from W, m, v (jaxdt.accounting.metrics)"}
+                               "source": "recomputed from W, m, v (jaxdt.optim.accounting.metrics)"}
       series["accounting"] = dict(zip(trajectory.ACCOUNTING_KEYS, arrays))
     elif has_state:
       skip("Adam accounting", "m and v present but the hyperparameters are unknown (no "

@@ -1,32 +1,13 @@
-"""The printed summary, summary.json and plots of an analysed trajectory.
-
-`analyze(path)` runs `jaxdt.analysis.analyze` (one streaming pass), prints the
-lab-style blocks (the seed's FIMBULWINTER CHECK and STILLNESS PERIOD ANALYSIS
-verbatim, then the other analyses in the same style), and writes
-`summary.json` and five PNGs next to the file or into `analysis_dir`.
-`compare(a, b)` prints the cross-run (cross-backend) comparison of
-`jaxdt.compare.compare`.
-
-Plots use matplotlib's Agg backend, imported only when plotting.
-"""
+"""The printed analysis: the lab-style blocks of a summary and a comparison."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 
-from jaxdt import analysis
-from jaxdt import store
-from jaxdt import compare as compare_lib
+from jaxdt.analysis import metrics
 
-SUMMARY_FILE = "summary.json"
-PLOT_FILES = {"loss": "loss.png", "frozen_fraction": "frozen_fraction.png",
-              "freeze_steps": "freeze_steps.png", "phases": "phases.png",
-              "centroid": "centroid.png"}
+
 RULE = "=" * 60
 PHASES = ("Early", "Midlife", "Late", "Fimbulwinter")
 
@@ -187,9 +168,9 @@ def format_summary(s: dict, header: bool = True) -> str:
         f"The loss is non-finite from step {s['diverged_at_step']} on (inf or NaN): the run "
         "diverged.", f"The analyses below cover steps 0..{s['steps']}, before it."]))
   if s.get("fimbulwinter_check"):  # the seed's two blocks first, in its order
-    blocks.append(analysis.format_fimbulwinter_check(s["fimbulwinter_check"]))
+    blocks.append(metrics.format_fimbulwinter_check(s["fimbulwinter_check"]))
   if "stillness" in s:
-    blocks.append(analysis.format_stillness(s["stillness"]["runs"]))
+    blocks.append(metrics.format_stillness(s["stillness"]["runs"]))
   if "loss" in s:
     blocks.append(format_loss(s["loss"]))
   if "global_freeze" in s:
@@ -207,193 +188,6 @@ def format_summary(s: dict, header: bool = True) -> str:
   if s["skipped"]:
     blocks.append("\n".join(f"Skipped: {x['analysis']} ({x['reason']})" for x in s["skipped"]))
   return "\n\n".join(blocks)
-
-
-def write_summary(summary: dict, out_dir: str) -> str:
-  """Writes `out_dir/summary.json` (strict JSON: NaN and inf become null)."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, SUMMARY_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(store.json_ready(summary), f, indent=2, allow_nan=False)
-    f.write("\n")
-  return path
-
-
-# --- Plots --------------------------------------------------------------------
-
-
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-  return plt
-
-
-def _save(fig, out_dir: str, name: str) -> str:
-  path = os.path.join(out_dir, PLOT_FILES[name])
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  fig.clf()
-  _pyplot().close(fig)
-  return path
-
-
-def plot_loss(plt, series: dict, summary: dict, out_dir: str) -> str:
-  fig, ax = plt.subplots(figsize=(7, 4))
-  loss = series["loss"]
-  ax.plot(np.arange(1, loss.size), loss[1:], lw=0.8)
-  ax.set(xlabel="step", ylabel="loss", title="Training loss")
-  return _save(fig, out_dir, "loss")
-
-
-def plot_frozen_fraction(plt, series: dict, summary: dict, out_dir: str) -> str:
-  fig, ax = plt.subplots(figsize=(7, 4))
-  f = series["frozen_fraction"]
-  t = np.arange(1, f.size + 1)
-  ax.plot(t, f, lw=0.8, label=f"rows with ‖ΔW′‖₂ < {summary['motion_threshold']}")
-  if "global_frozen" in series:
-    g = series["global_frozen"]
-    ax.fill_between(t, 0, 0.04, where=g, step="mid", color="k", alpha=0.6,
-                    label="global freeze (W bitwise unchanged)")
-  for p, step in summary["frozen_fraction"]["milestones"].items():
-    if step:
-      ax.axvline(step, ls=":", lw=0.8, color="gray")
-      ax.text(step, 1.01, p, fontsize=7, ha="center")
-  ax.set(xlabel="step", ylabel="frozen fraction", ylim=(0, 1.06),
-         title="Per-step frozen fraction")
-  ax.legend(fontsize=8, loc="center right")
-  return _save(fig, out_dir, "frozen_fraction")
-
-
-def plot_freeze_steps(plt, series: dict, summary: dict, out_dir: str) -> str:
-  fig, ax = plt.subplots(figsize=(7, 4))
-  lms = np.asarray(series["last_motion"])
-  moved = lms[lms >= 0]
-  ax.hist(moved, bins=min(50, max(1, np.unique(moved).size)) if moved.size else 1)
-  ax.set(xlabel="freeze step (last ‖ΔW′‖₂ ≥ threshold)", ylabel="tokens",
-         title=f"Per-token freeze steps ({moved.size} of {lms.size} moved)")
-  return _save(fig, out_dir, "freeze_steps")
-
-
-def plot_phases(plt, series: dict, summary: dict, out_dir: str) -> str:
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-  pops = series["populations"]
-  t = np.arange(1, pops.shape[0] + 1)
-  top.stackplot(t, pops.T, labels=PHASES, step="mid")
-  top.set(ylabel="tokens", title="Lifecycle phases (last-exit rule)")
-  top.legend(fontsize=8, loc="center right")
-  for i, label in enumerate(("Early ‖ΔW′‖₂>√D", "Midlife L∞>1", "Late L∞≤1, L1>0", "Still L1=0")):
-    bottom.plot(t, series["classes"][:, i], lw=0.8, label=label)
-  bottom.set(xlabel="step", ylabel="tokens", title="Per-step classification")
-  bottom.legend(fontsize=8, loc="center right")
-  return _save(fig, out_dir, "phases")
-
-
-def centroid_projection(c: np.ndarray) -> np.ndarray:
-  """[T+1, 2]: c(t) − c(0) on the total-drift direction and the main direction across it."""
-  full = np.asarray(c, np.float64) - c[0]
-  ok = np.isfinite(full).all(axis=1).cumprod().astype(bool)  # rows before the first non-finite
-  x = full[ok]
-  total = x[-1]
-  norm = np.linalg.norm(total)
-  e1 = total / norm if norm > 0 else np.eye(x.shape[1])[0]
-  rest = x - np.outer(x @ e1, e1)
-  _, _, vt = np.linalg.svd(rest - rest.mean(0), full_matrices=False)
-  e2 = vt[0] - (vt[0] @ e1) * e1
-  e2 = e2 / max(np.linalg.norm(e2), 1e-300)
-  out = np.full((len(full), 2), np.nan)
-  out[ok] = np.stack([x @ e1, x @ e2], axis=1)
-  return out
-
-
-def plot_centroid(plt, series: dict, summary: dict, out_dir: str) -> str:
-  with_r = series.get("radius") is not None
-  fig, axes = plt.subplots(1, 2 if with_r else 1, figsize=(10 if with_r else 5, 4))
-  axes = np.atleast_1d(axes)
-  p = centroid_projection(series["centroid"])
-  sc = axes[0].scatter(p[:, 0], p[:, 1], c=np.arange(p.shape[0]), s=3, cmap="viridis")
-  axes[0].plot(p[:, 0], p[:, 1], lw=0.4, color="gray")
-  fig.colorbar(sc, ax=axes[0], label="step")
-  axes[0].set(xlabel="along the total drift", ylabel="across (main direction)",
-              title="Centroid path c(t) − c(0)")
-  if with_r:
-    r = series["radius"]
-    axes[1].plot(np.arange(r.size), r, lw=0.8)
-    axes[1].set(xlabel="step", ylabel="mean ‖w_i − c‖", title="Cloud radius")
-  return _save(fig, out_dir, "centroid")
-
-
-_PLOTS = {"loss": (plot_loss, ("loss",)),
-          "frozen_fraction": (plot_frozen_fraction, ("frozen_fraction",)),
-          "freeze_steps": (plot_freeze_steps, ("last_motion",)),
-          "phases": (plot_phases, ("populations", "classes")),
-          "centroid": (plot_centroid, ("centroid",))}
-
-
-def write_plots(series: dict, summary: dict, out_dir: str) -> tuple[list, list]:
-  """Writes the PNGs the series allow.
-
-  Returns:
-    (paths written, [(plot, reason)] skipped).
-  """
-  try:
-    plt = _pyplot()
-  except ImportError:
-    return [], [(name, "matplotlib is not installed (pip install -e .)") for name in _PLOTS]
-  os.makedirs(out_dir, exist_ok=True)
-  written, skipped = [], []
-  for name, (fn, needs) in _PLOTS.items():
-    missing = [k for k in needs if k not in series]
-    if missing or summary["steps"] == 0:
-      skipped.append((name, f"no {', '.join(missing) or 'steps'}"))
-      continue
-    written.append(fn(plt, series, summary, out_dir))
-  return written, skipped
-
-
-# --- Entry points -------------------------------------------------------------
-
-
-def output_dir(trajectory: str, analysis_dir: Optional[str]) -> str:
-  """Where summary.json and the PNGs go: analysis_dir, else the file's folder."""
-  return analysis_dir or os.path.dirname(os.path.abspath(trajectory))
-
-
-def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optional[int] = None,
-            plots: bool = True, header: bool = True,
-            echo: Callable[[str], None] = print,
-            seed_validation: Optional[str] = None) -> dict:
-  """Analyses a run folder or trajectory file: prints, writes summary.json and PNGs.
-
-  Args:
-    path: a run folder or .safetensors file (ours or the lab's layout).
-    analysis_dir: where to write (default: beside the file).
-    block_steps: steps per streamed block (default: about 64 MB of work).
-    plots: write the PNGs.
-    header: print the ANALYSIS header block.
-    echo: where printed text goes.
-    seed_validation: the seed's Thimble 1 accounting cell output
-      (`verify.format_accounting`), printed in place of the per-step sample
-      lines so the same figures are not printed twice.
-
-  Returns:
-    The summary dict (as saved, plus "outputs": the files written).
-
-  Raises:
-    analysis.AnalysisError: PATH is not an analysable trajectory.
-  """
-  summary, series = analysis.analyze(path, block_steps=block_steps)
-  if seed_validation and "accounting" in summary:
-    summary["accounting"]["seed_validation"] = seed_validation
-  out = output_dir(summary["file"], analysis_dir)
-  written, skipped = write_plots(series, summary, out) if plots else ([], [])
-  summary["skipped"] += [{"analysis": f"plot {n}", "reason": why} for n, why in skipped]
-  summary["outputs"] = {"summary": os.path.join(out, SUMMARY_FILE), "plots": written}
-  write_summary(summary, out)
-  echo(format_summary(summary, header=header))
-  echo(f"\nWrote {summary['outputs']['summary']} and {len(written)} plots to {out}")
-  return summary
-
 
 def _run_line(label: str, r: dict) -> str:
   flags = r.get("xla_flags")
@@ -451,20 +245,3 @@ def format_compare(c: dict) -> str:
     bad = [k["key"] for k in c["keys"] if k["identical"] is False]
     verdict = f"VERDICT: DIFFERENT: {', '.join(bad) or 'no common keys'}"
   return "\n".join(lines + ["", verdict])
-
-
-def compare(path_a: str, path_b: str, analysis_dir: Optional[str] = None, *,
-            block_steps: Optional[int] = None, echo: Callable[[str], None] = print) -> dict:
-  """Compares two runs, prints the table and verdict; writes compare.json into analysis_dir.
-
-  Raises:
-    analysis.AnalysisError: either PATH is not an analysable trajectory.
-  """
-  result = compare_lib.compare(path_a, path_b, block_steps=block_steps)
-  echo(format_compare(result))
-  if analysis_dir:
-    os.makedirs(analysis_dir, exist_ok=True)
-    with open(os.path.join(analysis_dir, "compare.json"), "w", encoding="utf-8") as f:
-      json.dump(store.json_ready(result), f, indent=2, allow_nan=False)
-      f.write("\n")
-  return result

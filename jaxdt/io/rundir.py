@@ -39,8 +39,8 @@ Invariants (each one is tested, tests/rundir_test.py and tests/faults_test.py):
      every tensor's recorded SHA-256 in the pass the caller makes anyway
      (`reader.verify()` at its end).
 
-`store.FAULT_HOOK` is called at each named instant between two writes of this
-protocol (`store._fault_point`); the fault-injection tests raise or SIGKILL
+`disk.FAULT_HOOK` is called at each named instant between two writes of this
+protocol (`disk.fault_point`); the fault-injection tests raise or SIGKILL
 there.
 """
 
@@ -55,10 +55,13 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from jaxdt import store
+from jaxdt.io import checkpoints
+from jaxdt.io import disk
+from jaxdt.io import metadata as metadata_lib
+from jaxdt.io import tensorfile
 
 CHECKPOINT_DIR = "checkpoints"
-METADATA_FILE = store.METADATA_FILE
+METADATA_FILE = metadata_lib.METADATA_FILE
 # Disk kept free for metadata.json rewrites and checkpoint markers.
 METADATA_BUDGET_BYTES = 1 << 20
 # Config fields a resume may change: they change no result (the chunk size) or
@@ -212,10 +215,10 @@ def _read_json(path: str) -> Optional[dict]:
   except FileNotFoundError:
     return None
   except (UnicodeDecodeError, ValueError):
-    raise store.StoreError(f"{path} is unreadable (not JSON); this folder's run cannot be "
+    raise disk.StoreError(f"{path} is unreadable (not JSON); this folder's run cannot be "
                            "trusted: choose another --output_dir") from None
   if not isinstance(out, dict):
-    raise store.StoreError(f"{path} is not a JSON object; choose another --output_dir")
+    raise disk.StoreError(f"{path} is not a JSON object; choose another --output_dir")
   return out
 
 
@@ -235,13 +238,13 @@ class RunDir:
                log: Callable[[str], None] = print):
     self.path = os.path.abspath(os.fspath(path))
     self.trajectory = os.path.join(self.path, trajectory_name)
-    self.partial = self.trajectory + store.PARTIAL_SUFFIX
+    self.partial = self.trajectory + tensorfile.PARTIAL_SUFFIX
     self.ckpt_dir = os.path.join(self.path, CHECKPOINT_DIR)
     self.metadata_path = os.path.join(self.path, METADATA_FILE)
     self.log = log
     self.resume_from: Optional[int] = None  # newest durable checkpoint step
     self._lock_fd: Optional[int] = None
-    self._writer: Optional[store.TrajectoryWriter] = None
+    self._writer: Optional[tensorfile.TrajectoryWriter] = None
     self._created = False  # lock() made the folder: removed again if nothing was written
     self._wrote = False
     self.committed = False  # the run is finished (its final name exists)
@@ -263,26 +266,26 @@ class RunDir:
         process holds the lock.
     """
     if os.path.exists(self.path) and not os.path.isdir(self.path):
-      raise store.StoreError(f"--output_dir {self.path} is a file, not a folder; choose "
+      raise disk.StoreError(f"--output_dir {self.path} is a file, not a folder; choose "
                              "another --output_dir")
     try:
       self._created = not os.path.exists(self.path)
       os.makedirs(self.path, exist_ok=True)
       fd = os.open(self.path, os.O_RDONLY)
     except OSError as e:
-      raise store.StoreError(f"cannot create the run folder {self.path} ({e.strerror}); "
+      raise disk.StoreError(f"cannot create the run folder {self.path} ({e.strerror}); "
                              "choose a writable --output_dir") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       who = _holder_text(fd)
       os.close(fd)
-      raise store.StoreError(f"{self.path} is in use by {who} (another jaxdt run writes "
+      raise disk.StoreError(f"{self.path} is in use by {who} (another jaxdt run writes "
                              "there); wait for it to end or choose another --output_dir") from None
     self._lock_fd = fd
     if not os.access(self.path, os.W_OK):
       self.close()
-      raise store.StoreError(f"the run folder {self.path} is not writable; choose a writable "
+      raise disk.StoreError(f"the run folder {self.path} is not writable; choose a writable "
                              "--output_dir")
 
   def close(self) -> None:
@@ -310,26 +313,26 @@ class RunDir:
     """
     meta = _read_json(self.metadata_path)
     traces = [p for p in (self.trajectory, self.partial) if os.path.exists(p)]
-    if store.checkpoints(self.ckpt_dir):
+    if checkpoints.checkpoints(self.ckpt_dir):
       traces.append(self.ckpt_dir)
     if meta is None:
       if traces:
         names = ", ".join(os.path.basename(p) for p in traces)
-        raise store.StoreError(f"{self.path} holds run files ({names}) but no {METADATA_FILE}, "
+        raise disk.StoreError(f"{self.path} holds run files ({names}) but no {METADATA_FILE}, "
                                "so whose run they are is unknown; choose another --output_dir "
                                "or delete them")
       return Folder("new", None)
     config = meta.get("config")
     if not isinstance(config, dict):
-      raise store.StoreError(f"{self.path} holds a run jaxdt did not write ({METADATA_FILE} has "
+      raise disk.StoreError(f"{self.path} holds a run jaxdt did not write ({METADATA_FILE} has "
                              "no config); choose another --output_dir")
     if config.get("name") != experiment:
       state = "a finished" if meta.get("completed") is True else "an unfinished"
-      raise store.StoreError(f"{self.path} holds {state} {config.get('name')!r} run, not "
+      raise disk.StoreError(f"{self.path} holds {state} {config.get('name')!r} run, not "
                              f"{experiment!r}; choose another --output_dir")
     recorded = (config.get("store") or {}).get("trajectory_name")
     names = {os.path.basename(self.trajectory), recorded} - {None}
-    if any(store.is_complete(self.path, n) for n in names):  # its own file name, or ours
+    if any(metadata_lib.is_complete(self.path, n) for n in names):  # its own file name, or ours
       return Folder("finished", meta)
     return Folder("unfinished", meta)
 
@@ -348,45 +351,45 @@ class RunDir:
     if lines:
       head = (f"cannot resume {self.path}: {len(lines)} setting(s) differ from the run's; "
               "resume with the run's settings, or choose another --output_dir")
-      raise store.StoreError("\n  ".join([head] + lines))
+      raise disk.StoreError("\n  ".join([head] + lines))
 
   # -- the start ---------------------------------------------------------------------
 
   def _preflight(self, specs, file_metadata, checkpoint_steps, checkpoint_bytes,
                  ram_bytes, resume: bool) -> None:
-    total = store.estimate_bytes(specs, file_metadata)
+    total = tensorfile.estimate_bytes(specs, file_metadata)
     have = 0
     if resume:
       for p in (self.partial, self.trajectory):
         if os.path.exists(p):
           have = max(have, os.stat(p).st_blocks * 512)
-    done = {s for s, _ in store.checkpoints(self.ckpt_dir)}
+    done = {s for s, _ in checkpoints.checkpoints(self.ckpt_dir)}
     ckpts = len([s for s in set(checkpoint_steps) if s not in done])
     need = max(0, total - have) + ckpts * checkpoint_bytes + METADATA_BUDGET_BYTES
-    store.preflight(self.path, need, ram_bytes,
+    disk.preflight(self.path, need, ram_bytes,
                     file_name=f"{os.path.basename(self.trajectory)} and {ckpts} checkpoints")
 
   def _fresh(self, specs, file_metadata) -> None:
     if os.path.exists(self.trajectory):  # never finished (inspect said so): not a result
       os.remove(self.trajectory)
-    self._writer = store.TrajectoryWriter(self.trajectory, specs, file_metadata)
-    store._fault_point("partial_created")
+    self._writer = tensorfile.TrajectoryWriter(self.trajectory, specs, file_metadata)
+    disk.fault_point("partial_created")
 
   def _intact_checkpoint(self, like_state) -> Optional[tuple[int, Any]]:
     """(step, state) of the newest checkpoint whose arrays and trajectory prefix verify."""
-    for step, path in store.checkpoints(self.ckpt_dir):
+    for step, path in checkpoints.checkpoints(self.ckpt_dir):
       try:
-        meta = store.checkpoint_meta(path)
-        state, extra = store.load_checkpoint(path, like_state)
+        meta = checkpoints.checkpoint_meta(path)
+        state, extra = checkpoints.load_checkpoint(path, like_state)
         covered = (meta.get("covers") or {}).get("trajectory")
         if not isinstance(covered, dict) or int(extra.get("step", -1)) != step:
-          raise store.StoreError(f"checkpoint {path} does not record the trajectory rows it "
+          raise disk.StoreError(f"checkpoint {path} does not record the trajectory rows it "
                                  "covers (written by an older jaxdt?)")
         for name, d in covered.items():
           if self._writer.rehash_prefix(name, int(d["rows"])) != d["sha256"]:
-            raise store.StoreError(f"{os.path.basename(self.partial)}: rows of {name!r} up to "
+            raise disk.StoreError(f"{os.path.basename(self.partial)}: rows of {name!r} up to "
                                    f"step {step} do not match checkpoint {path}'s SHA-256")
-      except (store.StoreError, KeyError, TypeError, ValueError) as e:
+      except (disk.StoreError, KeyError, TypeError, ValueError) as e:
         reason = str(e).rsplit("; ", 1)[0]  # the tool does the fix itself: try an older one
         self.log(f"skipping checkpoint step {step}: {reason}; trying an older one")
         continue
@@ -424,13 +427,13 @@ class RunDir:
     folder = self.inspect(experiment)
     if folder.kind == "finished":
       if resume:
-        raise store.StoreError(f"{self.path} holds a finished {experiment} run, nothing to "
+        raise disk.StoreError(f"{self.path} holds a finished {experiment} run, nothing to "
                                f"resume; see it with --analyze={self.path}, or choose another "
                                "--output_dir")
-      raise store.StoreError(f"{self.path} holds a finished {experiment} run; choose another "
+      raise disk.StoreError(f"{self.path} holds a finished {experiment} run; choose another "
                              f"--output_dir (see it with --analyze={self.path})")
     if folder.kind == "unfinished" and not resume:
-      raise store.StoreError(f"{self.path} holds an unfinished {experiment} run; pass --resume "
+      raise disk.StoreError(f"{self.path} holds an unfinished {experiment} run; pass --resume "
                              "to continue it, or choose another --output_dir")
     if folder.kind == "unfinished":
       self.check_resume(folder.metadata, config, inputs)
@@ -441,8 +444,8 @@ class RunDir:
     for entry in os.listdir(self.path):  # temporaries of a metadata write that was killed
       if entry.startswith(METADATA_FILE + ".tmp"):
         os.remove(os.path.join(self.path, entry))
-    store.write_metadata(self.path, {**metadata, "completed": False})
-    store._fault_point("metadata_written")
+    metadata_lib.write_metadata(self.path, {**metadata, "completed": False})
+    disk.fault_point("metadata_written")
     if folder.kind == "new":
       if resume:
         self.log(f"{self.path} has no run to resume; starting from step 0")
@@ -458,15 +461,15 @@ class RunDir:
       self._fresh(specs, file_metadata)
       return 0, None
     try:
-      self._writer = store.TrajectoryWriter(self.trajectory, specs, file_metadata, resume=True)
-    except store.StoreError as e:
+      self._writer = tensorfile.TrajectoryWriter(self.trajectory, specs, file_metadata, resume=True)
+    except disk.StoreError as e:
       reason = str(e).split(": ", 1)[-1].rsplit("; ", 1)[0]
       self.log(f"the unfinished trajectory is unusable ({reason}); restarting from step 0")
       self._fresh(specs, file_metadata)
       return 0, None
     found = self._intact_checkpoint(like_state)
     if found is None:
-      what = "intact checkpoint" if store.checkpoints(self.ckpt_dir) else "checkpoint yet"
+      what = "intact checkpoint" if checkpoints.checkpoints(self.ckpt_dir) else "checkpoint yet"
       self.log(f"no {what} in {self.ckpt_dir}; restarting from step 0")
       self._writer.close()
       self._fresh(specs, file_metadata)
@@ -486,11 +489,11 @@ class RunDir:
   def checkpoint(self, step: int, state: Any) -> None:
     """Makes rows so far durable, then saves the state of `step` (marker last)."""
     self._writer.sync()
-    store._fault_point("rows_synced")
-    store.save_checkpoint(self.ckpt_dir, step, state, {"step": step},
+    disk.fault_point("rows_synced")
+    checkpoints.save_checkpoint(self.ckpt_dir, step, state, {"step": step},
                           covers={"trajectory": self._writer.prefix_digests()})
     self.resume_from = step
-    store._fault_point("checkpoint_written")
+    disk.fault_point("checkpoint_written")
 
   def commit(self, metadata: Mapping[str, Any]) -> dict:
     """Seals the trajectory, records its checksums as completed, renames it done.
@@ -499,22 +502,22 @@ class RunDir:
       metadata.json as written.
     """
     digests = self._writer.seal()
-    store._fault_point("sealed")
+    disk.fault_point("sealed")
     meta = {**metadata, "completed": True, "trajectory_bytes": self._writer.nbytes,
             "trajectory_sha256": digests["file"], "tensor_sha256": digests["tensors"]}
-    store.write_metadata(self.path, meta)
-    store._fault_point("final_metadata_written")
+    metadata_lib.write_metadata(self.path, meta)
+    disk.fault_point("final_metadata_written")
     self._writer.commit()  # THE commit point
     self._writer = None
     self.committed = True
-    store._fault_point("committed")
+    disk.fault_point("committed")
     return meta
 
 
 # --- Readers ---------------------------------------------------------------------
 
 
-def open_result(path: str) -> tuple[store.TrajectoryReader, dict, list]:
+def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
   """Opens a trajectory file as a result: refuses unfinished runs, verifies checksums.
 
   Args:
@@ -532,13 +535,13 @@ def open_result(path: str) -> tuple[store.TrajectoryReader, dict, list]:
   """
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
-  if path.endswith(store.PARTIAL_SUFFIX):
-    raise store.StoreError(f"{path} is an unfinished trajectory (.partial); "
+  if path.endswith(tensorfile.PARTIAL_SUFFIX):
+    raise disk.StoreError(f"{path} is an unfinished trajectory (.partial); "
                            f"{unfinished_advice(folder)}, then pass the finished file")
   meta_path = os.path.join(folder, METADATA_FILE)
   try:
     meta = _read_json(meta_path) or {}
-  except store.StoreError:
+  except disk.StoreError:
     meta = {}
   notes, digests = [], None
   config = meta.get("config")
@@ -546,11 +549,11 @@ def open_result(path: str) -> tuple[store.TrajectoryReader, dict, list]:
   name = ((config or {}).get("store") or {}).get("trajectory_name") if ours else None
   if ours and name == os.path.basename(path):
     if meta.get("completed") is not True:
-      raise store.StoreError(f"{path} belongs to an unfinished run ({METADATA_FILE} says "
+      raise disk.StoreError(f"{path} belongs to an unfinished run ({METADATA_FILE} says "
                              f"completed: false); {unfinished_advice(folder)}")
     size = os.path.getsize(path) if os.path.isfile(path) else None
     if size is not None and meta.get("trajectory_bytes") != size:
-      raise store.StoreError(f"{path} is {size:,} bytes but its run recorded "
+      raise disk.StoreError(f"{path} is {size:,} bytes but its run recorded "
                              f"{meta.get('trajectory_bytes')}; the file is damaged, re-run it "
                              "or restore it from a copy")
     digests = meta.get("tensor_sha256")
@@ -561,7 +564,7 @@ def open_result(path: str) -> tuple[store.TrajectoryReader, dict, list]:
                  "verified")
   else:
     notes.append("not a jaxdt run (no jaxdt metadata.json): integrity not verified")
-  return store.TrajectoryReader(path, digests=digests), meta, notes
+  return tensorfile.TrajectoryReader(path, digests=digests), meta, notes
 
 
 def first_nonfinite(values: np.ndarray, first_step: int = 0) -> Optional[int]:

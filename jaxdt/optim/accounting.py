@@ -3,7 +3,7 @@
 Given W[t-1], the moments after step t (m_t, v_t) and t, two predictions of
 ΔW = W[t] − W[t-1]:
 
-- `replay`: torch's own bf16 arithmetic (`optim.param_update`), which must
+- `replay`: torch's own bf16 arithmetic (`adamw.param_update`), which must
   reproduce W[t] bit for bit;
 - `textbook_delta`: the continuous f32 AdamW update the lab used in Thimble 1
   (docs/definitions.md §Adam accounting): −lr·m̂/(√v̂ + ε) − lr·wd·W[t-1], m̂ = m/(1−b1^t),
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdt import config as config_lib
-from jaxdt import lattice
-from jaxdt import optim
-from jaxdt import ordered
+from jaxdt.numerics import lattice
+from jaxdt.numerics import ordered
+from jaxdt.optim import adamw
 
 METRIC_NAMES = ("replay_match", "cosine", "norm_ratio", "swallowed", "max_ulp_error")
 
@@ -41,17 +41,17 @@ def replay(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
   """
   dtype = w_prev.dtype
   f32 = lambda x: x.astype(jnp.float32)
-  scalars = optim.lookup_scalars(hp, t)
-  new_p, _, _ = optim.param_update(f32(w_prev), f32(m_t), f32(v_t), scalars, hp, dtype)
+  scalars = adamw.lookup_scalars(hp, t)
+  new_p, _, _ = adamw.param_update(f32(w_prev), f32(m_t), f32(v_t), scalars, hp, dtype)
   return new_p.astype(dtype)
 
 
 def textbook_delta(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
   """The lab's continuous f32 AdamW step (module docstring), f32."""
-  s = optim.lookup_scalars(hp, t)
+  s = adamw.lookup_scalars(hp, t)
   w, m, v = (x.astype(jnp.float32) for x in (w_prev, m_t, v_t))
-  m_hat = m / s[optim.BC1]
-  v_hat = v / s[optim.BC2]
+  m_hat = m / s[adamw.BC1]
+  v_hat = v / s[adamw.BC2]
   adam_term = hp.learning_rate * m_hat / (jnp.sqrt(v_hat) + jnp.float32(hp.eps))
   return -adam_term - jnp.float32(hp.learning_rate * hp.weight_decay) * w
 
@@ -59,7 +59,7 @@ def textbook_delta(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array
 def _fraction(mask) -> jax.Array:
   """Exact count / size (jnp.mean multiplies by 1/size, so all-true gave 0.99999994)."""
   count = jnp.sum(mask.astype(jnp.int32)).astype(jnp.float32)
-  return optim._true_div(count, jnp.float32(mask.size))
+  return lattice.true_divide(count, jnp.float32(mask.size))
 
 
 def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig) -> dict:

@@ -22,8 +22,10 @@ import ml_dtypes
 import numpy as np
 
 from jaxdt import config as config_lib
-from jaxdt import rundir
-from jaxdt import store
+from jaxdt.io import disk
+from jaxdt.io import metadata as metadata_lib
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
 
 
 class AnalysisError(ValueError):
@@ -92,7 +94,7 @@ _HYPER_KEYS = {"learning_rate": ("learning_rate", "learning_rate"),
                "eps": ("epsilon", "adam_epsilon"), "weight_decay": ("weight_decay", "weight_decay")}
 
 
-def read_state(reader: store.TrajectoryReader, key: str, start: int, stop: int) -> np.ndarray:
+def read_state(reader: tensorfile.TrajectoryReader, key: str, start: int, stop: int) -> np.ndarray:
   """Rows [start, stop) of a recorded tensor in its training dtype: bf16 (ml_dtypes) for
   U16/BF16 bits, else as stored (f32 copies of bf16 m/v keep their values exactly)."""
   rows = reader.rows(key, start, stop)
@@ -117,14 +119,14 @@ def resolve_path(path: str) -> str:
   """
   path = os.fspath(path)
   if os.path.isdir(path):
-    meta = _read_json(os.path.join(path, store.METADATA_FILE))
+    meta = _read_json(os.path.join(path, metadata_lib.METADATA_FILE))
     name = ((meta.get("config") or {}).get("store") or {}).get("trajectory_name")
     if name and os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if len(found) == 1:
       return os.path.join(path, found[0])
-    partial = [f for f in os.listdir(path) if f.endswith(".safetensors" + store.PARTIAL_SUFFIX)]
+    partial = [f for f in os.listdir(path) if f.endswith(".safetensors" + tensorfile.PARTIAL_SUFFIX)]
     if not found and partial:
       raise AnalysisError(f"{path} holds only the unfinished {partial[0]}; "
                           f"{rundir.unfinished_advice(path)}")
@@ -136,11 +138,11 @@ def resolve_path(path: str) -> str:
     if path.endswith(".h5"):
       raise AnalysisError(f"{path} is HDF5 (Thimble 6/7); convert it to safetensors (uint16 W) "
                           "first")
-    if not path.endswith((".safetensors", store.PARTIAL_SUFFIX)):
+    if not path.endswith((".safetensors", tensorfile.PARTIAL_SUFFIX)):
       raise AnalysisError(f"{path} is not a .safetensors trajectory; pass its run folder or the "
                           ".safetensors file")
     return path
-  if os.path.exists(path + store.PARTIAL_SUFFIX):
+  if os.path.exists(path + tensorfile.PARTIAL_SUFFIX):
     raise AnalysisError(f"{path} is unfinished (only {os.path.basename(path)}.partial exists); "
                         f"{rundir.unfinished_advice(os.path.dirname(os.path.abspath(path)))}")
   raise AnalysisError(f"{path} does not exist; pass a run folder or a .safetensors file")
@@ -161,7 +163,7 @@ class Trajectory:
 
   Attributes:
     path: the .safetensors file.
-    reader: its `store.TrajectoryReader`.
+    reader: its `tensorfile.TrajectoryReader`.
     metadata: the metadata.json beside it (ours or the lab's), {} if none.
     layout: "jaxdt" (our metadata or adam_* keys) or "lab".
     w_key: "W"/"embeddings", or None.
@@ -176,7 +178,7 @@ class Trajectory:
   """
 
   path: str
-  reader: store.TrajectoryReader
+  reader: tensorfile.TrajectoryReader
   metadata: dict
   layout: str
   w_key: Optional[str]
@@ -199,7 +201,7 @@ class Trajectory:
     """
     try:
       return self.reader.verify()
-    except store.StoreError as e:
+    except disk.StoreError as e:
       raise AnalysisError(str(e)) from None
 
   def select(self, a: np.ndarray) -> np.ndarray:
@@ -239,7 +241,6 @@ class Trajectory:
     decimal that rounds to it (0.001, not 0.0010000000474974513), the value
     the lab typed, since the step scalars are computed from it in float64.
     """
-    from jaxdt import optim
     got = {}
     for name, (meta_key, file_key) in _HYPER_KEYS.items():
       if self.metadata.get(meta_key) is not None:
@@ -261,7 +262,7 @@ def open_trajectory(path: str) -> Trajectory:
   path = resolve_path(path)
   try:
     reader, meta, integrity = rundir.open_result(path)
-  except (store.StoreError, OSError) as e:
+  except (disk.StoreError, OSError) as e:
     raise AnalysisError(str(e)) from None
   keys = reader.keys()
   notes = []

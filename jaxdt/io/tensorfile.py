@@ -1,4 +1,4 @@
-"""Storage: streaming safetensors trajectories, run metadata, checkpoints.
+"""Storage: streaming safetensors trajectories (the lab's key names, written in place).
 
 A run's records go into ONE safetensors file with the lab's key names, so the
 lab's `safetensors.torch.load_file` opens it unchanged. Unlike the lab (which
@@ -30,79 +30,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import operator
 import os
-import re
-import shutil
 import struct
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional
 
-import jax
 import ml_dtypes
 import numpy as np
 
-METADATA_FILE = "metadata.json"
-CHECKPOINT_ARRAYS = "arrays.safetensors"
-CHECKPOINT_META = "meta.json"
-CHECKPOINT_FORMAT = "jaxdt-checkpoint-1"
-PARTIAL_SUFFIX = ".partial"
+from jaxdt.io import disk
+
+
+PARTIAL_SUFFIX = ".partial"  # a trajectory being written; renamed once sealed
 # safetensors refuses headers above 100 MB; so do we, before allocating one.
 MAX_HEADER_BYTES = 100_000_000
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
+BF16 = np.dtype(ml_dtypes.bfloat16)
 # safetensors dtype codes. U16 carries bf16 bits in trajectories (the lab's way);
 # BF16 is used for checkpoint leaves so they restore with their own dtype.
 _CODE_TO_DTYPE = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype("<u1"), "I8": np.dtype("<i1"),
-    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "BF16": _BF16,
+    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "BF16": BF16,
     "U32": np.dtype("<u4"), "I32": np.dtype("<i4"), "F32": np.dtype("<f4"),
     "U64": np.dtype("<u8"), "I64": np.dtype("<i8"), "F64": np.dtype("<f8"),
 }
 _DTYPE_TO_CODE = {d: c for c, d in _CODE_TO_DTYPE.items()}
-_CKPT_DIR = re.compile(r"step_(\d{6,})")
+
 HEADER_DIGEST = "__header__"  # the header's key among a file's tensor digests
-_HASH_BLOCK = 16 << 20  # bytes per read when hashing a file back
-
-
-def sha256_file(path: str) -> str:
-  """The SHA-256 (hex) of a whole file, read in blocks."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(_HASH_BLOCK):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _hash_range(fd: int, begin: int, end: int, path: str, *hashers) -> None:
-  """Feeds bytes [begin, end) of an open file to every hasher, in blocks."""
-  offset = begin
-  while offset < end:
-    block = os.pread(fd, min(_HASH_BLOCK, end - offset), offset)
-    if not block:
-      raise StoreError(f"{path} ended early at byte {offset:,}; the file is truncated, continue "
-                       "its run with --resume or re-create it")
-    for h in hashers:
-      h.update(block)
-    offset += len(block)
-
-
-def _fault_point(name: str) -> None:
-  """A named instant of the run-folder protocol (between two writes).
-
-  Fault-injection tests replace `FAULT_HOOK` to raise or to SIGKILL the
-  process there; it is None otherwise and costs one global lookup.
-  """
-  if FAULT_HOOK is not None:
-    FAULT_HOOK(name)
-
-
-FAULT_HOOK = None
-
-
-class StoreError(ValueError):
-  """Bad storage input or state. The message is one line naming the file and the fix."""
-
 
 class _Spec(NamedTuple):
   code: str  # safetensors dtype code
@@ -115,18 +69,18 @@ class _Spec(NamedTuple):
 # --- safetensors layout -----------------------------------------------------
 
 
-def _code(dtype: Any, name: str) -> str:
+def dtype_code(dtype: Any, name: str) -> str:
   try:
     dtype = np.dtype(dtype)
   except TypeError:
-    raise StoreError(f"tensor {name!r} has dtype {dtype!r}, which is not a numpy dtype; "
+    raise disk.StoreError(f"tensor {name!r} has dtype {dtype!r}, which is not a numpy dtype; "
                      "pass e.g. np.uint16") from None
   if dtype == np.float16:
-    raise StoreError(f"tensor {name!r} is float16: store bf16 as uint16 bits (or BF16) and "
+    raise disk.StoreError(f"tensor {name!r} is float16: store bf16 as uint16 bits (or BF16) and "
                      "never as float16, which loses bf16's range; pass np.uint16")
   code = _DTYPE_TO_CODE.get(dtype)
   if code is None:
-    raise StoreError(f"tensor {name!r} has unsupported dtype {dtype}; use one of "
+    raise disk.StoreError(f"tensor {name!r} has unsupported dtype {dtype}; use one of "
                      "uint16 (bf16 bits), float32, int32, int64, bool")
   return code
 
@@ -135,9 +89,9 @@ def _shape(shape: Any, name: str) -> tuple:
   try:
     shape = tuple(operator.index(n) for n in shape)
   except TypeError:
-    raise StoreError(f"tensor {name!r} has shape {shape!r}; pass a tuple of ints") from None
+    raise disk.StoreError(f"tensor {name!r} has shape {shape!r}; pass a tuple of ints") from None
   if any(n < 0 for n in shape):
-    raise StoreError(f"tensor {name!r} has negative shape {shape}; sizes must be >= 0")
+    raise disk.StoreError(f"tensor {name!r} has negative shape {shape}; sizes must be >= 0")
   return shape
 
 
@@ -150,17 +104,17 @@ def _layout(specs: Mapping[str, tuple]) -> dict[str, _Spec]:
   `specs` order; readers go by the offsets.
   """
   if not isinstance(specs, Mapping) or not specs:
-    raise StoreError("specs must be a non-empty dict name -> (dtype, shape)")
+    raise disk.StoreError("specs must be a non-empty dict name -> (dtype, shape)")
   parsed = {}
   for name, spec in specs.items():
     if not isinstance(name, str) or not name or name == "__metadata__":
-      raise StoreError(f"tensor name {name!r} is not usable; use a non-empty str other "
+      raise disk.StoreError(f"tensor name {name!r} is not usable; use a non-empty str other "
                        "than '__metadata__'")
     try:
       dtype, shape = spec
     except (TypeError, ValueError):
-      raise StoreError(f"spec for {name!r} is {spec!r}; pass (dtype, shape)") from None
-    code = _code(dtype, name)
+      raise disk.StoreError(f"spec for {name!r} is {spec!r}; pass (dtype, shape)") from None
+    code = dtype_code(dtype, name)
     parsed[name] = (code, _CODE_TO_DTYPE[code], _shape(shape, name))
   order = sorted(parsed, key=lambda n: -parsed[n][1].itemsize)  # stable sort
   out, offset = {}, 0
@@ -177,7 +131,7 @@ def _check_metadata(metadata: Optional[Mapping[str, str]]) -> Optional[dict]:
     return None
   bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
   if bad:
-    raise StoreError(f"safetensors metadata must map str to str; {bad[0]!r} does not "
+    raise disk.StoreError(f"safetensors metadata must map str to str; {bad[0]!r} does not "
                      "(json.dumps non-str values first)")
   return dict(metadata)
 
@@ -190,7 +144,7 @@ def _header_bytes(layout: Mapping[str, _Spec], metadata: Optional[dict]) -> byte
   text = json.dumps(header, separators=(",", ":")).encode("utf-8")
   text += b" " * (-len(text) % 8)
   if len(text) > MAX_HEADER_BYTES:
-    raise StoreError(f"safetensors header would be {len(text):,} bytes (limit "
+    raise disk.StoreError(f"safetensors header would be {len(text):,} bytes (limit "
                      f"{MAX_HEADER_BYTES:,}); store fewer tensors or less metadata")
   return struct.pack("<Q", len(text)) + text
 
@@ -215,11 +169,11 @@ def _read_header(fd: int, path: str) -> tuple[dict, int]:
   size = os.fstat(fd).st_size
   head = os.pread(fd, 8, 0)
   if len(head) < 8:
-    raise StoreError(f"{path} is not a safetensors file ({size} bytes, no header); "
+    raise disk.StoreError(f"{path} is not a safetensors file ({size} bytes, no header); "
                      "re-create it (an interrupted write?)")
   (n,) = struct.unpack("<Q", head)
   if n > MAX_HEADER_BYTES or 8 + n > size:
-    raise StoreError(f"{path} has a corrupt safetensors header length {n:,} for a "
+    raise disk.StoreError(f"{path} has a corrupt safetensors header length {n:,} for a "
                      f"{size:,}-byte file; re-create the file")
   raw = os.pread(fd, n, 8)
   try:
@@ -227,7 +181,7 @@ def _read_header(fd: int, path: str) -> tuple[dict, int]:
     if not isinstance(header, dict):
       raise ValueError("not an object")
   except (UnicodeDecodeError, ValueError):
-    raise StoreError(f"{path} has an unreadable safetensors header; re-create the file") from None
+    raise disk.StoreError(f"{path} has an unreadable safetensors header; re-create the file") from None
   return header, 8 + n
 
 
@@ -242,18 +196,18 @@ def _parse_entries(header: dict, data_start: int, size: int, path: str) -> dict[
       entries[name] = _Spec(str(e["dtype"]), _CODE_TO_DTYPE.get(e["dtype"]),
                             tuple(int(x) for x in e["shape"]), begin, end)
     except (KeyError, TypeError, ValueError):
-      raise StoreError(f"{path}: header entry {name!r} is malformed; re-create the file") from None
+      raise disk.StoreError(f"{path}: header entry {name!r} is malformed; re-create the file") from None
   cursor = 0
   for name, s in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
     if s.begin != cursor or s.end < s.begin:
-      raise StoreError(f"{path}: tensor {name!r} has data_offsets [{s.begin}, {s.end}] that "
+      raise disk.StoreError(f"{path}: tensor {name!r} has data_offsets [{s.begin}, {s.end}] that "
                        "do not tile the data region; re-create the file")
     if s.dtype is not None and s.end - s.begin != int(np.prod(s.shape)) * s.dtype.itemsize:
-      raise StoreError(f"{path}: tensor {name!r} byte size does not match its shape "
+      raise disk.StoreError(f"{path}: tensor {name!r} byte size does not match its shape "
                        f"{list(s.shape)} and dtype {s.code}; re-create the file")
     cursor = s.end
   if data_start + cursor != size:
-    raise StoreError(f"{path} is {size:,} bytes but its header describes "
+    raise disk.StoreError(f"{path} is {size:,} bytes but its header describes "
                      f"{data_start + cursor:,}; the file is truncated or padded, re-create it")
   return entries
 
@@ -271,25 +225,10 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, path: str) -> np.ndarray:
   while view.nbytes:
     n = os.preadv(fd, [view], offset)
     if n == 0:
-      raise StoreError(f"{path} ended early at byte {offset:,}; the file is truncated, "
+      raise disk.StoreError(f"{path} ended early at byte {offset:,}; the file is truncated, "
                        "re-create it")
     view, offset = view[n:], offset + n
   return out
-
-
-def _fsync_dir(directory: str) -> None:
-  """Makes a rename in `directory` durable (POSIX; a no-op where dirs cannot be opened)."""
-  try:
-    fd = os.open(directory or ".", os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
 
 # --- Streaming writer -------------------------------------------------------
 
@@ -352,7 +291,7 @@ class TrajectoryWriter:
   def _create(self, overwrite: bool) -> int:
     if os.path.exists(self.path):
       if not overwrite:
-        raise StoreError(f"{self.path} already exists (a finished run); choose another "
+        raise disk.StoreError(f"{self.path} already exists (a finished run); choose another "
                          "--output_dir or delete it first")
       os.remove(self.path)
     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -368,7 +307,7 @@ class TrajectoryWriter:
   def _reopen(self) -> int:
     if not os.path.exists(self.partial_path):
       done = " (the run already finished)" if os.path.exists(self.path) else ""
-      raise StoreError(f"cannot resume: {self.partial_path} does not exist{done}; "
+      raise disk.StoreError(f"cannot resume: {self.partial_path} does not exist{done}; "
                        "start the run without resume")
     fd = os.open(self.partial_path, os.O_RDWR)
     try:
@@ -385,7 +324,7 @@ class TrajectoryWriter:
     if on_disk == self._header:
       size = os.fstat(fd).st_size
       if size != self.nbytes:
-        raise StoreError(f"cannot resume {self.partial_path}: {size:,} bytes, expected "
+        raise disk.StoreError(f"cannot resume {self.partial_path}: {size:,} bytes, expected "
                          f"{self.nbytes:,}; {fix}")
       return
     mine = json.loads(self._header[8:].decode("utf-8"))
@@ -395,25 +334,25 @@ class TrajectoryWriter:
     else:
       label = "metadata" if diff == "__metadata__" else f"tensor {diff!r}"
       what = f"{label}: file has {header.get(diff)}, run wants {mine.get(diff)}"
-    raise StoreError(f"cannot resume {self.partial_path}: its header differs from this run's "
+    raise disk.StoreError(f"cannot resume {self.partial_path}: its header differs from this run's "
                      f"specs ({what}); {fix}")
 
   def _target(self, name: str, array: Any) -> tuple[_Spec, np.ndarray]:
     if self._fd is None:
       if self._finalized:
-        raise StoreError(f"writer for {self.path} is finalized; the file is finished, "
+        raise disk.StoreError(f"writer for {self.path} is finalized; the file is finished, "
                          "write before finalize()")
-      raise StoreError(f"writer for {self.path} is closed; reopen it with resume=True")
+      raise disk.StoreError(f"writer for {self.path} is closed; reopen it with resume=True")
     spec = self._layout.get(name)
     if spec is None:
-      raise StoreError(f"{self.path} has no tensor {name!r}; its tensors are "
+      raise disk.StoreError(f"{self.path} has no tensor {name!r}; its tensors are "
                        f"{list(self._layout)}")
     array = np.asarray(array)
     # uint16 and bfloat16 are the same bits: accept either for a 16-bit bf16 slot.
-    if {array.dtype, spec.dtype} == {np.dtype(np.uint16), _BF16}:
+    if {array.dtype, spec.dtype} == {np.dtype(np.uint16), BF16}:
       array = array.view(spec.dtype)
     if array.dtype != spec.dtype:
-      raise StoreError(f"tensor {name!r} of {self.path} is {spec.dtype}, got {array.dtype}; "
+      raise disk.StoreError(f"tensor {name!r} of {self.path} is {spec.dtype}, got {array.dtype}; "
                        "cast explicitly before writing")
     return spec, array
 
@@ -432,14 +371,14 @@ class TrajectoryWriter:
     """
     spec, array = self._target(name, array)
     if not spec.shape:
-      raise StoreError(f"tensor {name!r} of {self.path} is 0-d; write it with write()")
+      raise disk.StoreError(f"tensor {name!r} of {self.path} is 0-d; write it with write()")
     if array.ndim != len(spec.shape) or array.shape[1:] != spec.shape[1:]:
       want = "(n" + "".join(f", {d}" for d in spec.shape[1:]) + ("" if spec.shape[1:] else ",")
-      raise StoreError(f"rows for {name!r} of {self.path} must have shape {want}), "
+      raise disk.StoreError(f"rows for {name!r} of {self.path} must have shape {want}), "
                        f"got {array.shape}")
     first_row = operator.index(first_row)
     if first_row < 0 or first_row + array.shape[0] > spec.shape[0]:
-      raise StoreError(f"rows [{first_row}, {first_row + array.shape[0]}) of {name!r} in "
+      raise disk.StoreError(f"rows [{first_row}, {first_row + array.shape[0]}) of {name!r} in "
                        f"{self.path} are out of range: it has {spec.shape[0]} rows")
     row_bytes = (spec.end - spec.begin) // spec.shape[0] if spec.shape[0] else 0
     _pwrite_all(self._fd, array, self._data_start + spec.begin + first_row * row_bytes)
@@ -463,7 +402,7 @@ class TrajectoryWriter:
     """
     spec, array = self._target(name, array)
     if array.shape != spec.shape:
-      raise StoreError(f"tensor {name!r} of {self.path} has shape {spec.shape}, got "
+      raise disk.StoreError(f"tensor {name!r} of {self.path} has shape {spec.shape}, got "
                        f"{array.shape}")
     _pwrite_all(self._fd, array, self._data_start + spec.begin)
     h = hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
@@ -488,7 +427,7 @@ class TrajectoryWriter:
     row_bytes = (spec.end - spec.begin) // n if n else 0
     h = hashlib.sha256()
     begin = self._data_start + spec.begin
-    _hash_range(self._fd, begin, begin + rows * row_bytes, self.partial_path, h)
+    disk.hash_range(self._fd, begin, begin + rows * row_bytes, self.partial_path, h)
     self._running[name] = [h.copy(), rows]
     return h.hexdigest()
 
@@ -504,7 +443,7 @@ class TrajectoryWriter:
         whose rows all arrived in order hashes otherwise when read back).
     """
     if self._fd is None:
-      raise StoreError(f"writer for {self.path} was closed unfinished; reopen with "
+      raise disk.StoreError(f"writer for {self.path} was closed unfinished; reopen with "
                        "resume=True to finish it")
     os.fsync(self._fd)
     whole = hashlib.sha256()
@@ -514,13 +453,13 @@ class TrajectoryWriter:
     tensors = {}
     for begin, end, name in regions:
       h = hashlib.sha256()
-      _hash_range(self._fd, begin, end, self.partial_path, h, whole)
+      disk.hash_range(self._fd, begin, end, self.partial_path, h, whole)
       tensors[name] = h.hexdigest()
     for name, running in self._running.items():
       spec = self._layout[name]
       full = spec.shape[0] if spec.shape else 1
       if running is not None and running[1] == full and running[0].hexdigest() != tensors[name]:
-        raise StoreError(f"{self.partial_path}: tensor {name!r} reads back other bytes than "
+        raise disk.StoreError(f"{self.partial_path}: tensor {name!r} reads back other bytes than "
                          "were written (disk fault?); continue with --resume to rewrite it")
     return {"file": whole.hexdigest(), "tensors": tensors}
 
@@ -533,13 +472,13 @@ class TrajectoryWriter:
     if self._finalized:
       return self.path
     if self._fd is None:
-      raise StoreError(f"writer for {self.path} was closed unfinished; reopen with "
+      raise disk.StoreError(f"writer for {self.path} was closed unfinished; reopen with "
                        "resume=True to finish it")
     os.fsync(self._fd)
     os.close(self._fd)
     self._fd = None
     os.replace(self.partial_path, self.path)
-    _fsync_dir(os.path.dirname(self.path))
+    disk.fsync_dir(os.path.dirname(self.path))
     self._finalized = True
     return self.path
 
@@ -604,7 +543,7 @@ class TrajectoryReader:
       self._fd = os.open(self.path, os.O_RDONLY)
     except FileNotFoundError:
       hint = " (the run is unfinished)" if os.path.exists(self.path + PARTIAL_SUFFIX) else ""
-      raise StoreError(f"{self.path} not found{hint}; pass a finished .safetensors file") from None
+      raise disk.StoreError(f"{self.path} not found{hint}; pass a finished .safetensors file") from None
     try:
       header, self._data_start = _read_header(self._fd, self.path)
       self.metadata = dict(header.get("__metadata__") or {})
@@ -616,8 +555,8 @@ class TrajectoryReader:
       self.close()
       raise
 
-  def _corrupt(self, what: str) -> StoreError:
-    return StoreError(f"{self.path} is corrupt: {what} does not match the SHA-256 recorded when "
+  def _corrupt(self, what: str) -> disk.StoreError:
+    return disk.StoreError(f"{self.path} is corrupt: {what} does not match the SHA-256 recorded when "
                       "the run finished; restore the file from a copy, or re-run the experiment "
                       "into a new --output_dir")
 
@@ -655,7 +594,7 @@ class TrajectoryReader:
     for name, e in self._entries.items():
       h = self._hashing[name]
       start = self._data_start + e.begin
-      _hash_range(self._fd, start + h[1], start + e.end - e.begin, self.path, h[0])
+      disk.hash_range(self._fd, start + h[1], start + e.end - e.begin, self.path, h[0])
       h[1] = e.end - e.begin
       if h[0].hexdigest() != self._digests[name]:
         raise self._corrupt(f"tensor {name!r}")
@@ -668,9 +607,9 @@ class TrajectoryReader:
   def _entry(self, name: str) -> _Spec:
     entry = self._entries.get(name)
     if entry is None:
-      raise StoreError(f"{self.path} has no tensor {name!r}; it has {self.keys()}")
+      raise disk.StoreError(f"{self.path} has no tensor {name!r}; it has {self.keys()}")
     if entry.dtype is None:
-      raise StoreError(f"{self.path}: tensor {name!r} has dtype {entry.code}, which jaxdt "
+      raise disk.StoreError(f"{self.path}: tensor {name!r} has dtype {entry.code}, which jaxdt "
                        "does not read; convert the file")
     return entry
 
@@ -681,7 +620,7 @@ class TrajectoryReader:
   def dtype(self, name: str) -> np.dtype:
     """The numpy dtype `rows`/`read` return (uint16 for BF16)."""
     dtype = self._entry(name).dtype
-    return np.dtype(np.uint16) if dtype == _BF16 else dtype
+    return np.dtype(np.uint16) if dtype == BF16 else dtype
 
   def shape(self, name: str) -> tuple:
     """The tensor's shape."""
@@ -700,12 +639,12 @@ class TrajectoryReader:
     """
     e = self._entry(name)
     if not e.shape:
-      raise StoreError(f"tensor {name!r} of {self.path} is 0-d; use read()")
+      raise disk.StoreError(f"tensor {name!r} of {self.path} is 0-d; use read()")
     n = e.shape[0]
     stop = n if stop is None else operator.index(stop)
     start = operator.index(start)
     if not 0 <= start <= stop <= n:
-      raise StoreError(f"rows [{start}, {stop}) of {name!r} in {self.path} are out of range: "
+      raise disk.StoreError(f"rows [{start}, {stop}) of {name!r} in {self.path} are out of range: "
                        f"it has {n} rows")
     row_bytes = (e.end - e.begin) // n if n else 0
     out = np.empty((stop - start,) + e.shape[1:], self.dtype(name))
@@ -738,365 +677,3 @@ class TrajectoryReader:
       self.close()
     except Exception:
       pass
-
-
-# --- Run metadata and the completion marker ---------------------------------
-
-
-def json_ready(x: Any) -> Any:
-  """A JSON-ready copy: numpy/JAX scalars and arrays to Python values and lists,
-  tuples to lists, non-finite floats to None (so the JSON is strict)."""
-  if isinstance(x, dict):
-    return {str(k): json_ready(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [json_ready(v) for v in x]
-  if isinstance(x, (np.ndarray, jax.Array)):
-    return json_ready(np.asarray(x).tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  """tmp file + fsync + os.replace: readers see the old file or the new one, never half."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  _fsync_dir(os.path.dirname(path))
-
-
-def write_metadata(run_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> str:
-  """Writes `run_dir/metadata.json` atomically (json, indent=2).
-
-  Convention: while running, `"completed": false`; only after the trajectory
-  writer's `finalize()`, `"completed": true` with `"trajectory_bytes"` set to
-  the final file size. `is_complete` checks exactly that.
-
-  Args:
-    run_dir: the run's output directory (created if missing).
-    metadata: JSON-ready dict (numpy/JAX scalars and arrays are converted).
-
-  Returns:
-    The path written.
-  """
-  run_dir = os.fspath(run_dir)
-  os.makedirs(run_dir, exist_ok=True)
-  path = os.path.join(run_dir, METADATA_FILE)
-  _atomic_write_text(path, json.dumps(json_ready(dict(metadata)), indent=2, allow_nan=False) + "\n")
-  return path
-
-
-def read_metadata(run_dir: str | os.PathLike) -> dict:
-  """Reads `run_dir/metadata.json`; StoreError if it is missing or unreadable."""
-  path = os.path.join(os.fspath(run_dir), METADATA_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise StoreError(f"{path} not found; is {run_dir} a run directory?") from None
-  except ValueError:
-    raise StoreError(f"{path} is not valid JSON; re-run or repair it") from None
-
-
-def is_complete(run_dir: str | os.PathLike, trajectory_name: str) -> bool:
-  """Whether a run finished: final file, `"completed": true`, matching size.
-
-  Args:
-    run_dir: the run's output directory.
-    trajectory_name: file name of the trajectory, e.g. "crucible_1_trajectory.safetensors".
-
-  Returns:
-    True only if `run_dir/trajectory_name` exists (not just its `.partial`),
-    metadata.json has `"completed": true` and `"trajectory_bytes"` equal to the
-    file's size, and the file's header describes exactly that many bytes.
-  """
-  path = os.path.join(os.fspath(run_dir), trajectory_name)
-  try:
-    meta = read_metadata(run_dir)
-    size = os.path.getsize(path)
-  except (StoreError, OSError):
-    return False
-  if meta.get("completed") is not True or meta.get("trajectory_bytes") != size:
-    return False
-  try:
-    TrajectoryReader(path).close()  # the header must tile the file exactly
-  except StoreError:
-    return False
-  return True
-
-
-# --- Checkpoints ------------------------------------------------------------
-
-
-def _leaf_name(path: Sequence[Any]) -> str:
-  return jax.tree_util.keystr(tuple(path)) or "<root>"
-
-
-def _is_key(leaf: Any) -> bool:
-  dtype = getattr(leaf, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
-  leaves = [(_leaf_name(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  names = [n for n, _ in leaves]
-  if len(set(names)) != len(names):
-    dup = next(n for n in names if names.count(n) > 1)
-    raise StoreError(f"two pytree leaves are both named {dup!r}; give them distinct keys")
-  return leaves
-
-
-def _leaf_array(leaf: Any) -> np.ndarray:
-  # Typed PRNG keys are stored as their raw key data and re-wrapped on load.
-  return np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
-
-
-def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> str:
-  """The directory of the checkpoint after `step`: `ckpt_dir/step_{step:06d}`."""
-  return os.path.join(os.fspath(ckpt_dir), f"step_{operator.index(step):06d}")
-
-
-def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
-                    extra: Optional[Mapping[str, Any]] = None,
-                    covers: Optional[Mapping[str, Any]] = None) -> str:
-  """Saves a pytree: arrays first, then `meta.json` last as the completion marker.
-
-  Every leaf is stored under its key path (`jax.tree_util.keystr`, e.g.
-  "['params']['embed']" or ".mu") with its own dtype: bf16 as BF16, so the
-  restore is bit-exact. The marker holds the arrays file's SHA-256 (read back
-  after its fsync), checked by `load_checkpoint`. Re-saving a step first
-  removes its old `meta.json`.
-
-  Args:
-    ckpt_dir: the checkpoints directory.
-    step: the step the state is after; names the subdirectory.
-    tree: a pytree of JAX/numpy arrays and scalars (typed PRNG keys allowed).
-    extra: JSON-ready dict saved beside the arrays (data position, probe
-      state summaries, config, ...).
-    covers: JSON-ready record of what else this checkpoint vouches for (the
-      run folder stores the trajectory's prefix digests here).
-
-  Returns:
-    The checkpoint directory.
-  """
-  directory = checkpoint_path(ckpt_dir, step)
-  extra = {} if extra is None else dict(extra)
-  leaves = [(name, _leaf_array(leaf)) for name, leaf in _named_leaves(tree)]
-  meta = {
-      "format": CHECKPOINT_FORMAT, "step": operator.index(step), "extra": extra,
-      "covers": {} if covers is None else dict(covers),
-      "leaves": [{"name": n, "dtype": _code(a.dtype, n), "shape": list(a.shape)}
-                 for n, a in leaves]}
-  json.dumps(json_ready(meta), allow_nan=False)  # fail before writing
-  os.makedirs(directory, exist_ok=True)
-  meta_path = os.path.join(directory, CHECKPOINT_META)
-  if os.path.exists(meta_path):  # invalidate first: a crash now leaves no marker
-    os.remove(meta_path)
-    _fsync_dir(directory)
-  arrays = os.path.join(directory, CHECKPOINT_ARRAYS)
-  writer = TrajectoryWriter(arrays, {n: (a.dtype, a.shape) for n, a in leaves},
-                            {"format": CHECKPOINT_FORMAT, "step": str(step)}, overwrite=True)
-  with writer:
-    for name, array in leaves:
-      writer.write(name, array)
-    meta["sha256"] = {CHECKPOINT_ARRAYS: writer.seal()["file"]}
-    writer.commit()
-  _fault_point("checkpoint_arrays_written")
-  meta = json_ready(meta)
-  meta["marker_sha256"] = _marker_digest(meta)
-  _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-  return directory
-
-
-def _marker_digest(meta: Mapping[str, Any]) -> str:
-  """SHA-256 of a marker's canonical JSON without its own digest."""
-  body = {k: v for k, v in meta.items() if k != "marker_sha256"}
-  return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
-  """[(step, directory)] of the checkpoints that have their `meta.json`, newest first."""
-  ckpt_dir = os.fspath(ckpt_dir)
-  if not os.path.isdir(ckpt_dir):
-    return []
-  done = [(int(m.group(1)), os.path.join(ckpt_dir, entry)) for entry in os.listdir(ckpt_dir)
-          if (m := _CKPT_DIR.fullmatch(entry))
-          and os.path.isfile(os.path.join(ckpt_dir, entry, CHECKPOINT_META))]
-  return sorted(done, reverse=True)
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[str]:
-  """The highest-step checkpoint directory that has its `meta.json`, or None."""
-  done = checkpoints(ckpt_dir)
-  return done[0][1] if done else None
-
-
-def checkpoint_meta(path: str | os.PathLike) -> dict:
-  """A checkpoint's marker (step, extra, covers, leaves, sha256)."""
-  return _read_checkpoint_meta(os.fspath(path))
-
-
-def _read_checkpoint_meta(path: str) -> dict:
-  meta_path = os.path.join(path, CHECKPOINT_META)
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-    if not isinstance(meta, dict):
-      raise ValueError("not an object")
-  except FileNotFoundError:
-    raise StoreError(f"checkpoint {path} has no {CHECKPOINT_META} (unfinished write); restore "
-                     "from latest_checkpoint() instead") from None
-  except (UnicodeDecodeError, ValueError):
-    raise StoreError(f"checkpoint {path} has an unreadable {CHECKPOINT_META} (corrupt); "
-                     "restore from an older checkpoint") from None
-  if meta.get("format") != CHECKPOINT_FORMAT:
-    raise StoreError(f"checkpoint {path} has format {meta.get('format')!r}, expected "
-                     f"{CHECKPOINT_FORMAT!r}; restore it with the jaxdt that wrote it")
-  if "marker_sha256" in meta and meta["marker_sha256"] != _marker_digest(meta):
-    raise StoreError(f"checkpoint {path} is corrupt: {CHECKPOINT_META} does not match its own "
-                     "SHA-256; restore from an older checkpoint")
-  return meta
-
-
-def _leaf_dtype_shape(leaf: Any) -> tuple[np.dtype, tuple]:
-  """What a leaf is stored as, without touching its values (works on ShapeDtypeStruct)."""
-  if _is_key(leaf):
-    leaf = jax.eval_shape(jax.random.key_data, leaf)
-  if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
-    return np.dtype(leaf.dtype), tuple(leaf.shape)
-  return np.asarray(leaf).dtype, ()  # Python scalar
-
-
-def _restore_leaf(array: np.ndarray, like: Any) -> Any:
-  if _is_key(like):
-    if not isinstance(like, jax.Array):
-      raise StoreError("a typed PRNG key leaf needs a concrete key in like_tree (its impl is "
-                       "read from it); pass jax.random.key(0) there, not a ShapeDtypeStruct")
-    return jax.random.wrap_key_data(array, impl=jax.random.key_impl(like))
-  if isinstance(like, (jax.Array, jax.ShapeDtypeStruct)):
-    sharding = getattr(like, "sharding", None)
-    return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
-  if isinstance(like, np.ndarray):
-    return array
-  if isinstance(like, np.generic):
-    return array[()]
-  return type(like)(array.item())  # Python scalars stay Python scalars
-
-
-def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]:
-  """Restores a checkpoint into the structure of `like_tree`.
-
-  Args:
-    path: a checkpoint directory (as `latest_checkpoint` returns).
-    like_tree: a pytree with the same structure, leaf names, shapes and dtypes
-      (values are ignored; e.g. a freshly initialized state, or jax.eval_shape
-      of one). Leaves come back as JAX arrays on the like leaf's sharding,
-      numpy arrays, or Python scalars, matching the like leaf.
-
-  Returns:
-    (tree, extra): the restored tree, bit-identical to the saved one, and the
-    `extra` dict given to `save_checkpoint`.
-
-  Raises:
-    StoreError: no meta.json, or names/shapes/dtypes differ (one line naming
-      the first difference).
-  """
-  path = os.fspath(path)
-  meta = _read_checkpoint_meta(path)
-  arrays = os.path.join(path, CHECKPOINT_ARRAYS)
-  expected = (meta.get("sha256") or {}).get(CHECKPOINT_ARRAYS)
-  if expected is not None:
-    try:
-      actual = sha256_file(arrays)
-    except OSError as e:
-      raise StoreError(f"checkpoint {path} cannot be read ({e.strerror}); restore from an "
-                       "older checkpoint") from None
-    if actual != expected:
-      raise StoreError(f"checkpoint {path} is corrupt: {CHECKPOINT_ARRAYS} does not match the "
-                       "SHA-256 in its marker; restore from an older checkpoint")
-  fix = "restore with the config the checkpoint was saved with"
-  like = _named_leaves(like_tree)
-  saved = [leaf["name"] for leaf in meta["leaves"]]
-  names = [n for n, _ in like]
-  if names != saved:
-    missing = [n for n in names if n not in saved]
-    unexpected = [n for n in saved if n not in names]
-    detail = (f"state leaf {missing[0]!r} is not in it" if missing else
-              f"it has leaf {unexpected[0]!r} the state lacks" if unexpected else
-              "its leaves are in another order")
-    raise StoreError(f"checkpoint {path} does not fit this state: {detail}; {fix}")
-  treedef = jax.tree_util.tree_structure(like_tree)
-  out = []
-  with TrajectoryReader(arrays) as reader:
-    for name, leaf in like:
-      want_dtype, want_shape = _leaf_dtype_shape(leaf)
-      code, shape = reader.raw_dtype(name), reader.shape(name)
-      if code != _code(want_dtype, name) or shape != want_shape:
-        raise StoreError(f"checkpoint {path} leaf {name!r} is {code}{list(shape)}, the state "
-                         f"wants {_code(want_dtype, name)}{list(want_shape)}; {fix}")
-      array = reader.read(name)
-      out.append(_restore_leaf(array.view(_BF16) if code == "BF16" else array, leaf))
-  return jax.tree_util.tree_unflatten(treedef, out), meta["extra"]
-
-
-# --- Preflight --------------------------------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-  """A byte count in the largest unit that keeps it >= 1 (e.g. 4.52 MB, 83.6 GB)."""
-  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-    if abs(n) >= size:
-      v = n / size
-      return f"{v:,.{2 if v < 10 else 1 if v < 100 else 0}f} {unit}"
-  return f"{int(n)} bytes"
-
-
-def _mem_available() -> Optional[int]:
-  """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
-  try:
-    with open("/proc/meminfo", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except (OSError, ValueError, IndexError):
-    pass
-  return None
-
-
-def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: int = 0,
-              file_name: str = "the run's output") -> None:
-  """Refuses to start a run that cannot fit on disk or in RAM.
-
-  Args:
-    out_dir: where the output goes (may not exist yet; its filesystem is checked).
-    needed_bytes: disk bytes the run will write (`estimate_bytes` of its specs).
-    needed_ram_bytes: host RAM the run needs (0 = skip the RAM check). Checked
-      against MemAvailable from /proc/meminfo where that exists.
-    file_name: the output named in the message, e.g. "crucible_1_trajectory.safetensors".
-
-  Raises:
-    StoreError: one line with the need, what is free, where, and the fix.
-  """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  probe = out_dir
-  while not os.path.exists(probe):  # the nearest existing ancestor has the filesystem
-    probe = os.path.dirname(probe)
-  free = shutil.disk_usage(probe).free
-  if needed_bytes > free:
-    raise StoreError(f"not enough disk for {file_name}: need {fmt_bytes(needed_bytes)}, "
-                     f"{fmt_bytes(free)} free in {out_dir}; pass --output_dir on a larger "
-                     "disk or fewer --steps")
-  available = _mem_available() if needed_ram_bytes > 0 else None
-  if available is not None and needed_ram_bytes > available:
-    raise StoreError(f"not enough RAM for {file_name}: need {fmt_bytes(needed_ram_bytes)}, "
-                     f"{fmt_bytes(available)} available; pass a smaller --chunk_steps or "
-                     "record fewer rows")

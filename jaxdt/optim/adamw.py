@@ -21,7 +21,7 @@ under `jit` and inside `lax.scan` with no host callback.
 
 What XLA needs for this to hold (each measured in docs/adamw.md):
 - FMA: `a * b + c` must be contracted; XLA:CPU and XLA:GPU do so under jit.
-  `fma_contracts()` checks the current backend.
+  `jaxdt.numerics.backend.fma_contracts()` checks the current backend.
 - A true division by the bias-correction scalar (XLA rewrites x / scalar as a
   multiply by the reciprocal, which flips bf16 results at t = 2934, 4923).
 - fp32 only: separate torch ops must not be fused into one FMA; `_opaque`
@@ -44,8 +44,8 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from jaxdt import lattice
 from jaxdt.config import OptimConfig
+from jaxdt.numerics import lattice
 
 # Columns of the per-step scalar table.
 NEG_STEP_SIZE, BC2_SQRT, BC1, BC2 = range(4)
@@ -129,11 +129,6 @@ def _rounder(dtype):
   raise TypeError(f"adamw supports bf16 and f32 parameters, got {dtype}")
 
 
-def _true_div(x, s):
-  """x / s as an IEEE division; a bare `x / scalar` becomes x · (1/s) in XLA."""
-  return x / (s + x * 0)
-
-
 def moments_update(g, m, v, hp: OptimConfig, dtype):
   """torch's `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, in f32.
 
@@ -162,7 +157,7 @@ def denominator(v, bc2_sqrt, hp: OptimConfig, dtype):
   r = _rounder(dtype)
   # For bf16 tensors torch adds eps as a bf16 scalar: 1e-8 becomes 1.00117e-8.
   eps = np.float32(ml_dtypes.bfloat16(hp.eps)) if dtype == jnp.bfloat16 else np.float32(hp.eps)
-  return r(r(_true_div(r(jnp.sqrt(v)), bc2_sqrt)) + eps)
+  return r(r(lattice.true_divide(r(jnp.sqrt(v)), bc2_sqrt)) + eps)
 
 
 def param_update(p, m, v, scalars, hp: OptimConfig, dtype):
@@ -298,17 +293,3 @@ def step_params(params, grads, state: AdamWState, tx: optax.GradientTransformati
   """One step through the optax interface: `tx.update` then `optax.apply_updates`."""
   updates, state = tx.update(grads, state, params)
   return optax.apply_updates(params, updates), state
-
-
-def fma_contracts() -> bool:
-  """True if `a * b + c` is fused into an FMA under jit on the default backend.
-
-  torch's lerp_ and addcmul_ are FMAs; without contraction `adamw` is not
-  bit-exact (docs/adamw.md, rule 2; BUILD_NOTES: thousands of mismatches in 300 steps).
-  """
-  a = b = np.float32(1 + 2.0**-12)
-  c = np.float32(-(1 + 2.0**-11))
-  # a·b = 1 + 2^-11 + 2^-24 exactly; rounded to f32 first it is a tie that goes
-  # to 1 + 2^-11, so a·b + c = 0, whereas an FMA gives 2^-24.
-  out = jax.jit(lambda x, y, z: x * y + z)(a, b, c)
-  return float(out) == 2.0**-24

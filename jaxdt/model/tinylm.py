@@ -23,17 +23,15 @@ block by block without the (B, T, V) logits (see that section).
 from __future__ import annotations
 
 import math
-import pathlib
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from jaxdt.config import ModelConfig
+
 
 Params = dict[str, Any]
 
@@ -69,7 +67,7 @@ def _gemm_dtype(dtype):
   return dtype
 
 
-def _operand(x, dtype=None):
+def operand(x, dtype=None):
   """x as a GEMM operand: its values rounded to `dtype` (default x's), held in
   `_gemm_dtype(dtype)`. A rounding held in f32 is a reduce_precision, which XLA
   never elides (a bf16 -> f32 convert pair it may, under excess precision)."""
@@ -77,19 +75,19 @@ def _operand(x, dtype=None):
   gd = _gemm_dtype(dtype)
   if x.dtype == dtype or gd == dtype:
     return x.astype(dtype).astype(gd)
-  return jax.lax.reduce_precision(x.astype(gd), *_bits(dtype))
+  return jax.lax.reduce_precision(x.astype(gd), *bits(dtype))
 
 
-def _matmul(x, w, w_in_axis):
+def matmul(x, w, w_in_axis):
   """x @ w over x's last axis and w's `w_in_axis`, accumulated in f32."""
   dims = (((x.ndim - 1,), (w_in_axis,)), ((), ()))
   return jax.lax.dot_general(
-      _operand(x), _operand(w), dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+      operand(x), operand(w), dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _affine(x, w, b, w_in_axis):
   """x @ w + b with a single rounding to x's dtype (torch's fused addmm)."""
-  return (_matmul(x, w, w_in_axis) + b.astype(jnp.float32)).astype(x.dtype)
+  return (matmul(x, w, w_in_axis) + b.astype(jnp.float32)).astype(x.dtype)
 
 
 def _uniform(bound):
@@ -99,7 +97,7 @@ def _uniform(bound):
   return init
 
 
-def _bits(dtype):
+def bits(dtype):
   """(exponent bits, mantissa bits) of a float dtype, for reduce_precision."""
   f = jnp.finfo(dtype)
   return f.nexp, f.nmant
@@ -115,7 +113,7 @@ def _gelu_new(x):
 
   reduce_precision pins each rounding, which XLA could otherwise elide.
   """
-  r = lambda y: jax.lax.reduce_precision(y, *_bits(x.dtype))
+  r = lambda y: jax.lax.reduce_precision(y, *bits(x.dtype))
   x32 = x.astype(jnp.float32)
   inner = r(math.sqrt(2.0 / math.pi) * r(x32 + r(0.044715 * r(x32 ** 3))))
   return (r(0.5 * x32) * r(1.0 + r(jnp.tanh(inner)))).astype(x.dtype)
@@ -131,11 +129,11 @@ def _causal_attention(q, k, v, num_heads):
   hd = D // num_heads
   q, k, v = (t.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
              for t in (q, k, v))  # (B, H, T, hd)
-  s = jnp.einsum("bhqd,bhkd->bhqk", _operand(q), _operand(k), precision=_HIGHEST,
+  s = jnp.einsum("bhqd,bhkd->bhqk", operand(q), operand(k), precision=_HIGHEST,
                  preferred_element_type=jnp.float32) * (1 / math.sqrt(hd))  # (B, H, T, T)
   s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
   e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-  o = jnp.einsum("bhqk,bhkd->bhqd", _operand(e, v.dtype), _operand(v), precision=_HIGHEST,
+  o = jnp.einsum("bhqk,bhkd->bhqd", operand(e, v.dtype), operand(v), precision=_HIGHEST,
                  preferred_element_type=jnp.float32)
   o = (o * (1 / e.sum(-1, keepdims=True))).astype(v.dtype)
   return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
@@ -279,11 +277,11 @@ class TinyLM(nn.Module):
     h = LayerNorm(name="ln_f")(x)
     if not self.head:
       return h
-    logits = _matmul(h, E, w_in_axis=1).astype(h.dtype)  # (B, T, V), tied, no bias
+    logits = matmul(h, E, w_in_axis=1).astype(h.dtype)  # (B, T, V), tied, no bias
     return logits, h
 
 
-def _check_config(cfg: ModelConfig):
+def check_config(cfg: ModelConfig):
   """Raises ValueError for a config no variant can build."""
   if cfg.variant not in VARIANTS:
     raise ValueError(f"model variant {cfg.variant!r} is not one of {VARIANTS}")
@@ -307,7 +305,7 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
   Returns:
     A nested dict of fp32 arrays; `params["embedding"]` is the [V, D] token table.
   """
-  _check_config(cfg)
+  check_config(cfg)
   params = TinyLM(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]  # plain dicts
   if cfg.variant == "encoder":
     for i in range(1, cfg.num_layers):
@@ -340,255 +338,6 @@ def hidden(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
   """
   return TinyLM(cfg, head=False).apply({"params": params}, input_ids)
 
-
-# -- Tied logits + cross entropy, blockwise ------------------------------------
-# The tied logits are 83% of a lab-size step's FLOPs and (B*T, V) f32 is 655 MB
-# at B = T = 128, V = 10,000: materialised, the logits, their log-softmax and
-# their gradient stream several GB through memory every step. Here each block
-# of rows does logits -> loss -> dlogits -> (dh, dE) while its (rows, V) slab is
-# in cache, and the forward pass already computes the gradients (one pass over
-# the logits instead of a recompute in the backward pass).
-# Target rows per block (blocks are whole sequences). CPU: a (512, V) f32 slab
-# stays in the last-level cache, and 512 measured best of 128-2048 (BUILD_NOTES).
-# Elsewhere one block: a GPU wants few, large GEMMs more than cache locality.
-NLL_BLOCK_ROWS = {"cpu": 512}
-
-
-def _tied_nll_block(table, scale, h, targets):
-  """(nll, dlogits as a GEMM operand, dh in f32) of one block; h (R, D), targets (R,)."""
-  cd = h.dtype
-  logits = _matmul(h, table, w_in_axis=1)  # (R, V) f32
-  # torch's logits tensor is bf16 under bf16: round, but keep computing in f32.
-  logits = jax.lax.reduce_precision(logits, *_bits(cd))
-  m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-  e = jnp.exp(logits - m)
-  s = e.sum(-1, keepdims=True)
-  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)  # (R, 1)
-  nll = (m + jnp.log(s) - picked)[:, 0]  # (R,)
-  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
-  # d(mean nll)/d logits = (softmax - onehot) / N, rounded to the logits' dtype
-  # as torch's autograd hands a bf16 gradient to the bf16 matmul.
-  dlogits = _operand((e * (1 / s) - onehot) * scale, cd)  # (R, V)
-  dh = _matmul(dlogits, table, w_in_axis=0)  # (R, D) f32
-  return nll, dlogits, dh
-
-
-def _tied_nll_scan(h, table, targets):
-  """Loss and both gradients (for a unit cotangent), block by block."""
-  nb, r, d = h.shape  # (blocks, rows, D)
-  scale = jnp.float32(1 / (nb * r))
-
-  def body(d_table, xs):
-    hb, tb = xs
-    nll, dlogits, dh = _tied_nll_block(table, scale, hb, tb)
-    # dE += dlogits^T h, accumulated in f32 over blocks, rounded once at the end.
-    d_table = d_table + _matmul(dlogits.T, hb, w_in_axis=0)
-    return d_table, (nll, dh)
-
-  d_table, (nll, dh) = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), (h, targets))
-  return jnp.mean(nll), dh, d_table
-
-
-@jax.custom_vjp
-def _tied_nll(h, table, targets):
-  nll = jax.lax.map(lambda xs: _tied_nll_block(table, 0.0, *xs)[0], (h, targets))
-  return jnp.mean(nll)
-
-
-def _tied_nll_fwd(h, table, targets):
-  loss, dh, d_table = _tied_nll_scan(h, table, targets)
-  # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
-  return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
-
-
-def _tied_nll_bwd(res, g):
-  dh, d_table = res
-  # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
-  # a separate backward pass would give; any other g rounds twice. Integer
-  # targets get no cotangent.
-  g = g.astype(jnp.float32)
-  return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
-          (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
-
-
-_tied_nll.defvjp(_tied_nll_fwd, _tied_nll_bwd)
-
-
-def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
-  """Sequences per block: the largest divisor of n_seq with at most target_rows rows."""
-  best = 1
-  for k in range(1, n_seq + 1):
-    if n_seq % k == 0 and k * seq_len <= target_rows:
-      best = k
-  return best
-
-
-def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
-                    block_rows: int | None = None) -> jax.Array:
-  """Mean next-token cross entropy of the tied logits `h @ table.T`, blockwise.
-
-  Equals `mean(-log_softmax(logits.astype(f32))[targets])` with
-  `logits = (h @ table.T)` accumulated in f32 and rounded to h's dtype (what
-  `apply` returns), up to f32 summation order, but never holds the (B, T, V)
-  logits: blocks of whole sequences (about `block_rows` rows) go through
-  logits, loss and gradient while they are in cache. Under `jax.grad` the
-  forward pass computes the gradients too (the logits are made once): dlogits
-  = (softmax - onehot) / N rounded to h's dtype, dh = dlogits @ table and
-  dtable = dlogits^T @ h, both accumulated in f32 and rounded once.
-
-  Args:
-    h: (B, T, D) final hidden states (post-ln_f), any float dtype.
-    table: (V, D) the tied token table, h's dtype.
-    targets: (B, T) int target ids.
-    block_rows: target rows per block (a speed knob: it changes only the f32
-      summation order of dtable); None = `NLL_BLOCK_ROWS` of the default
-      backend, all rows in one block where it has no entry.
-
-  Returns:
-    f32 scalar, the mean over all B * T targets.
-  """
-  B, T, D = h.shape
-  if block_rows is None:
-    block_rows = NLL_BLOCK_ROWS.get(jax.default_backend(), B * T)
-  k = _blocks(B, T, block_rows)
-  hb = h.reshape(B // k, k * T, D)  # (blocks, rows, D)
-  tb = targets.reshape(B // k, k * T).astype(jnp.int32)
-  return _tied_nll(hb, table, tb)
-
-
 def count_params(params: Params) -> int:
   """Total number of scalars in a params pytree (tied weights counted once)."""
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-
-
-# -- torch state_dict <-> params -----------------------------------------------
-# Non-parameter buffers older HF GPT-2 checkpoints carry (causal mask, -1e4).
-_GPT2_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias$")
-
-
-def _torch_key(cfg: ModelConfig, path: tuple[str, ...]) -> str:
-  """The torch state_dict key of the parameter at `path` in params."""
-  top, rest = path[0], list(path[1:])
-  if cfg.variant == "encoder":
-    tables = {"embedding": "embedding.weight", "pos_embedding": "pos_embedding.weight"}
-    layers, ln_f = "transformer.layers.", "ln_f"
-  else:
-    tables = {"embedding": "transformer.wte.weight", "pos_embedding": "transformer.wpe.weight"}
-    layers, ln_f = "transformer.h.", "transformer.ln_f"
-  if top in tables:
-    return tables[top]
-  if top == "ln_f":
-    return ".".join([ln_f] + rest)
-  return layers + ".".join([top.split("_")[-1]] + rest)  # layers_1 / h_1 -> 1
-
-
-def _torch_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-  """{torch state_dict key: (params path, shape)} for every parameter of `cfg`."""
-  shapes = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg))
-  flat = traverse_util.flatten_dict(shapes)
-  return {_torch_key(cfg, p): (p, tuple(s.shape)) for p, s in flat.items()}
-
-
-def params_to_torch_state_dict(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Params as a torch-named dict of numpy arrays (dtype kept; bf16 as ml_dtypes).
-
-  gpt2 adds `lm_head.weight`, the same array as `transformer.wte.weight` (tied).
-  """
-  flat = traverse_util.flatten_dict(params)
-  sd = {_torch_key(cfg, p): np.asarray(a) for p, a in flat.items()}
-  if cfg.variant == "gpt2":
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-  return sd
-
-
-def _to_numpy(x) -> np.ndarray:
-  """numpy view of an array or torch tensor, bit for bit (bf16 included)."""
-  if type(x).__module__.startswith("torch"):
-    import torch  # pylint: disable=g-import-not-at-top
-    x = x.detach().cpu()
-    if x.dtype == torch.bfloat16:
-      return x.view(torch.int16).numpy().view(jnp.bfloat16)
-    return x.numpy()
-  return np.asarray(x)
-
-
-def _few(keys: list[str]) -> str:
-  return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "") or "none"
-
-
-def params_from_torch_state_dict(state_dict: dict[str, Any], cfg: ModelConfig) -> Params:
-  """Params from a torch state_dict (numpy arrays or torch tensors), dtype kept.
-
-  Args:
-    state_dict: TinyLM (encoder) or GPT2LMHeadModel (gpt2) keys. gpt2 accepts a
-      tied `lm_head.weight` (must equal wte) or none, and ignores attn mask buffers.
-    cfg: the architecture to load into.
-
-  Returns:
-    A nested params dict of jax arrays with the checkpoint's dtypes.
-
-  Raises:
-    ValueError: on missing or unexpected keys, a wrong shape, or an untied lm_head.
-  """
-  _check_config(cfg)
-  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
-  expected = _torch_shapes(cfg)
-  if cfg.variant == "gpt2":
-    sd = {k: v for k, v in sd.items() if not _GPT2_BUFFERS.match(k)}
-    head = sd.pop("lm_head.weight", None)
-    wte = sd.get("transformer.wte.weight")
-    if head is not None and wte is not None and not np.array_equal(head, wte):
-      raise ValueError("lm_head.weight differs from transformer.wte.weight; TinyLM is tied")
-  missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-  if missing or unexpected:
-    raise ValueError(f"checkpoint does not match the {cfg.variant} TinyLM: missing "
-                     f"{_few(missing)}, unexpected {_few(unexpected)}")
-  flat = {}
-  for key, (path, shape) in expected.items():
-    if sd[key].shape != shape:
-      raise ValueError(f"{key}: checkpoint shape {sd[key].shape} != {shape} "
-                       f"expected for {cfg}")
-    flat[path] = jnp.asarray(sd[key])
-  return traverse_util.unflatten_dict(flat)
-
-
-def load_torch_checkpoint(path: str | pathlib.Path, cfg: ModelConfig) -> Params:
-  """Params from a .safetensors file, or a torch .pt/.pth (needs torch).
-
-  A .pt may be the lab's `{'model_state_dict': ...}` checkpoint or a bare
-  state_dict. Array dtypes are kept (bf16 stays bf16, bit for bit).
-
-  Args:
-    path: checkpoint file.
-    cfg: the architecture to load into.
-
-  Returns:
-    Params as in `params_from_torch_state_dict`.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ValueError(f"--init_checkpoint {path} does not exist; pass the lab's step-0 .pt or a "
-                     ".safetensors state_dict")
-  unreadable = (f"--init_checkpoint {path} is not a readable torch state_dict; pass the lab's "
-                "step-0 .pt or a .safetensors state_dict")
-  if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      state = load_file(path)
-    except Exception:  # safetensors raises its own error types
-      raise ValueError(unreadable) from None
-    return params_from_torch_state_dict(state, cfg)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ValueError(f"reading {path} needs torch; install it or convert the checkpoint to "
-                     ".safetensors") from None
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception:  # pickle, zip and torch errors alike: not a state_dict we can read
-    raise ValueError(unreadable) from None
-  if isinstance(obj, dict) and "model_state_dict" in obj:
-    obj = obj["model_state_dict"]
-  if not isinstance(obj, dict):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
-  return params_from_torch_state_dict(obj, cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdt import optim
+from jaxdt.numerics import lattice
 
 
 def _pairwise_sum(x, xp):
@@ -33,7 +33,7 @@ def sum_rows(x):
 def mean_rows(x):
   """f32 mean over axis 0: `sum_rows` then a true division by n (not a multiply by 1/n)."""
   x = jnp.asarray(x, jnp.float32)
-  return optim._true_div(sum_rows(x), jnp.float32(x.shape[0]))  # pylint: disable=protected-access
+  return lattice.true_divide(sum_rows(x), jnp.float32(x.shape[0]))
 
 
 def np_sum_rows(x: np.ndarray) -> np.ndarray:

@@ -1,20 +1,14 @@
-"""The one training loop: a pure step, scanned over chunks, streamed to disk.
+"""The one training loop: chunks of the jitted step, streamed into a run folder.
 
-`make_step(...)` builds `step(state, t) -> (state, record)`: sample batch t,
-loss and grads with the lab's bf16 semantics, the torch-exact AdamW update,
-and the declared probes over the recorded rows. `make_run_chunk` scans it over
-K steps under `jit`. `train(cfg, out_dir)` is the host loop: it only hands
-stacked records to the store at chunk edges (while the next chunk computes),
-and saves checkpoints when a chunk ends on a checkpoint step.
-
-Keys come from (seed, purpose): the model init and the data order never share
-randomness, and the batch of step t is a pure function of (data key, t).
+`train(cfg, out_dir)` is the host loop: it hands stacked records to the run
+folder at chunk edges (while the next chunk computes) and checkpoints when a
+chunk ends on a checkpoint step. `rundir.RunDir` owns the folder's protocol;
+analyses run after the loop (run.py), never inside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import signal
@@ -26,136 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdt import backend
 from jaxdt import config as config_lib
-from jaxdt import data
-from jaxdt import lattice
-from jaxdt import model
-from jaxdt import optim
-from jaxdt import ordered
-from jaxdt import precision
-from jaxdt import probes as probes_lib
-from jaxdt import rundir
-from jaxdt import store
-
-INIT_PURPOSE, DATA_PURPOSE = 0, 1  # fold_in constants of the root key
-EMBEDDING = "embedding"  # the token table's key in model params
-
-
-class TrainState(NamedTuple):
-  """Everything a step carries; all leaves are arrays (checkpointed as one tree)."""
-
-  params: dict
-  opt_state: optim.AdamWState
-  probe_state: dict  # tracker key -> array, e.g. last_motion_step
-
-
-def root_keys(seed: int):
-  """(init key, data key) from the seed, split by purpose."""
-  root = jax.random.key(seed)
-  return jax.random.fold_in(root, INIT_PURPOSE), jax.random.fold_in(root, DATA_PURPOSE)
-
-
-def hyper(cfg: config_lib.ExperimentConfig) -> config_lib.OptimConfig:
-  """AdamW's hyperparameters: the config's own `OptimConfig`."""
-  return cfg.optim
-
-
-def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: data.Batch):
-  """Mean next-token cross entropy (f32) and the mean final hidden state.
-
-  The model runs in the params' dtype (bf16 for the lab's runs); logits[:, :L']
-  are scored against the targets (the data module's convention), with the
-  log-softmax in f32 from the bf16 logits. `model.tied_logits_nll` does the
-  logits and the loss block by block, so the (B, L', V) logits never exist and
-  position L' onward is never projected (torch computes and drops it).
-  """
-  h = model.hidden(params, cfg, batch.inputs)  # (B, T, D)
-  n_targets = batch.targets.shape[1]
-  loss = model.tied_logits_nll(h[:, :n_targets], params[EMBEDDING], batch.targets)
-  h_mean = ordered.mean_rows(h.reshape(-1, h.shape[-1]))  # (D,)
-  return loss, h_mean
-
-
-def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> TrainState:
-  """Step-0 state: PyTorch-style init in f32, cast by the precision policy."""
-  init_key, _ = root_keys(cfg.seed)
-  policy = precision.get_policy(cfg.precision)
-  if cfg.init_checkpoint:
-    params = model.load_torch_checkpoint(cfg.init_checkpoint, cfg.model)
-  else:
-    params = model.init_params(init_key, cfg.model)
-  params = precision.cast_params(params, policy)
-  optim.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
-  trackers = probes_lib.of_config(cfg).trackers
-  return TrainState(params, optim.init(params),
-                    {k.key: jnp.asarray(k.init(dims)) for k in trackers})
-
-
-def _gather(x, rows):
-  return x if rows is None else x[rows]
-
-
-def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray]):
-  """The pure step `step(state, t) -> (state, (record, loss))` for this experiment.
-
-  `record` holds the declared probes' values (what the file stores); `loss`
-  is the f32 loss, which the host watches for divergence.
-  """
-  sample = data.make_sampler(tokens, cfg.data)
-  _, data_key = root_keys(cfg.seed)
-  policy = precision.get_policy(cfg.precision)
-  hp = cfg.optim
-  built = probes_lib.of_config(cfg)
-  series, trackers = built.series, built.trackers
-  row_idx = None if rows is None else jnp.asarray(rows, jnp.int32)
-
-  def objective(params, batch):
-    return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch)
-
-  def step(state: TrainState, t):
-    batch = sample(data_key, t)
-    (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
-    params, opt_state = optim.step(hp, state.params, grads, state.opt_state)
-    view = probes_lib.StepView(
-        t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
-        w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
-        m=_gather(opt_state.mu[EMBEDDING], row_idx), v=_gather(opt_state.nu[EMBEDDING], row_idx),
-        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss)
-    record = {s.key: s.record(view) for s in series}
-    probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
-    return TrainState(params, opt_state, probe_state), (record, loss)
-
-  return step
-
-
-def make_run_chunk(step):
-  """`run_chunk(state, start, length) -> (state, records)`: steps start+1..start+length."""
-
-  def run_chunk(state, start, length):
-    ts = start + 1 + jnp.arange(length, dtype=jnp.int32)
-    return jax.lax.scan(step, state, ts)
-
-  return jax.jit(run_chunk, static_argnums=2, donate_argnums=0)
-
-
-def initial_records(cfg, state: TrainState, rows) -> dict:
-  """Row 0 of every series that has one (the state before any step)."""
-  w0 = _gather(state.params[EMBEDDING], None if rows is None else jnp.asarray(rows))
-  return {s.key: np.asarray(s.initial(w0)) for s in probes_lib.of_config(cfg).series
-          if s.initial is not None}
-
-
-def chunk_plan(start: int, steps: int, chunk: int, checkpoints) -> list:
-  """[(start, length)] chunks covering start..steps, each ending at or before a checkpoint."""
-  marks = sorted(c for c in set(checkpoints) if start < c < steps)
-  plan, t = [], start
-  for end in marks + [steps]:
-    while t < end:
-      n = min(chunk, end - t)
-      plan.append((t, n))
-      t += n
-  return plan
+from jaxdt.data import corpus as corpus_lib
+from jaxdt.data import sampler
+from jaxdt.io import disk
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
+from jaxdt.numerics import backend
+from jaxdt.numerics import precision
+from jaxdt.training import probes as probes_lib
+from jaxdt.training import step
 
 
 # --- The host loop -----------------------------------------------------------
@@ -233,7 +107,7 @@ class Progress:
       sys.stderr.write("\n")
 
 
-def describe_corpus(corpus: data.Corpus) -> str:
+def describe_corpus(corpus: corpus_lib.Corpus) -> str:
   """One line: where the data came from and its counts."""
   d = corpus.default
   source = ("the lab's files" if d is None else
@@ -254,7 +128,7 @@ class Layout(NamedTuple):
   chunk_bytes: int  # bytes of one step's records
 
 
-def layout(cfg: config_lib.ExperimentConfig, corpus: data.Corpus) -> Layout:
+def layout(cfg: config_lib.ExperimentConfig, corpus: corpus_lib.Corpus) -> Layout:
   """The run's file layout for this config and corpus (refuses colliding probes)."""
   rows = corpus.dead_indices if cfg.probes.rows == "dead" else None
   dims = probes_lib.Dims(rows=corpus.n_dead if rows is not None else cfg.model.vocab_size,
@@ -276,7 +150,7 @@ def layout(cfg: config_lib.ExperimentConfig, corpus: data.Corpus) -> Layout:
 FILE_METADATA = {"format": "pt"}  # the trajectory's safetensors metadata (the lab's)
 
 
-def _state_bytes(state: TrainState) -> int:
+def _state_bytes(state: step.TrainState) -> int:
   """Disk bytes of one checkpoint of `state` (arrays, header and marker, rounded up)."""
   leaves = jax.tree_util.tree_leaves(state)
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves) + (256 << 10)
@@ -310,20 +184,20 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
     RunResult (metadata has "completed": True), or None when stopped early.
 
   Raises:
-    store.StoreError, data.DataError, ValueError: bad input or folder (one
+    disk.StoreError, vocabulary.DataError, ValueError: bad input or folder (one
       line); nothing in the folder changed.
     rundir.Interrupted: SIGINT/SIGTERM; the folder is resumable.
   """
   t_start = time.perf_counter()
-  corpus = data.load_corpus(cfg.data, cfg.model.vocab_size)
+  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   log(f"data: {describe_corpus(corpus)}")
   lay = layout(cfg, corpus)
   rows, dims, specs, static, series = lay.rows, lay.dims, lay.specs, lay.static, lay.probes.series
-  per_epoch = data.batches_per_epoch(len(corpus.tokens), cfg.data)
-  state = init_state(cfg, dims)  # loads --init_checkpoint: a bad one fails here
+  per_epoch = sampler.batches_per_epoch(len(corpus.tokens), cfg.data)
+  state = step.init_state(cfg, dims)  # loads --init_checkpoint: a bad one fails here
   checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
   inputs = {"data_files": corpus.files,
-            "init_checkpoint_sha256": store.sha256_file(cfg.init_checkpoint)
+            "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
             if cfg.init_checkpoint else None}
   running_meta = {**_lab_metadata(cfg, corpus, dims, 0, per_epoch, None, specs),
                   **_our_metadata(cfg, corpus, None, False), **inputs}
@@ -338,21 +212,21 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
           ram_bytes=3 * lay.chunk_bytes * min(cfg.store.chunk_steps, cfg.steps))
       done = start
       log(f"run folder: {run.path} ({os.path.basename(run.partial)}, "
-          f"{store.fmt_bytes(store.estimate_bytes(specs, FILE_METADATA))})")
+          f"{disk.fmt_bytes(tensorfile.estimate_bytes(specs, FILE_METADATA))})")
       if restored is None:
-        for k, a in initial_records(cfg, state, rows).items():
+        for k, a in step.initial_records(cfg, state, rows).items():
           run.write_rows(k, 0, a[None])
       else:
         state = restored
       for k, a in static.items():  # a resume rewrites the same bytes
         run.write(k, a)
-      store._fault_point("initial_rows_written")
+      disk.fault_point("initial_rows_written")
       if restored is None and 0 in checkpoint_steps:
         run.checkpoint(0, jax.device_get(state))
 
-      run_chunk = make_run_chunk(make_step(cfg, corpus.tokens, rows))
+      run_chunk = step.make_run_chunk(step.make_step(cfg, corpus.tokens, rows))
       bar = Progress(cfg.steps, start, progress)
-      plan = chunk_plan(start, end, cfg.store.chunk_steps, checkpoint_steps)
+      plan = step.chunk_plan(start, end, cfg.store.chunk_steps, checkpoint_steps)
       t_compile = time.perf_counter()
       pending = run_chunk(state, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
       if plan:  # the first call traces and compiles before it dispatches
@@ -367,7 +241,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
                    if i + 1 < len(plan) else None)
         for ser in series:
           run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
-        store._fault_point("rows_written")
+        disk.fault_point("rows_written")
         done = s + n
         losses = np.asarray(losses)
         if diverged is None and (diverged := rundir.first_nonfinite(losses, s + 1)) is not None:
@@ -387,7 +261,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
 
       for k, a in state.probe_state.items():
         run.write(k, np.asarray(a))
-      store._fault_point("final_tensors_written")
+      disk.fault_point("final_tensors_written")
       meta = {**running_meta,  # the backend facts are the start's; commit sets completed
               **_lab_metadata(cfg, corpus, dims, cfg.steps, per_epoch, last_loss, specs),
               "wall_time_s": time.perf_counter() - t_start, "steps_completed": cfg.steps,

@@ -1,0 +1,135 @@
+"""Low-level file operations every run-folder writer shares.
+
+Hashing, durable renames (fsync of the folder), atomic text writes, the
+free-space and RAM preflight, and the named fault points of the run-folder
+protocol (tests replace `FAULT_HOOK` to crash the process there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import Optional
+
+
+
+_HASH_BLOCK = 16 << 20  # bytes per read when hashing a file back
+
+def sha256_file(path: str) -> str:
+  """The SHA-256 (hex) of a whole file, read in blocks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(_HASH_BLOCK):
+      h.update(block)
+  return h.hexdigest()
+
+
+def hash_range(fd: int, begin: int, end: int, path: str, *hashers) -> None:
+  """Feeds bytes [begin, end) of an open file to every hasher, in blocks."""
+  offset = begin
+  while offset < end:
+    block = os.pread(fd, min(_HASH_BLOCK, end - offset), offset)
+    if not block:
+      raise StoreError(f"{path} ended early at byte {offset:,}; the file is truncated, continue "
+                       "its run with --resume or re-create it")
+    for h in hashers:
+      h.update(block)
+    offset += len(block)
+
+
+def fault_point(name: str) -> None:
+  """A named instant of the run-folder protocol (between two writes).
+
+  Fault-injection tests replace `FAULT_HOOK` to raise or to SIGKILL the
+  process there; it is None otherwise and costs one global lookup.
+  """
+  if FAULT_HOOK is not None:
+    FAULT_HOOK(name)
+
+
+FAULT_HOOK = None
+
+
+class StoreError(ValueError):
+  """Bad storage input or state. The message is one line naming the file and the fix."""
+
+def fsync_dir(directory: str) -> None:
+  """Makes a rename in `directory` durable (POSIX; a no-op where dirs cannot be opened)."""
+  try:
+    fd = os.open(directory or ".", os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+def atomic_write_text(path: str, text: str) -> None:
+  """tmp file + fsync + os.replace: readers see the old file or the new one, never half."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  fsync_dir(os.path.dirname(path))
+
+# --- Preflight --------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+  """A byte count in the largest unit that keeps it >= 1 (e.g. 4.52 MB, 83.6 GB)."""
+  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    if abs(n) >= size:
+      v = n / size
+      return f"{v:,.{2 if v < 10 else 1 if v < 100 else 0}f} {unit}"
+  return f"{int(n)} bytes"
+
+
+def _mem_available() -> Optional[int]:
+  """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: int = 0,
+              file_name: str = "the run's output") -> None:
+  """Refuses to start a run that cannot fit on disk or in RAM.
+
+  Args:
+    out_dir: where the output goes (may not exist yet; its filesystem is checked).
+    needed_bytes: disk bytes the run will write (`estimate_bytes` of its specs).
+    needed_ram_bytes: host RAM the run needs (0 = skip the RAM check). Checked
+      against MemAvailable from /proc/meminfo where that exists.
+    file_name: the output named in the message, e.g. "crucible_1_trajectory.safetensors".
+
+  Raises:
+    StoreError: one line with the need, what is free, where, and the fix.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  probe = out_dir
+  while not os.path.exists(probe):  # the nearest existing ancestor has the filesystem
+    probe = os.path.dirname(probe)
+  free = shutil.disk_usage(probe).free
+  if needed_bytes > free:
+    raise StoreError(f"not enough disk for {file_name}: need {fmt_bytes(needed_bytes)}, "
+                     f"{fmt_bytes(free)} free in {out_dir}; pass --output_dir on a larger "
+                     "disk or fewer --steps")
+  available = _mem_available() if needed_ram_bytes > 0 else None
+  if available is not None and needed_ram_bytes > available:
+    raise StoreError(f"not enough RAM for {file_name}: need {fmt_bytes(needed_ram_bytes)}, "
+                     f"{fmt_bytes(available)} available; pass a smaller --chunk_steps or "
+                     "record fewer rows")

@@ -1,0 +1,128 @@
+"""Tied logits + cross entropy, blockwise, with a custom VJP.
+
+`tied_logits_nll(h, E, targets)` is the mean next-token NLL of logits h @ E.T
+without materialising the (B, T, V) logits; see the comment below.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+from jaxdt.model import tinylm
+
+
+# -- Tied logits + cross entropy, blockwise ------------------------------------
+# The tied logits are 83% of a lab-size step's FLOPs and (B*T, V) f32 is 655 MB
+# at B = T = 128, V = 10,000: materialised, the logits, their log-softmax and
+# their gradient stream several GB through memory every step. Here each block
+# of rows does logits -> loss -> dlogits -> (dh, dE) while its (rows, V) slab is
+# in cache, and the forward pass already computes the gradients (one pass over
+# the logits instead of a recompute in the backward pass).
+# Target rows per block (blocks are whole sequences). CPU: a (512, V) f32 slab
+# stays in the last-level cache, and 512 measured best of 128-2048 (BUILD_NOTES).
+# Elsewhere one block: a GPU wants few, large GEMMs more than cache locality.
+NLL_BLOCK_ROWS = {"cpu": 512}
+
+
+def _tied_nll_block(table, scale, h, targets):
+  """(nll, dlogits as a GEMM operand, dh in f32) of one block; h (R, D), targets (R,)."""
+  cd = h.dtype
+  logits = tinylm.matmul(h, table, w_in_axis=1)  # (R, V) f32
+  # torch's logits tensor is bf16 under bf16: round, but keep computing in f32.
+  logits = jax.lax.reduce_precision(logits, *tinylm.bits(cd))
+  m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  e = jnp.exp(logits - m)
+  s = e.sum(-1, keepdims=True)
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)  # (R, 1)
+  nll = (m + jnp.log(s) - picked)[:, 0]  # (R,)
+  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
+  # d(mean nll)/d logits = (softmax - onehot) / N, rounded to the logits' dtype
+  # as torch's autograd hands a bf16 gradient to the bf16 matmul.
+  dlogits = tinylm.operand((e * (1 / s) - onehot) * scale, cd)  # (R, V)
+  dh = tinylm.matmul(dlogits, table, w_in_axis=0)  # (R, D) f32
+  return nll, dlogits, dh
+
+
+def _tied_nll_scan(h, table, targets):
+  """Loss and both gradients (for a unit cotangent), block by block."""
+  nb, r, d = h.shape  # (blocks, rows, D)
+  scale = jnp.float32(1 / (nb * r))
+
+  def body(d_table, xs):
+    hb, tb = xs
+    nll, dlogits, dh = _tied_nll_block(table, scale, hb, tb)
+    # dE += dlogits^T h, accumulated in f32 over blocks, rounded once at the end.
+    d_table = d_table + tinylm.matmul(dlogits.T, hb, w_in_axis=0)
+    return d_table, (nll, dh)
+
+  d_table, (nll, dh) = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), (h, targets))
+  return jnp.mean(nll), dh, d_table
+
+
+@jax.custom_vjp
+def _tied_nll(h, table, targets):
+  nll = jax.lax.map(lambda xs: _tied_nll_block(table, 0.0, *xs)[0], (h, targets))
+  return jnp.mean(nll)
+
+
+def _tied_nll_fwd(h, table, targets):
+  loss, dh, d_table = _tied_nll_scan(h, table, targets)
+  # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
+  return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
+
+
+def _tied_nll_bwd(res, g):
+  dh, d_table = res
+  # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
+  # a separate backward pass would give; any other g rounds twice. Integer
+  # targets get no cotangent.
+  g = g.astype(jnp.float32)
+  return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
+          (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
+
+
+_tied_nll.defvjp(_tied_nll_fwd, _tied_nll_bwd)
+
+
+def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
+  """Sequences per block: the largest divisor of n_seq with at most target_rows rows."""
+  best = 1
+  for k in range(1, n_seq + 1):
+    if n_seq % k == 0 and k * seq_len <= target_rows:
+      best = k
+  return best
+
+
+def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
+                    block_rows: int | None = None) -> jax.Array:
+  """Mean next-token cross entropy of the tied logits `h @ table.T`, blockwise.
+
+  Equals `mean(-log_softmax(logits.astype(f32))[targets])` with
+  `logits = (h @ table.T)` accumulated in f32 and rounded to h's dtype (what
+  `apply` returns), up to f32 summation order, but never holds the (B, T, V)
+  logits: blocks of whole sequences (about `block_rows` rows) go through
+  logits, loss and gradient while they are in cache. Under `jax.grad` the
+  forward pass computes the gradients too (the logits are made once): dlogits
+  = (softmax - onehot) / N rounded to h's dtype, dh = dlogits @ table and
+  dtable = dlogits^T @ h, both accumulated in f32 and rounded once.
+
+  Args:
+    h: (B, T, D) final hidden states (post-ln_f), any float dtype.
+    table: (V, D) the tied token table, h's dtype.
+    targets: (B, T) int target ids.
+    block_rows: target rows per block (a speed knob: it changes only the f32
+      summation order of dtable); None = `NLL_BLOCK_ROWS` of the default
+      backend, all rows in one block where it has no entry.
+
+  Returns:
+    f32 scalar, the mean over all B * T targets.
+  """
+  B, T, D = h.shape
+  if block_rows is None:
+    block_rows = NLL_BLOCK_ROWS.get(jax.default_backend(), B * T)
+  k = _blocks(B, T, block_rows)
+  hb = h.reshape(B // k, k * T, D)  # (blocks, rows, D)
+  tb = targets.reshape(B // k, k * T).astype(jnp.int32)
+  return _tied_nll(hb, table, tb)

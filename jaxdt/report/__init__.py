@@ -1,0 +1,1 @@
+"""What a user reads: the printed blocks (`text`), the PNGs (`plots`), the entry points (`outputs`)."""

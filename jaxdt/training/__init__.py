@@ -1,0 +1,1 @@
+"""Training: the probes (`probes`), the pure jitted step (`step`), the host loop (`loop`)."""
