@@ -23,6 +23,7 @@ from conftest import TINY_VOCAB
 
 from jaxdt import config as config_lib
 from jaxdt.io import metadata
+from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.training import loop
 from jaxdt.training import probes
@@ -190,7 +191,7 @@ def test_tiny_thimble8_file(thimble8_run):
   # m and v are f32 copies of bf16 state: exact bf16 values.
   m = r.read("m")
   np.testing.assert_array_equal(m, m.astype(ml_dtypes.bfloat16).astype(np.float32))
-  done = sorted(os.listdir(os.path.join(result.run_dir, loop.CHECKPOINT_DIR)))
+  done = sorted(os.listdir(os.path.join(result.run_dir, rundir.CHECKPOINT_DIR)))
   assert done == ["step_000000", "step_000001"]  # the seed's steps <= 6
   assert result.metadata["experiment"] == "Thimble 8"
 

@@ -11,7 +11,7 @@ Nothing but `RunDir` writes a run folder; readers open results through
                              commit point
   checkpoints/step_NNNNNN/   arrays.safetensors, then meta.json (the marker)
 
-Invariants (each one is tested, tests/rundir_test.py and tests/faults_test.py):
+Invariants (each one is tested, tests/io/rundir_test.py and tests/io/faults_test.py):
   1. One writer. The folder itself is locked (`flock`, exclusive) for the
      run's whole life; a second process is refused with the holder's pid. The
      kernel drops the lock when its process dies, however it dies.

@@ -219,7 +219,7 @@ def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
 
   The trainer's one optimizer path is `init` + `step(hp, params, grads,
   state)`; this is the adapter for optax users, built on the same update
-  (`_update_tree`) and tested on its own (tests/optim_test.py,
+  (`_update_tree`) and tested on its own (tests/optim/adamw_test.py,
   tests/parity/optim_parity_test.py).
 
   Decay and the Adam step stay in one transformation because torch rounds the

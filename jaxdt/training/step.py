@@ -135,15 +135,3 @@ def initial_records(cfg, state: TrainState, rows) -> dict:
   w0 = _gather(state.params[EMBEDDING], None if rows is None else jnp.asarray(rows))
   return {s.key: np.asarray(s.initial(w0)) for s in probes_lib.of_config(cfg).series
           if s.initial is not None}
-
-
-def chunk_plan(start: int, steps: int, chunk: int, checkpoints) -> list:
-  """[(start, length)] chunks covering start..steps, each ending at or before a checkpoint."""
-  marks = sorted(c for c in set(checkpoints) if start < c < steps)
-  plan, t = [], start
-  for end in marks + [steps]:
-    while t < end:
-      n = min(chunk, end - t)
-      plan.append((t, n))
-      t += n
-  return plan

@@ -101,8 +101,8 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
 
 
 def test_chunk_plan_ends_chunks_on_checkpoints():
-  assert step_lib.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
-  assert step_lib.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
+  assert loop.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
+  assert loop.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
 
 
 def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):

@@ -26,7 +26,7 @@ from jaxdt.data import recipe
 from jaxdt.data import sampler
 from jaxdt.data import vocabulary
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAB_KEYS = ("live_mask", "dead_mask", "live_indices", "dead_indices", "token_occurrence_counts")
 TINY_TEXT = " ".join(
     ["The quick brown fox jumps over the lazy dog, again and again."] * 40

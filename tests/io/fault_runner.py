@@ -14,11 +14,11 @@ import sys
 import time
 
 T0 = time.perf_counter()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from jaxdt.io import disk
-from jaxdt.training import loop
 from jaxdt import config as config_lib  # noqa: E402
+from jaxdt.io import disk  # noqa: E402
+from jaxdt.training import loop  # noqa: E402
 
 
 def main(path: str) -> int:

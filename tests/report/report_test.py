@@ -21,7 +21,7 @@ from jaxdt.report import outputs
 from jaxdt.report import plots as plots_lib
 from jaxdt.training import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = {"file", "layout", "keys", "steps", "rows", "hidden", "motion_threshold", "notes",
                 "skipped", "run", "loss", "fimbulwinter_check", "stillness", "global_freeze",

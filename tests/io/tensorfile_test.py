@@ -30,7 +30,7 @@ from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import tensorfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, TOKENS, DIM, VOCAB = 22, 9, 4, 20
 NAME = "crucible_1_trajectory.safetensors"
 # The Crucible 1 layout (docs/definitions.md §Steps and files), at toy sizes.

@@ -14,15 +14,15 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from absl import app  # noqa: E402
 
 import experiments  # noqa: E402
 import run  # noqa: E402
 
-from jaxdt.io import disk
 from jaxdt import config as config_lib  # noqa: E402
+from jaxdt.io import disk  # noqa: E402
 
 
 def _setup(path: str) -> None:

@@ -1,7 +1,7 @@
 """The run folder's protocol, one test per promise (jaxdt/io/rundir.py's invariants).
 
 Small runs through the Python API; the command-line promises (one-line errors,
-exit codes, signals) run `run.py`'s main in a subprocess (tests/cli_runner.py).
+exit codes, signals) run `run.py`'s main in a subprocess (tests/io/cli_runner.py).
 """
 
 import dataclasses
@@ -29,6 +29,7 @@ from jaxdt.io import metadata
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.report import outputs
+from jaxdt.training import layout
 from jaxdt.training import loop
 from jaxdt.training import probes
 from jaxdt.training import step as step_lib
@@ -394,7 +395,7 @@ def test_finished_metadata_records_the_checksums(ref):
 
 def test_preflight_counts_the_checkpoints(cfg, tmp_path, monkeypatch):
   out = str(tmp_path / "new")
-  state_bytes = loop._state_bytes(step_lib.init_state(cfg, probes.Dims(
+  state_bytes = layout.state_bytes(step_lib.init_state(cfg, probes.Dims(
       rows=1, hidden=cfg.model.hidden_dim, param_dtype=np.float32)))
   real = shutil.disk_usage
   # Room for the trajectory and metadata, not for its two checkpoints.
@@ -493,12 +494,12 @@ def test_cli_changed_flags_on_resume(cfg, tmp_path):
 
 
 def test_cli_missing_experiment():
-  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "run.py")],
+  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(HERE)), "run.py")],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert _one_line(proc.stderr).startswith("error: --experiment is required; pass "
                                             "--experiment=one of ['flannel_data', 'crucible1'")
-  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "run.py"),
+  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(HERE)), "run.py"),
                          "--precision=fp64"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert _one_line(proc.stderr) == ("error: flag --precision=fp64: value should be one of "
