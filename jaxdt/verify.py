@@ -39,6 +39,7 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdt.analysis import compare as compare_lib
 from jaxdt.analysis import metrics
 from jaxdt.analysis import trajectory
 from jaxdt import config as config_lib
@@ -54,7 +55,6 @@ from jaxdt.training import probes
 
 RULE = "=" * 60
 LOSS_RTOL = LOSS_ATOL = 1e-5  # the seed's torch.allclose tolerance (reported, not decisive)
-_BLOCK_BYTES = 64 << 20  # rows compared per read: about 64 MB from each file
 
 
 class VerifyError(ValueError):
@@ -172,9 +172,12 @@ def check_reference(path: str, spec: Verification, expected: dict,
             f"({len(dead_indices)} ids); pass a reference made from the same data")
 
 
-def compare_key(ours: tensorfile.TrajectoryReader, ref: tensorfile.TrajectoryReader, key: str,
-                first_step: int) -> KeyResult:
+def verify_key(ours: tensorfile.TrajectoryReader, ref: tensorfile.TrajectoryReader, key: str,
+               first_step: int) -> KeyResult:
   """Compares `key` of `ours` with the same number of leading rows of `ref`, bit for bit.
+
+  The bits come from the one comparator (`analysis.compare.bit_blocks`); the
+  statistics are the seed's (its allclose and largest gap, reported beside).
 
   Args:
     ours: this run's trajectory.
@@ -187,24 +190,20 @@ def compare_key(ours: tensorfile.TrajectoryReader, ref: tensorfile.TrajectoryRea
   """
   shape = ours.shape(key)
   n = shape[0]
-  row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ours.dtype(key).itemsize
-  block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
   code = ours.raw_dtype(key)
   n_diff, first_diff, first_row_match, close = 0, None, True, True
   max_diff, max_step = -1.0, first_step
-  for start in range(0, n, block):
-    stop = min(n, start + block)
-    a, b = ours.rows(key, start, stop), ref.rows(key, start, stop)
-    diff = lattice.np_bits(a) != lattice.np_bits(b)
-    per_row = diff.reshape(stop - start, -1).any(axis=1)
+  for blk in compare_lib.bit_blocks(ours, ref, key, n):
+    start, a, b = blk.start, blk.a, blk.b
+    diff = blk.differs
     n_diff += int(diff.sum())
     if start == 0:
-      first_row_match = not bool(per_row[0])
-    if first_diff is None and per_row.any():
-      first_diff = first_step + start + int(np.argmax(per_row))
+      first_row_match = not bool(diff.reshape(len(a), -1)[0].any())
+    if first_diff is None and (row := blk.first_differing_row()) is not None:
+      first_diff = first_step + row
     fa, fb = trajectory.np_as_float64(a, code), trajectory.np_as_float64(b, code)
     close &= bool(np.allclose(fb, fa, rtol=LOSS_RTOL, atol=LOSS_ATOL))
-    gap = np.abs(fb - fa).reshape(stop - start, -1).max(axis=1)
+    gap = np.abs(fb - fa).reshape(len(a), -1).max(axis=1)
     if gap.size and np.nanmax(gap, initial=-1.0) > max_diff:
       i = int(np.nanargmax(gap)) if not np.isnan(gap).all() else 0
       max_diff, max_step = float(gap[i]), first_step + start + i
@@ -233,7 +232,7 @@ def compare(ours_path: str, reference_path: str, spec: Verification, steps: int)
         raise VerifyError(f"{reference_path}: {key!r} is {ref.dtype(key)} {list(ref.shape(key))}, "
                           f"cannot hold this run's {ours.dtype(key)} {list(ours.shape(key))}")
       first = 0 if ours.shape(key)[0] == steps + 1 else 1
-      out.append(compare_key(ours, ref, key, first))
+      out.append(verify_key(ours, ref, key, first))
     _verified(ours, "this run's trajectory")
     _verified(ref, "--verify_against")
     return tuple(out)
@@ -349,11 +348,6 @@ class AccountingRow(NamedTuple):
   total: int
 
 
-def _state_rows(reader: tensorfile.TrajectoryReader, key: str, t: int) -> np.ndarray:
-  """Row t of a stored state tensor in its training dtype (bf16 bits -> bf16)."""
-  return trajectory.read_state(reader, key, t, t + 1)[0]
-
-
 def accounting_row(reader: tensorfile.TrajectoryReader, t: int, hp: config_lib.OptimConfig) -> AccountingRow:
   """The seed's ratio and cosine at step t, and the exact replay's bitwise match.
 
@@ -372,9 +366,9 @@ def accounting_row(reader: tensorfile.TrajectoryReader, t: int, hp: config_lib.O
   Returns:
     The AccountingRow.
   """
-  w_prev, w_next = _state_rows(reader, "W", t - 1), _state_rows(reader, "W", t)
-  m = _state_rows(reader, "momentum_W", t).astype(w_prev.dtype)
-  v = _state_rows(reader, "variance_W", t).astype(w_prev.dtype)
+  w_prev, w_next = trajectory.read_state(reader, "W", t - 1, t + 1)
+  m = trajectory.read_state(reader, "momentum_W", t, t + 1)[0].astype(w_prev.dtype)
+  v = trajectory.read_state(reader, "variance_W", t, t + 1)[0].astype(w_prev.dtype)
   measured = (w_next.astype(np.float32) - w_prev.astype(np.float32)).astype(w_prev.dtype)
   measured = measured.astype(np.float64)
   computed = np.asarray(accounting.textbook_delta(jnp.asarray(w_prev), jnp.asarray(m),

@@ -10,7 +10,7 @@ reports both runs' backend facts from metadata.json. `jaxdt.report.text` prints 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -50,6 +50,47 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
   return float(d.max()) if d.size else 0.0
 
 
+class Block(NamedTuple):
+  """Aligned rows of one tensor in two files, with their bit patterns."""
+
+  start: Optional[int]  # the block's first row; None for a static tensor read whole
+  a: np.ndarray
+  b: np.ndarray
+  bits_a: np.ndarray  # unsigned-integer views of a and b (bool as uint8)
+  bits_b: np.ndarray
+
+  @property
+  def differs(self) -> np.ndarray:
+    """Elementwise: do the two files hold other bits here."""
+    return self.bits_a != self.bits_b
+
+  def first_differing_row(self) -> Optional[int]:
+    """The first row (absolute, from `start`) holding a differing element, None if none."""
+    rows = self.differs.reshape(self.a.shape[0], -1).any(axis=1)
+    return None if not rows.any() else (self.start or 0) + int(np.argmax(rows))
+
+
+def bit_blocks(ra, rb, key: str, rows: Optional[int], block_bytes: int = stream.BLOCK_BYTES):
+  """The one bitwise comparator: rows [0, rows) of `key` in both readers, block by block.
+
+  `rows=None` reads a static tensor whole (one block, start None). Blocks hold
+  about `block_bytes` of f64 values per file, so memory stays flat whatever
+  the run's length. Callers (`compare_key` here, `verify.verify_key`) keep
+  their own statistics over the blocks.
+  """
+  if rows is None:
+    spans = [(None, None)]
+  else:
+    per = max(1, block_bytes // max(1, int(np.prod(ra.shape(key)[1:], dtype=np.int64)) * 8))
+    spans = [(s, min(rows, s + per)) for s in range(0, rows, per)]
+  for s, e in spans:
+    a = ra.read(key) if s is None else ra.rows(key, s, e)
+    b = rb.read(key) if s is None else rb.rows(key, s, e)
+    ua = lattice.np_bits(np.ascontiguousarray(a.view(np.uint8) if a.dtype == np.bool_ else a))
+    ub = lattice.np_bits(np.ascontiguousarray(b.view(np.uint8) if b.dtype == np.bool_ else b))
+    yield Block(s, a, b, ua, ub)
+
+
 def compare_key(ra, rb, key: str, steps_a: int, steps_b: int,
                 block_bytes: int = stream.BLOCK_BYTES) -> dict:
   """Bitwise comparison of one tensor present in both files.
@@ -75,29 +116,18 @@ def compare_key(ra, rb, key: str, steps_a: int, steps_b: int,
   if la != lb or sa[1:] != sb[1:] or (la is None and sa != sb):
     return {**out, "comparable": False, "identical": False,
             "reason": f"shape {list(sa)} vs {list(sb)}"}
-  if la is None:
-    blocks, rows = [(None, None)], None
-  else:
-    rows = min(steps_a, steps_b) + la
-    per = max(1, block_bytes // max(1, int(np.prod(sa[1:], dtype=np.int64)) * 8))
-    blocks = [(s, min(rows, s + per)) for s in range(0, rows, per)]
+  rows = None if la is None else min(steps_a, steps_b) + la
   n = same = same_bits = 0
   first, max_diff, bits_per = None, 0.0, None
-  for s, e in blocks:
-    a = ra.read(key) if s is None else ra.rows(key, s, e)
-    b = rb.read(key) if s is None else rb.rows(key, s, e)
-    if a.dtype == np.bool_:
-      a, b = a.view(np.uint8), b.view(np.uint8)
-    ua = lattice.np_bits(np.ascontiguousarray(a))
-    ub = lattice.np_bits(np.ascontiguousarray(b))
-    bits_per = ua.dtype.itemsize * 8
-    eq = ua == ub
+  for blk in bit_blocks(ra, rb, key, rows, block_bytes):
+    bits_per = blk.bits_a.dtype.itemsize * 8
+    eq = ~blk.differs
     n += eq.size
     same += int(eq.sum())
-    same_bits += eq.size * bits_per - int(np.bitwise_count(ua ^ ub).sum())
-    if first is None and not eq.all() and s is not None:
-      row = s + int(np.flatnonzero((~eq).reshape(eq.shape[0], -1).any(axis=1))[0])
+    same_bits += eq.size * bits_per - int(np.bitwise_count(blk.bits_a ^ blk.bits_b).sum())
+    if first is None and blk.start is not None and (row := blk.first_differing_row()) is not None:
       first = row if la == 1 else row + 1
+    a, b = blk.a, blk.b
     va, vb = _as_values(a, code_a), _as_values(b, code_a)
     if va is not None and not eq.all():
       max_diff = max(max_diff, _max_abs_diff(va, vb))
