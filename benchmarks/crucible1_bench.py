@@ -27,7 +27,6 @@ Nothing here is a test; tests/benchmark_smoke_test.py runs --size=tiny.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -38,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +76,34 @@ SIZES = {
                  torch_steps=40, torch_warmup=5, torch_seconds=10.0, jax_repeats=2),
 }
 GPU_JAX_STEPS = {"full": 5000, "small": 5000, "tiny": 200}  # the issue's full 5000-step run
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("size", "all", ["all", *SIZES], "all = small then full")
+flags.DEFINE_integer("steps", None, "jaxdt steps (rounded up to whole chunks; default per size)")
+flags.DEFINE_integer("chunk", None, "jaxdt chunk_steps (default per size)")
+flags.DEFINE_integer("jax_repeats", None,
+                     "jaxdt processes per size (default: 3 at small size, else 1)")
+flags.DEFINE_integer("torch_steps", None, "torch steps at most")
+flags.DEFINE_float("torch_seconds", None,
+                   "stop a torch run once its timed steps took this long (default per size)")
+flags.DEFINE_enum("torch", "both", ["both", "default", "tuned", "none"],
+                  "which torch allocator variants to run")
+flags.DEFINE_bool("torch_f32", False,
+                  "also time the torch loop in f32 (tuned allocator), a reference only")
+flags.DEFINE_enum("gemm_operands", "auto", ["auto", "float32", "bfloat16"], None)
+flags.DEFINE_integer("rss_steps", 0,
+                     "also a long jaxdt run of this many steps at the largest size, for RSS")
+flags.DEFINE_bool("no_main", False,
+                  "skip the side-by-side runs (with --rss_steps: only the RSS run)")
+flags.DEFINE_string("rss_experiment", "crucible1", "experiment of the RSS run")
+flags.DEFINE_integer("rss_stop_after", None,
+                     "stop the RSS run after this many of its --rss_steps steps")
+flags.DEFINE_float("ceiling_seconds", 20.0, "time budget per GEMM probe")
+flags.DEFINE_string("corpus_path", None, None)
+flags.DEFINE_string("tokenizer_path", None, None)
+flags.DEFINE_string("data_dir", None, None)
+flags.DEFINE_string("work_dir", None, "keep inputs and run folders here")
+flags.DEFINE_string("json", None, "write every raw result to this file")
 
 
 def nominal_flops(s: Size, layers: int = 2) -> float:
@@ -322,7 +351,7 @@ def report(s: Size, res: dict, paths: dict) -> list:
                  f"chunk {j['chunk']}, wall {j['wall_s']:.1f}s incl. setup+compile, "
                  f"file {gb(j['trajectory_bytes'])}")
     procs = res.get("jaxdt_processes", [])
-    lines.append(f"jaxdt per process (steps/s, cores busy, context switches/step vol/invol): "
+    lines.append("jaxdt per process (steps/s, cores busy, context switches/step vol/invol): "
                  + "; ".join(f"{r['steps_per_s']:.3g}, {r['cores_busy']:.2f}, "
                              f"{r['csw_per_step'][0]:.0f}/{r['csw_per_step'][1]:.1f}"
                              for r in procs if r.get("cores_busy") is not None)
@@ -337,42 +366,23 @@ def report(s: Size, res: dict, paths: dict) -> list:
   return lines
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--size", default="all", choices=("all",) + tuple(SIZES),
-                 help="all = small then full")
-  p.add_argument("--steps", type=int, default=None,
-                 help="jaxdt steps (rounded up to whole chunks; default per size)")
-  p.add_argument("--chunk", type=int, default=None, help="jaxdt chunk_steps (default per size)")
-  p.add_argument("--jax_repeats", type=int, default=None,
-                 help="jaxdt processes per size (default: 3 at small size, else 1)")
-  p.add_argument("--torch_steps", type=int, default=None, help="torch steps at most")
-  p.add_argument("--torch_seconds", type=float, default=None,
-                 help="stop a torch run once its timed steps took this long (default per size)")
-  p.add_argument("--torch", default="both", choices=("both", "default", "tuned", "none"),
-                 help="which torch allocator variants to run")
-  p.add_argument("--torch_f32", action="store_true",
-                 help="also time the torch loop in f32 (tuned allocator), a reference only")
-  p.add_argument("--gemm_operands", default="auto", choices=("auto", "float32", "bfloat16"))
-  p.add_argument("--rss_steps", type=int, default=0,
-                 help="also a long jaxdt run of this many steps at the largest size, for RSS")
-  p.add_argument("--no_main", action="store_true",
-                 help="skip the side-by-side runs (with --rss_steps: only the RSS run)")
-  p.add_argument("--rss_experiment", default="crucible1", help="experiment of the RSS run")
-  p.add_argument("--rss_stop_after", type=int, default=None,
-                 help="stop the RSS run after this many of its --rss_steps steps")
-  p.add_argument("--ceiling_seconds", type=float, default=20.0, help="time budget per GEMM probe")
-  p.add_argument("--corpus_path", default=None)
-  p.add_argument("--tokenizer_path", default=None)
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--work_dir", default=None, help="keep inputs and run folders here")
-  p.add_argument("--json", default=None, help="write every raw result to this file")
-  args = p.parse_args(argv)
-  if (args.corpus_path is None) != (args.tokenizer_path is None):
-    p.error("--corpus_path and --tokenizer_path go together")
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
+    sys.exit(2)
 
-  sizes = ["small", "full"] if args.size == "all" else [args.size]
-  work = args.work_dir or tempfile.mkdtemp(prefix="jaxdt-bench-")
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if (FLAGS.corpus_path is None) != (FLAGS.tokenizer_path is None):
+    raise app.UsageError("--corpus_path and --tokenizer_path go together")
+
+  sizes = ["small", "full"] if FLAGS.size == "all" else [FLAGS.size]
+  work = FLAGS.work_dir or tempfile.mkdtemp(prefix="jaxdt-bench-")
   os.makedirs(work, exist_ok=True)
   gpu = gpu_present()
   cpu = cpu_info()
@@ -380,29 +390,29 @@ def main(argv=None):
         + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in cpu["isa"].items())
         + f", GPU: {'yes' if gpu else 'none'}; python {platform.python_version()}")
   print(f"load average at start: {loadavg()}", flush=True)
-  ceil = ceilings(args.ceiling_seconds if sizes != ["tiny"] else 2.0)
+  ceil = ceilings(FLAGS.ceiling_seconds if sizes != ["tiny"] else 2.0)
   print("GEMM ceilings (square, all threads): " + ", ".join(
       f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in ceil.items()
       if isinstance(v, dict)), flush=True)
   raw = {"machine": cpu, "gpu": gpu, "ceilings": ceil, "sizes": {}}
   last_ratio = None
-  for name in ([] if args.no_main else sizes):
+  for name in ([] if FLAGS.no_main else sizes):
     s = SIZES[name]
-    paths = prepare_data(s, args, work)
-    chunk = args.chunk or s.jax_chunk
-    steps = args.steps or (GPU_JAX_STEPS[name] if gpu else s.jax_steps)
+    paths = prepare_data(s, FLAGS, work)
+    chunk = FLAGS.chunk or s.jax_chunk
+    steps = FLAGS.steps or (GPU_JAX_STEPS[name] if gpu else s.jax_steps)
     steps = max(-(-steps // chunk), 3) * chunk  # whole chunks, at least 3
     res = {}
-    if args.torch in ("both", "default"):
-      res["torch_default"] = run_torch(s, paths, False, args)
-    if args.torch in ("both", "tuned"):
-      res["torch_tuned"] = run_torch(s, paths, True, args)
-    if args.torch_f32:
-      res["torch_f32"] = run_torch(s, paths, True, args, "float32")
+    if FLAGS.torch in ("both", "default"):
+      res["torch_default"] = run_torch(s, paths, False, FLAGS)
+    if FLAGS.torch in ("both", "tuned"):
+      res["torch_tuned"] = run_torch(s, paths, True, FLAGS)
+    if FLAGS.torch_f32:
+      res["torch_f32"] = run_torch(s, paths, True, FLAGS, "float32")
     runs = []
-    for i in range(args.jax_repeats or s.jax_repeats):
+    for i in range(FLAGS.jax_repeats or s.jax_repeats):
       out_dir = os.path.join(work, f"run_{name}_{i}_{int(time.time())}")
-      runs.append(run_jax(s, paths, args, out_dir, steps, chunk))
+      runs.append(run_jax(s, paths, FLAGS, out_dir, steps, chunk))
       _cleanup(out_dir)
     # The median process stands for jaxdt (None if all failed); every process is printed.
     runs = [r for r in runs if r]
@@ -415,24 +425,24 @@ def main(argv=None):
     raw["sizes"][name] = {"size": dataclasses.asdict(s), "paths": paths, "results": res,
                           "nominal_flops": nominal_flops(s)}
     last_ratio = ratio(res.get("jaxdt"), res.get("torch_tuned"))
-  if args.rss_steps:
+  if FLAGS.rss_steps:
     s = SIZES[sizes[-1]]
-    paths = prepare_data(s, args, work)
-    out_dir = os.path.join(work, f"rss_{args.rss_experiment}_{int(time.time())}")
-    r = run_jax(s, paths, args, out_dir, args.rss_steps, args.chunk or s.jax_chunk,
-                args.rss_experiment, args.rss_stop_after, checkpoints=True)
+    paths = prepare_data(s, FLAGS, work)
+    out_dir = os.path.join(work, f"rss_{FLAGS.rss_experiment}_{int(time.time())}")
+    r = run_jax(s, paths, FLAGS, out_dir, FLAGS.rss_steps, FLAGS.chunk or s.jax_chunk,
+                FLAGS.rss_experiment, FLAGS.rss_stop_after, checkpoints=True)
     if r:
-      print(f"== RSS run: {args.rss_experiment} (its checkpoints on), size={s.name}, "
-            f"{args.rss_steps} steps"
-            f"{'' if not args.rss_stop_after else f' (stopped after {args.rss_stop_after})'}, "
+      print(f"== RSS run: {FLAGS.rss_experiment} (its checkpoints on), size={s.name}, "
+            f"{FLAGS.rss_steps} steps"
+            f"{'' if not FLAGS.rss_stop_after else f' (stopped after {FLAGS.rss_stop_after})'}, "
             f"{fmt_rate(r['steps_per_s'])} steps/s, peak RSS {gb(r['peak_rss'])}")
       for _, d, now, pk in r["marks"]:
         print(f"  step {d:>6d}: RSS {now / 1e9:.3f} GB, peak {pk / 1e9:.3f} GB")
     raw["rss_run"] = r
     _cleanup(out_dir)
   print(f"load average at end: {loadavg()}")
-  if args.json:
-    with open(args.json, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(raw, f, indent=1)
   print(f"ratio_vs_tuned_torch={'nan' if last_ratio is None else f'{last_ratio:.3f}'}")
 
@@ -443,4 +453,4 @@ def _cleanup(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=parse_flags)

@@ -16,12 +16,14 @@ process; prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
+
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,6 +39,26 @@ import experiments  # pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # pylint: disable=g-import-not-at-top
 from procstat import (  # pylint: disable=g-import-not-at-top
     context_switches, cpu_seconds, peak_rss_bytes, rss_bytes)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("experiment", "crucible1", None)
+flags.DEFINE_string("corpus_path", None, None)
+flags.DEFINE_string("tokenizer_path", None, None)
+flags.DEFINE_string("data_dir", None, None)
+flags.DEFINE_integer("vocab", 10000, None)
+flags.DEFINE_integer("hidden", 64, None)
+flags.DEFINE_integer("batch", 128, None)
+flags.DEFINE_integer("seq", 128, None)
+flags.DEFINE_integer("steps", 300, None)
+flags.DEFINE_integer("chunk", 100, None)
+flags.DEFINE_integer("stop_after", None, "stop (unfinished) after this many steps of a --steps run")
+flags.DEFINE_bool("checkpoints", False,
+                  "keep the experiment's checkpoint steps (off: a timing run saves none)")
+flags.DEFINE_string("out_dir", None, None)
+flags.mark_flag_as_required("out_dir")
+flags.DEFINE_bool("progress", False, "show the progress bar on stderr")
+flags.DEFINE_enum("gemm_operands", "auto", ["auto", "float32", "bfloat16"],
+                  "force the GEMM operand dtype (tinylm.GEMM_OPERAND_DTYPE); auto: per backend")
 
 
 def mark(marks: list):
@@ -63,37 +85,28 @@ def bench_config(args):
       store=dataclasses.replace(cfg.store, chunk_steps=args.chunk))
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--experiment", default="crucible1")
-  p.add_argument("--corpus_path", default=None)
-  p.add_argument("--tokenizer_path", default=None)
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--vocab", type=int, default=10000)
-  p.add_argument("--hidden", type=int, default=64)
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--chunk", type=int, default=100)
-  p.add_argument("--stop_after", type=int, default=None,
-                 help="stop (unfinished) after this many steps of a --steps run")
-  p.add_argument("--checkpoints", action="store_true",
-                 help="keep the experiment's checkpoint steps (off: a timing run saves none)")
-  p.add_argument("--out_dir", required=True)
-  p.add_argument("--progress", action="store_true", help="show the progress bar on stderr")
-  p.add_argument("--gemm_operands", default="auto", choices=("auto", "float32", "bfloat16"),
-                 help="force the GEMM operand dtype (tinylm.GEMM_OPERAND_DTYPE); auto: per backend")
-  args = p.parse_args(argv)
-  if args.gemm_operands != "auto":
-    tinylm.GEMM_OPERAND_DTYPE = args.gemm_operands
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.gemm_operands != "auto":
+    tinylm.GEMM_OPERAND_DTYPE = FLAGS.gemm_operands
 
   compile_s = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compile_s.append((event, secs)))
-  cfg = bench_config(args)
+  cfg = bench_config(FLAGS)
   marks = []
   t0 = time.perf_counter()
-  result = loop.train(cfg, args.out_dir, progress=args.progress, stop_after=args.stop_after,
+  result = loop.train(cfg, FLAGS.out_dir, progress=FLAGS.progress, stop_after=FLAGS.stop_after,
                        log=lambda s: None, on_chunk=mark(marks))
   wall = time.perf_counter() - t0
   first, last = marks[0], marks[-1]
@@ -102,9 +115,9 @@ def main(argv=None):
   trace = sum(s for e, s in compile_s if "trace" in e or "lower" in e or "jaxpr" in e)
   dev = jax.devices()[0]
   print(json.dumps({
-      "side": "jaxdt", "experiment": args.experiment, "device": dev.platform,
+      "side": "jaxdt", "experiment": FLAGS.experiment, "device": dev.platform,
       "device_kind": dev.device_kind, "jax": jax.__version__,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps, "chunk": args.chunk,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": FLAGS.steps, "chunk": FLAGS.chunk,
       "gemm_operands": str(tinylm._gemm_dtype(jax.numpy.bfloat16)),  # pylint: disable=protected-access
       "steps_per_s": steady, "wall_s": wall, "first_chunk_s": first[0] - t0,
       "compile_s": backend_compile, "trace_lower_s": trace,
@@ -121,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=parse_flags)

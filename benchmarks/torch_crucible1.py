@@ -21,13 +21,14 @@ one JSON line with per-step timestamps and RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 import torch
 import torch.nn as nn
@@ -42,6 +43,8 @@ HIDDEN_DIM, NUM_LAYERS, NUM_HEADS = 64, 2, 2
 LEARNING_RATE, WEIGHT_DECAY, BETA1, BETA2, EPSILON = 1e-3, 0.0, 0.9, 0.999, 1e-8
 RANDOM_SEED = 42
 MOTION_THRESHOLD = 0.1
+
+FLAGS = flags.FLAGS
 
 
 class TextDataset(Dataset):  # cell 6, with the ids given instead of encoded here
@@ -106,33 +109,51 @@ def compute_ulp_bf16(tensor_bf16: torch.Tensor) -> torch.Tensor:  # cell 9
   return ulp
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--tokens", required=True, help=".npy of int token ids (the corpus)")
-  p.add_argument("--dead_mask", required=True, help=".npy bool [vocab] dead mask")
-  p.add_argument("--vocab", type=int, default=10000)
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--hidden", type=int, default=HIDDEN_DIM)
-  p.add_argument("--steps", type=int, default=60, help="total steps (TOTAL_STEPS)")
-  p.add_argument("--warmup", type=int, default=5, help="leading steps left out of the rate")
-  p.add_argument("--max_seconds", type=float, default=0.0,
-                 help="stop early once the timed steps (at least 3) took this long (0: never)")
-  p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda")
-  p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-  p.add_argument("--bar", action="store_true", help="show the tqdm bar on stderr (the seed does)")
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                 help="bfloat16: the seed; float32: a reference only (model in f32, autocast "
-                      "off), to show what torch's f32 kernels do where its bf16 ones are slow")
-  args = p.parse_args(argv)
+def define_flags():
+  """Defines this script's flags; called from `__main__` only.
+
+  tests/parity/model_parity_test.py loads this file for TinyLM alone, in a
+  pytest process that may also have imported run.py, whose --steps would clash.
+  """
+  flags.DEFINE_string("tokens", None, ".npy of int token ids (the corpus)")
+  flags.DEFINE_string("dead_mask", None, ".npy bool [vocab] dead mask")
+  flags.DEFINE_integer("vocab", 10000, None)
+  flags.DEFINE_integer("batch", 128, None)
+  flags.DEFINE_integer("seq", 128, None)
+  flags.DEFINE_integer("hidden", HIDDEN_DIM, None)
+  flags.DEFINE_integer("steps", 60, "total steps (TOTAL_STEPS)")
+  flags.DEFINE_integer("warmup", 5, "leading steps left out of the rate")
+  flags.DEFINE_float("max_seconds", 0.0,
+                     "stop early once the timed steps (at least 3) took this long (0: never)")
+  flags.DEFINE_string("device", "auto", "auto (cuda if available, else cpu) | cpu | cuda")
+  flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default)")
+  flags.DEFINE_bool("bar", False, "show the tqdm bar on stderr (the seed does)")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                    "bfloat16: the seed; float32: a reference only (model in f32, autocast "
+                    "off), to show what torch's f32 kernels do where its bf16 ones are slow")
+  flags.mark_flags_as_required(["tokens", "dead_mask"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   # Imported here: tests/parity loads this file by path for TinyLM alone.
   from procstat import peak_rss_bytes, rss_bytes  # pylint: disable=g-import-not-at-top
-  if args.threads:
-    torch.set_num_threads(args.threads)
-  device = args.device
+  if FLAGS.threads:
+    torch.set_num_threads(FLAGS.threads)
+  device = FLAGS.device
   if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
-  TOTAL_STEPS, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = args.steps, args.batch, args.seq, args.vocab
+  TOTAL_STEPS, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = FLAGS.steps, FLAGS.batch, FLAGS.seq, FLAGS.vocab
 
   torch.manual_seed(RANDOM_SEED)
   random.seed(RANDOM_SEED)
@@ -140,19 +161,19 @@ def main(argv=None):
   if device == "cuda":
     torch.cuda.manual_seed_all(RANDOM_SEED)
 
-  dead_mask = torch.from_numpy(np.load(args.dead_mask)).bool()
+  dead_mask = torch.from_numpy(np.load(FLAGS.dead_mask)).bool()
   n_dead = dead_mask.sum().item()
-  dataset = TextDataset(np.load(args.tokens).tolist(), SEQ_LEN)  # a list, as encoding.ids is
+  dataset = TextDataset(np.load(FLAGS.tokens).tolist(), SEQ_LEN)  # a list, as encoding.ids is
 
-  model = TinyLM(VOCAB_SIZE, args.hidden, NUM_LAYERS, NUM_HEADS, SEQ_LEN)
-  model = model.to(device).to(getattr(torch, args.dtype))
+  model = TinyLM(VOCAB_SIZE, FLAGS.hidden, NUM_LAYERS, NUM_HEADS, SEQ_LEN)
+  model = model.to(device).to(getattr(torch, FLAGS.dtype))
   optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(BETA1, BETA2),
                                 eps=EPSILON, weight_decay=WEIGHT_DECAY)
 
   # Cell 10: preallocated histories (the seed's 7.10 GB at 5000 steps).
-  W_history = torch.zeros(TOTAL_STEPS + 1, n_dead, args.hidden, dtype=torch.bfloat16)
-  delta_W_prime_history = torch.zeros(TOTAL_STEPS, n_dead, args.hidden, dtype=torch.float32)
-  centroid_history = torch.zeros(TOTAL_STEPS + 1, args.hidden, dtype=torch.float32)
+  W_history = torch.zeros(TOTAL_STEPS + 1, n_dead, FLAGS.hidden, dtype=torch.bfloat16)
+  delta_W_prime_history = torch.zeros(TOTAL_STEPS, n_dead, FLAGS.hidden, dtype=torch.float32)
+  centroid_history = torch.zeros(TOTAL_STEPS + 1, FLAGS.hidden, dtype=torch.float32)
   loss_history = torch.zeros(TOTAL_STEPS + 1, dtype=torch.float32)
   last_motion_step = torch.full((n_dead,), -1, dtype=torch.int32)
   rss_after_alloc = rss_bytes()
@@ -168,7 +189,7 @@ def main(argv=None):
   model.train()
   step = 0
   epoch = 0
-  sink = sys.stderr if args.bar else open(os.devnull, "w")
+  sink = sys.stderr if FLAGS.bar else open(os.devnull, "w")
   pbar = tqdm(total=TOTAL_STEPS, desc="Training", file=sink) if tqdm else None
   stamps = []  # perf_counter after each step, capture included
   rss_marks = []  # (step, VmRSS, ru_maxrss)
@@ -181,7 +202,7 @@ def main(argv=None):
         break
       input_ids = batch.to(device)
       with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16,
-                          enabled=args.dtype == "bfloat16"):
+                          enabled=FLAGS.dtype == "bfloat16"):
         logits = model(input_ids)
         shift_logits = logits[:, :-1, :].contiguous()
         shift_labels = input_ids[:, 1:].contiguous()
@@ -211,19 +232,19 @@ def main(argv=None):
       stamps.append(time.perf_counter() - t0)
       if step & (step - 1) == 0 or step == TOTAL_STEPS:  # powers of two and the end
         rss_marks.append((step, rss_bytes(), peak_rss_bytes()))
-      if (args.max_seconds and step >= args.warmup + 3
-          and stamps[-1] - stamps[args.warmup - 1 if args.warmup else 0] > args.max_seconds):
+      if (FLAGS.max_seconds and step >= FLAGS.warmup + 3
+          and stamps[-1] - stamps[FLAGS.warmup - 1 if FLAGS.warmup else 0] > FLAGS.max_seconds):
         stop = True  # a timing run: enough steps measured
         break
   if pbar is not None:
     pbar.close()
 
   done = step
-  w = min(args.warmup, done - 1)
+  w = min(FLAGS.warmup, done - 1)
   timed = done - w
   span = stamps[-1] - (stamps[w - 1] if w > 0 else 0.0)
   print(json.dumps({
-      "side": "torch", "dtype": args.dtype, "device": device, "threads": torch.get_num_threads(),
+      "side": "torch", "dtype": FLAGS.dtype, "device": device, "threads": torch.get_num_threads(),
       "torch": torch.__version__, "steps": done, "requested_steps": TOTAL_STEPS, "warmup": w,
       "steps_per_s": timed / span, "step_times": np.diff([0.0] + stamps).tolist(),
       "first_step_s": stamps[0], "final_loss": float(loss_history[step]),
@@ -238,4 +259,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
