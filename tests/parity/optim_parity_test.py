@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+import pytest
 import torch
-from absl.testing import absltest, parameterized
 
 from jaxdt import config as config_lib
 from jaxdt.optim import accounting
@@ -112,88 +112,98 @@ def compare(shape, lr, wd, dtype, steps=STEPS, seed=0, torch_sqrt=None, via="opt
   return out
 
 
-class Bf16ParityTest(parameterized.TestCase):
-
-  @parameterized.product(shape=[(1000, 64), (333, 77)], lr=[3e-4, 1e-3], wd=[0.0, 0.1])
-  def test_bf16_params_and_moments_match_torch_bitwise(self, shape, lr, wd):
-    r = compare(shape, lr, wd, BF16)
-    print(f"bf16 {shape} lr={lr} wd={wd}: {r}")
-    self.assertEqual(r["p"], 0, r)
-    self.assertEqual(r["v"], 0, r)
-    # m differs only by XLA:CPU's subnormal flush, in rows whose gradient is 0.
-    self.assertEqual(r["m_outside_subnormal"], 0, r)
-
-  def test_active_decay_and_apply_updates_path(self):
-    # lr·wd > 2^-9, so p.mul_(1 − lr·wd) really changes bf16 params.
-    r = compare((200, 64), 1e-2, 0.5, BF16, steps=300)
-    self.assertEqual((r["p"], r["v"], r["m_outside_subnormal"]), (0, 0, 0), r)
-
-  def test_exact_step_function_matches_too(self):
-    r = compare((333, 77), 1e-3, 0.1, BF16, steps=300, via="step")
-    self.assertEqual((r["p"], r["v"], r["m_outside_subnormal"]), (0, 0, 0), r)
-
-  def test_stock_optax_adamw_does_not_match(self):
-    # The comparison can fail: optax rounds every op in bf16 and rounds the update.
-    shape, lr = (1000, 64), 1e-3
-    p0 = (np.random.default_rng(1).standard_normal(shape) * 0.02).astype(BF16)
-    gs = gradient_chunk(shape, 0, 10, 0, BF16)
-    tp = torch.nn.Parameter(to_torch(p0).clone())
-    opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
-    tx = optax.adamw(lr, weight_decay=0.0)
-    p = jnp.asarray(p0)
-    s = tx.init(p)
-    for g in gs:
-      tp.grad = to_torch(g).clone()
-      opt.step()
-      u, s = tx.update(jnp.asarray(g), s, p)
-      p = optax.apply_updates(p, u)
-    mism = int((bits(p) != bits(tp)).sum())
-    print(f"stock optax.adamw after 10 steps: {mism} of {p.size} params differ")
-    self.assertGreater(mism, 1000)
+# bf16.
 
 
-class SubnormalTest(absltest.TestCase):
+@pytest.mark.parametrize("shape", [(1000, 64), (333, 77)])
+@pytest.mark.parametrize("lr", [3e-4, 1e-3])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_bf16_params_and_moments_match_torch_bitwise(shape, lr, wd):
+  r = compare(shape, lr, wd, BF16)
+  print(f"bf16 {shape} lr={lr} wd={wd}: {r}")
+  assert r["p"] == 0, r
+  assert r["v"] == 0, r
+  # m differs only by XLA:CPU's subnormal flush, in rows whose gradient is 0.
+  assert r["m_outside_subnormal"] == 0, r
 
-  def test_moments_differ_only_below_2_pow_minus_126_and_heal(self):
-    """XLA:CPU flushes f32 subnormals; torch keeps them. Bound what that changes.
 
-    Rows with zero gradient for 1,200 steps decay m through the subnormal range
-    (torch then holds m at ±2^-133 forever: 0.9·k rounds back to k = 1). Here m
-    is 0 instead. Params and v must stay exact, and m must re-match once the
-    gradient returns.
-    """
-    shape, lr = (64, 64), 1e-3
-    rng = np.random.default_rng(7)
-    p0 = (rng.standard_normal(shape) * 0.02).astype(BF16)
-    zero_rows = np.arange(shape[0]) % 2 == 0
-    tp = torch.nn.Parameter(to_torch(p0).clone())
-    opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
-    hp = config_lib.OptimConfig(lr)
-    step = jax.jit(lambda p, s, g: adamw.step(hp, p, g, s))
-    p, s = jnp.asarray(p0), adamw.adamw(lr).init(jnp.asarray(p0))
-    m_diff_total = m_diff_late = 0
-    for t in range(1, 1501):
-      g = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
-      if 20 <= t < 1300:
-        g[zero_rows] = 0.0
-      g = g.astype(BF16)
-      tp.grad = to_torch(g).clone()
-      opt.step()
-      p, s = step(p, s, jnp.asarray(g))
-      st = opt.state[tp]
-      self.assertTrue(np.array_equal(bits(p), bits(tp)), t)
-      self.assertTrue(np.array_equal(bits(s.nu), bits(st["exp_avg_sq"])), t)
-      dm = bits(s.mu) != bits(st["exp_avg"])
-      if dm.any():
-        torch_m = np.abs(f32_of(st["exp_avg"])[dm])
-        self.assertTrue(np.all(torch_m <= SUBNORMAL_LIMIT), t)
-        self.assertTrue(np.all(f32_of(s.mu)[dm] == 0), t)
-        self.assertTrue(np.all(dm[~zero_rows] == False), t)
-        m_diff_total += int(dm.sum())
-        m_diff_late += int(dm.sum()) if t >= 1310 else 0
-    print(f"subnormal-flush m mismatches: {m_diff_total} element-steps; after resume: {m_diff_late}")
-    self.assertGreater(m_diff_total, 0)  # the effect is real and exercised
-    self.assertEqual(m_diff_late, 0)
+def test_active_decay_and_apply_updates_path():
+  # lr·wd > 2^-9, so p.mul_(1 − lr·wd) really changes bf16 params.
+  r = compare((200, 64), 1e-2, 0.5, BF16, steps=300)
+  assert (r["p"], r["v"], r["m_outside_subnormal"]) == (0, 0, 0), r
+
+
+def test_exact_step_function_matches_too():
+  r = compare((333, 77), 1e-3, 0.1, BF16, steps=300, via="step")
+  assert (r["p"], r["v"], r["m_outside_subnormal"]) == (0, 0, 0), r
+
+
+def test_stock_optax_adamw_does_not_match():
+  # The comparison can fail: optax rounds every op in bf16 and rounds the update.
+  shape, lr = (1000, 64), 1e-3
+  p0 = (np.random.default_rng(1).standard_normal(shape) * 0.02).astype(BF16)
+  gs = gradient_chunk(shape, 0, 10, 0, BF16)
+  tp = torch.nn.Parameter(to_torch(p0).clone())
+  opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
+  tx = optax.adamw(lr, weight_decay=0.0)
+  p = jnp.asarray(p0)
+  s = tx.init(p)
+  for g in gs:
+    tp.grad = to_torch(g).clone()
+    opt.step()
+    u, s = tx.update(jnp.asarray(g), s, p)
+    p = optax.apply_updates(p, u)
+  mism = int((bits(p) != bits(tp)).sum())
+  print(f"stock optax.adamw after 10 steps: {mism} of {p.size} params differ")
+  assert mism > 1000
+
+
+# Subnormals.
+
+
+def test_moments_differ_only_below_2_pow_minus_126_and_heal():
+  """XLA:CPU flushes f32 subnormals; torch keeps them. Bound what that changes.
+
+  Rows with zero gradient for 1,200 steps decay m through the subnormal range
+  (torch then holds m at ±2^-133 forever: 0.9·k rounds back to k = 1). Here m
+  is 0 instead. Params and v must stay exact, and m must re-match once the
+  gradient returns.
+  """
+  shape, lr = (64, 64), 1e-3
+  rng = np.random.default_rng(7)
+  p0 = (rng.standard_normal(shape) * 0.02).astype(BF16)
+  zero_rows = np.arange(shape[0]) % 2 == 0
+  tp = torch.nn.Parameter(to_torch(p0).clone())
+  opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
+  hp = config_lib.OptimConfig(lr)
+  step = jax.jit(lambda p, s, g: adamw.step(hp, p, g, s))
+  p, s = jnp.asarray(p0), adamw.adamw(lr).init(jnp.asarray(p0))
+  m_diff_total = m_diff_late = 0
+  for t in range(1, 1501):
+    g = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+    if 20 <= t < 1300:
+      g[zero_rows] = 0.0
+    g = g.astype(BF16)
+    tp.grad = to_torch(g).clone()
+    opt.step()
+    p, s = step(p, s, jnp.asarray(g))
+    st = opt.state[tp]
+    assert np.array_equal(bits(p), bits(tp)), t
+    assert np.array_equal(bits(s.nu), bits(st["exp_avg_sq"])), t
+    dm = bits(s.mu) != bits(st["exp_avg"])
+    if dm.any():
+      torch_m = np.abs(f32_of(st["exp_avg"])[dm])
+      assert np.all(torch_m <= SUBNORMAL_LIMIT), t
+      assert np.all(f32_of(s.mu)[dm] == 0), t
+      assert np.all(dm[~zero_rows] == False), t
+      m_diff_total += int(dm.sum())
+      m_diff_late += int(dm.sum()) if t >= 1310 else 0
+  print(f"subnormal-flush m mismatches: {m_diff_total} element-steps; after resume: {m_diff_late}")
+  assert m_diff_total > 0  # the effect is real and exercised
+  assert m_diff_late == 0
+
+
+# fp32.
 
 
 class CorrectlyRoundedSqrt:
@@ -213,55 +223,53 @@ class CorrectlyRoundedSqrt:
     torch.Tensor.sqrt = self.orig
 
 
-class Fp32ParityTest(parameterized.TestCase):
-
-  @parameterized.product(lr=[3e-4, 1e-3], wd=[0.0, 0.1])
-  def test_fp32_exact_against_correctly_rounded_sqrt(self, lr, wd):
-    r = compare((1000, 64), lr, wd, np.float32, steps=300, torch_sqrt=CorrectlyRoundedSqrt,
-                via="step")
-    print(f"fp32 (sqrt patched) lr={lr} wd={wd}: {r}")
-    self.assertEqual((r["p"], r["v"], r["m_outside_subnormal"]), (0, 0, 0), r)
-    if wd == 0:  # the optax interface is exact too when there is no decay
-      r = compare((1000, 64), lr, wd, np.float32, steps=300, torch_sqrt=CorrectlyRoundedSqrt)
-      self.assertEqual((r["p"], r["v"], r["m_outside_subnormal"]), (0, 0, 0), r)
-
-  def test_fp32_with_decay_through_apply_updates_is_documented_inexact(self):
-    # p + u cannot always equal torch's RN(decayed + step): measured, not hidden.
-    r = compare((1000, 64), 1e-3, 0.1, np.float32, steps=300, torch_sqrt=CorrectlyRoundedSqrt)
-    print(f"fp32 wd=0.1 via optax.apply_updates (sqrt patched): {r}")
-    self.assertEqual((r["v"], r["m_outside_subnormal"]), (0, 0), r)
-    self.assertLess(r["p"], 0.01 * 300 * 64000)
-
-  def test_fp32_against_stock_torch_differs_only_in_params(self):
-    # torch's own f32 sqrt is not correctly rounded on this CPU (docs/adamw.md).
-    r = compare((1000, 64), 1e-3, 0.0, np.float32, steps=300)
-    print(f"fp32 vs stock torch: {r}")
-    self.assertEqual((r["v"], r["m_outside_subnormal"]), (0, 0), r)
-    self.assertGreater(r["p"], 0)
+@pytest.mark.parametrize("lr", [3e-4, 1e-3])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_fp32_exact_against_correctly_rounded_sqrt(lr, wd):
+  r = compare((1000, 64), lr, wd, np.float32, steps=300, torch_sqrt=CorrectlyRoundedSqrt,
+              via="step")
+  print(f"fp32 (sqrt patched) lr={lr} wd={wd}: {r}")
+  assert (r["p"], r["v"], r["m_outside_subnormal"]) == (0, 0, 0), r
+  if wd == 0:  # the optax interface is exact too when there is no decay
+    r = compare((1000, 64), lr, wd, np.float32, steps=300, torch_sqrt=CorrectlyRoundedSqrt)
+    assert (r["p"], r["v"], r["m_outside_subnormal"]) == (0, 0, 0), r
 
 
-class AccountingParityTest(absltest.TestCase):
-
-  def test_replay_of_torch_states_is_exact(self):
-    shape, lr, wd = (300, 64), 1e-3, 0.0
-    hp = config_lib.OptimConfig(lr, weight_decay=wd)
-    p0 = (np.random.default_rng(3).standard_normal(shape) * 0.02).astype(BF16)
-    tp = torch.nn.Parameter(to_torch(p0).clone())
-    opt = torch.optim.AdamW([tp], lr=lr, weight_decay=wd)
-    metrics = jax.jit(lambda *a: accounting.metrics(*a, hp))
-    gs = gradient_chunk(shape, 0, 200, 3, BF16)
-    for t, g in enumerate(gs, start=1):
-      w_prev = bits(tp).view(BF16)
-      tp.grad = to_torch(g).clone()
-      opt.step()
-      st = opt.state[tp]
-      out = metrics(w_prev, bits(tp).view(BF16), bits(st["exp_avg"]).view(BF16),
-                    bits(st["exp_avg_sq"]).view(BF16), jnp.int32(t))
-      self.assertEqual(float(out["replay_match"]), 1.0, (t, out))
-      if t == 1:
-        self.assertGreater(float(out["cosine"]), 0.999)
-        self.assertAlmostEqual(float(out["norm_ratio"]), 1.0, delta=0.02)
+def test_fp32_with_decay_through_apply_updates_is_documented_inexact():
+  # p + u cannot always equal torch's RN(decayed + step): measured, not hidden.
+  r = compare((1000, 64), 1e-3, 0.1, np.float32, steps=300, torch_sqrt=CorrectlyRoundedSqrt)
+  print(f"fp32 wd=0.1 via optax.apply_updates (sqrt patched): {r}")
+  assert (r["v"], r["m_outside_subnormal"]) == (0, 0), r
+  assert r["p"] < 0.01 * 300 * 64000
 
 
-if __name__ == "__main__":
-  absltest.main()
+def test_fp32_against_stock_torch_differs_only_in_params():
+  # torch's own f32 sqrt is not correctly rounded on this CPU (docs/adamw.md).
+  r = compare((1000, 64), 1e-3, 0.0, np.float32, steps=300)
+  print(f"fp32 vs stock torch: {r}")
+  assert (r["v"], r["m_outside_subnormal"]) == (0, 0), r
+  assert r["p"] > 0
+
+
+# Accounting.
+
+
+def test_replay_of_torch_states_is_exact():
+  shape, lr, wd = (300, 64), 1e-3, 0.0
+  hp = config_lib.OptimConfig(lr, weight_decay=wd)
+  p0 = (np.random.default_rng(3).standard_normal(shape) * 0.02).astype(BF16)
+  tp = torch.nn.Parameter(to_torch(p0).clone())
+  opt = torch.optim.AdamW([tp], lr=lr, weight_decay=wd)
+  metrics = jax.jit(lambda *a: accounting.metrics(*a, hp))
+  gs = gradient_chunk(shape, 0, 200, 3, BF16)
+  for t, g in enumerate(gs, start=1):
+    w_prev = bits(tp).view(BF16)
+    tp.grad = to_torch(g).clone()
+    opt.step()
+    st = opt.state[tp]
+    out = metrics(w_prev, bits(tp).view(BF16), bits(st["exp_avg"]).view(BF16),
+                  bits(st["exp_avg_sq"]).view(BF16), jnp.int32(t))
+    assert float(out["replay_match"]) == 1.0, (t, out)
+    if t == 1:
+      assert float(out["cosine"]) > 0.999
+      assert float(out["norm_ratio"]) == pytest.approx(1.0, abs=0.02)
