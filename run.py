@@ -49,6 +49,10 @@ flags.DEFINE_float("weight_decay", None, "Override AdamW's decoupled weight deca
 flags.DEFINE_integer("seed", None, "Override the seed (model init and data order).")
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS),
                   "bf16 (the lab's), fp32, or mixed (fp32 master weights, bf16 compute).")
+flags.DEFINE_enum("gemm_operands", None, list(config_lib.GEMM_OPERANDS),
+                  "What bf16 GEMMs read their operands as: auto (default: bf16 where the CPU has "
+                  "AVX512_BF16/AMX, else f32; bf16 on accelerators), float32 or bfloat16. Values "
+                  "are the same; speed and f32 summation order differ (metadata: gemm_path).")
 flags.DEFINE_integer("chunk_steps", None, "Steps per jitted scan chunk (results do not depend on it).")
 flags.DEFINE_string("init_checkpoint", None,
                     "Start from a torch state_dict (the lab's step-0 .pt, or .safetensors).")
@@ -117,6 +121,7 @@ NAMED_FLAGS = {
     "seq_len": "data.seq_len", "double_shift_labels": "data.double_shift_labels",
     "learning_rate": "optim.learning_rate", "weight_decay": "optim.weight_decay",
     "chunk_steps": "store.chunk_steps", "rows": "probes.rows", "probes": "probes.names",
+    "gemm_operands": "model.gemm_operands",
 }
 
 

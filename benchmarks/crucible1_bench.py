@@ -16,7 +16,10 @@ must not share one):
 It also measures the machine's GEMM ceilings (torch and XLA, f32 and bf16,
 square matrices, all threads) and prints steps/s, achieved GFLOP/s (nominal
 FLOPs of the seed's step, the same count for both sides), ratios and peak RSS.
-The last line is `ratio_vs_tuned_torch=<x>` for the largest size run.
+The last two lines, for the largest size run: `ratio_vs_tuned_torch=<x>` (jaxdt's
+steps/s over the tuned torch loop's) and `gemm_ceiling_fraction=<y>` (jaxdt's
+achieved GFLOP/s over the best square-GEMM ceiling XLA reached in the same run,
+f32 or bf16). The GEMM path jaxdt took (`gemm_path`) is printed beside it.
 
 Both sides read the same token ids: the embedded default corpus (or
 --corpus_path/--tokenizer_path), tokenised by jaxdt.data.corpus; sizes below the
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -377,9 +381,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    _usage_error(f"unexpected arguments {argv[1:]}")
   if (FLAGS.corpus_path is None) != (FLAGS.tokenizer_path is None):
-    raise app.UsageError("--corpus_path and --tokenizer_path go together")
+    _usage_error("--corpus_path and --tokenizer_path go together")
 
   sizes = ["small", "full"] if FLAGS.size == "all" else [FLAGS.size]
   work = FLAGS.work_dir or tempfile.mkdtemp(prefix="jaxdt-bench-")
@@ -395,7 +399,7 @@ def main(argv):
       f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in ceil.items()
       if isinstance(v, dict)), flush=True)
   raw = {"machine": cpu, "gpu": gpu, "ceilings": ceil, "sizes": {}}
-  last_ratio = None
+  last_ratio = last_fraction = None
   for name in ([] if FLAGS.no_main else sizes):
     s = SIZES[name]
     paths = prepare_data(s, FLAGS, work)
@@ -425,6 +429,8 @@ def main(argv):
     raw["sizes"][name] = {"size": dataclasses.asdict(s), "paths": paths, "results": res,
                           "nominal_flops": nominal_flops(s)}
     last_ratio = ratio(res.get("jaxdt"), res.get("torch_tuned"))
+    j = res.get("jaxdt")
+    last_fraction = ceiling_fraction(j and j["steps_per_s"] * nominal_flops(s) / 1e9, ceil)
   if FLAGS.rss_steps:
     s = SIZES[sizes[-1]]
     paths = prepare_data(s, FLAGS, work)
@@ -445,6 +451,20 @@ def main(argv):
     with open(FLAGS.json, "w") as f:
       json.dump(raw, f, indent=1)
   print(f"ratio_vs_tuned_torch={'nan' if last_ratio is None else f'{last_ratio:.3f}'}")
+  print(f"gemm_ceiling_fraction={'nan' if last_fraction is None else f'{last_fraction:.3f}'}")
+
+
+def _usage_error(message: str) -> None:
+  """A bad flag combination: one line on stderr, exit status 2 (as run.py)."""
+  print(f"error: {message}; see --helpfull", file=sys.stderr)
+  sys.exit(2)
+
+
+def ceiling_fraction(jaxdt_gflops: Optional[float], ceil: dict) -> Optional[float]:
+  """jaxdt's achieved GFLOP/s over the best GEMM ceiling XLA reached here (f32 or bf16)."""
+  best = max((v["gflops"] for k, v in ceil.items()
+              if k.startswith("xla") and isinstance(v, dict)), default=None)
+  return None if not jaxdt_gflops or not best else jaxdt_gflops / best
 
 
 def _cleanup(out_dir: str) -> None:

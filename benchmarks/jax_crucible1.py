@@ -27,7 +27,6 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdt.model import tinylm
 from jaxdt.numerics import backend
 from jaxdt.training import loop
 
@@ -58,7 +57,7 @@ flags.DEFINE_string("out_dir", None, None)
 flags.mark_flag_as_required("out_dir")
 flags.DEFINE_bool("progress", False, "show the progress bar on stderr")
 flags.DEFINE_enum("gemm_operands", "auto", ["auto", "float32", "bfloat16"],
-                  "force the GEMM operand dtype (tinylm.GEMM_OPERAND_DTYPE); auto: per backend")
+                  "the run's model.gemm_operands (auto: by the CPU's bf16 units)")
 
 
 def mark(marks: list):
@@ -78,6 +77,7 @@ def bench_config(args):
   return dataclasses.replace(
       cfg,
       model=dataclasses.replace(cfg.model, vocab_size=args.vocab, hidden_dim=args.hidden,
+                                gemm_operands=args.gemm_operands,
                                 max_seq_len=args.seq),  # the seed's TinyLM(..., SEQ_LEN)
       data=dataclasses.replace(cfg.data, batch_size=args.batch, seq_len=args.seq,
                                corpus_path=args.corpus_path, tokenizer_path=args.tokenizer_path,
@@ -97,8 +97,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if FLAGS.gemm_operands != "auto":
-    tinylm.GEMM_OPERAND_DTYPE = FLAGS.gemm_operands
 
   compile_s = []
   jax.monitoring.register_event_duration_secs_listener(
@@ -118,7 +116,7 @@ def main(argv):
       "side": "jaxdt", "experiment": FLAGS.experiment, "device": dev.platform,
       "device_kind": dev.device_kind, "jax": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": FLAGS.steps, "chunk": FLAGS.chunk,
-      "gemm_operands": str(tinylm._gemm_dtype(jax.numpy.bfloat16)),  # pylint: disable=protected-access
+      "gemm_operands": backend.gemm_path(FLAGS.gemm_operands),
       "steps_per_s": steady, "wall_s": wall, "first_chunk_s": first[0] - t0,
       "compile_s": backend_compile, "trace_lower_s": trace,
       "marks": [(round(t - t0, 3), d, r, pk) for t, d, r, pk, *_ in marks],

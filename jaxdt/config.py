@@ -14,6 +14,7 @@ import typing
 from typing import Any, Optional
 
 PRECISIONS = ("bf16", "fp32", "mixed")
+GEMM_OPERANDS = ("auto", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,15 @@ class ModelConfig:
   num_heads: int = 2
   max_seq_len: int = 128  # rows of the learned positional table
   init_std: float = 0.02  # N(0, init_std) for the token and position tables
+  # What a bf16 GEMM reads its operands as: "auto" (the host's capability,
+  # `numerics.backend.gemm_operands`), "float32" or "bfloat16". Values are the
+  # same either way (exact products, f32 sums); speed and summation order differ.
+  gemm_operands: str = "auto"
+
+  def __post_init__(self):
+    if self.gemm_operands not in GEMM_OPERANDS:
+      raise ValueError(f"gemm_operands={self.gemm_operands!r} is not one of "
+                       f"{', '.join(GEMM_OPERANDS)}; pass e.g. --gemm_operands=auto")
 
   @property
   def ffn_dim(self) -> int:

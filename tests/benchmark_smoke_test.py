@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_benchmark_prints_the_ratio_line(tiny_data, tmp_path):
+def test_tiny_benchmark_ends_with_the_ratio_and_ceiling_lines(tiny_data, tmp_path):
   pytest.importorskip("torch")  # the baseline is the lab's torch loop
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "crucible1_bench.py"), "--size=tiny",
          "--steps=30", "--chunk=10", "--torch_steps=12", "--ceiling_seconds=1", "--torch_f32",
@@ -19,8 +19,10 @@ def test_tiny_benchmark_prints_the_ratio_line(tiny_data, tmp_path):
   p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert p.returncode == 0, p.stderr[-3000:]
   lines = p.stdout.strip().splitlines()
-  assert re.fullmatch(r"ratio_vs_tuned_torch=\d+\.\d+", lines[-1]), p.stdout + p.stderr[-3000:]
-  assert float(lines[-1].split("=")[1]) > 0
+  assert re.fullmatch(r"ratio_vs_tuned_torch=\d+\.\d+", lines[-2]), p.stdout + p.stderr[-3000:]
+  assert float(lines[-2].split("=")[1]) > 0
+  assert re.fullmatch(r"gemm_ceiling_fraction=\d+\.\d+", lines[-1]), p.stdout
+  assert 0 < float(lines[-1].split("=")[1]) < 1.5
   out = p.stdout
   for side in ("torch, default allocator", "torch, tuned allocator", "jaxdt train.train"):
     assert re.search(re.escape(side) + r"\s+\d+\s+\d", out), out

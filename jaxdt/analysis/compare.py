@@ -163,6 +163,12 @@ def freeze_statistics(summary: dict) -> dict:
   return out
 
 
+def _gemm_paths_differ(a: dict, b: dict) -> bool:
+  """Both runs recorded their GEMM path and the operand dtypes differ."""
+  pa, pb = a.get("gemm_path"), b.get("gemm_path")
+  return bool(pa and pb) and pa.split()[0] != pb.split()[0]
+
+
 def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> dict:
   """Compares two runs of one config (two run folders or trajectory files).
 
@@ -176,6 +182,8 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
     results, common keys in A's order), only_in_a, only_in_b, loss,
     freeze {a, b, diff}, config_differences (one line per config field that
     differs, input paths and chunk size aside; None without both configs),
+    gemm_paths_differ (the runs' GEMMs read other operand dtypes, so f32 sums
+    ran in other orders: their bits need not match),
     identical (every common key bitwise equal over the
     common steps), first_difference ({key, step} of the earliest, or None).
   """
@@ -208,6 +216,7 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
       "only_in_a": [k for k in ka if k not in kb], "only_in_b": [k for k in kb if k not in ka],
       "loss": loss, "freeze": {"a": fa, "b": fb, "diff": diff},
       "config_differences": configs,
+      "gemm_paths_differ": _gemm_paths_differ(a_info, b_info),
       "identical": all(k["identical"] is not False for k in keys) and bool(keys),
       "first_difference": None if first is None else {"step": first[0], "key": first[1]},
   }

@@ -304,7 +304,7 @@ def open_trajectory(path: str) -> Trajectory:
 # --- Run facts from metadata.json ---------------------------------------------
 
 RUN_INFO_KEYS = ("experiment", "backend", "device", "device_kind", "cpu_threads", "xla_flags",
-                 "jax_version", "jaxlib_version", "date", "completed")
+                 "gemm_path", "jax_version", "jaxlib_version", "date", "completed")
 
 
 def run_info(metadata: dict) -> dict:

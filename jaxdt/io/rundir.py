@@ -346,8 +346,12 @@ class RunDir:
     lines = config_differences(metadata.get("config") or {}, config)
     for key, value in inputs.items():
       if key in metadata and metadata[key] != value:
-        lines.append(f"{key}: the run used other input files ({_show(metadata[key])[:80]}), "
-                     f"now {_show(value)[:80]}")
+        if key == "gemm_path":  # another host: same config, other GEMM kernels
+          lines.append(f"gemm_path: the run has {metadata[key]}, this host {value}; "
+                       "force the run's with --gemm_operands")
+        else:
+          lines.append(f"{key}: the run used other input files ({_show(metadata[key])[:80]}), "
+                       f"now {_show(value)[:80]}")
     if lines:
       head = (f"cannot resume {self.path}: {len(lines)} setting(s) differ from the run's; "
               "resume with the run's settings, or choose another --output_dir")

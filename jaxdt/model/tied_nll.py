@@ -6,6 +6,7 @@ without materialising the (B, T, V) logits; see the comment below.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,12 @@ def _tied_nll_block(table, scale, h, targets):
   cd = h.dtype
   logits = tinylm.matmul(h, table, w_in_axis=1)  # (R, V) f32
   # torch's logits tensor is bf16 under bf16: round, but keep computing in f32.
+  # Rounding is monotone, so the max of the rounded logits is the rounded max of
+  # the GEMM's output: the max reads that output directly and the rounding fuses
+  # into the passes that follow (no rounded copy of the slab is ever written).
+  m = jax.lax.stop_gradient(
+      jax.lax.reduce_precision(logits.max(-1, keepdims=True), *tinylm.bits(cd)))
   logits = jax.lax.reduce_precision(logits, *tinylm.bits(cd))
-  m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
   e = jnp.exp(logits - m)
   s = e.sum(-1, keepdims=True)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)  # (R, 1)
@@ -50,40 +55,51 @@ def _tied_nll_scan(h, table, targets):
   nb, r, d = h.shape  # (blocks, rows, D)
   scale = jnp.float32(1 / (nb * r))
 
-  def body(d_table, xs):
+  def body(d_table_t, xs):
     hb, tb = xs
     nll, dlogits, dh = _tied_nll_block(table, scale, hb, tb)
-    # dE += dlogits^T h, accumulated in f32 over blocks, rounded once at the end.
-    d_table = d_table + tinylm.matmul(dlogits.T, hb, w_in_axis=0)
-    return d_table, (nll, dh)
+    # dE^T += h^T dlogits, accumulated in f32 over blocks, rounded once at the end.
+    # Kept as (D, V): contracting the block's rows with a (D, V) output runs on
+    # XLA:CPU's fast GEMM kernel; the (V, D) layout fell back to a slower one
+    # (BUILD_NOTES, "Speed (issue 12)").
+    d_table_t = d_table_t + tinylm.matmul(hb.T, dlogits, w_in_axis=0)
+    return d_table_t, (nll, dh)
 
-  d_table, (nll, dh) = jax.lax.scan(body, jnp.zeros(table.shape, jnp.float32), (h, targets))
-  return jnp.mean(nll), dh, d_table
-
-
-@jax.custom_vjp
-def _tied_nll(h, table, targets):
-  nll = jax.lax.map(lambda xs: _tied_nll_block(table, 0.0, *xs)[0], (h, targets))
-  return jnp.mean(nll)
+  d_table_t, (nll, dh) = jax.lax.scan(
+      body, jnp.zeros(table.shape[::-1], jnp.float32), (h, targets))
+  return jnp.mean(nll), dh, d_table_t.T
 
 
-def _tied_nll_fwd(h, table, targets):
-  loss, dh, d_table = _tied_nll_scan(h, table, targets)
-  # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
-  return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
+@functools.lru_cache(maxsize=None)
+def _tied_nll_for(gemm_operands):
+  """The custom-VJP loss for one GEMM operand setting.
 
+  One function object per setting: JAX caches traces of a custom_vjp by the
+  function's identity, and the setting is read while tracing
+  (`tinylm.gemm_operands`), so two settings must never share one.
+  """
 
-def _tied_nll_bwd(res, g):
-  dh, d_table = res
-  # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
-  # a separate backward pass would give; any other g rounds twice. Integer
-  # targets get no cotangent.
-  g = g.astype(jnp.float32)
-  return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
-          (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
+  @jax.custom_vjp
+  def tied_nll(h, table, targets):
+    nll = jax.lax.map(lambda xs: _tied_nll_block(table, 0.0, *xs)[0], (h, targets))
+    return jnp.mean(nll)
 
+  def fwd(h, table, targets):
+    loss, dh, d_table = _tied_nll_scan(h, table, targets)
+    # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
+    return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
 
-_tied_nll.defvjp(_tied_nll_fwd, _tied_nll_bwd)
+  def bwd(res, g):
+    dh, d_table = res
+    # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
+    # a separate backward pass would give; any other g rounds twice. Integer
+    # targets get no cotangent.
+    g = g.astype(jnp.float32)
+    return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
+            (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
+
+  tied_nll.defvjp(fwd, bwd)
+  return tied_nll
 
 
 def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
@@ -125,4 +141,4 @@ def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
   k = _blocks(B, T, block_rows)
   hb = h.reshape(B // k, k * T, D)  # (blocks, rows, D)
   tb = targets.reshape(B // k, k * T).astype(jnp.int32)
-  return _tied_nll(hb, table, tb)
+  return _tied_nll_for(tinylm.gemm_setting())(hb, table, tb)

@@ -14,7 +14,8 @@ The compute dtype is the params' dtype. bf16 params compute like torch's
 `model.to(torch.bfloat16)` on CPU: matmuls accumulate in f32 and round once;
 LayerNorm, softmax and GELU run in f32 and round their outputs. fp32 params use
 Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32). On CPU the
-GEMMs read bf16 values as f32 (exact; XLA:CPU's f32 GEMMs are the faster ones).
+GEMMs read bf16 values as f32 unless the CPU has bf16 dot-product units
+(`_gemm_dtype`; exact either way).
 
 Training does not call `apply`: `hidden` + `tied_logits_nll` give the same loss
 block by block without the (B, T, V) logits (see that section).
@@ -22,6 +23,7 @@ block by block without the (B, T, V) logits (see that section).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdt.config import ModelConfig
+from jaxdt.numerics import backend
 
 
 Params = dict[str, Any]
@@ -43,28 +46,40 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # -- Numerics shared by both variants ------------------------------------------
 
-# GEMM operands: None = per backend (`_gemm_dtype`), or a dtype name to force
-# one (benchmarks set it before tracing to compare the two).
-GEMM_OPERAND_DTYPE = None
+# GEMM operands for bf16 values: set while a step is traced (`gemm_operands`);
+# None = the host's capability (`backend.gemm_operands`).
+_GEMM_OPERANDS = None
+
+
+@contextlib.contextmanager
+def gemm_operands(setting: str):
+  """Traces the model's GEMMs with `setting` ("auto", "float32", "bfloat16") operands."""
+  global _GEMM_OPERANDS
+  previous, _GEMM_OPERANDS = _GEMM_OPERANDS, None if setting == "auto" else setting
+  try:
+    yield
+  finally:
+    _GEMM_OPERANDS = previous
+
+
+def gemm_setting():
+  """The GEMM operand setting being traced: None (the host's choice) or a dtype name."""
+  return _GEMM_OPERANDS
 
 
 def _gemm_dtype(dtype):
-  """The dtype a GEMM reads operands of `dtype` in: f32 for bf16 on CPU, else `dtype`.
+  """The dtype a GEMM reads operands of `dtype` in: for bf16, f32 or bf16 by host.
 
   bf16 x bf16 products are exact in f32 and every GEMM here accumulates in
   f32, so this choice changes speed, not values (beyond f32 summation order).
-  XLA:CPU in jaxlib 0.10.2 has no bf16 GEMM that beats its f32 one: on an AVX2
-  host bf16 operands ran Crucible 1 at 0.79 steps/s against 1.05 in f32 (its
-  bf16 square-GEMM ceiling 99-103 GFLOP/s against 139-173 in f32), and on an
-  AVX512_BF16 host it converted every bf16 dot to f32 itself (issue 6's
-  prototype). GPUs keep bf16. See BUILD_NOTES, "Benchmarks". Decided when
-  tracing, for the default backend.
+  Without bf16 dot-product units XLA:CPU's bf16 GEMMs are the slower ones (on
+  an AVX-512 host without AVX512_BF16: 95 against 126 GFLOP/s for the logits
+  block; on an AVX2 host its bf16 square-GEMM ceiling 99-103 GFLOP/s against
+  139-173 in f32). See BUILD_NOTES, "Speed (issue 12)". Decided when tracing.
   """
-  if GEMM_OPERAND_DTYPE is not None:
-    return jnp.dtype(GEMM_OPERAND_DTYPE) if jnp.dtype(dtype) == jnp.bfloat16 else dtype
-  if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
-    return jnp.dtype(jnp.float32)
-  return dtype
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return dtype
+  return jnp.dtype(_GEMM_OPERANDS or backend.gemm_operands())
 
 
 def operand(x, dtype=None):

@@ -181,3 +181,47 @@ def fma_contracts() -> bool:
   # to 1 + 2^-11, so a·b + c = 0, whereas an FMA gives 2^-24.
   out = jax.jit(lambda x, y, z: x * y + z)(a, b, c)
   return float(out) == 2.0**-24
+
+
+# CPU features with bf16 GEMM units (AVX512_BF16: vdpbf16ps; AMX: tile dot products).
+BF16_GEMM_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+  """The CPU's feature flags as the kernel reports them (empty where unknown)."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def gemm_operands(flags: Optional[frozenset] = None) -> str:
+  """The GEMM operand dtype for bf16 values on the default backend: "bfloat16" or "float32".
+
+  On CPU it follows the measured capability, the CPU's own feature flags: bf16
+  operands only where the CPU has bf16 dot-product units (AVX512_BF16 or AMX);
+  without them XLA:CPU's bf16 GEMMs run slower than its f32 ones (BUILD_NOTES,
+  "Speed (issue 12)"). Accelerators (GPU, TPU) keep bf16. The choice is a pure
+  function of the host, so every run on one machine takes the same path.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    return "bfloat16"
+  flags = cpu_flags() if flags is None else flags
+  return "bfloat16" if flags & BF16_GEMM_FEATURES else "float32"
+
+
+def gemm_path(setting: str = "auto") -> str:
+  """What metadata records as `gemm_path`: the resolved operand dtype and why."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if setting != "auto":
+    return f"{setting} operands (forced)"
+  chosen = gemm_operands()
+  if jax.default_backend() != "cpu":
+    return f"{chosen} operands ({jax.default_backend()})"
+  have = sorted(cpu_flags() & BF16_GEMM_FEATURES)
+  return f"{chosen} operands (cpu: {', '.join(have) if have else 'no avx512_bf16/amx_bf16'})"

@@ -194,7 +194,8 @@ def _run_line(label: str, r: dict) -> str:
   return (f"{label}: {r['file']} ({r['steps']} steps, {r['rows']} rows)\n"
           f"   backend {r.get('backend') or '?'} ({r.get('device_kind') or '?'}), "
           f"{r.get('cpu_threads') or '?'} CPU threads, jax {r.get('jax_version') or '?'}, "
-          f"XLA_FLAGS {flags!r}" if flags is not None else
+          f"XLA_FLAGS {flags!r}" + (f", GEMMs {r['gemm_path']}" if r.get("gemm_path") else "")
+          if flags is not None else
           f"{label}: {r['file']} ({r['steps']} steps, {r['rows']} rows)\n"
           "   no metadata.json: backend, threads and XLA_FLAGS unknown")
 
@@ -223,6 +224,10 @@ def format_compare(c: dict) -> str:
     where = f" at step {loss['step']}" if loss["step"] else ""
     lines += ["", f"Largest |loss difference|: {loss['max_abs_diff']:.6f}{where} "
               f"({loss['steps_differing']} steps differ)"]
+  if c.get("gemm_paths_differ"):
+    lines += ["", f"The runs used different GEMM paths (A: {c['a']['gemm_path']}; B: "
+              f"{c['b']['gemm_path']}): the same values, summed in other orders, so their bits "
+              "need not match"]
   if c.get("config_differences"):
     lines += ["", "The two runs' configs differ (so their bits are not expected to match):"]
     lines += [f"  {d}" for d in c["config_differences"]]

@@ -86,6 +86,7 @@ def our_metadata(cfg, corpus) -> dict:
       "completed": False, "trajectory_bytes": None,
       "config": config_lib.to_dict(cfg), "data_files": corpus.files,
       "data_manifest": None if corpus.default is None else corpus.default.manifest,
-      **backend.describe(), "jaxlib_version": jax.lib.__version__,
+      **backend.describe(), "gemm_path": backend.gemm_path(cfg.model.gemm_operands),
+      "jaxlib_version": jax.lib.__version__,
       "python": platform.python_version(), "wall_time_s": None,
   }

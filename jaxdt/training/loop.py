@@ -25,6 +25,7 @@ from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import disk
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
+from jaxdt.numerics import backend
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import probes as probes_lib
 from jaxdt.training import step
@@ -88,7 +89,9 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
   inputs = {"data_files": corpus.files,
             "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
-            if cfg.init_checkpoint else None}
+            if cfg.init_checkpoint else None,
+            # A resume on a host that resolves another GEMM path is refused (other bits).
+            "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
   running_meta = {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
                   **layout_lib.our_metadata(cfg, corpus), **inputs}
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)

@@ -106,7 +106,8 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
 
   def step(state: TrainState, t):
     batch = sample(data_key, t)
-    (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
+    with tinylm.gemm_operands(cfg.model.gemm_operands):  # traced once, on the host's path
+      (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
     params, opt_state = adamw.step(hp, state.params, grads, state.opt_state)
     view = probes_lib.StepView(
         t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),

@@ -28,6 +28,7 @@ from jaxdt.io import disk
 from jaxdt.io import metadata
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
+from jaxdt.numerics import backend
 from jaxdt.report import outputs
 from jaxdt.training import layout
 from jaxdt.training import loop
@@ -154,6 +155,18 @@ def test_resume_refuses_other_data_files(cfg, tiny_data, tmp_path):
     loop.train(other, out, resume=True, **QUIET)
   assert _snapshot(out) == before
 
+
+
+def test_resume_refuses_a_host_that_resolves_another_gemm_path(cfg, tmp_path, monkeypatch):
+  out = str(tmp_path / "run")
+  _unfinished(cfg, out)
+  before = _snapshot(out)
+  other = "bfloat16" if backend.gemm_operands() == "float32" else "float32"
+  monkeypatch.setattr(backend, "gemm_operands", lambda flags=None: other)  # another machine
+  with pytest.raises(disk.StoreError, match=r"gemm_path: the run has \S+ operands .*, this host "
+                     rf"{other} operands .*; force the run's with --gemm_operands"):
+    loop.train(cfg, out, resume=True, **QUIET)
+  assert _snapshot(out) == before
 
 def test_config_differences_names_nested_fields():
   a = config_lib.to_dict(config_lib.ExperimentConfig())

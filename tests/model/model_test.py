@@ -1,6 +1,7 @@
 """Tests for jaxdt.model: shapes, sizes, init semantics, causality, import/export."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from safetensors.numpy import save_file
 
 from jaxdt.config import ModelConfig
 from jaxdt.model import tied_nll
+from jaxdt.numerics import backend
 from jaxdt.model import tinylm
 from jaxdt.model import torch_io
 
@@ -315,14 +317,25 @@ def test_gemm_operand_dtype_changes_no_value(nll):
   params = _bf16(params)
   h = tinylm.hidden(params, cfg, ids)
   losses = {}
+  hlo = {}
   for name in ("float32", "bfloat16"):
-    tinylm.GEMM_OPERAND_DTYPE = name
-    try:
-      losses[name] = float(jax.jit(tied_nll.tied_logits_nll)(
-          h[:, :-1], params["embedding"], ids[:, 1:]))
-    finally:
-      tinylm.GEMM_OPERAND_DTYPE = None
+    with tinylm.gemm_operands(name):
+      fn = jax.jit(lambda *a: tied_nll.tied_logits_nll(*a))  # a fresh trace per setting
+      losses[name] = float(fn(h[:, :-1], params["embedding"], ids[:, 1:]))
+      hlo[name] = fn.lower(h[:, :-1], params["embedding"], ids[:, 1:]).as_text()
   assert losses["float32"] == pytest.approx(losses["bfloat16"], abs=1e-5)
+  # The setting reached the GEMMs: bf16 operands only on the bfloat16 path.
+  dots = {k: re.findall(r"dot_general.*?: \(tensor<[^>]*x(\w+)>", v) for k, v in hlo.items()}
+  assert dots["float32"] and set(dots["float32"]) == {"f32"}, dots["float32"]
+  assert "bf16" in set(dots["bfloat16"]), dots["bfloat16"]
+
+
+def test_gemm_operands_auto_follows_the_cpus_bf16_units():
+  assert backend.gemm_operands(frozenset({"avx2", "avx512f"})) == "float32"
+  assert backend.gemm_operands(frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
+  assert backend.gemm_operands(frozenset({"amx_bf16", "amx_tile"})) == "bfloat16"
+  assert backend.gemm_path("float32") == "float32 operands (forced)"
+  assert backend.gemm_path().startswith(backend.gemm_operands() + " operands (cpu: ")
 
 
 def _bf16(params):

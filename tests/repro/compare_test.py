@@ -16,6 +16,7 @@ import pytest
 
 from conftest import tiny_config
 
+from jaxdt import config as config_lib
 from jaxdt.analysis import compare
 from jaxdt.analysis import metrics
 from jaxdt.numerics import backend
@@ -139,3 +140,19 @@ def test_describe_reports_the_live_backend():
   d = backend.describe()
   assert d["backend"] == "cpu" and d["cpu_threads"] >= 1 and d["fma_contracts"] is True
   assert "XLA_FLAGS" in backend.format_description(d)
+
+
+def test_runs_on_two_gemm_paths_are_named_in_the_comparison(runs, tiny_data, tmp_path):
+  """bf16 against f32 GEMM operands: same values, other summation order, said so."""
+  cfg = config_lib.override(tiny_config(tiny_data, steps=STEPS), "model.gemm_operands=bfloat16")
+  other = loop.train(cfg, str(tmp_path / "bf16"), progress=False)
+  assert other.metadata["gemm_path"] == "bfloat16 operands (forced)"
+  assert runs[0].metadata["gemm_path"] == backend.gemm_path()
+  lines = []
+  c = outputs.compare(runs[0].run_dir, other.run_dir, echo=lines.append)
+  assert c["gemm_paths_differ"] is (backend.gemm_operands() != "bfloat16")
+  if c["gemm_paths_differ"]:
+    assert "The runs used different GEMM paths" in lines[-1]
+  assert 'model.gemm_operands: A has "auto", B has "bfloat16"' in c["config_differences"]
+  # The loss agrees to f32 summation order whatever the path.
+  assert c["loss"]["max_abs_diff"] < 0.05
