@@ -201,12 +201,13 @@ def table(xplane: str, hlo: str, k: int, top: int) -> list[str]:
   for thread, name, off, dur in thunk_events(xplane):
     if name.startswith("ThunkExecutor::Execute (wait"):
       wall = max(wall, dur)
-    if name.startswith("end: "):  # an async (Eigen) op finished: its span since launch
+    if name.startswith("end: "):  # an Eigen dot runs after its launch returns: add the span
       begin = starts.pop(name[5:], None)
-      if begin is not None:
+      if begin is not None and inst.get(name[5:], ("", ""))[1] == "dot":
         busy[name[5:]] += off + dur - begin[0] - begin[1]
       continue
-    if name.startswith(("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool")):
+    if (name.startswith(("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool"))
+        or inst.get(name, ("", ""))[1] in ("while", "call", "conditional")):  # containers
       continue
     busy[name] += dur
     calls[name] += 1
