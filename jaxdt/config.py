@@ -122,7 +122,9 @@ class ExperimentConfig:
   """One run: what to train, how, and what to record."""
 
   name: str = "crucible1"
-  seed: int = 42
+  seed: int = 42  # the model init (and the data order unless data_seed is set)
+  # The data order apart from the init; None = seed (so existing runs keep their bits).
+  data_seed: Optional[int] = None
   steps: int = 5000
   precision: str = "bf16"  # "bf16" | "fp32" | "mixed" (fp32 master + moments, bf16 compute)
   # Start from these weights (a torch state_dict: the lab's step-0 .pt or a
@@ -133,6 +135,9 @@ class ExperimentConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   probes: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
   store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+  # The experiment's own sweep, in --sweep's syntax ("learning_rate=1e-3,3e-4;
+  # weight_decay=0,0.1"); "" = a single run. `python run.py --experiment=E` runs it.
+  sweep: str = ""
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
@@ -202,6 +207,12 @@ def _field(cfg: Any, dotted: str) -> tuple:
     raise ValueError(f"--set {dotted}: {name!r} is a section; set one of its fields, e.g. "
                      f"{dotted}.{dataclasses.fields(hint)[0].name}=...")
   return owner, name, hint
+
+
+def get_path(cfg: Any, dotted: str) -> Any:
+  """The value at a dotted path, e.g. get_path(cfg, "optim.learning_rate")."""
+  owner, name, _ = _field(cfg, dotted)
+  return getattr(owner, name)
 
 
 def set_path(cfg: Any, dotted: str, value: Any) -> Any:

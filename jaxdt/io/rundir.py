@@ -55,6 +55,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from jaxdt import config as config_lib
 from jaxdt.io import checkpoints
 from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
@@ -140,10 +141,13 @@ def config_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
     e.g. ["optim.learning_rate: the run has 0.0003, the flags say 0.01"].
   """
   a, b = _flatten(recorded), _flatten(wanted)
+  defaults = _flatten(config_lib.to_dict(config_lib.ExperimentConfig()))
   lines = []
   for key in list(b) + [k for k in a if k not in b]:
     if key in ignore or a.get(key, KeyError) == b.get(key, KeyError):
       continue
+    if key not in a and key in defaults and b[key] == defaults[key]:
+      continue  # a field added since the run began, at its default: the same run
     has = _show(a[key]) if key in a else "no such field"
     say = _show(b[key]) if key in b else "no such field"
     lines.append(f"{key}: {labels[0]} {has}, {labels[1]} {say}")
@@ -379,9 +383,13 @@ class RunDir:
     self._writer = tensorfile.TrajectoryWriter(self.trajectory, specs, file_metadata)
     disk.fault_point("partial_created")
 
-  def _intact_checkpoint(self, like_state) -> Optional[tuple[int, Any]]:
-    """(step, state) of the newest checkpoint whose arrays and trajectory prefix verify."""
+  def _intact_checkpoint(self, like_state, at_most: Optional[int] = None
+                         ) -> Optional[tuple[int, Any]]:
+    """(step, state) of the newest checkpoint (at or before `at_most`) whose arrays and
+    trajectory prefix verify."""
     for step, path in checkpoints.checkpoints(self.ckpt_dir):
+      if at_most is not None and step > at_most:
+        continue
       try:
         meta = checkpoints.checkpoint_meta(path)
         state, extra = checkpoints.load_checkpoint(path, like_state)
@@ -471,6 +479,7 @@ class RunDir:
       self.log(f"the unfinished trajectory is unusable ({reason}); restarting from step 0")
       self._fresh(specs, file_metadata)
       return 0, None
+    self._layout = (specs, file_metadata)
     found = self._intact_checkpoint(like_state)
     if found is None:
       what = "intact checkpoint" if checkpoints.checkpoints(self.ckpt_dir) else "checkpoint yet"
@@ -480,6 +489,31 @@ class RunDir:
       return 0, None
     self.resume_from = found[0]
     self.log(f"resuming {self.path} from the checkpoint at step {found[0]}")
+    return found
+
+  def rewind(self, step: int, like_state) -> tuple[int, Any]:
+    """Moves a resumed run back to its newest intact checkpoint at or before `step`.
+
+    A sweep's members continue from one common step; a member that got further
+    before the kill steps back (the steps it redoes rewrite the same bytes).
+
+    Returns:
+      (start, state), or (0, None) when no such checkpoint is intact (the
+      trajectory is started afresh, as `begin` does).
+    """
+    if self.resume_from is None or self.resume_from <= step:
+      raise ValueError(f"rewind({step}) of a run resumed from step {self.resume_from}")
+    found = self._intact_checkpoint(like_state, at_most=step)
+    if found is None:
+      self.log(f"no intact checkpoint at or before step {step} in {self.ckpt_dir}; "
+               "restarting from step 0")
+      self._writer.close()
+      self._fresh(*self._layout)
+      self.resume_from = None
+      return 0, None
+    self.resume_from = found[0]
+    self.log(f"{self.path}: stepping back to the checkpoint at step {found[0]} (the sweep "
+             "continues all its members from one step)")
     return found
 
   # -- while running -------------------------------------------------------------

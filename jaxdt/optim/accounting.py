@@ -27,7 +27,7 @@ from jaxdt.optim import adamw
 METRIC_NAMES = ("replay_match", "cosine", "norm_ratio", "swallowed", "max_ulp_error")
 
 
-def replay(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
+def replay(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) -> jax.Array:
   """W[t] from W[t-1] and the step-t moments by torch's arithmetic (exact).
 
   Args:
@@ -35,25 +35,27 @@ def replay(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
     m_t, v_t: exp_avg, exp_avg_sq after step t (same dtype as w_prev).
     t: 1-based step (may be traced).
     hp: hyperparameters.
+    coef: a sweep member's traced `adamw.Coefficients` (None: hp's own).
 
   Returns:
     W[t] in w_prev's dtype.
   """
   dtype = w_prev.dtype
   f32 = lambda x: x.astype(jnp.float32)
-  scalars = adamw.lookup_scalars(hp, t)
-  new_p, _, _ = adamw.param_update(f32(w_prev), f32(m_t), f32(v_t), scalars, hp, dtype)
+  scalars = adamw.lookup_scalars(hp, t, None if coef is None else coef.table)
+  new_p, _, _ = adamw.param_update(f32(w_prev), f32(m_t), f32(v_t), scalars, hp, dtype, coef)
   return new_p.astype(dtype)
 
 
-def textbook_delta(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig) -> jax.Array:
+def textbook_delta(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) -> jax.Array:
   """The lab's continuous f32 AdamW step (module docstring), f32."""
-  s = adamw.lookup_scalars(hp, t)
+  c = adamw.coefficients(hp) if coef is None else coef
+  s = adamw.lookup_scalars(hp, t, c.table)
   w, m, v = (x.astype(jnp.float32) for x in (w_prev, m_t, v_t))
   m_hat = m / s[adamw.BC1]
   v_hat = v / s[adamw.BC2]
-  adam_term = hp.learning_rate * m_hat / (jnp.sqrt(v_hat) + jnp.float32(hp.eps))
-  return -adam_term - jnp.float32(hp.learning_rate * hp.weight_decay) * w
+  adam_term = c.lr * m_hat / (jnp.sqrt(v_hat) + c.eps_f32)
+  return -adam_term - c.lr_wd * w
 
 
 def _fraction(mask) -> jax.Array:
@@ -62,7 +64,7 @@ def _fraction(mask) -> jax.Array:
   return lattice.true_divide(count, jnp.float32(mask.size))
 
 
-def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig) -> dict:
+def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) -> dict:
   """Per-step accounting over a set of rows (all arrays [rows, D]).
 
   Returns:
@@ -76,10 +78,10 @@ def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig) -> dict:
   """
   bits = lambda x: jax.lax.bitcast_convert_type(
       x, jnp.uint16 if x.dtype == jnp.bfloat16 else jnp.uint32)
-  replayed = replay(w_prev, m_t, v_t, t, hp)
+  replayed = replay(w_prev, m_t, v_t, t, hp, coef)
   match = _fraction(bits(replayed) == bits(w_next))
   realized = w_next.astype(jnp.float32) - w_prev.astype(jnp.float32)
-  text = textbook_delta(w_prev, m_t, v_t, t, hp)
+  text = textbook_delta(w_prev, m_t, v_t, t, hp, coef)
   # Fixed-order sums: a jnp.sum here differed by 1-2 ulps between 1 and 2 CPU threads.
   total = lambda x: ordered.sum_rows(x.reshape(-1))
   n_real = jnp.sqrt(total(realized * realized))

@@ -106,11 +106,53 @@ def scalar_table(hp: OptimConfig) -> np.ndarray:
       f"{_MAX_TABLE} steps; use betas further from 1")
 
 
-def lookup_scalars(hp: OptimConfig, t) -> jax.Array:
-  """The f32 [4] scalars for a traced 1-based step t (jit/scan safe)."""
-  table = scalar_table(hp)
+def lookup_scalars(hp: OptimConfig, t, table=None) -> jax.Array:
+  """The f32 [4] scalars for a traced 1-based step t (jit/scan safe).
+
+  `table` (traced, e.g. a sweep member's) replaces `scalar_table(hp)`; a table
+  padded with copies of its last row gives the same values.
+  """
+  table = scalar_table(hp) if table is None else table
   idx = jnp.clip(jnp.asarray(t, jnp.int32), 0, table.shape[0] - 1)
   return jnp.asarray(table)[idx]
+
+
+class Coefficients(NamedTuple):
+  """The f32 scalars AdamW's ops read, derived from the hyperparameters on the host.
+
+  As numpy f32 scalars (`coefficients(hp)`) they are constants of the traced
+  step, as in a solo run; a sweep passes the same values as traced arrays, one
+  set per member, so members share one compiled program and each still does
+  torch's arithmetic on its own values (the same f32 operands, the same ops).
+  """
+
+  lerp_weight: object  # f32(1 − b1), or f32(1 − b1) − 1 when 1 − b1 >= 0.5 (torch's lerp)
+  b2: object  # f32(b2)
+  one_minus_b2: object  # f32(1 − b2)
+  eps_bf16: object  # eps as torch adds it to a bf16 tensor (a bf16 scalar)
+  eps_f32: object
+  decay: object  # f32(1 − lr·wd)
+  lr: object  # f32(lr) and f32(lr·wd): the lab's textbook step (optim.accounting)
+  lr_wd: object
+  table: object  # f32 [T + 1, 4], `scalar_table`
+
+
+def lerp_from_m(hp: OptimConfig) -> bool:
+  """torch's lerp_ form: m + w·(g − m) for w < 0.5, else g + (w − 1)·(g − m) (structure)."""
+  return abs(1 - hp.b1) < 0.5
+
+
+@functools.lru_cache(maxsize=64)
+def coefficients(hp: OptimConfig) -> Coefficients:
+  """`hp`'s coefficients as numpy f32 scalars (each computed as torch computes it)."""
+  weight = 1 - hp.b1  # Python float64, converted to f32 by the kernel
+  lerp = np.float32(weight) if lerp_from_m(hp) else np.float32(weight) - np.float32(1)
+  return Coefficients(
+      lerp_weight=lerp, b2=np.float32(hp.b2), one_minus_b2=np.float32(1 - hp.b2),
+      eps_bf16=np.float32(ml_dtypes.bfloat16(hp.eps)), eps_f32=np.float32(hp.eps),
+      decay=np.float32(1 - hp.learning_rate * hp.weight_decay),
+      lr=np.float32(hp.learning_rate), lr_wd=np.float32(hp.learning_rate * hp.weight_decay),
+      table=scalar_table(hp))
 
 
 def _opaque(x):
@@ -129,38 +171,40 @@ def _rounder(dtype):
   raise TypeError(f"adamw supports bf16 and f32 parameters, got {dtype}")
 
 
-def moments_update(g, m, v, hp: OptimConfig, dtype):
+def moments_update(g, m, v, hp: OptimConfig, dtype, coef: Coefficients | None = None):
   """torch's `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, in f32.
 
   Args:
     g, m, v: f32 arrays holding values of `dtype` (grad, exp_avg, exp_avg_sq).
-    hp: hyperparameters.
+    hp: hyperparameters (the structure; the values too unless `coef`).
     dtype: the parameter dtype (bf16 or f32): where each op rounds.
+    coef: traced coefficients (a sweep member's); None = `coefficients(hp)`.
 
   Returns:
     (m, v) as f32 arrays holding values of `dtype`.
   """
   r = _rounder(dtype)
-  weight = 1 - hp.b1  # Python float64, converted to f32 by the kernel
+  c = coefficients(hp) if coef is None else coef
   diff = g - m
-  if abs(weight) < 0.5:
-    m = r(np.float32(weight) * diff + m)  # contracted to fma(w, g − m, m)
+  if lerp_from_m(hp):
+    m = r(c.lerp_weight * diff + m)  # contracted to fma(w, g − m, m)
   else:
-    m = r((np.float32(weight) - np.float32(1)) * diff + g)
-  v = r(v * np.float32(hp.b2))
-  v = r((np.float32(1 - hp.b2) * g) * g + v)  # contracted to fma(c·g, g, v)
+    m = r(c.lerp_weight * diff + g)
+  v = r(v * c.b2)
+  v = r((c.one_minus_b2 * g) * g + v)  # contracted to fma(c·g, g, v)
   return m, v
 
 
-def denominator(v, bc2_sqrt, hp: OptimConfig, dtype):
+def denominator(v, bc2_sqrt, hp: OptimConfig, dtype, coef: Coefficients | None = None):
   """torch's `(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, in f32."""
   r = _rounder(dtype)
+  c = coefficients(hp) if coef is None else coef
   # For bf16 tensors torch adds eps as a bf16 scalar: 1e-8 becomes 1.00117e-8.
-  eps = np.float32(ml_dtypes.bfloat16(hp.eps)) if dtype == jnp.bfloat16 else np.float32(hp.eps)
+  eps = c.eps_bf16 if dtype == jnp.bfloat16 else c.eps_f32
   return r(r(lattice.true_divide(r(jnp.sqrt(v)), bc2_sqrt)) + eps)
 
 
-def param_update(p, m, v, scalars, hp: OptimConfig, dtype):
+def param_update(p, m, v, scalars, hp: OptimConfig, dtype, coef: Coefficients | None = None):
   """torch's decoupled decay and `param.addcdiv_`, in f32.
 
   Args:
@@ -177,19 +221,19 @@ def param_update(p, m, v, scalars, hp: OptimConfig, dtype):
   """
   r = _rounder(dtype)
   if hp.weight_decay != 0:
-    p = r(p * np.float32(1 - hp.learning_rate * hp.weight_decay))
-  den = denominator(v, scalars[BC2_SQRT], hp, dtype)
+    p = r(p * (coefficients(hp) if coef is None else coef).decay)
+  den = denominator(v, scalars[BC2_SQRT], hp, dtype, coef)
   step = (scalars[NEG_STEP_SIZE] * m) / den
   return r(p + step), step, p
 
 
-def _leaf_update(g, p, m, v, scalars, hp: OptimConfig):
+def _leaf_update(g, p, m, v, scalars, hp: OptimConfig, coef: Coefficients | None = None):
   """One parameter leaf: returns (new_param, updates, mu, nu)."""
   dtype = p.dtype
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-  m, v = moments_update(f32(g), f32(m), f32(v), hp, dtype)
+  m, v = moments_update(f32(g), f32(m), f32(v), hp, dtype, coef)
   p32 = f32(p)
-  new_p, step, decayed = param_update(p32, m, v, scalars, hp, dtype)
+  new_p, step, decayed = param_update(p32, m, v, scalars, hp, dtype, coef)
   # optax.apply_updates computes (p + u).astype(p.dtype) in f32. Without decay
   # u = step reproduces torch's single rounding of p + step exactly. With decay
   # try u = (decayed − p) + step, then the f32 difference new_p − p and its two
@@ -262,13 +306,14 @@ def init(params) -> AdamWState:
                     nu=jax.tree.map(zeros, params))
 
 
-def _update_tree(grads, state: AdamWState, params, hp: OptimConfig):
+def _update_tree(grads, state: AdamWState, params, hp: OptimConfig,
+                 coef: Coefficients | None = None):
   """(new_params, updates, new_state) for a whole pytree."""
   count = state.count + 1
-  scalars = lookup_scalars(hp, count)
+  scalars = lookup_scalars(hp, count, None if coef is None else coef.table)
   treedef = jax.tree.structure(params)
   outs = [
-      _leaf_update(g, p, m, v, scalars, hp)
+      _leaf_update(g, p, m, v, scalars, hp, coef)
       for g, p, m, v in zip(treedef.flatten_up_to(grads), jax.tree.leaves(params),
                             treedef.flatten_up_to(state.mu),
                             treedef.flatten_up_to(state.nu))
@@ -277,15 +322,17 @@ def _update_tree(grads, state: AdamWState, params, hp: OptimConfig):
   return new_params, u, AdamWState(count=count, mu=mu, nu=nu)
 
 
-def step(hp: OptimConfig, params, grads, state: AdamWState):
+def step(hp: OptimConfig, params, grads, state: AdamWState, coef: Coefficients | None = None):
   """One AdamW step returning torch's new parameters directly: (params, state).
 
   Always bit-exact. `tx.update` + `optax.apply_updates` gives the same bits for
   bf16 params, and for f32 params when wd = 0; for f32 params with wd != 0 a
   few elements per step have no f32 `u` with p + u == torch's result (torch
   adds the step to the decayed p, not to p), so the trainer uses this.
+  `coef`: a sweep member's traced coefficients (`hp` then gives the structure:
+  wd = 0 or not, torch's lerp form).
   """
-  new_params, _, state = _update_tree(grads, state, params, hp)
+  new_params, _, state = _update_tree(grads, state, params, hp, coef)
   return new_params, state
 
 

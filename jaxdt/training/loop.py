@@ -41,7 +41,7 @@ class RunResult:
 
 
 @dataclasses.dataclass
-class _Position:
+class Position:
   """Where the loop is: steps written, the last recorded loss, the first non-finite step."""
 
   done: int = 0
@@ -87,15 +87,9 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   lay = layout_lib.layout(cfg, corpus)
   state = step.init_state(cfg, lay.dims)  # loads --init_checkpoint: a bad one fails here
   checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
-  inputs = {"data_files": corpus.files,
-            "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
-            if cfg.init_checkpoint else None,
-            # A resume on a host that resolves another GEMM path is refused (other bits).
-            "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
-  running_meta = {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
-                  **layout_lib.our_metadata(cfg, corpus), **inputs}
+  inputs, running_meta = start_metadata(cfg, corpus, lay)
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-  pos, bar = _Position(), None
+  pos, bar = Position(), None
   with rundir.RunDir(out_dir, cfg.store.trajectory_name, log=log) as run:
     try:
       state = _begin(run, cfg, lay, state, inputs, running_meta, checkpoint_steps, resume, pos,
@@ -107,7 +101,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
                           callbacks)
       if pos.done < cfg.steps:
         return None
-      meta = _finish(run, cfg, corpus, lay, state, pos, running_meta, t_start)
+      meta = finish(run, cfg, corpus, lay, state, pos, running_meta, t_start)
     except KeyboardInterrupt as e:
       raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), pos.done, run.resume_from,
                                run.path if run.committed else None) from None
@@ -115,6 +109,17 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
       if bar is not None:
         bar.close()
   return RunResult(out_dir, run.trajectory, meta)
+
+
+def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
+  """(inputs a resume must find unchanged, metadata.json while running)."""
+  inputs = {"data_files": corpus.files,
+            "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
+            if cfg.init_checkpoint else None,
+            # A resume on a host that resolves another GEMM path is refused (other bits).
+            "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
+  return inputs, {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
+                  **layout_lib.our_metadata(cfg, corpus), **inputs}
 
 
 def _begin(run, cfg, lay, state, inputs, running_meta, checkpoint_steps, resume, pos, log):
@@ -128,6 +133,11 @@ def _begin(run, cfg, lay, state, inputs, running_meta, checkpoint_steps, resume,
   pos.done = start
   log(f"run folder: {run.path} ({os.path.basename(run.partial)}, "
       f"{disk.fmt_bytes(tensorfile.estimate_bytes(lay.specs, layout_lib.FILE_METADATA))})")
+  return write_start(run, cfg, lay, state, restored, checkpoint_steps)
+
+
+def write_start(run, cfg, lay, state, restored, checkpoint_steps):
+  """Row 0 and checkpoint 0 of a fresh run (or the restored state), and the static tensors."""
   if restored is None:
     for k, a in step.initial_records(cfg, state, lay.rows).items():
       run.write_rows(k, 0, a[None])
@@ -168,13 +178,13 @@ def _run_chunks(run, cfg, corpus, lay, state, plan, checkpoint_steps, pos, log, 
             "on recording (metadata: diverged_at_step)")
     if host_state is not None:  # rows 0..s+n are written: now the checkpoint
       run.checkpoint(s + n, host_state)
-    pos.last_loss = _recorded_loss(records, losses)
+    pos.last_loss = recorded_loss(records, losses)
     for fn in callbacks:
       fn(pos.done, pos.last_loss)
   return state
 
 
-def _recorded_loss(records, losses) -> float:
+def recorded_loss(records, losses) -> float:
   """The chunk's last loss as recorded (bf16, the lab's final_loss), else the f32 one."""
   for key in ("loss", "losses"):
     if key in records:
@@ -182,7 +192,7 @@ def _recorded_loss(records, losses) -> float:
   return float(losses[-1])
 
 
-def _finish(run, cfg, corpus, lay, state, pos, running_meta, t_start) -> dict:
+def finish(run, cfg, corpus, lay, state, pos, running_meta, t_start) -> dict:
   """Writes the trackers' final tensors and commits the folder with its final metadata."""
   for k, a in state.probe_state.items():
     run.write(k, np.asarray(a))

@@ -53,6 +53,9 @@ class StepView(NamedTuple):
   # The f32 mean cross entropy, unrounded: HF GPT2's loss (it upcasts the
   # logits), which Thimble 1/6 stored. `loss` above is its bf16 rounding.
   loss_f32: jax.Array
+  # The step's AdamW coefficients (`adamw.Coefficients`): constants in a solo
+  # run, a sweep member's traced values; None = the context's hyperparameters'.
+  coef: Optional[tuple] = None
 
 
 class Context(NamedTuple):
@@ -190,7 +193,7 @@ def _accounting(ctx: Context) -> tuple:
   return tuple(Series(
       key=f"adam_{name}", dtype=_F32, shape=lambda d: (),
       record=lambda v, name=name: accounting.metrics(
-          v.w_prev, v.w_next, v.m, v.v, v.t, ctx.hyper)[name])
+          v.w_prev, v.w_next, v.m, v.v, v.t, ctx.hyper, v.coef)[name])
       for name in accounting.METRIC_NAMES)
 
 

@@ -47,6 +47,29 @@ def root_keys(seed: int):
   return jax.random.fold_in(root, INIT_PURPOSE), jax.random.fold_in(root, DATA_PURPOSE)
 
 
+def data_key(cfg: config_lib.ExperimentConfig):
+  """The data order's key: from `data_seed` when set, else from `seed` (root_keys)."""
+  return root_keys(cfg.seed if cfg.data_seed is None else cfg.data_seed)[1]
+
+
+class Member(NamedTuple):
+  """What differs between the members of one compiled sweep group, as traced data."""
+
+  data_key: jax.Array  # key data (`jax.random.key_data`) of the member's data order
+  coef: adamw.Coefficients  # the member's AdamW coefficients (f32 scalars and table)
+
+
+def member_of(cfg: config_lib.ExperimentConfig, table_rows: int) -> Member:
+  """A member's traced constants as numpy arrays; its scalar table padded to `table_rows`
+  with copies of its last row (the lookup clips there, so the values are unchanged)."""
+  c = adamw.coefficients(cfg.optim)
+  t = np.asarray(c.table)
+  table = np.concatenate([t, np.repeat(t[-1:], table_rows - len(t), axis=0)])
+  return Member(np.asarray(jax.random.key_data(data_key(cfg))),
+                c._replace(table=table, **{k: np.asarray(getattr(c, k), np.float32)
+                                           for k in c._fields if k != "table"}))
+
+
 def hyper(cfg: config_lib.ExperimentConfig) -> config_lib.OptimConfig:
   """AdamW's hyperparameters: the config's own `OptimConfig`."""
   return cfg.optim
@@ -87,14 +110,19 @@ def _gather(x, rows):
   return x if rows is None else x[rows]
 
 
-def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray]):
+def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray],
+              member: Optional[Member] = None):
   """The pure step `step(state, t) -> (state, (record, loss))` for this experiment.
 
   `record` holds the declared probes' values (what the file stores); `loss`
-  is the f32 loss, which the host watches for divergence.
+  is the f32 loss, which the host watches for divergence. `member`: a sweep
+  member's traced data key and AdamW coefficients (the config then gives only
+  the structure); None = the config's own, as constants.
   """
   sample = sampler.make_sampler(tokens, cfg.data)
-  _, data_key = root_keys(cfg.seed)
+  key = (data_key(cfg) if member is None
+         else jax.random.wrap_key_data(member.data_key, impl=jax.random.key_impl(data_key(cfg))))
+  coef = None if member is None else member.coef
   policy = precision.get_policy(cfg.precision)
   hp = cfg.optim
   built = probes_lib.of_config(cfg)
@@ -105,15 +133,15 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
     return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch)
 
   def step(state: TrainState, t):
-    batch = sample(data_key, t)
+    batch = sample(key, t)
     with tinylm.gemm_operands(cfg.model.gemm_operands):  # traced once, on the host's path
       (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
-    params, opt_state = adamw.step(hp, state.params, grads, state.opt_state)
+    params, opt_state = adamw.step(hp, state.params, grads, state.opt_state, coef)
     view = probes_lib.StepView(
         t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
         w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
         m=_gather(opt_state.mu[EMBEDDING], row_idx), v=_gather(opt_state.nu[EMBEDDING], row_idx),
-        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss)
+        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss, coef=coef)
     record = {s.key: s.record(view) for s in series}
     probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
     return TrainState(params, opt_state, probe_state), (record, loss)
