@@ -20,6 +20,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 
 import experiments
 
@@ -32,9 +33,11 @@ from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
 from jaxdt.report import outputs
+from jaxdt.report import sweep as sweep_report
 from jaxdt.training import loop
 from jaxdt.training import probes as probes_lib
 from jaxdt.training import step
+from jaxdt.training import sweep
 from jaxdt import verify
 
 FLAGS = flags.FLAGS
@@ -95,6 +98,22 @@ flags.DEFINE_multi_string(
     "set", None,
     "Set any config field by its dotted path, e.g. --set model.hidden_dim=32 --set "
     "store.checkpoint_steps=0,10 (repeatable; applied after the named flags).")
+flags.DEFINE_string(
+    "sweep", None,
+    "Run a family of runs in one process: the cartesian product of ';'-separated axes, e.g. "
+    "'learning_rate=1e-3,3e-4;weight_decay=0,0.1'. Axes: any AdamW hyperparameter, seed, "
+    "data_seed, precision. Each member is a run folder under --output_dir; the summary is "
+    "sweep_summary.json there. Default: the experiment's own sweep, if it declares one.")
+flags.DEFINE_enum(
+    "sweep_mode", "exact", ["exact", "fast"],
+    "exact: members one after another within a device, each byte-identical to its solo run; "
+    "fast: members vmapped into wider kernels (other summation order, other bits).")
+flags.DEFINE_boolean("single", False, "Run the experiment once even if it declares a sweep.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for a sweep over several processes/hosts "
+                    "(jax.distributed.initialize); with --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process sweep.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process sweep.")
 flags.DEFINE_string("analysis_dir", None,
                     "Where --analyze writes summary.json and plots (and --compare compare.json).")
 
@@ -169,12 +188,42 @@ def run_verification(name: str) -> int:
   return 0 if ok else 1
 
 
+def run_sweep(name: str, cfg: config_lib.ExperimentConfig, spec: str) -> int:
+  """--sweep (or the experiment's declared sweep): every member, then the summary."""
+  out_root = FLAGS.output_dir or f"runs/{name}_sweep"
+  done = sweep.train_sweep(cfg, spec, out_root, resume=FLAGS.resume,
+                           exact=FLAGS.sweep_mode == "exact", progress=FLAGS.progress)
+  names = [m.name for m in sweep.members(cfg, spec)]
+  if jax.process_index() != 0:
+    print(f"process {jax.process_index()}: {len(done)} member(s) finished; process 0 writes "
+          "the summary")
+    return 0
+  sweep_report.wait_for(out_root, names, cfg.store.trajectory_name)
+  sweep_report.summarize(out_root, names, spec)
+  return 0
+
+
+def _distributed() -> None:
+  """jax.distributed.initialize from the flags (all three, or none)."""
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if all(v is None for v in given):
+    return
+  if any(v is None for v in given):
+    raise ValueError("a multi-process sweep needs --coordinator_address, --num_processes and "
+                     "--process_id together")
+  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
 def run_experiment(name: str) -> int:
   if FLAGS.verification:
     return run_verification(name)
   if FLAGS.verify_against:
     raise ValueError("--verify_against needs --verification")
   cfg = experiment_config(name)
+  spec = FLAGS.sweep if FLAGS.sweep is not None else ("" if FLAGS.single else cfg.sweep)
+  if spec:
+    _distributed()
+    return run_sweep(name, cfg, spec)
   out_dir = FLAGS.output_dir or f"runs/{name}"
   result = loop.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
   try:

@@ -103,8 +103,8 @@ def members(cfg: config_lib.ExperimentConfig, spec: str) -> list[SweepMember]:
     assignment = {axis: config_lib.get_path(member, _path(axis)) for axis, _ in axes}
     name = f"m{i:02d}_" + "_".join(f"{a}={_show(v)}" for a, v in assignment.items())
     out.append(SweepMember(i, name, assignment, member))
-  names = [m.name for m in out]
-  if len(set(names)) != len(names):
+  values = [tuple(m.assignment.values()) for m in out]
+  if len(set(values)) != len(values):
     raise ValueError(f"--sweep={spec!r} gives two members the same values; list each value once")
   return out
 
