@@ -6,7 +6,8 @@ Thimble 8, bit for bit) also defines `verification() -> jaxdt.verify.Verificatio
 
 import importlib
 
-NAMES = ("crucible1", "crucible3", "crucible4", "thimble1", "thimble6", "thimble8", "thimble9")
+NAMES = ("crucible1", "crucible3", "crucible4", "thimble1", "thimble6", "thimble8", "thimble9",
+         "lr_wd", "master_weights", "data_order")
 
 
 def _module(name: str):

@@ -396,3 +396,20 @@ def test_with_steps_keeps_the_checkpoints_inside_the_run():
   cfg = config_lib.with_steps(experiments.load("thimble8"), 100)
   assert (cfg.steps, cfg.store.checkpoint_steps) == (100, (0, 1, 10, 100))
   assert config_lib.with_steps(cfg, 5, (0, 3, 9)).store.checkpoint_steps == (0, 3)
+
+
+@pytest.mark.parametrize("name, members, groups", [
+    ("lr_wd", 4, 2), ("master_weights", 2, 2), ("data_order", 4, 1)])
+def test_the_open_questions_declare_their_sweeps(name, members, groups):
+  from jaxdt.training import sweep  # pylint: disable=g-import-not-at-top
+  cfg = experiments.load(name)
+  ms = sweep.members(cfg, cfg.sweep)
+  assert len(ms) == members and len(sweep.groups(ms)) == groups
+  base = experiments.load("crucible1")
+  for m in ms:  # Crucible 1 apart from the swept axes (and the names)
+    for axis in m.assignment:
+      m = m._replace(cfg=config_lib.set_path(
+          m.cfg, sweep._path(axis), config_lib.get_path(base, sweep._path(axis))))  # pylint: disable=protected-access
+    assert dataclasses.replace(m.cfg, name=base.name, sweep="", store=base.store) == base
+  if name == "data_order":  # its first member is the solo Crucible 1 run
+    assert ms[0].cfg.data_seed == base.seed
