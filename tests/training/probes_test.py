@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,7 +29,11 @@ def _rows():
 
 def test_the_step_view_holds_arrays_only():
   assert set(probes.StepView._fields) == {"t", "w_prev", "w_next", "grad", "m", "v", "loss",
-                                          "h_mean", "loss_f32"}
+                                          "h_mean", "loss_f32", "coef"}
+  # coef: the step's AdamW coefficients, arrays too (constants solo, traced in a sweep).
+  from jaxdt.optim import adamw  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves(adamw.coefficients(config_lib.OptimConfig(1e-3)))
+  assert leaves and all(isinstance(x, (np.ndarray, np.generic)) for x in leaves)
 
 
 def test_probes_close_over_the_config():
