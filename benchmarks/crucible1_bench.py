@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from benchdata import SIZES, Size, prepare_data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -300,13 +301,6 @@ def report(s: Size, res: dict, paths: dict) -> list:
   return lines
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -403,4 +397,4 @@ def _cleanup(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -36,6 +36,7 @@ import jax  # pylint: disable=g-import-not-at-top
 
 import experiments  # pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # pylint: disable=g-import-not-at-top
+import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from procstat import (  # pylint: disable=g-import-not-at-top
     context_switches, cpu_seconds, peak_rss_bytes, rss_bytes)
 
@@ -85,13 +86,6 @@ def bench_config(args):
       store=dataclasses.replace(cfg.store, chunk_steps=args.chunk))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -132,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -37,6 +37,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import experiments  # noqa: E402  pylint: disable=g-import-not-at-top
+import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.data import corpus as corpus_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import layout as layout_lib  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -257,4 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -134,13 +134,6 @@ def define_flags():
   flags.mark_flags_as_required(["tokens", "dead_mask"])
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -260,4 +253,6 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from cli import parse_flags  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=parse_flags)

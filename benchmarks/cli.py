@@ -1,0 +1,16 @@
+"""What the benchmark scripts share on the command line: absl errors as one line, exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors as one line and exit status 2 (as run.py)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {'; '.join(str(e).splitlines())}; see --helpfull", file=sys.stderr)
+    sys.exit(2)
