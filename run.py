@@ -108,6 +108,10 @@ flags.DEFINE_enum(
     "sweep_mode", "exact", ["exact", "fast"],
     "exact: members one after another within a device, each byte-identical to its solo run; "
     "fast: members vmapped into wider kernels (other summation order, other bits).")
+flags.DEFINE_integer(
+    "sweep_devices", None,
+    "Local devices a sweep group spreads over (default: all accelerators; one CPU device in "
+    "exact mode, since CPU devices share the cores and change the kernels' work split).")
 flags.DEFINE_boolean("single", False, "Run the experiment once even if it declares a sweep.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for a sweep over several processes/hosts "
@@ -192,7 +196,8 @@ def run_sweep(name: str, cfg: config_lib.ExperimentConfig, spec: str) -> int:
   """--sweep (or the experiment's declared sweep): every member, then the summary."""
   out_root = FLAGS.output_dir or f"runs/{name}_sweep"
   done = sweep.train_sweep(cfg, spec, out_root, resume=FLAGS.resume,
-                           exact=FLAGS.sweep_mode == "exact", progress=FLAGS.progress)
+                           exact=FLAGS.sweep_mode == "exact", progress=FLAGS.progress,
+                           devices=FLAGS.sweep_devices)
   names = [m.name for m in sweep.members(cfg, spec)]
   if jax.process_index() != 0:
     print(f"process {jax.process_index()}: {len(done)} member(s) finished; process 0 writes "

@@ -8,7 +8,8 @@ streamed to disk, the end-of-run analyses included), members differing by
 seed: the solo side runs `--seed=i` N times in a row, the sweep side once with
 `--sweep=seed=1,...,N` (exact mode: each member byte-identical to its solo
 run, which the benchmark checks by sha256) over `--devices` CPU devices
-(default: one per core, `--xla_force_host_platform_device_count`). Wall time is
+(`--xla_force_host_platform_device_count`; default 1, which keeps members exact at every
+size: two CPU devices share the cores and change the kernels' work split). Wall time is
 per whole process (start-up, data, compile, training, analyses), so the
 speedup counts what one compiled program saves. Prints member-steps/s both
 ways and ends with `sweep_speedup=<x>`.
@@ -37,7 +38,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "small", ["small", "full", "tiny"], "benchmark shape (crucible1_bench's)")
 flags.DEFINE_integer("members", 4, "sweep members (seeds 1..N)")
 flags.DEFINE_integer("steps", None, "steps per member (default: 300 small, 30 full, 40 tiny)")
-flags.DEFINE_integer("devices", None, "CPU devices of the sweep process (default: os.cpu_count())")
+flags.DEFINE_integer("devices", 1, "CPU devices of the sweep process (1: exact on every size; "
+                     "more run members side by side, exact only at small sizes)")
 flags.DEFINE_string("data_dir", None, "the embedded default data's cache folder")
 flags.DEFINE_string("corpus_path", None, None)
 flags.DEFINE_string("tokenizer_path", None, None)
@@ -80,7 +82,7 @@ def main(argv):
     sys.exit(2)
   s = SIZES[FLAGS.size]
   steps = FLAGS.steps or DEFAULT_STEPS[FLAGS.size]
-  n, devices = FLAGS.members, FLAGS.devices or os.cpu_count() or 1
+  n, devices = FLAGS.members, FLAGS.devices
   work = FLAGS.work_dir or tempfile.mkdtemp(prefix="jaxdt-sweep-bench-")
   os.makedirs(work, exist_ok=True)
   print(cpu_line())
@@ -104,7 +106,7 @@ def main(argv):
   sweep_env = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={devices}").strip()}
   sweep_s = _run(common + [f"--sweep=seed={','.join(str(i) for i in range(1, n + 1))}",
-                           f"--output_dir={out}"], sweep_env)
+                           f"--output_dir={out}", f"--sweep_devices={devices}"], sweep_env)
   names = sorted(d for d in os.listdir(out) if d.startswith("m"))
   same = [_sha(os.path.join(out, d, "crucible_1_trajectory.safetensors")) == solo_sha[i + 1]
           for i, d in enumerate(names)]

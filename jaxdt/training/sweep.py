@@ -146,6 +146,23 @@ def devices_for(n_members: int, devices: Sequence) -> list:
   return list(devices)[:n]
 
 
+def sweep_devices(exact: bool, wanted: Optional[int] = None) -> list:
+  """The local devices a group may use.
+
+  Exact mode on CPU takes one device unless told otherwise: CPU "devices" in one
+  process share its cores, and XLA:CPU splits a kernel's work by the threads it
+  gives each device, so at full size (V 10,000) a member on one of two CPU
+  devices came out with other bits than its solo run (0/2 identical; at V 2,000
+  and below 4/4 were). Accelerators are separate chips: all of them.
+  """
+  local = jax.local_devices()
+  if wanted is not None:
+    if not 1 <= wanted <= len(local):
+      raise ValueError(f"--sweep_devices={wanted}: this process has {len(local)} device(s)")
+    return local[:wanted]
+  return local[:1] if exact and local[0].platform == "cpu" else local
+
+
 def make_group_chunk(cfg, tokens, rows, mesh: Mesh, exact: bool = True):
   """`run(states, members, start, length) -> (states, (records, losses))` for a group.
 
@@ -199,7 +216,7 @@ def train_group(ms: Sequence[SweepMember], out_root: str, spec: str, corpus, *,
   consts = [step_lib.member_of(m.cfg, table_rows) for m in ms]
   checkpoint_steps = sorted(c for c in set(cfg0.store.checkpoint_steps) if 0 <= c <= cfg0.steps)
   end = cfg0.steps if stop_after is None else min(cfg0.steps, stop_after)
-  devs = devices_for(len(ms), devices or jax.local_devices())
+  devs = devices_for(len(ms), devices or sweep_devices(exact))
   mesh = Mesh(np.array(devs), ("m",))
   sweep_info = lambda m: {"spec": spec, "root": os.path.abspath(out_root), "member": m.index,
                           "name": m.name, "assignment": m.assignment}
@@ -282,7 +299,8 @@ def train_group(ms: Sequence[SweepMember], out_root: str, spec: str, corpus, *,
 
 def train_sweep(cfg: config_lib.ExperimentConfig, spec: str, out_root: str, *,
                 resume: bool = False, exact: bool = True, stop_after: Optional[int] = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> list:
+                progress: bool = True, log: Callable[[str], None] = print,
+                devices: Optional[int] = None) -> list:
   """Runs every member of `cfg` x `spec` this process owns; returns [(member, result)]."""
   check(cfg, spec)
   ms = members(cfg, spec)
@@ -304,6 +322,7 @@ def train_sweep(cfg: config_lib.ExperimentConfig, spec: str, out_root: str, *,
         log(f"{m.name}: finished already")
     if todo:
       res = train_group(todo, out_root, spec, corpus, resume=resume, exact=exact,
-                        stop_after=stop_after, progress=progress, log=log)
+                        stop_after=stop_after, progress=progress, log=log,
+                        devices=sweep_devices(exact, devices))
       out += list(zip(todo, res))
   return out

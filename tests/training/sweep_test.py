@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import tiny_config
@@ -123,8 +124,9 @@ def test_members_are_byte_identical_to_their_solo_runs(cfg, solo, swept):
 
 
 def test_two_devices_give_the_same_bytes(cfg, solo, tmp_path):
+  # Asked for explicitly: exact mode takes one CPU device by default (sweep_devices).
   out = str(tmp_path / "two")
-  p = _cli(cfg, tmp_path, f"--sweep={SMALL}", f"--output_dir={out}",
+  p = _cli(cfg, tmp_path, f"--sweep={SMALL}", f"--output_dir={out}", "--sweep_devices=2",
            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   stdout, stderr = p.communicate(timeout=900)
   assert p.returncode == 0, stderr[-3000:]
@@ -190,6 +192,13 @@ def test_data_seed_is_the_data_order_apart_from_the_init(cfg, solo, tmp_path):
       os.path.join(root, names[0], cfg.store.trajectory_name)) as b:
     assert a.rows("W", 0, 1).tobytes() == b.rows("W", 0, 1).tobytes()  # one init
     assert a.rows("W", 1, 2).tobytes() != b.rows("W", 1, 2).tobytes()  # other batches
+
+
+def test_exact_mode_takes_one_cpu_device_unless_told():
+  assert len(sweep.sweep_devices(exact=True)) == 1
+  assert len(sweep.sweep_devices(exact=False)) == len(jax.local_devices())
+  with pytest.raises(ValueError, match="--sweep_devices=9: this process has"):
+    sweep.sweep_devices(True, 9)
 
 
 def test_fast_mode_vmaps_the_members(cfg, solo, tmp_path):
