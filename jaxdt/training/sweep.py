@@ -8,7 +8,7 @@ makes groups; so do weight_decay = 0 against != 0 and torch's two lerp forms,
 which are different ops); each group is one jitted program:
 
   members on a leading axis, spread over the local devices (`shard_map` on a
-  1-D mesh), and within a device
+  1-D mesh; on CPU one device in exact mode, `sweep_devices`), and within a device
     exact (default): `lax.map`, one member after another through the very step
       a solo run compiles; each member's hyperparameters and data key are
       traced data (`step.Member`) holding the values a solo run folds in as
