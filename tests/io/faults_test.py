@@ -4,7 +4,7 @@ Every fault ends, after `--resume`, in the uninterrupted run's exact bytes, and
 no fault ever leaves a finished-looking file with other bytes:
   * an exception raised at every instant between two writes of the protocol,
   * SIGKILL right after every checkpoint marker (a chain of resumed processes),
-  * SIGKILL at 24 seeded random instants inside the run (chains of processes),
+  * SIGKILL at 12 seeded random instants inside the run (chains of processes),
 checked after every fault by `_no_lie`.
 """
 
@@ -154,12 +154,12 @@ def test_sigkill_at_random_instants(reference, tmp_path):
   first, last = stamps[0], stamps[-1]
   rng = random.Random(20261201)
   kills, chain, finished, spawned = 0, 0, 0, 0
-  while kills < 24:
+  while kills < 12:
     out = str(tmp_path / f"chain_{chain}")
     resume = False
     while True:
       spawned += 1
-      assert spawned <= 150, f"only {kills} kills landed in {spawned} processes"
+      assert spawned <= 80, f"only {kills} kills landed in {spawned} processes"
       proc = _spawn(cfg, out, resume=resume)
       delay = rng.uniform(0.8 * first, last + 0.2)
       time.sleep(delay)
@@ -173,4 +173,4 @@ def test_sigkill_at_random_instants(reference, tmp_path):
         break
       resume = True
     chain += 1
-  assert finished == chain and kills >= 24
+  assert finished == chain and kills >= 12
