@@ -152,35 +152,75 @@ def write_start(run, cfg, lay, state, restored, checkpoint_steps):
 
 
 def _run_chunks(run, cfg, corpus, lay, state, plan, checkpoint_steps, pos, log, callbacks):
-  """Runs the planned chunks; each chunk's records are written while the next one computes."""
+  """A solo run's chunks: `run_chunks` with one member."""
   run_chunk = step.make_run_chunk(step.make_step(cfg, corpus.tokens, lay.rows))
+  return run_chunks(lambda st, s, n: run_chunk(st, jnp.int32(s), n), state, plan,
+                    checkpoint_steps, lay.probes.series, [Target(run, pos)], log, callbacks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where one member's records go: its run folder, its position, its name in notes."""
+
+  run: rundir.RunDir
+  pos: Position
+  label: str = ""
+
+
+def run_chunks(dispatch, state, plan, checkpoint_steps, series, targets, log, callbacks,
+               split=None):
+  """The chunk loop of a solo run and of a sweep group (one loop; members differ in where
+  their rows go).
+
+  Each chunk's records are written while the next one computes.
+
+  Args:
+    dispatch: dispatch(state, start, length) -> (state, (records, losses)), asynchronous.
+    state: the (stacked, for a group) state at plan[0]'s start.
+    plan: `chunk_plan`'s [(start, length)].
+    checkpoint_steps: steps to checkpoint at (a chunk ends on each).
+    series: the probes' series (`lay.probes.series`).
+    targets: one `Target` per member, in the order of the outputs' leading axis.
+    log, callbacks: notes; callbacks(steps done, mean last loss) after every chunk.
+    split: split(tree, i) -> member i's part of a chunk's outputs; None: one member, whose
+      outputs are its own.
+
+  Returns:
+    the state after the plan.
+  """
+  split = split or (lambda tree, i: tree)
   t_compile = time.perf_counter()
-  pending = run_chunk(state, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
+  pending = dispatch(state, *plan[0]) if plan else None
   if plan:  # the first call traces and compiles before it dispatches
     log(f"compiled the {plan[0][1]}-step chunk in {time.perf_counter() - t_compile:.1f} s; "
         f"training steps {plan[0][0] + 1}..{plan[-1][0] + plan[-1][1]}")
-  for i, (s, n) in enumerate(plan):
+  for k, (s, n) in enumerate(plan):
     state, (records, losses) = pending
     # The next chunk donates `state`: copy a checkpoint's state to the host first.
     host_state = jax.device_get(state) if s + n in checkpoint_steps else None
     # Dispatch the next chunk before touching this one's records on the host.
-    pending = (run_chunk(state, jnp.int32(plan[i + 1][0]), plan[i + 1][1])
-               if i + 1 < len(plan) else None)
-    for ser in lay.probes.series:
-      run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(records[ser.key]))
+    pending = dispatch(state, *plan[k + 1]) if k + 1 < len(plan) else None
+    records, losses = jax.device_get(records), np.asarray(losses)
+    for i, t in enumerate(targets):
+      mine = split(records, i)
+      for ser in series:
+        t.run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
     disk.fault_point("rows_written")
-    pos.done = s + n
-    losses = np.asarray(losses)
-    if pos.diverged is None:
-      pos.diverged = rundir.first_nonfinite(losses, s + 1)
-      if pos.diverged is not None:
-        log(f"loss became {losses[pos.diverged - s - 1]} at step {pos.diverged}; the run goes "
-            "on recording (metadata: diverged_at_step)")
-    if host_state is not None:  # rows 0..s+n are written: now the checkpoint
-      run.checkpoint(s + n, host_state)
-    pos.last_loss = recorded_loss(records, losses)
+    for i, t in enumerate(targets):
+      mine, my_losses = split(records, i), split(losses, i)
+      t.pos.done = s + n
+      if t.pos.diverged is None:
+        t.pos.diverged = rundir.first_nonfinite(my_losses, s + 1)
+        if t.pos.diverged is not None:
+          log(f"{t.label + ': ' if t.label else ''}loss became "
+              f"{my_losses[t.pos.diverged - s - 1]} at step {t.pos.diverged}; the run goes on "
+              "recording (metadata: diverged_at_step)")
+      if host_state is not None:  # rows 0..s+n are written: now the checkpoint
+        t.run.checkpoint(s + n, split(host_state, i))
+      t.pos.last_loss = recorded_loss(mine, my_losses)
+    loss = float(np.mean([t.pos.last_loss for t in targets]))
     for fn in callbacks:
-      fn(pos.done, pos.last_loss)
+      fn(s + n, loss)
   return state
 
 

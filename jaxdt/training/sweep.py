@@ -39,14 +39,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdt import config as config_lib
 from jaxdt.data import corpus as corpus_lib
-from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import rundir
 from jaxdt.numerics import backend
 from jaxdt.optim import adamw
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import loop
-from jaxdt.training import probes as probes_lib
 from jaxdt.training import step as step_lib
 
 OPTIM_AXES = tuple(f.name for f in dataclasses.fields(config_lib.OptimConfig))
@@ -257,34 +255,12 @@ def train_group(ms: Sequence[SweepMember], out_root: str, spec: str, corpus, *,
       bar = loop.Progress(cfg0.steps, start, progress)
       stack.callback(bar.close)
       plan = loop.chunk_plan(start, end, cfg0.store.chunk_steps, checkpoint_steps)
-      t_compile = time.perf_counter()
-      pending = run_chunk(state, member_consts, jnp.int32(plan[0][0]), plan[0][1]) if plan else None
-      if plan:
-        log(f"compiled the group's {plan[0][1]}-step chunk in "
-            f"{time.perf_counter() - t_compile:.1f} s; training steps {start + 1}..{end}")
-      for k, (s, n) in enumerate(plan):
-        state, (records, losses) = pending
-        host_state = jax.device_get(state) if s + n in checkpoint_steps else None
-        pending = (run_chunk(state, member_consts, jnp.int32(plan[k + 1][0]), plan[k + 1][1])
-                   if k + 1 < len(plan) else None)
-        records = jax.device_get(records)
-        losses = np.asarray(losses)
-        for i, run in enumerate(runs):
-          for ser in lay.probes.series:
-            run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), records[ser.key][i])
-        disk.fault_point("rows_written")
-        for i, run in enumerate(runs):
-          pos[i].done = s + n
-          if pos[i].diverged is None:
-            pos[i].diverged = rundir.first_nonfinite(losses[i], s + 1)
-            if pos[i].diverged is not None:
-              log(f"{ms[i].name}: loss became non-finite at step {pos[i].diverged}; the run "
-                  "goes on recording (metadata: diverged_at_step)")
-          if host_state is not None:
-            run.checkpoint(s + n, _member_slice(host_state, i))
-          pos[i].last_loss = loop.recorded_loss(_member_slice(records, i), losses[i])
-        bar.update(s + n, float(np.mean([p.last_loss for p in pos])))
-      if start + sum(n for _, n in plan) < cfg0.steps:
+      state = loop.run_chunks(
+          lambda st, s, n: run_chunk(st, member_consts, jnp.int32(s), n), state, plan,
+          checkpoint_steps, lay.probes.series,
+          [loop.Target(run, p, m.name) for m, run, p in zip(ms, runs, pos)], log, [bar.update],
+          split=_member_slice)
+      if min(p.done for p in pos) < cfg0.steps:
         return results
       final = jax.device_get(state)
       for i, (m, run) in enumerate(zip(ms, runs)):
