@@ -31,6 +31,7 @@ addcmul need it). CPU results also depend on the number of cores XLA:CPU uses
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping, MutableMapping, Optional
 
@@ -167,8 +168,11 @@ def quiet_backend_probe() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
+@functools.cache
 def fma_contracts() -> bool:
   """True if `a * b + c` is fused into an FMA under jit on the default backend.
+
+  Probed once per process (a jit compile; the backend cannot change under it).
 
   torch's lerp_ and addcmul_ are FMAs; without contraction `adamw` is not
   bit-exact (docs/adamw.md, rule 2; BUILD_NOTES: thousands of mismatches in 300 steps).
@@ -187,8 +191,9 @@ def fma_contracts() -> bool:
 BF16_GEMM_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 
 
+@functools.cache
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
-  """The CPU's feature flags as the kernel reports them (empty where unknown)."""
+  """The CPU's feature flags as the kernel reports them (empty where unknown; read once)."""
   try:
     with open(path, encoding="utf-8", errors="replace") as f:
       for line in f:
