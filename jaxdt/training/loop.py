@@ -86,6 +86,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   log(f"data: {describe_corpus(corpus)}")
   lay = layout_lib.layout(cfg, corpus)
   state = step.init_state(cfg, lay.dims)  # loads --init_checkpoint: a bad one fails here
+  backend.release_heap()  # what tokenizing and the init's compile freed
   checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
   inputs, running_meta = start_metadata(cfg, corpus, lay)
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -194,34 +195,42 @@ def run_chunks(dispatch, state, plan, checkpoint_steps, series, targets, log, ca
   if plan:  # the first call traces and compiles before it dispatches
     log(f"compiled the {plan[0][1]}-step chunk in {time.perf_counter() - t_compile:.1f} s; "
         f"training steps {plan[0][0] + 1}..{plan[-1][0] + plan[-1][1]}")
+    backend.release_heap()  # the compiler's garbage, before the chunk's buffers fill
   for k, (s, n) in enumerate(plan):
-    state, (records, losses) = pending
+    state, outputs = pending
     # The next chunk donates `state`: copy a checkpoint's state to the host first.
     host_state = jax.device_get(state) if s + n in checkpoint_steps else None
     # Dispatch the next chunk before touching this one's records on the host.
     pending = dispatch(state, *plan[k + 1]) if k + 1 < len(plan) else None
-    records, losses = jax.device_get(records), np.asarray(losses)
-    for i, t in enumerate(targets):
-      mine = split(records, i)
-      for ser in series:
-        t.run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
-    disk.fault_point("rows_written")
-    for i, t in enumerate(targets):
-      mine, my_losses = split(records, i), split(losses, i)
-      t.pos.done = s + n
-      if t.pos.diverged is None:
-        t.pos.diverged = rundir.first_nonfinite(my_losses, s + 1)
-        if t.pos.diverged is not None:
-          log(f"{t.label + ': ' if t.label else ''}loss became "
-              f"{my_losses[t.pos.diverged - s - 1]} at step {t.pos.diverged}; the run goes on "
-              "recording (metadata: diverged_at_step)")
-      if host_state is not None:  # rows 0..s+n are written: now the checkpoint
-        t.run.checkpoint(s + n, split(host_state, i))
-      t.pos.last_loss = recorded_loss(mine, my_losses)
-    loss = float(np.mean([t.pos.last_loss for t in targets]))
+    loss = _write_chunk(s, n, outputs, host_state, series, targets, log, split)
+    del outputs, host_state
+    backend.release_heap()  # this chunk's host copies
     for fn in callbacks:
       fn(s + n, loss)
   return state
+
+
+def _write_chunk(s, n, outputs, host_state, series, targets, log, split) -> float:
+  """Writes one chunk's rows (and checkpoint) for every target; returns their mean last loss."""
+  records, losses = jax.device_get(outputs[0]), np.asarray(outputs[1])
+  for i, t in enumerate(targets):
+    mine = split(records, i)
+    for ser in series:
+      t.run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
+  disk.fault_point("rows_written")
+  for i, t in enumerate(targets):
+    mine, my_losses = split(records, i), split(losses, i)
+    t.pos.done = s + n
+    if t.pos.diverged is None:
+      t.pos.diverged = rundir.first_nonfinite(my_losses, s + 1)
+      if t.pos.diverged is not None:
+        log(f"{t.label + ': ' if t.label else ''}loss became "
+            f"{my_losses[t.pos.diverged - s - 1]} at step {t.pos.diverged}; the run goes on "
+            "recording (metadata: diverged_at_step)")
+    if host_state is not None:  # rows 0..s+n are written: now the checkpoint
+      t.run.checkpoint(s + n, split(host_state, i))
+    t.pos.last_loss = recorded_loss(mine, my_losses)
+  return float(np.mean([t.pos.last_loss for t in targets]))
 
 
 def recorded_loss(records, losses) -> float:

@@ -105,6 +105,17 @@ def test_chunk_plan_ends_chunks_on_checkpoints():
   assert loop.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
 
 
+def test_the_loop_hands_freed_heap_back_between_phases_and_chunks(tiny_data, tmp_path,
+                                                                   monkeypatch):
+  """After the data and init, after the first compile and after every chunk (peak RSS)."""
+  from jaxdt.numerics import backend
+  calls = []
+  monkeypatch.setattr(backend, "release_heap", lambda: calls.append(1))
+  cfg = tiny_config(tiny_data, steps=12)  # chunks 4, 1, 4, 3 (checkpoints at 5 and 9)
+  loop.train(cfg, str(tmp_path / "run"), progress=False)
+  assert len(calls) == 2 + len(loop.chunk_plan(0, 12, 4, (5, 9)))
+
+
 def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):
   import torch  # a test dependency: missing is a failure, not a skip
   from jaxdt.model import tinylm, torch_io
