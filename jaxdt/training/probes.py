@@ -213,11 +213,15 @@ def _const(*items):
   return lambda ctx: items
 
 
+def _per_row(key, dtype, value, initial):
+  """A factory for one series with a row per recorded embedding row: value(view) per step."""
+  return _const(Series(key, dtype, _ROWS, value, initial=initial))
+
+
 # Probe name -> factory(Context) -> its items. Keys are the lab's file keys.
 PROBES = {
     # Crucible / Thimble 8/9 names.
-    "W": _const(Series("W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.w_next),
-                       initial=stored_bits)),
+    "W": _per_row("W", _W_DTYPE, lambda v: stored_bits(v.w_next), stored_bits),
     "delta_W_prime": _const(Series("delta_W_prime", _F32, _ROWS,
                                    lambda v: displacement(v.w_prev, v.w_next))),
     "centroid": _const(Series("centroid", _F32, lambda d: (d.hidden,),
@@ -226,35 +230,28 @@ PROBES = {
                                 initial=_loss0(ctx)),),
     "last_motion_step": _last_motion,
     # Thimble 8: m, v, g as f32 copies; row 0 is zeros (nothing before step 1).
-    "m": _const(Series("m", _F32, _ROWS, lambda v: _f32(v.m), initial=_zeros_f32)),
-    "v": _const(Series("v", _F32, _ROWS, lambda v: _f32(v.v), initial=_zeros_f32)),
-    "g": _const(Series("g", _F32, _ROWS, lambda v: _f32(v.grad), initial=_zeros_f32)),
+    "m": _per_row("m", _F32, lambda v: _f32(v.m), _zeros_f32),
+    "v": _per_row("v", _F32, lambda v: _f32(v.v), _zeros_f32),
+    "g": _per_row("g", _F32, lambda v: _f32(v.grad), _zeros_f32),
     # Crucible 3/4: mean final hidden state, h_mean[t-1] for step t.
     "h_mean": _const(Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean)),
     # Thimble 1 (docs/experiments.md): W and grad_W as bf16 tensors (safetensors BF16),
     # momentum_W / variance_W as `.float()` of the bf16 Adam state, losses f32
     # with losses[0] = NaN. grad_W[t] is step t's gradient (taken before the
     # step); row 0 is zeros. Under fp32/mixed precision W and grad_W are f32.
-    "W_bf16": _const(Series("W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.w_next),
-                            initial=_as_stored)),
-    "grad_W": _const(Series("grad_W", _BF16_DTYPE, _ROWS, lambda v: _as_stored(v.grad),
-                            initial=_zeros_like_stored)),
-    "momentum_W": _const(Series("momentum_W", _F32, _ROWS, lambda v: _f32(v.m),
-                                initial=_zeros_f32)),
-    "variance_W": _const(Series("variance_W", _F32, _ROWS, lambda v: _f32(v.v),
-                                initial=_zeros_f32)),
+    "W_bf16": _per_row("W", _BF16_DTYPE, lambda v: _as_stored(v.w_next), _as_stored),
+    "grad_W": _per_row("grad_W", _BF16_DTYPE, lambda v: _as_stored(v.grad), _zeros_like_stored),
+    "momentum_W": _per_row("momentum_W", _F32, lambda v: _f32(v.m), _zeros_f32),
+    "variance_W": _per_row("variance_W", _F32, lambda v: _f32(v.v), _zeros_f32),
     # The f32 loss unrounded (HF GPT2 upcasts logits; Thimble 1-7's losses are
     # not bf16 values, e.g. 6.4703); NaN before step 1 unless loss_initial.
     "losses": lambda ctx: (Series("losses", _F32, lambda d: (), lambda v: v.loss_f32,
                                   initial=_loss0(ctx)),),
     # Thimble 6, exact: grad_W and the Adam state as uint16 bits of the bf16
     # tensors (the lab's Thimble 7 layout; its Thimble 6 float16 lost bits).
-    "grad_W_bits": _const(Series("grad_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.grad),
-                                 initial=_zeros_bits)),
-    "momentum_W_bits": _const(Series("momentum_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.m),
-                                     initial=_zeros_bits)),
-    "variance_W_bits": _const(Series("variance_W", _W_DTYPE, _ROWS, lambda v: stored_bits(v.v),
-                                     initial=_zeros_bits)),
+    "grad_W_bits": _per_row("grad_W", _W_DTYPE, lambda v: stored_bits(v.grad), _zeros_bits),
+    "momentum_W_bits": _per_row("momentum_W", _W_DTYPE, lambda v: stored_bits(v.m), _zeros_bits),
+    "variance_W_bits": _per_row("variance_W", _W_DTYPE, lambda v: stored_bits(v.v), _zeros_bits),
     # Written once: Thimble 1's scalar tensors; Thimble 4-7's masks and ids.
     "lab_scalars": _const(Static(_LAB_SCALAR_KEYS, lab_scalars)),
     "live_dead_ids": _const(Static(("live_mask", "live_ids", "dead_ids"), live_dead_ids)),
