@@ -1,5 +1,7 @@
 """Crucible 1 (docs/experiments.md): the full dead-token lifecycle, lr 1e-3, wd 0."""
 
+import dataclasses
+
 from jaxdt.config import (DataConfig, ExperimentConfig, ModelConfig, OptimConfig,
                           ProbeConfig, StoreConfig)
 
@@ -25,3 +27,11 @@ def config() -> ExperimentConfig:
           chunk_steps=100, experiment_title="Crucible 1", series="Crucible",
           notes="First Crucible experiment. Fast lr, no weight decay. Full lifecycle capture."),
   )
+
+
+def swept(name: str, spec: str, title: str, notes: str) -> ExperimentConfig:
+  """Crucible 1 as a sweep over `spec` (run.py --sweep's syntax), under its own name."""
+  base = config()
+  return dataclasses.replace(
+      base, name=name, sweep=spec,
+      store=dataclasses.replace(base.store, experiment_title=title, notes=notes))

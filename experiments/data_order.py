@@ -7,16 +7,12 @@ program: the data key is traced data.
     python run.py --experiment=data_order
 """
 
-import dataclasses
-
 from experiments import crucible1
 
 from jaxdt.config import ExperimentConfig
 
 
 def config() -> ExperimentConfig:
-  base = crucible1.config()
-  return dataclasses.replace(
-      base, name="data_order", sweep="data_seed=42,1,2,3",
-      store=dataclasses.replace(base.store, experiment_title="Crucible 1, four data orders",
-                                notes="Sweep: one init, data_seed 42/1/2/3."))
+  return crucible1.swept("data_order", "data_seed=42,1,2,3",
+                         "Crucible 1, four data orders",
+                         "Sweep: one init, data_seed 42/1/2/3.")

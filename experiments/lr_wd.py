@@ -9,16 +9,12 @@ their global last motion, Fimbulwinter duration and frozen-fraction milestones.
     python run.py --experiment=lr_wd
 """
 
-import dataclasses
-
 from experiments import crucible1
 
 from jaxdt.config import ExperimentConfig
 
 
 def config() -> ExperimentConfig:
-  base = crucible1.config()
-  return dataclasses.replace(
-      base, name="lr_wd", sweep="learning_rate=1e-3,3e-4;weight_decay=0,0.1",
-      store=dataclasses.replace(base.store, experiment_title="Crucible 1, lr x wd",
-                                notes="Sweep: lr 1e-3/3e-4 x wd 0/0.1."))
+  return crucible1.swept("lr_wd", "learning_rate=1e-3,3e-4;weight_decay=0,0.1",
+                         "Crucible 1, lr x wd",
+                         "Sweep: lr 1e-3/3e-4 x wd 0/0.1.")

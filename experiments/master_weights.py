@@ -8,16 +8,12 @@ precision changes the dtypes); the same init and data order.
     python run.py --experiment=master_weights
 """
 
-import dataclasses
-
 from experiments import crucible1
 
 from jaxdt.config import ExperimentConfig
 
 
 def config() -> ExperimentConfig:
-  base = crucible1.config()
-  return dataclasses.replace(
-      base, name="master_weights", sweep="precision=bf16,mixed",
-      store=dataclasses.replace(base.store, experiment_title="Crucible 1, bf16 vs mixed",
-                                notes="Sweep: precision bf16 / mixed (f32 master weights)."))
+  return crucible1.swept("master_weights", "precision=bf16,mixed",
+                         "Crucible 1, bf16 vs mixed",
+                         "Sweep: precision bf16 / mixed (f32 master weights).")
