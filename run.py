@@ -298,7 +298,7 @@ def main(argv: list[str]) -> int:
   verification 1."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  rundir.raise_on_sigterm()
+  rundir.raise_on_signals()
   try:
     backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
     backend.quiet_backend_probe()

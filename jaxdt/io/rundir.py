@@ -51,6 +51,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -101,13 +102,44 @@ class Signalled(KeyboardInterrupt):
     self.signum = signum
 
 
-def raise_on_sigterm() -> None:
-  """Makes SIGTERM raise `Signalled` in the main thread, as SIGINT raises KeyboardInterrupt."""
+_SIGNALS_SEEN: list = []  # signals whose handler ran in this process (`check_signals`)
+
+
+def raise_on_signals() -> None:
+  """Makes SIGINT and SIGTERM raise `Signalled` in the main thread, and remembers them.
+
+  Python raises a signal's exception wherever the main thread happens to be. If
+  that is a finalizer or a callback from C (a `__del__`, a weakref callback),
+  Python reports the exception as "ignored" and the run goes on as if no signal
+  had come. So the handler also records the signal, the chunk loop calls
+  `check_signals()` after every chunk's rows are written, and such an ignored
+  report is not printed (the signal is raised again at that point).
+  """
 
   def handler(signum, frame):
+    _SIGNALS_SEEN.append(signum)
     raise Signalled(signum)
 
+  signal.signal(signal.SIGINT, handler)
   signal.signal(signal.SIGTERM, handler)
+  report = sys.unraisablehook
+
+  def unraisable(info):
+    if not isinstance(info.exc_value, Signalled):  # a lost signal: check_signals raises it
+      report(info)
+
+  sys.unraisablehook = unraisable
+
+
+def check_signals() -> None:
+  """Raises `Signalled` for a signal that came but whose exception never reached the loop."""
+  if _SIGNALS_SEEN:
+    raise Signalled(_SIGNALS_SEEN[-1])
+
+
+def clear_signals() -> None:
+  """Forgets the signals seen (the loop calls it once it has turned one into `Interrupted`)."""
+  _SIGNALS_SEEN.clear()
 
 
 def exit_status(signum: int) -> int:

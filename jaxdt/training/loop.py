@@ -104,6 +104,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
         return None
       meta = finish(run, cfg, corpus, lay, state, pos, running_meta, t_start)
     except KeyboardInterrupt as e:
+      rundir.clear_signals()
       raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), pos.done, run.resume_from,
                                run.path if run.committed else None) from None
     finally:
@@ -204,6 +205,7 @@ def run_chunks(dispatch, state, plan, checkpoint_steps, series, targets, log, ca
     pending = dispatch(state, *plan[k + 1]) if k + 1 < len(plan) else None
     loss = _write_chunk(s, n, outputs, host_state, series, targets, log, split)
     del outputs, host_state
+    rundir.check_signals()  # a signal whose exception Python lost (`rundir.raise_on_signals`)
     backend.release_heap()  # this chunk's host copies
     for fn in callbacks:
       fn(s + n, loss)

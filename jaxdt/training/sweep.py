@@ -268,6 +268,7 @@ def train_group(ms: Sequence[SweepMember], out_root: str, spec: str, corpus, *,
                            metas[i], t_start)
         results[i] = loop.RunResult(run.path, run.trajectory, meta)
     except KeyboardInterrupt as e:
+      rundir.clear_signals()
       raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), min(p.done for p in pos),
                                min((r.resume_from or 0) for r in runs), None) from None
   return results

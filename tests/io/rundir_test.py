@@ -525,7 +525,7 @@ def test_cli_signals_stop_cleanly_and_the_run_resumes(cfg, ref, tmp_path, signal
   # The signal arrives right after the checkpoint of step 5 (its chunk's rows written).
   code, _, err = _cli(cfg, tmp_path, f"--output_dir={out}",
                       fault=["checkpoint_written#1", signal_name])
-  assert code == status
+  assert code == status, err
   assert _one_line(err) == ("interrupted after step 5; continue with --resume (from the "
                             "checkpoint at step 5)")
   assert not metadata.is_complete(out, cfg.store.trajectory_name)
@@ -551,3 +551,33 @@ def test_cli_ctrl_c_from_outside_leaves_a_resumable_folder(cfg, ref, tmp_path):
   code, _, err = _cli(slow, tmp_path, f"--output_dir={out}", "--resume")
   assert code == 0, err
   assert _bytes(os.path.join(out, cfg.store.trajectory_name)) == _bytes(ref.trajectory)
+
+
+def test_a_signal_whose_exception_python_lost_is_raised_at_the_loops_next_check(monkeypatch,
+                                                                                capsys):
+  """SIGINT arriving inside a finalizer: Python would report the exception "ignored" and go
+  on; the handler remembered it, so check_signals() (after every chunk) raises it."""
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored afterwards
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    rundir.raise_on_signals()
+    rundir.check_signals()  # nothing seen yet: no-op
+
+    class SignalsInItsFinalizer:
+      def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs here, inside __del__
+          pass
+
+    x = SignalsInItsFinalizer()
+    del x  # the Signalled raised in __del__ is "ignored" by Python
+    with pytest.raises(rundir.Signalled) as caught:
+      rundir.check_signals()
+    assert caught.value.signum == signal.SIGINT
+    assert "Exception ignored" not in capsys.readouterr().err  # no traceback on stderr
+    rundir.clear_signals()
+    rundir.check_signals()  # forgotten once the loop turned it into Interrupted
+  finally:
+    rundir.clear_signals()
+    for s, h in saved.items():
+      signal.signal(s, h)
