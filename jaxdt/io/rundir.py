@@ -93,6 +93,13 @@ class Interrupted(Exception):
                f" (from the checkpoint at step {resume_from})")
     super().__init__(f"interrupted{where}; continue with --resume{restart}")
 
+  @classmethod
+  def from_signal(cls, e: KeyboardInterrupt, step: Optional[int], resume_from: Optional[int],
+                  finished_in: Optional[str] = None) -> "Interrupted":
+    """The Interrupted for a caught Ctrl-C or `Signalled`; the signal counts as handled."""
+    clear_signals()
+    return cls(getattr(e, "signum", signal.SIGINT), step, resume_from, finished_in)
+
 
 class Signalled(KeyboardInterrupt):
   """SIGTERM raised like Ctrl-C (so the same clean-up runs); `signum` says which."""
@@ -138,7 +145,7 @@ def check_signals() -> None:
 
 
 def clear_signals() -> None:
-  """Forgets the signals seen (the loop calls it once it has turned one into `Interrupted`)."""
+  """Forgets the signals seen (once one is turned into `Interrupted`)."""
   _SIGNALS_SEEN.clear()
 
 

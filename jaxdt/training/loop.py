@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 import time
 from typing import Callable, Optional
@@ -104,9 +103,8 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
         return None
       meta = finish(run, cfg, corpus, lay, state, pos, running_meta, t_start)
     except KeyboardInterrupt as e:
-      rundir.clear_signals()
-      raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), pos.done, run.resume_from,
-                               run.path if run.committed else None) from None
+      raise rundir.Interrupted.from_signal(e, pos.done, run.resume_from,
+                                           run.path if run.committed else None) from None
     finally:
       if bar is not None:
         bar.close()
@@ -215,13 +213,12 @@ def run_chunks(dispatch, state, plan, checkpoint_steps, series, targets, log, ca
 def _write_chunk(s, n, outputs, host_state, series, targets, log, split) -> float:
   """Writes one chunk's rows (and checkpoint) for every target; returns their mean last loss."""
   records, losses = jax.device_get(outputs[0]), np.asarray(outputs[1])
-  for i, t in enumerate(targets):
-    mine = split(records, i)
+  parts = [(split(records, i), split(losses, i)) for i in range(len(targets))]
+  for t, (mine, _) in zip(targets, parts):
     for ser in series:
       t.run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
   disk.fault_point("rows_written")
-  for i, t in enumerate(targets):
-    mine, my_losses = split(records, i), split(losses, i)
+  for i, (t, (mine, my_losses)) in enumerate(zip(targets, parts)):
     t.pos.done = s + n
     if t.pos.diverged is None:
       t.pos.diverged = rundir.first_nonfinite(my_losses, s + 1)

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import itertools
 import os
-import signal
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -268,9 +267,8 @@ def train_group(ms: Sequence[SweepMember], out_root: str, spec: str, corpus, *,
                            metas[i], t_start)
         results[i] = loop.RunResult(run.path, run.trajectory, meta)
     except KeyboardInterrupt as e:
-      rundir.clear_signals()
-      raise rundir.Interrupted(getattr(e, "signum", signal.SIGINT), min(p.done for p in pos),
-                               min((r.resume_from or 0) for r in runs), None) from None
+      raise rundir.Interrupted.from_signal(e, min(p.done for p in pos),
+                                           min((r.resume_from or 0) for r in runs)) from None
   return results
 
 

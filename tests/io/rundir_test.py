@@ -575,7 +575,9 @@ def test_a_signal_whose_exception_python_lost_is_raised_at_the_loops_next_check(
       rundir.check_signals()
     assert caught.value.signum == signal.SIGINT
     assert "Exception ignored" not in capsys.readouterr().err  # no traceback on stderr
-    rundir.clear_signals()
+    e = rundir.Interrupted.from_signal(caught.value, 5, 5)
+    assert e.signum == signal.SIGINT and str(e) == ("interrupted after step 5; continue with "
+                                                    "--resume (from the checkpoint at step 5)")
     rundir.check_signals()  # forgotten once the loop turned it into Interrupted
   finally:
     rundir.clear_signals()
