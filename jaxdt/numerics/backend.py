@@ -136,7 +136,8 @@ def describe() -> dict:
 
   Returns:
     dict: backend, device_kind, device_count, cpu_threads, xla_flags (raw
-    text), flags (`effective_flags`), fma_contracts, jax_version.
+    text), flags (`effective_flags`), fma_contracts, jax_version, cpu_model,
+    cpu_features (`cpu_description`).
   """
   import jax
   dev = jax.devices()[0]
@@ -146,6 +147,7 @@ def describe() -> dict:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "flags": {k: v for k, (v, _) in effective_flags().items()},
       "fma_contracts": fma_contracts(), "jax_version": jax.__version__,
+      **cpu_description(),
   }
 
 
@@ -193,15 +195,43 @@ BF16_GEMM_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 
 @functools.cache
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
-  """The CPU's feature flags as the kernel reports them (empty where unknown; read once)."""
+  """The CPU's feature flags as the kernel reports them ("flags" on x86, "Features" on
+  aarch64; empty where unknown; read once)."""
   try:
     with open(path, encoding="utf-8", errors="replace") as f:
       for line in f:
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
           return frozenset(line.split(":", 1)[1].split())
   except OSError:
     pass
   return frozenset()
+
+
+# The CPU features that decide which kernels (and so which summation orders) a host runs.
+ARITHMETIC_FEATURES = frozenset({
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+    "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+    "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm"})
+
+
+@functools.cache
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name as the kernel reports it (else the machine type)."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        key = line.split(":", 1)[0].strip().lower()
+        if key in ("model name", "hardware", "cpu model") and ":" in line:
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform  # pylint: disable=g-import-not-at-top
+  return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_description() -> dict:
+  """{cpu_model, cpu_features}: the host's CPU and its arithmetic-relevant features."""
+  return {"cpu_model": cpu_model(), "cpu_features": sorted(cpu_flags() & ARITHMETIC_FEATURES)}
 
 
 def gemm_operands(flags: Optional[frozenset] = None) -> str:
