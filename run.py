@@ -35,7 +35,7 @@ from jaxdt.numerics import backend
 from jaxdt.report import outputs
 from jaxdt.report import sweep as sweep_report
 from jaxdt.training import loop
-from jaxdt.training import probes as probes_lib
+from jaxdt import probes as probes_lib
 from jaxdt.training import step
 from jaxdt.training import sweep
 from jaxdt import verify
@@ -85,7 +85,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum("rows", None, ["dead", "all"],
                   "Record the dead rows or every vocabulary row (the lab's Crucible 3/4).")
 flags.DEFINE_list("probes", None,
-                  "Override what each step records, e.g. W,h_mean,loss (jaxdt.training.probes.PROBES).")
+                  "Override what each step records, e.g. W,h_mean,loss (jaxdt.probes.PROBES).")
 flags.DEFINE_string(
     "analyze", None,
     "Analyse a run folder or .safetensors trajectory (ours or the lab's layout) instead of "

@@ -89,7 +89,7 @@ class DataConfig:
 class ProbeConfig:
   """What a step records, for which rows, and the analyses' thresholds."""
 
-  # Probe names from jaxdt.training.probes.PROBES, in file order.
+  # Probe names from jaxdt.probes.PROBES, in file order.
   names: tuple = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step",
                   "adam_accounting")
   rows: str = "dead"  # "dead" (the dead ids) | "all" (every vocabulary row)

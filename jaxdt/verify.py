@@ -51,7 +51,7 @@ from jaxdt.numerics import lattice
 from jaxdt.numerics import precision
 from jaxdt.optim import accounting
 from jaxdt.training import loop
-from jaxdt.training import probes
+from jaxdt import probes
 
 RULE = "=" * 60
 LOSS_RTOL = LOSS_ATOL = 1e-5  # the seed's torch.allclose tolerance (reported, not decisive)

@@ -22,10 +22,14 @@ ALLOWED = {
     "optim": {"config", "numerics"},
     "model": {"config", "numerics"},
     "data": {"config", "numerics", "io"},
-    "analysis": {"config", "numerics", "io", "optim"},  # stream.accounting_from_state
-    "report": {"config", "numerics", "io", "analysis"},
-    "training": {"config", "numerics", "io", "optim", "model", "data"},
-    "verify": {"config", "numerics", "io", "optim", "model", "data", "analysis", "training"},
+    # what a step records and the one table of file keys; optim only inside the
+    # accounting probe's factory (lazily)
+    "probes": {"config", "numerics", "optim"},
+    "analysis": {"config", "numerics", "io", "optim", "probes"},  # stream.accounting_from_state
+    "report": {"config", "numerics", "io", "analysis", "probes"},
+    "training": {"config", "numerics", "io", "optim", "model", "data", "probes"},
+    "verify": {"config", "numerics", "io", "optim", "model", "data", "analysis", "training",
+               "probes"},
 }
 HOST_SIDE = ("io", "analysis", "report")
 TRAINING_SIDE = {"training", "model"}

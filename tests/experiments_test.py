@@ -26,7 +26,7 @@ from jaxdt.io import metadata
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.training import loop
-from jaxdt.training import probes
+from jaxdt import probes
 from jaxdt.training import step
 from jaxdt import verify
 

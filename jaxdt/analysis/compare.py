@@ -17,20 +17,14 @@ import numpy as np
 from jaxdt.analysis import metrics
 from jaxdt.analysis import stream
 from jaxdt.analysis import trajectory
+from jaxdt import probes
 from jaxdt.io import rundir
 from jaxdt.numerics import lattice
-
-# Tensors written once (not per step): compared whole.
-STATIC_KEYS = ("dead_mask", "dead_indices", "live_mask", "live_ids", "dead_ids",
-               "last_motion_step", "recorded_steps")
-# Final values of trackers: comparable only between runs of the same length.
-FINAL_KEYS = ("last_motion_step",)
-
 
 def _key_layout(reader, key: str, steps: int) -> Optional[int]:
   """1 if `key` has T+1 rows (row t = step t), 0 if T rows (row t-1 = step t), None if static."""
   shape = reader.shape(key)
-  if key in STATIC_KEYS or not shape:
+  if probes.kind_of(key) in ("static", "final") or not shape:
     return None
   return 1 if shape[0] == steps + 1 else 0 if shape[0] == steps else None
 
@@ -102,13 +96,14 @@ def compare_key(ra, rb, key: str, steps_a: int, steps_b: int,
   elements, identical_elements, identical_element_fraction,
   identical_bit_fraction (1 − popcount(a XOR b) / bits), max_abs_diff (numbers
   and bf16 bits; NaN vs NaN counts as equal). A tracker's final value
-  (FINAL_KEYS) of runs of different length is not compared: identical is None.
+  (`probes.kind_of` says "final") of runs of different length is not compared:
+  identical is None.
   """
   code_a, code_b = ra.raw_dtype(key), rb.raw_dtype(key)
   sa, sb = ra.shape(key), rb.shape(key)
   la, lb = _key_layout(ra, key, steps_a), _key_layout(rb, key, steps_b)
   out = {"key": key, "kind": "static" if la is None else "per-step", "comparable": True}
-  if key in FINAL_KEYS and steps_a != steps_b:
+  if probes.kind_of(key) == "final" and steps_a != steps_b:
     return {**out, "comparable": False, "identical": None,
             "reason": f"final value of a {steps_a}-step and a {steps_b}-step run"}
   if code_a != code_b:

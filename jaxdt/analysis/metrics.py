@@ -489,19 +489,19 @@ def _analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optiona
     for name in ("Fimbulwinter check", "stillness runs", "global freeze", "frozen fraction",
                  "lifecycle phases", "centroid drift and cloud radius"):
       skip(name, "no W or delta_W_prime")
-  if all(k in keys for k in trajectory.ACCOUNTING_KEYS):
-    arrays = [traj.reader.rows(k, 0, T).astype(np.float64) for k in trajectory.ACCOUNTING_KEYS]
+  if all(k in keys for k in trajectory.accounting_keys()):
+    arrays = [traj.reader.rows(k, 0, T).astype(np.float64) for k in trajectory.accounting_keys()]
     summary["accounting"] = {**accounting_summary(*arrays), "source": "adam_* keys"}
-    series["accounting"] = dict(zip(trajectory.ACCOUNTING_KEYS, arrays))
+    series["accounting"] = dict(zip(trajectory.accounting_keys(), arrays))
   else:
     has_state = traj.w_key and all(trajectory.state_keys(keys))
     hyper = traj.hyper() if has_state else None
     if has_state and hyper is not None and T:
       got = stream.accounting_from_state(traj, hyper, block_steps, max_steps)
-      arrays = [got[k[len("adam_"):]] for k in trajectory.ACCOUNTING_KEYS]
+      arrays = [got[k[len("adam_"):]] for k in trajectory.accounting_keys()]
       summary["accounting"] = {**accounting_summary(*arrays),
                                "source": "recomputed from W, m, v (jaxdt.optim.accounting.metrics)"}
-      series["accounting"] = dict(zip(trajectory.ACCOUNTING_KEYS, arrays))
+      series["accounting"] = dict(zip(trajectory.accounting_keys(), arrays))
     elif has_state:
       skip("Adam accounting", "m and v present but the hyperparameters are unknown (no "
            "metadata.json with learning_rate, beta1, beta2, epsilon, weight_decay)")

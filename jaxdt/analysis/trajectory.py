@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdt import config as config_lib
+from jaxdt import probes
 from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import rundir
@@ -82,12 +83,20 @@ def np_f32_cells(prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
 
 # --- Opening files: our layout and the lab's ---------------------------------
 
-W_KEYS = ("W", "embeddings")  # Crucible/Thimble/ours; Flannel 1-3
-LOSS_KEYS = ("loss", "losses")  # Crucible/Thimble 8/9/ours; Flannel/Thimble 1-5
-M_KEYS = ("m", "momentum_W", "momentum")
-V_KEYS = ("v", "variance_W", "variance")
-ACCOUNTING_KEYS = ("adam_replay_match", "adam_cosine", "adam_norm_ratio", "adam_swallowed",
-                   "adam_max_ulp_error")
+# The file keys by role come from `jaxdt.probes` (jaxdt's names first, then the
+# lab's: W/embeddings, loss/losses, m/momentum_W/momentum, ...).
+
+
+def role_key(keys, role: str) -> Optional[str]:
+  """The file's key for `role` ("weights", "loss", "momentum", ...), or None."""
+  return first_key(keys, probes.keys_with_role(role))
+
+
+def accounting_keys() -> tuple:
+  """The in-scan Adam accounting's file keys (adam_replay_match, ...), in order."""
+  return probes.keys_with_role("accounting")
+
+
 # Hyperparameters: (metadata.json key, the Thimble 1 file's scalar tensor key).
 _HYPER_KEYS = {"learning_rate": ("learning_rate", "learning_rate"),
                "b1": ("beta1", "adam_beta1"), "b2": ("beta2", "adam_beta2"),
@@ -107,8 +116,8 @@ def first_key(keys, candidates) -> Optional[str]:
 
 
 def state_keys(keys) -> tuple:
-  """(m key, v key): the file's names for Adam's recorded state (M_KEYS, V_KEYS), None if absent."""
-  return first_key(keys, M_KEYS), first_key(keys, V_KEYS)
+  """(m key, v key): the file's names for Adam's recorded state, None if absent."""
+  return role_key(keys, "momentum"), role_key(keys, "variance")
 
 
 def resolve_path(path: str) -> str:
@@ -266,7 +275,7 @@ def open_trajectory(path: str) -> Trajectory:
     raise AnalysisError(str(e)) from None
   keys = reader.keys()
   notes = []
-  w_key, loss_key = first_key(keys, W_KEYS), first_key(keys, LOSS_KEYS)
+  w_key, loss_key = role_key(keys, "weights"), role_key(keys, "loss")
   w_format, rows, recorded, hidden = None, None, 0, 0
   if w_key is not None:
     shape, code = reader.shape(w_key), reader.raw_dtype(w_key)
@@ -295,7 +304,7 @@ def open_trajectory(path: str) -> Trajectory:
   else:
     raise AnalysisError(f"{path} has none of W, delta_W_prime, loss ({', '.join(keys)}); "
                         "nothing to analyse")
-  ours = "config" in meta or any(k in keys for k in ACCOUNTING_KEYS)
+  ours = "config" in meta or any(k in keys for k in accounting_keys())
   return Trajectory(path, reader, meta, "jaxdt" if ours else "lab", w_key, w_format, loss_key,
                     rows, steps, recorded if rows is None else rows.size, hidden,
                     notes + integrity)

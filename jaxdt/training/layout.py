@@ -19,7 +19,7 @@ from jaxdt.data import corpus as corpus_lib
 from jaxdt.data import sampler
 from jaxdt.numerics import backend
 from jaxdt.numerics import precision
-from jaxdt.training import probes as probes_lib
+from jaxdt import probes as probes_lib
 
 FILE_METADATA = {"format": "pt"}  # the trajectory's safetensors metadata (the lab's)
 

@@ -26,7 +26,7 @@ from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
 from jaxdt.training import layout as layout_lib
-from jaxdt.training import probes as probes_lib
+from jaxdt import probes as probes_lib
 from jaxdt.training import step
 
 

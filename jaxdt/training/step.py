@@ -26,7 +26,7 @@ from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
 from jaxdt.numerics import precision
 from jaxdt.optim import adamw
-from jaxdt.training import probes as probes_lib
+from jaxdt import probes as probes_lib
 
 
 INIT_PURPOSE, DATA_PURPOSE = 0, 1  # fold_in constants of the root key

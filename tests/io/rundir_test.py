@@ -32,7 +32,7 @@ from jaxdt.numerics import backend
 from jaxdt.report import outputs
 from jaxdt.training import layout
 from jaxdt.training import loop
-from jaxdt.training import probes
+from jaxdt import probes
 from jaxdt.training import step as step_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -15,7 +15,7 @@ from jaxdt.io import tensorfile
 from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
 from jaxdt.training import loop
-from jaxdt.training import probes
+from jaxdt import probes
 from jaxdt.training import step as step_lib
 
 

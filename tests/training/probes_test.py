@@ -9,7 +9,7 @@ import pytest
 
 from jaxdt import config as config_lib
 from jaxdt.numerics import lattice
-from jaxdt.training import probes
+from jaxdt import probes
 
 D = 4
 

@@ -1,14 +1,20 @@
-"""Probes: what a training step records, declared per experiment, never coded into the loop.
+"""Probes: what a training step records, and the one table of the file keys.
 
 A probe is a factory: given the run's constants (`Context`: the AdamW
 hyperparameters, the motion threshold, loss[0]) it returns a group of series
 (one array per step, stacked by `lax.scan`), trackers (state carried in the
 scan, written once at the end) and statics (arrays fixed before training, e.g.
 the lab's scalar hyperparameter tensors, written once). Each item names its
-file key explicitly; `build` refuses unknown probe names and two items that
-would write one key. Every series and tracker function is pure, sees only the
-arrays of `StepView`, and runs inside the jitted scan body; the loop in
-`jaxdt.training.loop` only calls what `build` returns.
+file key and the key's role (what an analysis reads it as: "weights", "loss",
+"momentum", ...); `build` refuses unknown probe names and two items that would
+write one key. Every series and tracker function is pure, sees only the arrays
+of `StepView`, and runs inside the jitted scan body; the training loop only
+calls what `build` returns.
+
+This module is the one place that owns file keys: the analyses and the
+comparator find a file's tensors through `keys_with_role` and `kind_of`, which
+read the probes' own declarations (plus `LAB_KEYS`, the lab's older names that
+no probe writes). A new probe is one factory in `PROBES`.
 
 File layout follows the lab (docs/definitions.md §Steps and files): a series with an `initial`
 function has T+1 rows, row 0 being the state before any step and row t the
@@ -18,6 +24,7 @@ state after step t; one without has T rows, row t-1 holding step t.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -28,7 +35,6 @@ import numpy as np
 from jaxdt import config as config_lib
 from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
-from jaxdt.optim import accounting
 
 
 class Dims(NamedTuple):
@@ -80,6 +86,7 @@ class Series:
   shape: Callable[[Dims], tuple]
   record: Callable[[StepView], jax.Array]
   initial: Optional[Callable[[jax.Array], jax.Array]] = None  # w0 rows -> row 0
+  role: str = ""  # what analyses read it as (ROLES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +98,7 @@ class Tracker:
   shape: Callable[[Dims], tuple]
   init: Callable[[Dims], np.ndarray]
   update: Callable[[jax.Array, StepView], jax.Array]
+  role: str = ""
 
 
 class StaticView(NamedTuple):
@@ -190,10 +198,11 @@ def live_dead_ids(view: StaticView) -> dict:
 
 
 def _accounting(ctx: Context) -> tuple:
+  from jaxdt.optim import accounting  # pylint: disable=g-import-not-at-top
   return tuple(Series(
       key=f"adam_{name}", dtype=_F32, shape=lambda d: (),
       record=lambda v, name=name: accounting.metrics(
-          v.w_prev, v.w_next, v.m, v.v, v.t, ctx.hyper, v.coef)[name])
+          v.w_prev, v.w_next, v.m, v.v, v.t, ctx.hyper, v.coef)[name], role="accounting")
       for name in accounting.METRIC_NAMES)
 
 
@@ -205,7 +214,8 @@ def _last_motion(ctx: Context) -> tuple:
   return (Tracker("last_motion_step", np.dtype(np.int32), lambda d: (d.rows,),
                   lambda d: np.full((d.rows,), -1, np.int32),
                   lambda state, v: jnp.where(moved(v, ctx.motion_threshold),
-                                             v.t.astype(jnp.int32), state)),)
+                                             v.t.astype(jnp.int32), state),
+                  role="last_motion"),)
 
 
 def _const(*items):
@@ -213,45 +223,52 @@ def _const(*items):
   return lambda ctx: items
 
 
-def _per_row(key, dtype, value, initial):
+def _per_row(key, dtype, value, initial, role):
   """A factory for one series with a row per recorded embedding row: value(view) per step."""
-  return _const(Series(key, dtype, _ROWS, value, initial=initial))
+  return _const(Series(key, dtype, _ROWS, value, initial=initial, role=role))
 
 
 # Probe name -> factory(Context) -> its items. Keys are the lab's file keys.
 PROBES = {
     # Crucible / Thimble 8/9 names.
-    "W": _per_row("W", _W_DTYPE, lambda v: stored_bits(v.w_next), stored_bits),
+    "W": _per_row("W", _W_DTYPE, lambda v: stored_bits(v.w_next), stored_bits, "weights"),
     "delta_W_prime": _const(Series("delta_W_prime", _F32, _ROWS,
-                                   lambda v: displacement(v.w_prev, v.w_next))),
+                                   lambda v: displacement(v.w_prev, v.w_next),
+                                   role="displacement")),
     "centroid": _const(Series("centroid", _F32, lambda d: (d.hidden,),
-                              lambda v: ordered.mean_rows(v.w_next), initial=ordered.mean_rows)),
+                              lambda v: ordered.mean_rows(v.w_next), initial=ordered.mean_rows,
+                              role="centroid")),
     "loss": lambda ctx: (Series("loss", _F32, lambda d: (), lambda v: v.loss,
-                                initial=_loss0(ctx)),),
+                                initial=_loss0(ctx), role="loss"),),
     "last_motion_step": _last_motion,
     # Thimble 8: m, v, g as f32 copies; row 0 is zeros (nothing before step 1).
-    "m": _per_row("m", _F32, lambda v: _f32(v.m), _zeros_f32),
-    "v": _per_row("v", _F32, lambda v: _f32(v.v), _zeros_f32),
-    "g": _per_row("g", _F32, lambda v: _f32(v.grad), _zeros_f32),
+    "m": _per_row("m", _F32, lambda v: _f32(v.m), _zeros_f32, "momentum"),
+    "v": _per_row("v", _F32, lambda v: _f32(v.v), _zeros_f32, "variance"),
+    "g": _per_row("g", _F32, lambda v: _f32(v.grad), _zeros_f32, "gradient"),
     # Crucible 3/4: mean final hidden state, h_mean[t-1] for step t.
-    "h_mean": _const(Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean)),
+    "h_mean": _const(Series("h_mean", _F32, lambda d: (d.hidden,), lambda v: v.h_mean,
+                            role="hidden_mean")),
     # Thimble 1 (docs/experiments.md): W and grad_W as bf16 tensors (safetensors BF16),
     # momentum_W / variance_W as `.float()` of the bf16 Adam state, losses f32
     # with losses[0] = NaN. grad_W[t] is step t's gradient (taken before the
     # step); row 0 is zeros. Under fp32/mixed precision W and grad_W are f32.
-    "W_bf16": _per_row("W", _BF16_DTYPE, lambda v: _as_stored(v.w_next), _as_stored),
-    "grad_W": _per_row("grad_W", _BF16_DTYPE, lambda v: _as_stored(v.grad), _zeros_like_stored),
-    "momentum_W": _per_row("momentum_W", _F32, lambda v: _f32(v.m), _zeros_f32),
-    "variance_W": _per_row("variance_W", _F32, lambda v: _f32(v.v), _zeros_f32),
+    "W_bf16": _per_row("W", _BF16_DTYPE, lambda v: _as_stored(v.w_next), _as_stored, "weights"),
+    "grad_W": _per_row("grad_W", _BF16_DTYPE, lambda v: _as_stored(v.grad), _zeros_like_stored,
+                       "gradient"),
+    "momentum_W": _per_row("momentum_W", _F32, lambda v: _f32(v.m), _zeros_f32, "momentum"),
+    "variance_W": _per_row("variance_W", _F32, lambda v: _f32(v.v), _zeros_f32, "variance"),
     # The f32 loss unrounded (HF GPT2 upcasts logits; Thimble 1-7's losses are
     # not bf16 values, e.g. 6.4703); NaN before step 1 unless loss_initial.
     "losses": lambda ctx: (Series("losses", _F32, lambda d: (), lambda v: v.loss_f32,
-                                  initial=_loss0(ctx)),),
+                                  initial=_loss0(ctx), role="loss"),),
     # Thimble 6, exact: grad_W and the Adam state as uint16 bits of the bf16
     # tensors (the lab's Thimble 7 layout; its Thimble 6 float16 lost bits).
-    "grad_W_bits": _per_row("grad_W", _W_DTYPE, lambda v: stored_bits(v.grad), _zeros_bits),
-    "momentum_W_bits": _per_row("momentum_W", _W_DTYPE, lambda v: stored_bits(v.m), _zeros_bits),
-    "variance_W_bits": _per_row("variance_W", _W_DTYPE, lambda v: stored_bits(v.v), _zeros_bits),
+    "grad_W_bits": _per_row("grad_W", _W_DTYPE, lambda v: stored_bits(v.grad), _zeros_bits,
+                            "gradient"),
+    "momentum_W_bits": _per_row("momentum_W", _W_DTYPE, lambda v: stored_bits(v.m), _zeros_bits,
+                                "momentum"),
+    "variance_W_bits": _per_row("variance_W", _W_DTYPE, lambda v: stored_bits(v.v), _zeros_bits,
+                                "variance"),
     # Written once: Thimble 1's scalar tensors; Thimble 4-7's masks and ids.
     "lab_scalars": _const(Static(_LAB_SCALAR_KEYS, lab_scalars)),
     "live_dead_ids": _const(Static(("live_mask", "live_ids", "dead_ids"), live_dead_ids)),
@@ -345,3 +362,54 @@ def of_config(cfg) -> Probes:
 def file_row(series: Series, t: int) -> int:
   """The file row holding step t's record."""
   return t if series.initial is not None else t - 1
+
+
+# --- The file keys, for readers ------------------------------------------------
+
+# The lab's older file keys that no probe writes (Flannel 1-3, Thimble 4-5):
+# key -> (role, kind).
+LAB_KEYS = {"embeddings": ("weights", "series"), "momentum": ("momentum", "series"),
+            "variance": ("variance", "series"), "grads": ("gradient", "series"),
+            "recorded_steps": ("static", "static"), "logits": ("logits", "series")}
+
+
+class KeySpec(NamedTuple):
+  """What a file key holds: its role and kind ("series": one row per step, "final": a
+  tracker's value at the end, "static": written once before step 1)."""
+
+  role: str
+  kind: str
+
+
+@functools.cache
+def key_specs() -> dict:
+  """{file key: KeySpec} of every probe's items, then the run's own and the lab's keys.
+
+  Keys come in `PROBES` order, so each role lists jaxdt's name before the lab's
+  older ones (`keys_with_role`).
+  """
+  out = {}
+  ctx = Context(config_lib.OptimConfig())
+  for factory in PROBES.values():
+    for item in factory(ctx):
+      for key in _file_keys(item):
+        spec = (KeySpec(item.role, "series") if isinstance(item, Series) else
+                KeySpec(item.role, "final") if isinstance(item, Tracker) else
+                KeySpec("static", "static"))
+        assert out.setdefault(key, spec) == spec, f"probes disagree about {key!r}"
+  for key in RESERVED_KEYS:
+    out[key] = KeySpec("static", "static")
+  for key, (role, kind) in LAB_KEYS.items():
+    out.setdefault(key, KeySpec(role, kind))
+  return out
+
+
+def keys_with_role(role: str) -> tuple:
+  """The file keys that hold `role` (e.g. "weights": ("W", "embeddings")), jaxdt's first."""
+  return tuple(k for k, s in key_specs().items() if s.role == role)
+
+
+def kind_of(key: str) -> Optional[str]:
+  """"series", "final" or "static" for a known file key; None for one no probe declares."""
+  spec = key_specs().get(key)
+  return None if spec is None else spec.kind
