@@ -25,6 +25,7 @@ import jax
 import experiments
 
 from jaxdt import config as config_lib
+from jaxdt.analysis import lab_accounting
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.data import demographics
 from jaxdt.data import vocabulary
@@ -49,7 +50,7 @@ flags.DEFINE_integer("batch_size", None, "Override the batch size.")
 flags.DEFINE_integer("seq_len", None, "Override the sequence length.")
 flags.DEFINE_float("learning_rate", None, "Override AdamW's lr.")
 flags.DEFINE_float("weight_decay", None, "Override AdamW's decoupled weight decay.")
-flags.DEFINE_integer("seed", None, "Override the seed (model init and data order).")
+flags.DEFINE_integer("seed", None, "Override the random seed (model init and data order).")
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS),
                   "bf16 (the lab's), fp32, or mixed (fp32 master weights, bf16 compute).")
 flags.DEFINE_enum("gemm_operands", None, list(config_lib.GEMM_OPERANDS),
@@ -171,12 +172,13 @@ def print_analyses(result: loop.RunResult, cfg: config_lib.ExperimentConfig) -> 
   meta = result.metadata
   print(f"\nTraining complete. Final loss: {meta['final_loss']:.4f}")
   print(f"Completed {meta['total_epochs']} epochs\n")
-  # Every analysis the file supports (the seed's FIMBULWINTER CHECK and
+  # Every analysis the file supports (the lab's FIMBULWINTER CHECK and
   # STILLNESS blocks first), plus summary.json and PNGs in the run folder.
-  seed_validation = None
-  if verify.has_accounting_inputs(reader):  # Thimble 1/6: the seed's accounting check
-    seed_validation = verify.format_accounting(verify.accounting_rows(reader, step.hyper(cfg)))
-  outputs.analyze(result.trajectory, header=False, seed_validation=seed_validation)
+  lab_validation = None
+  if lab_accounting.has_accounting_inputs(reader):  # Thimble 1/6: the lab's accounting check
+    lab_validation = lab_accounting.format_accounting(
+        lab_accounting.accounting_rows(reader, cfg.optim))
+  outputs.analyze(result.trajectory, header=False, lab_validation=lab_validation)
   print(f"\nSaved to {result.trajectory}")
 
 

@@ -6,7 +6,7 @@ For each size it runs, each in its own process (allocator settings must be in
 the environment before a process starts, and JAX's and torch's thread pools
 must not share one):
   * torch, default allocator: benchmarks/torch_crucible1.py, a port of the
-    seed's loop (the lab's Crucible 1 notebook) with its per-step capture;
+    lab's loop (its Crucible 1 notebook) with its per-step capture;
   * torch, tuned allocator: the same with MALLOC_MMAP_MAX_=0 and a huge
     MALLOC_TRIM_THRESHOLD_, so glibc keeps the logits-sized temporaries
     instead of returning them to the kernel every step (the honest bar);
@@ -15,7 +15,7 @@ must not share one):
     per-chunk progress updates: steady state, compile reported apart.
 It also measures the machine's GEMM ceilings (torch and XLA, f32 and bf16,
 square matrices, all threads) and prints steps/s, achieved GFLOP/s (nominal
-FLOPs of the seed's step, the same count for both sides), ratios and peak RSS.
+FLOPs of the lab's step, the same count for both sides), ratios and peak RSS.
 The last two lines, for the largest size run: `ratio_vs_tuned_torch=<x>` (jaxdt's
 steps/s over the tuned torch loop's) and `gemm_ceiling_fraction=<y>` (jaxdt's
 achieved GFLOP/s over the best square-GEMM ceiling XLA reached in the same run,
@@ -88,11 +88,11 @@ flags.DEFINE_string("json", None, "write every raw result to this file")
 
 
 def nominal_flops(s: Size, layers: int = 2) -> float:
-  """FLOPs of one seed step (forward + backward = 3x forward), as torch does it.
+  """FLOPs of one step of the lab's loop (forward + backward = 3x forward), as torch does it.
 
   Per token and layer: QKV 6D^2, out projection 2D^2, FFN 16D^2, scores and
   values 4TD (full T x T, as the count for the unmasked product); logits 2DV
-  for all T positions (the seed computes the last and drops it).
+  for all T positions (the lab's loop computes the last and drops it).
   """
   per_token = layers * (24 * s.hidden ** 2 + 4 * s.seq * s.hidden) + 2 * s.hidden * s.vocab
   return 3.0 * s.batch * s.seq * per_token
@@ -280,7 +280,7 @@ def report(s: Size, res: dict, paths: dict) -> list:
   if res.get("torch_f32"):
     rf = ratio(j, res["torch_f32"])
     lines.append(f"(reference only: jaxdt / torch f32 = {'n/a' if rf is None else f'{rf:.2f}x'}; "
-                 "the seed's loop is bf16, this shows torch's f32 kernels on this machine)")
+                 "the lab's loop is bf16, this shows torch's f32 kernels on this machine)")
   if j:
     lines.append(f"jaxdt: {j['device']} ({j['device_kind']}), GEMM operands {j['gemm_operands']}, "
                  f"chunk {j['chunk']}, wall {j['wall_s']:.1f}s incl. setup+compile, "

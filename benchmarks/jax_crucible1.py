@@ -79,7 +79,7 @@ def bench_config(args):
       cfg,
       model=dataclasses.replace(cfg.model, vocab_size=args.vocab, hidden_dim=args.hidden,
                                 gemm_operands=args.gemm_operands,
-                                max_seq_len=args.seq),  # the seed's TinyLM(..., SEQ_LEN)
+                                max_seq_len=args.seq),  # the lab's TinyLM(..., SEQ_LEN)
       data=dataclasses.replace(cfg.data, batch_size=args.batch, seq_len=args.seq,
                                corpus_path=args.corpus_path, tokenizer_path=args.tokenizer_path,
                                data_dir=args.data_dir),

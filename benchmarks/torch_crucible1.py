@@ -10,7 +10,7 @@ parameters: tokens come from an .npy file the benchmark driver writes (the same
 ids jaxdt trains on), instead of a fresh `tokenizer.encode`.
 
 Not part of the library: jaxdt never imports this (tests/parity/model_parity_test.py
-loads its TinyLM, the one copy of the seed's model class). Run by
+loads its TinyLM, the one copy of the lab's model class). Run by
 `benchmarks/crucible1_bench.py` in its own process (allocator settings such as
 MALLOC_MMAP_MAX_ must be in the environment before the process starts). Prints
 one JSON line with per-step timestamps and RSS.
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 try:
   from tqdm import tqdm
-except ImportError:  # the seed uses tqdm; without it the bar's cost is simply absent
+except ImportError:  # the lab's loop uses tqdm; without it the bar's cost is simply absent
   tqdm = None
 
 HIDDEN_DIM, NUM_LAYERS, NUM_HEADS = 64, 2, 2
@@ -127,9 +127,9 @@ def define_flags():
                      "stop early once the timed steps (at least 3) took this long (0: never)")
   flags.DEFINE_string("device", "auto", "auto (cuda if available, else cpu) | cpu | cuda")
   flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default)")
-  flags.DEFINE_bool("bar", False, "show the tqdm bar on stderr (the seed does)")
+  flags.DEFINE_bool("bar", False, "show the tqdm bar on stderr (the lab's loop does)")
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                    "bfloat16: the seed; float32: a reference only (model in f32, autocast "
+                    "bfloat16: the lab's; float32: a reference only (model in f32, autocast "
                     "off), to show what torch's f32 kernels do where its bf16 ones are slow")
   flags.mark_flags_as_required(["tokens", "dead_mask"])
 
@@ -163,7 +163,7 @@ def main(argv):
   optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(BETA1, BETA2),
                                 eps=EPSILON, weight_decay=WEIGHT_DECAY)
 
-  # Cell 10: preallocated histories (the seed's 7.10 GB at 5000 steps).
+  # Cell 10: preallocated histories (the lab's 7.10 GB at 5000 steps).
   W_history = torch.zeros(TOTAL_STEPS + 1, n_dead, FLAGS.hidden, dtype=torch.bfloat16)
   delta_W_prime_history = torch.zeros(TOTAL_STEPS, n_dead, FLAGS.hidden, dtype=torch.float32)
   centroid_history = torch.zeros(TOTAL_STEPS + 1, FLAGS.hidden, dtype=torch.float32)

@@ -1,11 +1,11 @@
-"""The seed's Crucible 1 loop in PyTorch as a peer run: a run folder `run.py --summarize` reads.
+"""The lab's Crucible 1 loop in PyTorch as a peer run: a run folder `run.py --summarize` reads.
 
     python benchmarks/torch_peer.py --output_dir=DIR [--seed=42] [--steps=2000] [--threads=0]
     python benchmarks/torch_peer.py --output_dir=DIR --init_from=RUN --batches_from=RUN  # a twin
     python benchmarks/torch_peer.py --output_dir=DIR ... --resume
 
 The loop is the lab's Crucible 1 notebook, cells 4-11, as `torch_crucible1.py`
-ports it (its TinyLM is the one copy of the seed's model class): seeds,
+ports it (its TinyLM is the one copy of the lab's model class): seeds,
 `model.to(torch.bfloat16)`, AdamW, `DataLoader(shuffle=True, drop_last=True)`
 over non-overlapping chunks, `torch.autocast(cpu, bf16)` around the forward and
 the loss, and the per-step capture of W, ΔW′, centroid, loss and
@@ -13,7 +13,7 @@ last_motion_step. Only the storage differs: instead of preallocated histories
 the rows stream into a jaxdt run folder (`rundir.RunDir`: lock, checkpoints,
 checksums, one commit point), so a run is resumable and `--summarize`,
 `--analyze` and `--compare` read it as they read a jaxdt run. The file holds
-the seed's own keys (W, delta_W_prime, centroid, loss, last_motion_step,
+the lab's own keys (W, delta_W_prime, centroid, loss, last_motion_step,
 dead_mask, dead_indices); metadata.json says `"framework": "torch"`.
 
 Token ids are jaxdt's (the embedded default data, or --corpus_path and
@@ -52,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import torch_crucible1 as seed  # noqa: E402  pylint: disable=g-import-not-at-top
+import torch_crucible1 as lab  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from jaxdt import config as config_lib  # noqa: E402
 from jaxdt.data import corpus as corpus_lib  # noqa: E402
@@ -64,7 +64,7 @@ from jaxdt.numerics import backend  # noqa: E402
 from jaxdt.training import layout as layout_lib  # noqa: E402
 
 EXPERIMENT = "torch_crucible1"  # the config name of a torch peer run (jaxdt never trains one)
-SEED_PROBES = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step")  # the seed's keys
+LAB_PROBES = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step")  # the lab's keys
 
 FLAGS = flags.FLAGS
 
@@ -73,7 +73,7 @@ def define_flags():
   flags.DEFINE_string("output_dir", None, "the run folder")
   flags.DEFINE_integer("seed", 42, "RANDOM_SEED: torch/random/numpy seeds (init and shuffle)")
   flags.DEFINE_integer("steps", None, "TOTAL_STEPS (default: RUN's with --init_from/--batches_from, "
-                       "else the seed's 5000)")
+                       "else the lab's 5000)")
   flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default)")
   flags.DEFINE_string("init_from", None, "a finished jaxdt run folder: start from its step-0 "
                       "params")
@@ -106,7 +106,7 @@ def _source_config(path: str, what: str) -> config_lib.ExperimentConfig:
 
 
 def peer_config() -> tuple[config_lib.ExperimentConfig, dict]:
-  """(the peer's config, its sources): Crucible 1 (or RUN's config), the seed's five probes."""
+  """(the peer's config, its sources): Crucible 1 (or RUN's config), the lab's five probes."""
   import experiments  # pylint: disable=g-import-not-at-top
   sources = {"init_from": FLAGS.init_from, "batches_from": FLAGS.batches_from}
   given = [p for p in sources.values() if p]
@@ -119,16 +119,16 @@ def peer_config() -> tuple[config_lib.ExperimentConfig, dict]:
       raise ValueError("--init_from and --batches_from name runs of different configs; pass "
                        "one run for both")
   if base.precision != "bf16" or base.model.variant != "encoder":
-    raise ValueError(f"the seed's loop is bf16 TinyLM; {given[0]} is {base.precision} "
+    raise ValueError(f"the lab's loop is bf16 TinyLM; {given[0]} is {base.precision} "
                      f"{base.model.variant}")
   cfg = dataclasses.replace(
       base, name=EXPERIMENT, seed=FLAGS.seed,
       data_seed=base.data_seed if FLAGS.batches_from else None, sweep="", init_checkpoint=None,
       data=dataclasses.replace(base.data, data_dir=FLAGS.data_dir, corpus_path=FLAGS.corpus_path,
                                tokenizer_path=FLAGS.tokenizer_path),
-      probes=dataclasses.replace(base.probes, names=SEED_PROBES),
+      probes=dataclasses.replace(base.probes, names=LAB_PROBES),
       store=dataclasses.replace(base.store, chunk_steps=FLAGS.chunk_steps,
-                                notes="The seed's Crucible 1 loop in PyTorch (benchmarks/"
+                                notes="The lab's Crucible 1 loop in PyTorch (benchmarks/"
                                       "torch_peer.py)."))
   for assignment in FLAGS.set or ():
     cfg = config_lib.override(cfg, assignment)
@@ -187,7 +187,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def bits(w: torch.Tensor) -> np.ndarray:
-  """bf16 rows as their uint16 bit patterns (the seed's `.view(torch.uint16)`)."""
+  """bf16 rows as their uint16 bit patterns (the lab's `.view(torch.uint16)`)."""
   return w.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
@@ -285,8 +285,8 @@ def train(log=print) -> str:
   np.random.seed(cfg.seed)
   dead_mask = torch.from_numpy(corpus.dead_mask)
   n_dead = int(dead_mask.sum())
-  dataset = seed.TextDataset(corpus.tokens.tolist(), L)  # a list, as encoding.ids is
-  model = seed.TinyLM(V, cfg.model.hidden_dim, cfg.model.num_layers, cfg.model.num_heads, L)
+  dataset = lab.TextDataset(corpus.tokens.tolist(), L)  # a list, as encoding.ids is
+  model = lab.TinyLM(V, cfg.model.hidden_dim, cfg.model.num_layers, cfg.model.num_heads, L)
   model = model.to(device).to(torch.bfloat16)
   if sources["init_from"]:
     init_from(sources["init_from"], corpus, model)
@@ -353,7 +353,7 @@ def train(log=print) -> str:
           step += 1
           W_curr = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
           delta_W = W_curr.float() - W_prev.float()
-          ulp = seed.compute_ulp_bf16(W_prev)
+          ulp = lab.compute_ulp_bf16(W_prev)
           delta_W_prime = delta_W / ulp
           displacement_magnitude = torch.norm(delta_W_prime, dim=1)
           moved = displacement_magnitude >= cfg.probes.motion_threshold

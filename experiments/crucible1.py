@@ -22,7 +22,7 @@ def config() -> ExperimentConfig:
           rows="dead", motion_threshold=0.1, loss_initial=None),  # loss[0] = NaN
       store=StoreConfig(
           trajectory_name="crucible_1_trajectory.safetensors",
-          # The seed saved no checkpoints; ours exist only so --resume can work.
+          # The lab saved no checkpoints; ours exist only so --resume can work.
           checkpoint_steps=(1000, 2000, 3000, 4000),
           chunk_steps=100, experiment_title="Crucible 1", series="Crucible",
           notes="First Crucible experiment. Fast lr, no weight decay. Full lifecycle capture."),

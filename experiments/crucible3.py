@@ -2,8 +2,8 @@
 
 W (uint16 bits) over all 10,000 rows [501, 10000, 64], h_mean f32 [500, 64]
 (h_mean[t-1] is the mean post-ln_f hidden state of step t's forward over all
-B x L positions), loss [501] and the dead mask and ids. The seed notebook is
-not among the seed notebooks; loss[0] = NaN as in Crucible 1.
+B x L positions), loss [501] and the dead mask and ids. The lab notebook is
+not among the lab's notebooks; loss[0] = NaN as in Crucible 1.
 """
 
 import dataclasses

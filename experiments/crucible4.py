@@ -20,7 +20,7 @@ def config() -> ExperimentConfig:
       base, name="crucible4", steps=5000,
       store=dataclasses.replace(
           base.store, trajectory_name="crucible_4_trajectory.safetensors",
-          # The seed's checkpoints are not recorded; these exist only for --resume.
+          # The lab's checkpoints are not recorded; these exist only for --resume.
           checkpoint_steps=(1000, 2000, 3000, 4000), experiment_title="Crucible 4"))
 
 

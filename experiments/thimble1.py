@@ -1,10 +1,10 @@
 """Thimble 1 (docs/experiments.md): Adam accounting validation, GPT2, every row, 1000 steps.
 
-The seed trained HF GPT2LMHeadModel in bf16 on sliding windows (batch 128,
+The lab trained HF GPT2LMHeadModel in bf16 on sliding windows (batch 128,
 lr 1e-3, wd 0) and kept W, grad_W, momentum_W, variance_W and losses for all
 10,000 rows at every step, plus its hyperparameters as scalar tensors.
 
-Labels: the seed passed `labels = window[1:]` to HF GPT2, whose loss shifts
+Labels: the lab passed `labels = window[1:]` to HF GPT2, whose loss shifts
 them again, so it trained on the token two ahead (docs/definitions.md §Steps and files). This config
 replays that (`double_shift_labels=True`); `--nodouble_shift_labels` gives true
 next-token prediction.
@@ -30,7 +30,7 @@ def config() -> ExperimentConfig:
           rows="all", loss_initial=None),  # losses[0] = NaN
       store=StoreConfig(
           trajectory_name="thimble_1.safetensors",
-          # The seed saved no checkpoints; this one exists only so --resume can work.
+          # The lab saved no checkpoints; this one exists only so --resume can work.
           checkpoint_steps=(500,),
           chunk_steps=50,  # 7.7 MB of records per step over all rows
           experiment_title="Thimble 1", series="Thimble",

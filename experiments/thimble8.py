@@ -2,7 +2,7 @@
 
 lr 3e-4, wd 0.1. Per step over the dead rows: W (uint16 bf16 bits), m, v, g
 (f32 copies; g is step t's gradient) and the bf16 loss, with loss[0] = 0.0 (the
-seed's `capture_state(..., loss_val=0.0)`). Checkpoints at the seed's steps.
+lab's `capture_state(..., loss_val=0.0)`). Checkpoints at the lab's steps.
 """
 
 from jaxdt.config import (DataConfig, ExperimentConfig, ModelConfig, OptimConfig,

@@ -2,7 +2,7 @@
 
 Thimble 8's training exactly (lr 3e-4, wd 0.1, seed 42), recording only the
 dead rows' W (uint16 bits) and the loss (loss[0] = 0.0), checkpoints every
-1000 steps. `verification()` is the seed's VERIFICATION_MODE: 1000 steps,
+1000 steps. `verification()` is the lab's VERIFICATION_MODE: 1000 steps,
 checkpoints [0, 100, 500, 1000], W and loss compared bit for bit with the first
 1001 rows of a Thimble 8 file (`run.py --verification --verify_against=...`).
 """

@@ -1,11 +1,11 @@
-"""Checks a run against its seed: bitwise verification, and Thimble 1's accounting report.
+"""Verification: a short run checked bit for bit against a reference trajectory.
 
 Verification (the lab's Thimble 9 VERIFICATION_MODE, docs/experiments.md): a short run of an experiment
 is compared bit for bit with the first rows of a reference trajectory that the
 same training produced (Thimble 9's first 1000 steps against Thimble 8). An
 experiment declares it with `verification() -> Verification` in its module;
 `verification_config` turns the production config into the short run, and
-`compare` + `format_report` print the seed's report:
+`compare` + `format_report` print the lab's report:
 
   ============================================================
   VERIFICATION: Comparing to Thimble 8
@@ -16,17 +16,9 @@ experiment declares it with `verification() -> Verification` in its module;
   ✓ BITWISE IDENTICAL: Thimble 9 matches Thimble 8 exactly!
 
 followed by our stricter check of every other key (the loss: bitwise, where
-the seed only looked at it on a W mismatch, within 1e-5).
+the lab only looked at it on a W mismatch, within 1e-5).
 
-Accounting (the lab's Thimble 1 notebook, "Quick Validation: Test Adam Accounting"): at
-t = 1, 10, 50, 100, 200, 500, 800 the seed compared the observed ΔW with the
-continuous f32 AdamW update built from the recorded m and v, and printed
-`t=  1: ratio=1.012, cosine=+1.000`. `accounting_rows` recomputes that from the
-stored W, momentum_W and variance_W, and next to it the exact replay of
-torch's bf16 arithmetic (`jaxdt.optim.accounting.replay`), which must give W[t] bit
-for bit.
-
-Both read trajectories row by row from disk (`tensorfile.TrajectoryReader`), so
+It reads trajectories row by row from disk (`tensorfile.TrajectoryReader`), so
 memory stays at a few rows whatever the run length.
 """
 
@@ -36,25 +28,21 @@ import dataclasses
 import os
 from typing import NamedTuple, Optional
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdt.analysis import compare as compare_lib
-from jaxdt.analysis import metrics
 from jaxdt.analysis import trajectory
 from jaxdt import config as config_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import disk
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
-from jaxdt.numerics import lattice
 from jaxdt.numerics import precision
-from jaxdt.optim import accounting
 from jaxdt.training import loop
 from jaxdt import probes
 
 RULE = "=" * 60
-LOSS_RTOL = LOSS_ATOL = 1e-5  # the seed's torch.allclose tolerance (reported, not decisive)
+LOSS_RTOL = LOSS_ATOL = 1e-5  # the lab's torch.allclose tolerance (reported, not decisive)
 
 
 class VerifyError(ValueError):
@@ -66,8 +54,8 @@ class Verification:
   """An experiment's verification mode (Thimble 9, docs/experiments.md: 1000 steps against Thimble 8)."""
 
   steps: int = 1000  # TOTAL_STEPS in verification mode
-  checkpoint_steps: tuple = (0, 100, 500, 1000)  # the seed's verification checkpoints
-  keys: tuple = ("W", "loss")  # compared bitwise; the first one gets the seed's report
+  checkpoint_steps: tuple = (0, 100, 500, 1000)  # the lab's verification checkpoints
+  keys: tuple = ("W", "loss")  # compared bitwise; the first one gets the lab's report
   title: str = "Thimble 9"  # this run, as the report names it
   reference_title: str = "Thimble 8"  # the reference run
   subdir: str = "verification"  # the short run's folder inside --output_dir
@@ -106,7 +94,7 @@ class KeyResult(NamedTuple):
   total: int
   first_diff_step: Optional[int]  # step of the first differing row, None if identical
   first_row_match: bool  # row 0 (step 0 for a series with an initial row)
-  close: bool  # the seed's allclose(reference, ours, rtol=atol=1e-5)
+  close: bool  # the lab's allclose(reference, ours, rtol=atol=1e-5)
   max_abs_diff: float
   max_abs_diff_step: int
 
@@ -177,7 +165,7 @@ def verify_key(ours: tensorfile.TrajectoryReader, ref: tensorfile.TrajectoryRead
   """Compares `key` of `ours` with the same number of leading rows of `ref`, bit for bit.
 
   The bits come from the one comparator (`analysis.compare.bit_blocks`); the
-  statistics are the seed's (its allclose and largest gap, reported beside).
+  statistics are the lab's (its allclose and largest gap, reported beside).
 
   Args:
     ours: this run's trajectory.
@@ -186,7 +174,7 @@ def verify_key(ours: tensorfile.TrajectoryReader, ref: tensorfile.TrajectoryRead
     first_step: the step row 0 holds (0 with an initial row, else 1).
 
   Returns:
-    The KeyResult (counts, first differing step, the seed's tolerance check).
+    The KeyResult (counts, first differing step, the lab's tolerance check).
   """
   shape = ours.shape(key)
   n = shape[0]
@@ -252,7 +240,7 @@ def _label(key: str) -> str:
 
 
 def format_report(results, spec: Verification) -> str:
-  """The seed's VERIFICATION report (the lab's Thimble 9 notebook), then our bitwise check of the other keys.
+  """The lab's VERIFICATION report (the lab's Thimble 9 notebook), then our bitwise check of the other keys.
 
   Args:
     results: `compare`'s KeyResults; the first is the main key (W).
@@ -333,76 +321,3 @@ def run(cfg: config_lib.ExperimentConfig, spec: Verification, reference: Optiona
   result = loop.train(cfg, out_dir, resume=resume, progress=progress)
   results = compare(result.trajectory, reference, spec, cfg.steps)
   return format_report(results, spec), passed(results)
-
-
-# --- Thimble 1's accounting report ------------------------------------------
-
-
-class AccountingRow(NamedTuple):
-  """One test step of the seed's accounting check, and our exact replay beside it."""
-
-  t: int
-  ratio: float  # ‖textbook ΔW‖ / ‖observed ΔW‖
-  cosine: float  # cos(textbook ΔW, observed ΔW)
-  replay_equal: int  # elements whose exact replay equals W[t] bitwise
-  total: int
-
-
-def accounting_row(reader: tensorfile.TrajectoryReader, t: int, hp: config_lib.OptimConfig) -> AccountingRow:
-  """The seed's ratio and cosine at step t, and the exact replay's bitwise match.
-
-  The seed's way (Thimble 1; docs/definitions.md §Adam accounting): observed ΔW = W[t] − W[t-1] in the stored dtype
-  (a bf16 subtraction, rounded to bf16), then `.float()`; computed ΔW is the
-  continuous f32 AdamW step from the recorded m_t, v_t
-  (`accounting.textbook_delta`; it writes the decay as lr·wd·W where the seed
-  wrote wd·W, the same at Thimble 1's wd = 0). Norms and the dot product run
-  over every recorded element.
-
-  Args:
-    reader: a trajectory with W, momentum_W, variance_W (Thimble 1 or 6 layout).
-    t: the step (1 <= t < rows of W).
-    hp: the run's AdamW hyperparameters.
-
-  Returns:
-    The AccountingRow.
-  """
-  w_prev, w_next = trajectory.read_state(reader, "W", t - 1, t + 1)
-  m = trajectory.read_state(reader, "momentum_W", t, t + 1)[0].astype(w_prev.dtype)
-  v = trajectory.read_state(reader, "variance_W", t, t + 1)[0].astype(w_prev.dtype)
-  measured = (w_next.astype(np.float32) - w_prev.astype(np.float32)).astype(w_prev.dtype)
-  measured = measured.astype(np.float64)
-  computed = np.asarray(accounting.textbook_delta(jnp.asarray(w_prev), jnp.asarray(m),
-                                                  jnp.asarray(v), t, hp), np.float64)
-  measured_norm, computed_norm = np.linalg.norm(measured), np.linalg.norm(computed)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    ratio = computed_norm / measured_norm
-    cosine = float(computed.ravel() @ measured.ravel()) / (computed_norm * measured_norm)
-  replayed = np.asarray(accounting.replay(jnp.asarray(w_prev), jnp.asarray(m), jnp.asarray(v),
-                                          t, hp))
-  equal = int((lattice.np_bits(replayed) == lattice.np_bits(w_next)).sum())
-  return AccountingRow(t, float(ratio), float(cosine), equal, int(w_next.size))
-
-
-def accounting_rows(reader: tensorfile.TrajectoryReader, hp: config_lib.OptimConfig,
-                    steps=metrics.ACCOUNTING_SAMPLE_STEPS) -> tuple:
-  """`accounting_row` at each of `steps` the file holds (the seed skips t > NUM_STEPS)."""
-  last = reader.shape("W")[0] - 1
-  return tuple(accounting_row(reader, t, hp) for t in steps if 1 <= t <= last)
-
-
-def format_accounting(rows) -> str:
-  """The seed's validation cell output, with the exact replay beside each line."""
-  lines = ["Validating Adam accounting...", ""]
-  for r in rows:
-    lines.append(f"t={r.t:3d}: ratio={r.ratio:.3f}, cosine={r.cosine:+.3f}   "
-                 f"exact replay: {r.replay_equal:,} / {r.total:,} bitwise "
-                 f"({r.replay_equal / r.total:.3%})")
-  lines += ["", "(Ratio should be ~1.0, cosine should be ~1.0 for perfect match)",
-            "(Exact replay: torch's bf16 AdamW arithmetic from W[t-1], m_t, v_t; "
-            "100% = W[t] reproduced bit for bit)", "", "✓ Validation complete"]
-  return "\n".join(lines)
-
-
-def has_accounting_inputs(reader: tensorfile.TrajectoryReader) -> bool:
-  """Whether a trajectory holds what `accounting_rows` reads (Thimble 1/6 layouts)."""
-  return {"W", "momentum_W", "variance_W"} <= set(reader.keys())

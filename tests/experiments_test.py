@@ -29,6 +29,7 @@ from jaxdt.training import loop
 from jaxdt import probes
 from jaxdt.training import step
 from jaxdt import verify
+from jaxdt.analysis import lab_accounting
 
 N_DEAD, VOCAB, D = 3699, 10000, 64  # the lab's sizes
 BF16, U16, F32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16), np.dtype(np.float32)
@@ -192,7 +193,7 @@ def test_tiny_thimble8_file(thimble8_run):
   m = r.read("m")
   np.testing.assert_array_equal(m, m.astype(ml_dtypes.bfloat16).astype(np.float32))
   done = sorted(os.listdir(os.path.join(result.run_dir, rundir.CHECKPOINT_DIR)))
-  assert done == ["step_000000", "step_000001"]  # the seed's steps <= 6
+  assert done == ["step_000000", "step_000001"]  # the lab's steps <= 6
   assert result.metadata["experiment"] == "Thimble 8"
 
 
@@ -302,10 +303,10 @@ def test_tiny_thimble1_file(thimble1_run):
 def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
   cfg, result = thimble1_run
   with tensorfile.TrajectoryReader(result.trajectory) as r:
-    assert verify.has_accounting_inputs(r)
-    rows = verify.accounting_rows(r, step.hyper(cfg))
-    text = verify.format_accounting(rows)
-  assert [row.t for row in rows] == [1]  # the seed's steps <= 6
+    assert lab_accounting.has_accounting_inputs(r)
+    rows = lab_accounting.accounting_rows(r, step.hyper(cfg))
+    text = lab_accounting.format_accounting(rows)
+  assert [row.t for row in rows] == [1]  # the lab's steps <= 6
   assert all(row.replay_equal == row.total == TINY_VOCAB * 32 for row in rows)
   lines = text.splitlines()
   assert lines[:2] == ["Validating Adam accounting...", ""]
@@ -314,7 +315,7 @@ def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
   assert rows[0].cosine > 0.99 and abs(rows[0].ratio - 1) < 0.05  # the lab's t=1: 1.012, +1.000
   assert "(Ratio should be ~1.0, cosine should be ~1.0 for perfect match)" in lines
   assert lines[-1] == "✓ Validation complete"
-  more = verify.accounting_rows(tensorfile.TrajectoryReader(result.trajectory), step.hyper(cfg),
+  more = lab_accounting.accounting_rows(tensorfile.TrajectoryReader(result.trajectory), step.hyper(cfg),
                                 steps=(1, 2, 5, 50))
   assert [row.t for row in more] == [1, 2, 5]
 

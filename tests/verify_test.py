@@ -1,4 +1,4 @@
-"""verify.verify_key: the seed's verification statistics over the one bitwise comparator."""
+"""verify.verify_key: the lab's verification statistics over the one bitwise comparator."""
 
 import numpy as np
 

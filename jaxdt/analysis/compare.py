@@ -145,15 +145,17 @@ def loss_difference(loss_a: np.ndarray, loss_b: np.ndarray) -> dict:
           "steps_differing": int((d > 0).sum())}
 
 
-def freeze_statistics(summary: dict) -> dict:
-  """The freeze figures a comparison reports, from `analyze`'s summary."""
-  fc, st = summary.get("fimbulwinter_check") or {}, summary.get("stillness") or {}
-  gf, ff = summary.get("global_freeze") or {}, summary.get("frozen_fraction") or {}
-  out = {"global_last_motion": fc.get("global_last_motion"),
-         "median_freeze": fc.get("median_freeze"), "earliest_freeze": fc.get("earliest_freeze"),
-         "stillness_runs": st.get("count"), "longest_stillness": (st.get("runs") or [None])[0],
-         "global_frozen_steps": gf.get("frozen_steps"), "freeze_thaw_cycles": gf.get("cycles")}
-  for k, v in (ff.get("milestones") or {}).items():
+def freeze_statistics(summary) -> dict:
+  """The freeze figures a comparison reports, from `metrics.analyze`'s Summary."""
+  get = lambda block, field: None if block is None else getattr(block, field)
+  fc, st, gf, ff = (summary.fimbulwinter_check, summary.stillness, summary.global_freeze,
+                    summary.frozen_fraction)
+  out = {"global_last_motion": get(fc, "global_last_motion"),
+         "median_freeze": get(fc, "median_freeze"), "earliest_freeze": get(fc, "earliest_freeze"),
+         "stillness_runs": get(st, "count"),
+         "longest_stillness": st.runs[0] if st is not None and st.runs else None,
+         "global_frozen_steps": get(gf, "frozen_steps"), "freeze_thaw_cycles": get(gf, "cycles")}
+  for k, v in (ff.milestones if ff is not None else {}).items():
     out[f"frozen_{k}"] = v
   return out
 

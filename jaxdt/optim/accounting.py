@@ -7,7 +7,7 @@ Given W[t-1], the moments after step t (m_t, v_t) and t, two predictions of
   reproduce W[t] bit for bit;
 - `textbook_delta`: the continuous f32 AdamW update the lab used in Thimble 1
   (docs/definitions.md §Adam accounting): −lr·m̂/(√v̂ + ε) − lr·wd·W[t-1], m̂ = m/(1−b1^t),
-  v̂ = v/(1−b2^t). (The seed's cell wrote the decay as wd·W without lr; its
+  v̂ = v/(1−b2^t). (The lab's cell wrote the decay as wd·W without lr; its
   runs had wd = 0, where both agree. We use PyTorch's lr·wd.)
 
 `metrics` compares both with the realized ΔW over a set of rows. All are pure

@@ -1,7 +1,7 @@
 """Entry points: analyse or compare runs, print, write summary.json, compare.json and PNGs.
 
 `analyze(path)` runs `jaxdt.analysis.metrics.analyze` (one streaming pass),
-prints the lab-style blocks (the seed's FIMBULWINTER CHECK and STILLNESS
+prints the lab-style blocks (the lab's FIMBULWINTER CHECK and STILLNESS
 PERIOD ANALYSIS verbatim, then the other analyses in the same style), and
 writes `summary.json` and five PNGs next to the file or into `analysis_dir`.
 `compare(a, b)` prints the cross-run (cross-backend) comparison of
@@ -10,6 +10,7 @@ writes `summary.json` and five PNGs next to the file or into `analysis_dir`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable, Optional
@@ -24,14 +25,16 @@ from jaxdt.report import text
 
 SUMMARY_FILE = "summary.json"
 
-def write_summary(summary: dict, out_dir: str) -> str:
+
+def write_summary(content: dict, out_dir: str) -> str:
   """Writes `out_dir/summary.json` (strict JSON: NaN and inf become null)."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, SUMMARY_FILE)
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(metadata.json_ready(summary), f, indent=2, allow_nan=False)
+    json.dump(metadata.json_ready(content), f, indent=2, allow_nan=False)
     f.write("\n")
   return path
+
 
 def output_dir(trajectory: str, analysis_dir: Optional[str]) -> str:
   """Where summary.json and the PNGs go: analysis_dir, else the file's folder."""
@@ -41,7 +44,7 @@ def output_dir(trajectory: str, analysis_dir: Optional[str]) -> str:
 def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optional[int] = None,
             plots: bool = True, header: bool = True,
             echo: Callable[[str], None] = print,
-            seed_validation: Optional[str] = None) -> dict:
+            lab_validation: Optional[str] = None) -> metrics.Summary:
   """Analyses a run folder or trajectory file: prints, writes summary.json and PNGs.
 
   Args:
@@ -51,27 +54,30 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
     plots: write the PNGs.
     header: print the ANALYSIS header block.
     echo: where printed text goes.
-    seed_validation: the seed's Thimble 1 accounting cell output
-      (`verify.format_accounting`), printed in place of the per-step sample
-      lines so the same figures are not printed twice.
+    lab_validation: the lab's Thimble 1 accounting cell output
+      (`accounting_report.format_accounting`), printed in place of the per-step
+      sample lines so the same figures are not printed twice.
 
   Returns:
-    The summary dict (as saved, plus "outputs": the files written).
+    The Summary (summary.json is its `to_json()` plus "outputs": the files written).
 
   Raises:
     metrics.AnalysisError: PATH is not an analysable trajectory.
   """
   summary, series = metrics.analyze(path, block_steps=block_steps)
-  if seed_validation and "accounting" in summary:
-    summary["accounting"]["seed_validation"] = seed_validation
-  out = output_dir(summary["file"], analysis_dir)
+  if lab_validation and summary.accounting is not None:
+    summary = dataclasses.replace(summary, accounting=dataclasses.replace(
+        summary.accounting, lab_validation=lab_validation))
+  out = output_dir(summary.file, analysis_dir)
   written, skipped = plots_lib.write_plots(series, summary, out) if plots else ([], [])
-  summary["skipped"] += [{"analysis": f"plot {n}", "reason": why} for n, why in skipped]
-  summary["outputs"] = {"summary": os.path.join(out, SUMMARY_FILE), "plots": written}
-  write_summary(summary, out)
+  summary = dataclasses.replace(summary, skipped=summary.skipped + tuple(
+      metrics.Skipped(f"plot {n}", why) for n, why in skipped))
+  outputs = {"summary": os.path.join(out, SUMMARY_FILE), "plots": written}
+  write_summary({**summary.to_json(), "outputs": outputs}, out)
   echo(text.format_summary(summary, header=header))
-  echo(f"\nWrote {summary['outputs']['summary']} and {len(written)} plots to {out}")
+  echo(f"\nWrote {outputs['summary']} and {len(written)} plots to {out}")
   return summary
+
 
 def compare(path_a: str, path_b: str, analysis_dir: Optional[str] = None, *,
             block_steps: Optional[int] = None, echo: Callable[[str], None] = print) -> dict:

@@ -45,12 +45,12 @@ def plot_frozen_fraction(plt, series: dict, summary: dict, out_dir: str) -> str:
   fig, ax = plt.subplots(figsize=(7, 4))
   f = series["frozen_fraction"]
   t = np.arange(1, f.size + 1)
-  ax.plot(t, f, lw=0.8, label=f"rows with ‖ΔW′‖₂ < {summary['motion_threshold']}")
+  ax.plot(t, f, lw=0.8, label=f"rows with ‖ΔW′‖₂ < {summary.motion_threshold}")
   if "global_frozen" in series:
     g = series["global_frozen"]
     ax.fill_between(t, 0, 0.04, where=g, step="mid", color="k", alpha=0.6,
                     label="global freeze (W bitwise unchanged)")
-  for p, step in summary["frozen_fraction"]["milestones"].items():
+  for p, step in summary.frozen_fraction.milestones.items():
     if step:
       ax.axvline(step, ls=":", lw=0.8, color="gray")
       ax.text(step, 1.01, p, fontsize=7, ha="center")
@@ -139,7 +139,7 @@ def write_plots(series: dict, summary: dict, out_dir: str) -> tuple[list, list]:
   written, skipped = [], []
   for name, (fn, needs) in _PLOTS.items():
     missing = [k for k in needs if k not in series]
-    if missing or summary["steps"] == 0:
+    if missing or summary.steps == 0:
       skipped.append((name, f"no {', '.join(missing) or 'steps'}"))
       continue
     written.append(fn(plt, series, summary, out_dir))

@@ -24,7 +24,7 @@ def member_row(path: str) -> dict:
   """One member's figures from its finished run folder."""
   summary, _ = metrics.analyze(path)
   meta = metadata_lib.read_metadata(path)
-  ff = (summary.get("frozen_fraction") or {}).get("milestones") or {}
+  ff = summary.frozen_fraction.milestones if summary.frozen_fraction is not None else {}
   return {
       "name": os.path.basename(os.path.normpath(path)), "path": os.path.abspath(path),
       "assignment": (meta.get("sweep") or {}).get("assignment"),

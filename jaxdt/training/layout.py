@@ -61,7 +61,7 @@ def state_bytes(state) -> int:
 
 
 def lab_metadata(cfg, corpus, lay: Layout, steps_done: int, final_loss) -> dict:
-  """The seed notebooks' metadata.json keys (Crucible 1 and Thimble 8; docs/experiments.md)."""
+  """The lab notebooks' metadata.json keys (Crucible 1 and Thimble 8; docs/experiments.md)."""
   per_epoch = sampler.batches_per_epoch(len(corpus.tokens), cfg.data)
   return {
       "experiment": cfg.store.experiment_title, "series": cfg.store.series,

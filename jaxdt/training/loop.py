@@ -249,7 +249,7 @@ def finish(run, cfg, corpus, lay, state, pos, running_meta, t_start) -> dict:
           **layout_lib.lab_metadata(cfg, corpus, lay, cfg.steps, pos.last_loss),
           "wall_time_s": time.perf_counter() - t_start, "steps_completed": cfg.steps,
           "diverged_at_step": pos.diverged}
-  if "last_motion_step" in state.probe_state:  # the seed's Crucible metadata keys
+  if "last_motion_step" in state.probe_state:  # the lab's Crucible metadata keys
     meta["global_last_motion"] = int(np.max(state.probe_state["last_motion_step"]))
     meta["fimbulwinter_duration"] = cfg.steps - meta["global_last_motion"]
   return run.commit(meta)

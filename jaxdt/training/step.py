@@ -42,7 +42,7 @@ class TrainState(NamedTuple):
 
 
 def root_keys(seed: int):
-  """(init key, data key) from the seed, split by purpose."""
+  """(init key, data key) from the random seed, split by purpose."""
   root = jax.random.key(seed)
   return jax.random.fold_in(root, INIT_PURPOSE), jax.random.fold_in(root, DATA_PURPOSE)
 

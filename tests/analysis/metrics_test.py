@@ -1,5 +1,6 @@
 """Analyses on small synthetic trajectories with hand-checked answers, and streaming = in memory."""
 
+import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -7,11 +8,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jaxdt.analysis import checks
 from jaxdt.analysis import compare
+from jaxdt.analysis import freeze
 from jaxdt.analysis import metrics
+from jaxdt.analysis import phases
 from jaxdt.analysis import stream
 from jaxdt.analysis import trajectory
 from jaxdt.io import tensorfile
+from jaxdt.report import text
 from jaxdt.numerics import lattice
 
 T, N, D = 10, 3, 4  # steps, rows, hidden (√D = 2)
@@ -105,60 +110,60 @@ def test_numpy_ulp_matches_lattice_ulp_for_every_bf16():
 
 def test_stillness_runs_with_the_seeds_median_and_mean():
   moved = np.array([1, 0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 1, 0], bool)  # runs 2, 1, 4, 1
-  s = metrics.stillness_summary(moved)
-  assert s["runs"] == [4, 2, 1, 1]
-  assert s["count"] == 4 and s["mean"] == 2.0
-  assert s["median"] == 2  # the seed's sorted(runs)[len // 2]: upper middle of [1, 1, 2, 4]
-  assert s["final_vs_second"] == 2.0
-  text = metrics.format_stillness(s["runs"])
-  assert "Median stillness: 2 steps" in text and "Mean stillness: 2.0 steps" in text
-  assert metrics.stillness_summary(np.ones(5, bool))["count"] == 0
+  s = freeze.Stillness.of(moved)
+  assert s.runs == (4, 2, 1, 1)
+  assert s.count == 4 and s.mean == 2.0
+  assert s.median == 2  # the lab's sorted(runs)[len // 2]: upper middle of [1, 1, 2, 4]
+  assert s.final_vs_second == 2.0
+  printed = text.format_stillness(s)
+  assert "Median stillness: 2 steps" in printed and "Mean stillness: 2.0 steps" in printed
+  assert freeze.Stillness.of(np.ones(5, bool)).count == 0
 
 
 def test_global_freeze_cycles_and_windows():
   frozen = np.zeros(20, bool)
   frozen[[2, 3, 4, 9, 15, 16, 17, 18, 19]] = True  # steps 3-5, 10, 16-20
-  g = metrics.global_freeze(frozen, window=10)
-  assert g["frozen_steps"] == 9 and g["fraction"] == 0.45 and g["cycles"] == 3
-  assert g["longest"] == {"start": 16, "end": 20, "length": 5}
-  assert g["mean_run"] == 3.0 and g["median_run"] == 3.0
-  assert g["first_frozen_step"] == 3 and g["final_run_to_end"]
-  assert [w["fraction"] for w in g["windows"]] == [0.4, 0.5]
-  assert metrics.global_freeze(np.zeros(4, bool))["longest"] is None
+  g = freeze.GlobalFreeze.of(frozen, window=10)
+  assert g.frozen_steps == 9 and g.fraction == 0.45 and g.cycles == 3
+  assert g.longest == freeze.Span(start=16, end=20, length=5)
+  assert g.mean_run == 3.0 and g.median_run == 3.0
+  assert g.first_frozen_step == 3 and g.final_run_to_end
+  assert [w.fraction for w in g.windows] == [0.4, 0.5]
+  assert freeze.GlobalFreeze.of(np.zeros(4, bool)).longest is None
 
 
 def test_milestones_are_exact_counts():
   n_frozen = np.array([0, 1, 2, 2, 3, 2, 3])  # of n = 3 rows
-  f = metrics.frozen_fraction(n_frozen, 3)
-  assert f["milestones"] == {"50%": 3, "90%": 5, "99%": 5, "100%": 5}
-  assert f["first_frozen_token_step"] == 2
-  assert f["moving_at"] == {"1": 3, "7": 0}
-  assert metrics.first_step_reaching(np.array([99, 100]), 100, 100) == 2
-  assert metrics.first_step_reaching(np.array([99, 99]), 100, 100) is None  # 99% is not 100%
+  f = freeze.FrozenFraction.of(n_frozen, 3)
+  assert f.milestones == {"50%": 3, "90%": 5, "99%": 5, "100%": 5}
+  assert f.milestone(90) == 5 and f.first_frozen_token_step == 2
+  assert f.moving_at == {"1": 3, "7": 0}
+  assert freeze.first_step_reaching(np.array([99, 100]), 100, 100) == 2
+  assert freeze.first_step_reaching(np.array([99, 99]), 100, 100) is None  # 99% is not 100%
 
 
 def test_centroid_efficiency_cosine_and_liftoff():
   c = np.array([[0, 0], [1, 0], [2, 0], [2, 1], [2, 1]], float)
-  x = metrics.centroid_drift(c, radius=np.array([2, 2, 1, 1, 0.5]),
+  x = phases.CentroidDrift.of(c, radius=np.array([2, 2, 1, 1, 0.5]),
                               max_radius=np.array([3, 3, 1.5, 1.5, 1.5]))
-  assert x["path_length"] == 3.0 and x["crow_flies"] == pytest.approx(math.sqrt(5))
-  assert x["efficiency"] == pytest.approx(math.sqrt(5) / 3)
-  assert x["cos_pairs"] == 2  # the last step did not move: no pair with it
-  assert x["cos_mean"] == pytest.approx(0.5) and x["cos_std"] == pytest.approx(math.sqrt(0.5))
-  assert x["l2_over_l1"] == pytest.approx(math.sqrt(5) / 3)
-  assert x["last_motion_step"] == 3 and x["radius_ratio"] == 0.25
-  assert x["liftoff_step"] == 2  # ‖c(2)‖ = 2 > 1.5
+  assert x.path_length == 3.0 and x.crow_flies == pytest.approx(math.sqrt(5))
+  assert x.efficiency == pytest.approx(math.sqrt(5) / 3)
+  assert x.cos_pairs == 2  # the last step did not move: no pair with it
+  assert x.cos_mean == pytest.approx(0.5) and x.cos_std == pytest.approx(math.sqrt(0.5))
+  assert x.l2_over_l1 == pytest.approx(math.sqrt(5) / 3)
+  assert x.last_motion_step == 3 and x.radius_ratio == 0.25
+  assert x.liftoff_step == 2  # ‖c(2)‖ = 2 > 1.5
 
 
 def test_accounting_summary_counts_like_the_lab():
   ratio = np.array([1.0, 0.99, 1.011, np.inf, 0.5])
   cos = np.array([0.999, 0.995, 0.98, np.nan, 0.2])
-  a = metrics.accounting_summary(np.array([1, 1, 0.5, 1, 1]), cos, ratio, np.zeros(5),
-                                  np.array([0, 1, 2, 0, 3]))
-  assert a["ratio_within_1pct"] == 2 and a["cosine_above_0_99"] == 2
-  assert a["replay_exact_steps"] == 4 and a["replay_match_min"] == 0.5
-  assert a["ratio_mean"] == pytest.approx((1 + 0.99 + 1.011 + 0.5) / 4)  # inf skipped
-  assert a["max_ulp_error"] == 3 and [s["t"] for s in a["samples"]] == [1]
+  a = checks.AccountingSummary.of(np.array([1, 1, 0.5, 1, 1]), cos, ratio, np.zeros(5),
+                                  np.array([0, 1, 2, 0, 3]), source="test")
+  assert a.ratio_within_1pct == 2 and a.cosine_above_0_99 == 2
+  assert a.replay_exact_steps == 4 and a.replay_match_min == 0.5
+  assert a.ratio_mean == pytest.approx((1 + 0.99 + 1.011 + 0.5) / 4)  # inf skipped
+  assert a.max_ulp_error == 3 and [s.t for s in a.samples] == [1]
 
 
 # --- The synthetic trajectory, end to end ----------------------------------------
@@ -183,8 +188,8 @@ def test_scan_counts_and_last_exit_steps(synthetic):
 
 def test_lifecycle_last_exit_rule_and_populations(synthetic):
   sc = stream.scan(trajectory.open_trajectory(synthetic), 0.1)
-  x = metrics.lifecycle(sc.last_early, sc.last_midlife, sc.last_l1, T,
-                         last_spherical=sc.last_spherical)
+  x = dataclasses.asdict(phases.Lifecycle.of(sc.last_early, sc.last_midlife, sc.last_l1, T,
+                                              last_spherical=sc.last_spherical))
   b, d = x["boundaries"], x["durations"]
   assert (b["last_early"]["median"], b["last_early"]["count"], b["last_early_never"]) == (4, 1, 2)
   assert b["last_midlife"]["median"] == 4 and b["last_midlife"]["mean"] == 5.5  # lower median
@@ -194,7 +199,7 @@ def test_lifecycle_last_exit_rule_and_populations(synthetic):
   assert [d[p]["mean"] for p in ("early", "midlife", "late", "fimbulwinter")] == [
       4 / 3, 7 / 3, 1.0, 16 / 3]
   assert x["stumbling"]["max"] == 2  # row 2: last L1 > 1 at 7, last motion at 9
-  pops = metrics.phase_populations(sc.last_early, sc.last_midlife, sc.last_l1, T)
+  pops = phases.phase_populations(sc.last_early, sc.last_midlife, sc.last_l1, T)
   np.testing.assert_array_equal(pops, [
       [1, 1, 0, 1], [1, 1, 0, 1], [1, 1, 0, 1], [1, 1, 0, 1], [0, 1, 1, 1],
       [0, 1, 0, 2], [0, 1, 0, 2], [0, 0, 1, 2], [0, 0, 1, 2], [0, 0, 0, 3]])
@@ -206,14 +211,15 @@ def test_phase_populations_match_a_brute_force_classification():
   le = rng.integers(-1, 30, 50)
   lm = np.maximum(le, rng.integers(-1, 40, 50))
   ll = np.maximum(lm, rng.integers(-1, 60, 50))
-  pops = metrics.phase_populations(le, lm, ll, 60)
+  pops = phases.phase_populations(le, lm, ll, 60)
   for t in range(1, 61):
     phase = np.where(t <= le, 0, np.where(t <= lm, 1, np.where(t <= ll, 2, 3)))
     np.testing.assert_array_equal(pops[t - 1], np.bincount(phase, minlength=4))
 
 
 def test_full_analysis_of_the_synthetic_file(synthetic):
-  s, series = metrics.analyze(synthetic)
+  summary, series = metrics.analyze(synthetic)
+  s = summary.to_json()
   assert s["layout"] == "lab" and s["delta_w_prime"] == "computed from W"
   assert s["fimbulwinter_check"]["global_last_motion"] == 9
   assert s["fimbulwinter_check"]["never_moved"] == 1
@@ -254,18 +260,20 @@ def test_streaming_in_tiny_blocks_equals_one_block(tmp_path, delta):
                     loss=rng.random(41))
   whole = metrics.analyze(path, block_steps=1000)
   for block in (1, 3, 7):
-    _assert_same(metrics.analyze(path, block_steps=block), whole)
-  assert whole[0]["fimbulwinter_check"]["fimbulwinter_duration"] >= 10
-  assert whole[0]["delta_w_prime"] == ("stored" if delta else "computed from W")
+    s, series = metrics.analyze(path, block_steps=block)
+    _assert_same(s.to_json(), whole[0].to_json())
+    _assert_same(series, whole[1])
+  assert whole[0].fimbulwinter_check.fimbulwinter_duration >= 10
+  assert whole[0].delta_w_prime == ("stored" if delta else "computed from W")
 
 
 def test_stored_and_computed_delta_give_the_same_analysis(tmp_path):
   w = w_bits_from_cells(cells_schedule())
-  a = metrics.analyze(write_file(str(tmp_path / "a.safetensors"), w))
-  b = metrics.analyze(write_file(str(tmp_path / "b.safetensors"), w, delta=True))
+  a = metrics.analyze(write_file(str(tmp_path / "a.safetensors"), w))[0].to_json()
+  b = metrics.analyze(write_file(str(tmp_path / "b.safetensors"), w, delta=True))[0].to_json()
   for k in ("fimbulwinter_check", "stillness", "frozen_fraction", "lifecycle", "global_freeze",
             "centroid"):
-    _assert_same(a[0][k], b[0][k], k)
+    _assert_same(a[k], b[k], k)
 
 
 def test_all_row_files_analyse_the_dead_rows(tmp_path):
@@ -275,9 +283,9 @@ def test_all_row_files_analyse_the_dead_rows(tmp_path):
   mask = np.array([False, True, True, True, False])
   path = write_file(str(tmp_path / "all.safetensors"), full, extra={"dead_mask": mask})
   s, _ = metrics.analyze(path)
-  assert s["rows"] == 3 and s["rows_recorded"] == 5 and "dead rows" in s["notes"][0]
-  assert s["fimbulwinter_check"]["global_last_motion"] == 9  # the live rows move to the end
-  assert s["global_freeze"]["cycles"] == 3
+  assert s.rows == 3 and s.rows_recorded == 5 and "dead rows" in s.notes[0]
+  assert s.fimbulwinter_check.global_last_motion == 9  # the live rows move to the end
+  assert s.global_freeze.cycles == 3
 
 
 def test_bad_paths_are_one_line_errors(tmp_path):

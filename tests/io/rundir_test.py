@@ -370,7 +370,7 @@ def test_a_corrupt_finished_trajectory_is_refused_by_every_reader(cfg, ref, tmp_
     verify.compare(ref.trajectory, path, spec, STEPS)
   # The intact run verifies, and says so.
   summary, _ = metrics.analyze(ref.run_dir)
-  assert summary["verified"] is True
+  assert summary.verified is True
 
 
 def test_readers_refuse_partial_files_and_unfinished_runs(cfg, ref, tmp_path):
@@ -437,7 +437,7 @@ def test_a_diverged_run_keeps_its_records_and_every_analysis_reports_it(cfg, tmp
   assert np.isfinite(loss[1:step]).all() and not np.isfinite(loss[step])
   lines = []
   summary = outputs.analyze(result.run_dir, echo=lines.append)
-  assert summary["diverged_at_step"] == step and summary["steps"] == step - 1
+  assert summary.diverged_at_step == step and summary.steps == step - 1
   assert f"The loss is non-finite from step {step} on" in lines[0]
 
 

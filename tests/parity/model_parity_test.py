@@ -55,7 +55,7 @@ def _needs_torch():
 @functools.lru_cache(maxsize=None)
 def _lab_tinylm():
   """The lab's TinyLM class (Crucible 1, cell 7, unchanged), from the benchmark's port of
-  the seed's loop, so the parity test and the benchmark share one copy."""
+  the lab's loop, so the parity test and the benchmark share one copy."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
       __file__)))), "benchmarks", "torch_crucible1.py")
   spec = importlib.util.spec_from_file_location("_jaxdt_torch_crucible1", path)

@@ -14,11 +14,13 @@ from safetensors.torch import save_file
 
 from conftest import tiny_config
 
+from jaxdt.analysis import freeze
 from jaxdt.analysis import metrics
 from jaxdt.io import metadata
 from jaxdt.io import tensorfile
 from jaxdt.report import outputs
 from jaxdt.report import plots as plots_lib
+from jaxdt.report import text as text_lib
 from jaxdt.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,18 +95,18 @@ def test_analyze_our_run_prints_the_seed_blocks_and_writes_json_and_pngs(run, tm
   lines = []
   s = outputs.analyze(run.run_dir, str(tmp_path), echo=lines.append)
   text = "\n".join(lines)
-  with tensorfile.TrajectoryReader(run.trajectory) as r:  # the seed's blocks, computed the old way
-    check = metrics.fimbulwinter_check(r.read("last_motion_step"), 30)
-    still = metrics.stillness_runs(_any_motion(r, 0.1))
-  assert metrics.format_fimbulwinter_check(check) in text
-  assert metrics.format_stillness(still) in text
+  with tensorfile.TrajectoryReader(run.trajectory) as r:  # the lab's blocks, computed the old way
+    check = freeze.FimbulwinterCheck.of(r.read("last_motion_step"), 30)
+    still = freeze.Stillness.of(_any_motion(r, 0.1))
+  assert text_lib.format_fimbulwinter_check(check) in text
+  assert text_lib.format_stillness(still) in text
   for title in ("LOSS", "GLOBAL FREEZE", "PER-STEP FROZEN FRACTION", "LIFECYCLE PHASES",
                 "CENTROID DRIFT AND CLOUD RADIUS", "ADAM ACCOUNTING"):
     assert f"\n{title}" in text, title
   saved = _strict_json(tmp_path / outputs.SUMMARY_FILE)
   assert SUMMARY_KEYS <= set(saved)
   assert saved["skipped"] == [] and saved["layout"] == "jaxdt"
-  assert saved["fimbulwinter_check"] == check
+  assert saved["fimbulwinter_check"] == dataclasses.asdict(check)
   assert saved["accounting"]["replay_exact_steps"] == 30
   assert saved["run"]["cpu_threads"] >= 1 and "xla_flags" in saved["run"]
   assert sorted(os.path.basename(p) for p in saved["outputs"]["plots"]) == sorted(
@@ -112,17 +114,17 @@ def test_analyze_our_run_prints_the_seed_blocks_and_writes_json_and_pngs(run, tm
   for p in saved["outputs"]["plots"]:
     w, h = _png_size(p)
     assert w > 100 and h > 100
-  assert s["steps"] == 30
+  assert s.steps == 30
 
 
 def test_streaming_block_size_does_not_change_a_real_runs_summary(run):
   a, _ = metrics.analyze(run.trajectory, block_steps=1)
   b, _ = metrics.analyze(run.trajectory)
-  assert json.dumps(metadata.json_ready(a)) == json.dumps(metadata.json_ready(b))
+  assert json.dumps(a.to_json()) == json.dumps(b.to_json())
 
 
 def test_lab_crucible_file_without_our_keys(run, tmp_path):
-  """The seed's `save_file` of W (uint16), ΔW′, centroid, loss, last_motion_step and masks."""
+  """The lab's `save_file` of W (uint16), ΔW′, centroid, loss, last_motion_step and masks."""
   t = _tensors(run)
   lab = {k: _torch(t[k]) for k in ("W", "delta_W_prime", "centroid", "loss", "last_motion_step",
                                    "dead_mask", "dead_indices")}
@@ -131,10 +133,10 @@ def test_lab_crucible_file_without_our_keys(run, tmp_path):
   _write_metadata(str(tmp_path), motion_threshold=0.1, total_steps=30)
   ours, _ = metrics.analyze(run.trajectory)
   theirs, _ = metrics.analyze(path)
-  assert theirs["layout"] == "lab"
+  assert theirs.layout == "lab"
   for k in SHARED + ("centroid",):
-    assert metadata.json_ready(theirs[k]) == metadata.json_ready(ours[k]), k
-  assert [x["analysis"] for x in theirs["skipped"]] == ["Adam accounting"]
+    assert theirs.to_json()[k] == ours.to_json()[k], k
+  assert [x.analysis for x in theirs.skipped] == ["Adam accounting"]
 
 
 def test_lab_thimble1_file_bf16_w_and_losses_through_the_cli(run, tmp_path):
@@ -145,10 +147,10 @@ def test_lab_thimble1_file_bf16_w_and_losses_through_the_cli(run, tmp_path):
   result = _cli(f"--analyze={path}")
   assert result.returncode == 0, result.stderr
   s = _strict_json(tmp_path / outputs.SUMMARY_FILE)
-  ours, _ = metrics.analyze(run.trajectory)
+  ours = metrics.analyze(run.trajectory)[0].to_json()
   assert "FIMBULWINTER CHECK" in result.stdout  # no last_motion_step: recounted from W
   for k in SHARED:
-    assert s[k] == metadata.json_ready(ours[k]), k
+    assert s[k] == ours[k], k
   assert s["delta_w_prime"] == "computed from W" and "no dead_mask" in s["notes"][0]
   # The centroid is recomputed as an f64 mean (ours stores a pairwise f32 mean).
   assert s["centroid"]["norm_end"] == pytest.approx(ours["centroid"]["norm_end"], rel=1e-6)
@@ -179,22 +181,22 @@ def test_state_files_recompute_the_accounting_we_record(state_run, tmp_path):
     lines = []
     s = outputs.analyze(str(folder), plots=False, echo=lines.append)
     _, series = metrics.analyze(str(folder))
-    assert s["accounting"]["source"].startswith("recomputed")
+    assert s.accounting.source.startswith("recomputed")
     for k in ("adam_replay_match", "adam_swallowed"):  # exact counts
       np.testing.assert_array_equal(series["accounting"][k], t[k], err_msg=k)
     for k in ("adam_cosine", "adam_norm_ratio", "adam_max_ulp_error"):  # f32 sums: order may vary
       np.testing.assert_allclose(series["accounting"][k], t[k], rtol=1e-5, err_msg=k)
-    assert s["accounting"]["replay_exact_steps"] == 12
+    assert s.accounting.replay_exact_steps == 12
     text = "\n".join(lines)
     assert "SANITY CHECK" in text and "m[0] all zero: True" in text
-    assert s["loss"]["first"] == float(t["loss"][1])  # loss[0] = 0.0 is not a step
+    assert s.loss.first == float(t["loss"][1])  # loss[0] = 0.0 is not a step
 
 
 def test_unknown_hyperparameters_are_reported_as_skipped(state_run, tmp_path):
   t = _tensors(state_run)
   save_file({k: _torch(t[k]) for k in ("W", "m", "v", "loss")}, str(tmp_path / "x.safetensors"))
   s, _ = metrics.analyze(str(tmp_path))
-  why = {x["analysis"]: x["reason"] for x in s["skipped"]}
+  why = {x.analysis: x.reason for x in s.skipped}
   assert "hyperparameters are unknown" in why["Adam accounting"]
 
 
