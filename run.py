@@ -30,7 +30,7 @@ from jaxdt.data import corpus as corpus_lib
 from jaxdt.data import demographics
 from jaxdt.data import vocabulary
 from jaxdt.io import disk
-from jaxdt.io import rundir
+from jaxdt.io import signals
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
 from jaxdt.report import outputs
@@ -38,6 +38,7 @@ from jaxdt.report import sweep as sweep_report
 from jaxdt.training import loop
 from jaxdt import probes as probes_lib
 from jaxdt.training import step
+from jaxdt.training import runs
 from jaxdt.training import sweep
 from jaxdt import verify
 
@@ -197,9 +198,9 @@ def run_verification(name: str) -> int:
 def run_sweep(name: str, cfg: config_lib.ExperimentConfig, spec: str) -> int:
   """--sweep (or the experiment's declared sweep): every member, then the summary."""
   out_root = FLAGS.output_dir or f"runs/{name}_sweep"
-  done = sweep.train_sweep(cfg, spec, out_root, resume=FLAGS.resume,
-                           exact=FLAGS.sweep_mode == "exact", progress=FLAGS.progress,
-                           devices=FLAGS.sweep_devices)
+  opts = runs.Options(resume=FLAGS.resume, progress=FLAGS.progress,
+                      exact=FLAGS.sweep_mode == "exact", devices=FLAGS.sweep_devices)
+  done = sweep.train_sweep(cfg, spec, out_root, opts)
   names = [m.name for m in sweep.members(cfg, spec)]
   if jax.process_index() != 0:
     print(f"process {jax.process_index()}: {len(done)} member(s) finished; process 0 writes "
@@ -237,7 +238,7 @@ def run_experiment(name: str) -> int:
     print_analyses(result, cfg)
   except OSError as e:  # the run itself is finished and intact
     raise ValueError(f"the run in {out_dir} finished, but its analysis failed "
-                     f"({rundir.os_error_message(e).split(';')[0]}); fix that and see it with "
+                     f"({disk.os_error_message(e).split(';')[0]}); fix that and see it with "
                      f"--analyze={out_dir}") from None
   return 0
 
@@ -300,20 +301,20 @@ def main(argv: list[str]) -> int:
   verification 1."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  rundir.raise_on_signals()
+  signals.raise_on_signals()
   try:
     backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
     backend.quiet_backend_probe()
     return _dispatch()
-  except rundir.Interrupted as e:
-    _exit_now(str(e), rundir.exit_status(e.signum))
+  except signals.Interrupted as e:
+    _exit_now(str(e), signals.exit_status(e.signum))
   except KeyboardInterrupt as e:
-    _exit_now("interrupted", rundir.exit_status(getattr(e, "signum", signal.SIGINT)))
+    _exit_now("interrupted", signals.exit_status(getattr(e, "signum", signal.SIGINT)))
   except (vocabulary.DataError, disk.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
-    print(f"error: {rundir.os_error_message(e)}", file=sys.stderr)
+    print(f"error: {disk.os_error_message(e)}", file=sys.stderr)
     return 2
 
 

@@ -60,6 +60,9 @@ from jaxdt.data import sampler  # noqa: E402
 from jaxdt.io import disk  # noqa: E402
 from jaxdt.io import metadata as metadata_lib  # noqa: E402
 from jaxdt.io import rundir  # noqa: E402
+from jaxdt.io import signals
+from jaxdt.io import locks
+from jaxdt.io import configdiff
 from jaxdt.numerics import backend  # noqa: E402
 from jaxdt.training import layout as layout_lib  # noqa: E402
 
@@ -101,7 +104,7 @@ def _source_config(path: str, what: str) -> config_lib.ExperimentConfig:
   if not isinstance(cfg, dict) or meta.get("framework", "jax") != "jax" or not name:
     raise ValueError(f"{what} {path} is not a jaxdt run folder; pass a finished jaxdt run")
   if not metadata_lib.is_complete(path, name):
-    raise ValueError(f"{what} {path} is unfinished; {rundir.unfinished_advice(path)}")
+    raise ValueError(f"{what} {path} is unfinished; {locks.unfinished_advice(path)}")
   return config_lib.from_dict(config_lib.ExperimentConfig, cfg)
 
 
@@ -114,7 +117,7 @@ def peer_config() -> tuple[config_lib.ExperimentConfig, dict]:
           if given else experiments.load("crucible1"))
   for p in given[1:]:
     other = _source_config(p, "--batches_from")
-    if rundir.config_differences(config_lib.to_dict(other), config_lib.to_dict(base),
+    if configdiff.config_differences(config_lib.to_dict(other), config_lib.to_dict(base),
                                  labels=("--batches_from has", "--init_from has")):
       raise ValueError("--init_from and --batches_from name runs of different configs; pass "
                        "one run for both")
@@ -151,10 +154,10 @@ def _same_data(path: str, corpus) -> config_lib.ExperimentConfig:
 def init_from(path: str, corpus, model: nn.Module) -> None:
   """Loads RUN's step-0 params into `model`, after checking them against RUN's W row 0."""
   from jaxdt.model import torch_io  # pylint: disable=g-import-not-at-top
-  from jaxdt.training import step  # pylint: disable=g-import-not-at-top
+  from jaxdt.training import runs  # pylint: disable=g-import-not-at-top
   src = _same_data(path, corpus)
   lay = layout_lib.layout(src, corpus)
-  params = step.init_state(src, lay.dims).params
+  params = runs.init_state(src, lay.dims).params
   reader, _, _ = rundir.open_result(os.path.join(path, src.store.trajectory_name))
   with reader:
     w0 = reader.rows("W", 0, 1)[0]
@@ -371,7 +374,7 @@ def train(log=print) -> str:
             run.checkpoint(step, snapshot(
                 model, optimizer, epoch_rng, (epoch, within, -1 if diverged is None else diverged),
                 last_motion_step, elapsed0 + time.perf_counter() - t_start))
-          rundir.check_signals()
+          signals.check_signals()
         skip = 0
       run.write("last_motion_step", last_motion_step.numpy())
       final = float(loss.item()) if loss is not None else float("nan")
@@ -382,25 +385,25 @@ def train(log=print) -> str:
       meta["fimbulwinter_duration"] = T - meta["global_last_motion"]
       run.commit(meta)
     except KeyboardInterrupt as e:
-      raise rundir.Interrupted.from_signal(e, step, run.resume_from) from None
+      raise signals.Interrupted.from_signal(e, step, run.resume_from) from None
   return run.trajectory
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  rundir.raise_on_signals()
+  signals.raise_on_signals()
   backend.quiet_backend_probe()
   try:
     path = train()
-  except rundir.Interrupted as e:
+  except signals.Interrupted as e:
     print(str(e), file=sys.stderr)
-    return rundir.exit_status(e.signum)
+    return signals.exit_status(e.signum)
   except (ValueError, disk.StoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
-    print(f"error: {rundir.os_error_message(e)}", file=sys.stderr)
+    print(f"error: {disk.os_error_message(e)}", file=sys.stderr)
     return 2
   print(f"Saved to {path}")
   return 0

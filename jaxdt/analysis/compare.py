@@ -18,7 +18,7 @@ from jaxdt.analysis import metrics
 from jaxdt.analysis import stream
 from jaxdt.analysis import trajectory
 from jaxdt import probes
-from jaxdt.io import rundir
+from jaxdt.io import configdiff
 from jaxdt.numerics import lattice
 
 def _key_layout(reader, key: str, steps: int) -> Optional[int]:
@@ -197,7 +197,7 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
                       **trajectory.run_info(t.metadata)}
     a_info, b_info = info(ta), info(tb)
     ca, cb = ta.metadata.get("config"), tb.metadata.get("config")
-    configs = (rundir.config_differences(ca, cb, labels=("A has", "B has"))
+    configs = (configdiff.config_differences(ca, cb, labels=("A has", "B has"))
                if isinstance(ca, dict) and isinstance(cb, dict) else None)
   finally:
     ta.reader.close()

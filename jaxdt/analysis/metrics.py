@@ -27,7 +27,7 @@ from jaxdt.analysis import phases
 from jaxdt.analysis import stream
 from jaxdt.analysis import trajectory
 from jaxdt.io import metadata as metadata_lib
-from jaxdt.io import rundir
+from jaxdt.numerics import finite
 
 AnalysisError = trajectory.AnalysisError  # callers catch analysis.AnalysisError
 FREEZE_BLOCKS = ("Fimbulwinter check", "stillness runs", "global freeze", "frozen fraction",
@@ -84,7 +84,7 @@ def divergence_step(traj: trajectory.Trajectory) -> Optional[int]:
   if traj.loss_key is None or traj.steps == 0:
     return None
   loss = traj.reader.rows(traj.loss_key, 1, traj.steps + 1)  # row 0 may be NaN by design
-  return rundir.first_nonfinite(loss, first_step=1)
+  return finite.first_nonfinite(loss, first_step=1)
 
 
 def _header(traj, T, threshold, diverged) -> dict:

@@ -26,6 +26,7 @@ from jaxdt import probes
 from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import rundir
+from jaxdt.io import locks
 from jaxdt.io import tensorfile
 
 
@@ -138,7 +139,7 @@ def resolve_path(path: str) -> str:
     partial = [f for f in os.listdir(path) if f.endswith(".safetensors" + tensorfile.PARTIAL_SUFFIX)]
     if not found and partial:
       raise AnalysisError(f"{path} holds only the unfinished {partial[0]}; "
-                          f"{rundir.unfinished_advice(path)}")
+                          f"{locks.unfinished_advice(path)}")
     if not found:
       raise AnalysisError(f"{path} has no .safetensors trajectory; pass a run folder or a "
                           ".safetensors file")
@@ -153,7 +154,7 @@ def resolve_path(path: str) -> str:
     return path
   if os.path.exists(path + tensorfile.PARTIAL_SUFFIX):
     raise AnalysisError(f"{path} is unfinished (only {os.path.basename(path)}.partial exists); "
-                        f"{rundir.unfinished_advice(os.path.dirname(os.path.abspath(path)))}")
+                        f"{locks.unfinished_advice(os.path.dirname(os.path.abspath(path)))}")
   raise AnalysisError(f"{path} does not exist; pass a run folder or a .safetensors file")
 
 

@@ -7,6 +7,7 @@ protocol (tests replace `FAULT_HOOK` to crash the process there).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -133,3 +134,19 @@ def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: i
     raise StoreError(f"not enough RAM for {file_name}: need {fmt_bytes(needed_ram_bytes)}, "
                      f"{fmt_bytes(available)} available; pass a smaller --chunk_steps or "
                      "record fewer rows")
+
+
+def os_error_message(e: OSError, path: Optional[str] = None) -> str:
+  """One line for an OS error during a run, with the fix."""
+  where = e.filename or path or "the run folder"
+  what = e.strerror or str(e)
+  fix = {errno.ENOSPC: "free space (or move --output_dir to a larger disk), then continue "
+                       "with --resume",
+         errno.EDQUOT: "free quota, then continue with --resume",
+         errno.EROFS: "the filesystem is read-only: choose a writable --output_dir",
+         errno.EACCES: "no permission: choose a writable --output_dir",
+         errno.EPERM: "no permission: choose a writable --output_dir",
+         errno.ENOTDIR: "a path component is a file: choose another --output_dir",
+         errno.EISDIR: "a folder stands where a file should be: choose another --output_dir",
+         }.get(e.errno, "fix the cause, then continue with --resume")
+  return f"{what}: {where}; {fix}"

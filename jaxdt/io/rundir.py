@@ -46,19 +46,15 @@ there.
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import dataclasses
 import json
 import os
-import signal
-import sys
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-import numpy as np
-
-from jaxdt import config as config_lib
 from jaxdt.io import checkpoints
+from jaxdt.io import configdiff
 from jaxdt.io import disk
+from jaxdt.io import locks
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import tensorfile
 
@@ -66,181 +62,6 @@ CHECKPOINT_DIR = "checkpoints"
 METADATA_FILE = metadata_lib.METADATA_FILE
 # Disk kept free for metadata.json rewrites and checkpoint markers.
 METADATA_BUDGET_BYTES = 1 << 20
-# Config fields a resume may change: they change no result (the chunk size) or
-# name inputs whose contents are checked by hash instead (the paths).
-RESUMABLE_FIELDS = frozenset({
-    "store.chunk_steps", "data.data_dir", "data.corpus_path", "data.tokenizer_path",
-    "data.dead_mask_path", "init_checkpoint"})
-
-
-class Interrupted(Exception):
-  """SIGINT/SIGTERM during a run: the folder is left resumable.
-
-  Attributes:
-    signum: the signal (signal.SIGINT or signal.SIGTERM).
-    step: steps done when it came (rows may not all be on disk).
-    resume_from: the step `--resume` will continue from (its newest checkpoint).
-  """
-
-  def __init__(self, signum: int, step: Optional[int], resume_from: Optional[int],
-               finished_in: Optional[str] = None):
-    self.signum, self.step, self.resume_from = signum, step, resume_from
-    if finished_in is not None:  # the signal came after the commit point
-      super().__init__(f"interrupted after the run finished; see it with --analyze={finished_in}")
-      return
-    where = "" if step is None else f" after step {step}"
-    restart = (" (from step 0: no checkpoint yet)" if resume_from is None else
-               f" (from the checkpoint at step {resume_from})")
-    super().__init__(f"interrupted{where}; continue with --resume{restart}")
-
-  @classmethod
-  def from_signal(cls, e: KeyboardInterrupt, step: Optional[int], resume_from: Optional[int],
-                  finished_in: Optional[str] = None) -> "Interrupted":
-    """The Interrupted for a caught Ctrl-C or `Signalled`; the signal counts as handled."""
-    clear_signals()
-    return cls(getattr(e, "signum", signal.SIGINT), step, resume_from, finished_in)
-
-
-class Signalled(KeyboardInterrupt):
-  """SIGTERM raised like Ctrl-C (so the same clean-up runs); `signum` says which."""
-
-  def __init__(self, signum: int):
-    super().__init__(signal.Signals(signum).name)
-    self.signum = signum
-
-
-_SIGNALS_SEEN: list = []  # signals whose handler ran in this process (`check_signals`)
-
-
-def raise_on_signals() -> None:
-  """Makes SIGINT and SIGTERM raise `Signalled` in the main thread, and remembers them.
-
-  Python raises a signal's exception wherever the main thread happens to be. If
-  that is a finalizer or a callback from C (a `__del__`, a weakref callback),
-  Python reports the exception as "ignored" and the run goes on as if no signal
-  had come. So the handler also records the signal, the chunk loop calls
-  `check_signals()` after every chunk's rows are written, and such an ignored
-  report is not printed (the signal is raised again at that point).
-  """
-
-  def handler(signum, frame):
-    _SIGNALS_SEEN.append(signum)
-    raise Signalled(signum)
-
-  signal.signal(signal.SIGINT, handler)
-  signal.signal(signal.SIGTERM, handler)
-  report = sys.unraisablehook
-
-  def unraisable(info):
-    if not isinstance(info.exc_value, Signalled):  # a lost signal: check_signals raises it
-      report(info)
-
-  sys.unraisablehook = unraisable
-
-
-def check_signals() -> None:
-  """Raises `Signalled` for a signal that came but whose exception never reached the loop."""
-  if _SIGNALS_SEEN:
-    raise Signalled(_SIGNALS_SEEN[-1])
-
-
-def clear_signals() -> None:
-  """Forgets the signals seen (once one is turned into `Interrupted`)."""
-  _SIGNALS_SEEN.clear()
-
-
-def exit_status(signum: int) -> int:
-  """The shell's status for death by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)."""
-  return 128 + int(signum)
-
-
-# --- Config comparison -----------------------------------------------------------
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _show(v: Any) -> str:
-  return json.dumps(v) if not isinstance(v, float) else repr(v)
-
-
-def config_differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any],
-                       ignore=RESUMABLE_FIELDS,
-                       labels: tuple = ("the run has", "the flags say")) -> list[str]:
-  """One line per field where two config dicts (`config.to_dict`) differ.
-
-  Returns:
-    e.g. ["optim.learning_rate: the run has 0.0003, the flags say 0.01"].
-  """
-  a, b = _flatten(recorded), _flatten(wanted)
-  defaults = _flatten(config_lib.to_dict(config_lib.ExperimentConfig()))
-  lines = []
-  for key in list(b) + [k for k in a if k not in b]:
-    if key in ignore or a.get(key, KeyError) == b.get(key, KeyError):
-      continue
-    if key not in a and key in defaults and b[key] == defaults[key]:
-      continue  # a field added since the run began, at its default: the same run
-    has = _show(a[key]) if key in a else "no such field"
-    say = _show(b[key]) if key in b else "no such field"
-    lines.append(f"{key}: {labels[0]} {has}, {labels[1]} {say}")
-  return lines
-
-
-# --- The lock --------------------------------------------------------------------
-
-
-def _lock_holder(fd: int) -> Optional[int]:
-  """The pid holding an flock on the file behind `fd` (Linux /proc/locks), or None."""
-  st = os.fstat(fd)
-  ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-  try:
-    with open("/proc/locks", encoding="ascii") as f:
-      for line in f:
-        parts = line.split()
-        if "FLOCK" in parts and len(parts) > 5 and parts[5] == ident:
-          return int(parts[4])
-  except (OSError, ValueError):
-    pass
-  return None
-
-
-def _holder_text(fd: int) -> str:
-  holder = _lock_holder(fd)
-  return f"pid {holder}" if holder is not None else "another process"
-
-
-def writer_of(path: str) -> Optional[str]:
-  """Who writes the run folder `path` now ("pid N" or "another process"), or None.
-
-  Takes and drops a shared lock, which a running writer's exclusive lock refuses.
-  """
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return None
-  try:
-    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-  except BlockingIOError:
-    return _holder_text(fd)
-  finally:
-    os.close(fd)
-  return None
-
-
-def unfinished_advice(folder: str) -> str:
-  """What to do with an unfinished run: wait for its writer, or resume it."""
-  who = writer_of(folder)
-  return (f"it is still running ({who}); wait for it to finish" if who else
-          "continue it with --resume first")
-
-
 # --- The folder's state ----------------------------------------------------------
 
 
@@ -265,6 +86,27 @@ def _read_json(path: str) -> Optional[dict]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderPlan:
+  """What a run will write into its folder, decided before the folder is touched."""
+
+  experiment: str  # the config's name (a folder holding another is refused)
+  config: Mapping[str, Any]  # `config.to_dict(cfg)`, recorded and checked on resume
+  inputs: Mapping[str, Any]  # {metadata key: value} a resume must find unchanged
+  specs: Mapping[str, tuple]  # the trajectory's tensors
+  file_metadata: Mapping[str, str]  # the trajectory's safetensors metadata
+  checkpoint_steps: tuple = ()  # for the disk preflight
+  checkpoint_bytes: int = 0
+  ram_bytes: int = 0  # host RAM the run needs (preflight)
+
+
+class Start(NamedTuple):
+  """Where a run continues: after `step`, from `state` (None: a fresh run from step 0)."""
+
+  step: int
+  state: Any
+
+
 class RunDir:
   """A run folder and its protocol (see the module docstring for the invariants).
 
@@ -272,7 +114,7 @@ class RunDir:
   leaving by an exception (a fault, Ctrl-C) closes the trajectory unfinished.
 
     with RunDir(out_dir, "x.safetensors") as run:
-      start, state = run.begin(...)
+      start, state = run.begin(plan, metadata, like_state, resume)
       run.write_rows(key, row, array) ...; run.checkpoint(step, state) ...
       run.write(key, array); run.commit(metadata)
   """
@@ -291,6 +133,8 @@ class RunDir:
     self._created = False  # lock() made the folder: removed again if nothing was written
     self._wrote = False
     self.committed = False  # the run is finished (its final name exists)
+    self.previous_metadata: Optional[dict] = None  # a resumed run's metadata.json, as found
+    self._plan: Optional[FolderPlan] = None
 
   # -- the lock ------------------------------------------------------------------
 
@@ -319,12 +163,10 @@ class RunDir:
       raise disk.StoreError(f"cannot create the run folder {self.path} ({e.strerror}); "
                              "choose a writable --output_dir") from None
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      who = _holder_text(fd)
+      locks.lock_exclusive(fd, self.path)
+    except disk.StoreError:
       os.close(fd)
-      raise disk.StoreError(f"{self.path} is in use by {who} (another jaxdt run writes "
-                             "there); wait for it to end or choose another --output_dir") from None
+      raise
     self._lock_fd = fd
     if not os.access(self.path, os.W_OK):
       self.close()
@@ -386,15 +228,15 @@ class RunDir:
     Raises:
       StoreError: the first line says what to do; then one line per field.
     """
-    lines = config_differences(metadata.get("config") or {}, config)
+    lines = configdiff.config_differences(metadata.get("config") or {}, config)
     for key, value in inputs.items():
       if key in metadata and metadata[key] != value:
         if key == "gemm_path":  # another host: same config, other GEMM kernels
           lines.append(f"gemm_path: the run has {metadata[key]}, this host {value}; "
                        "force the run's with --gemm_operands")
         else:
-          lines.append(f"{key}: the run used other input files ({_show(metadata[key])[:80]}), "
-                       f"now {_show(value)[:80]}")
+          lines.append(f"{key}: the run used other input files ({configdiff.show(metadata[key])[:80]}), "
+                       f"now {configdiff.show(value)[:80]}")
     if lines:
       head = (f"cannot resume {self.path}: {len(lines)} setting(s) differ from the run's; "
               "resume with the run's settings, or choose another --output_dir")
@@ -402,25 +244,27 @@ class RunDir:
 
   # -- the start ---------------------------------------------------------------------
 
-  def _preflight(self, specs, file_metadata, checkpoint_steps, checkpoint_bytes,
-                 ram_bytes, resume: bool) -> None:
-    total = tensorfile.estimate_bytes(specs, file_metadata)
+  def _preflight(self, plan: "FolderPlan", resume: bool) -> None:
+    total = tensorfile.estimate_bytes(plan.specs, plan.file_metadata)
     have = 0
     if resume:
       for p in (self.partial, self.trajectory):
         if os.path.exists(p):
           have = max(have, os.stat(p).st_blocks * 512)
     done = {s for s, _ in checkpoints.checkpoints(self.ckpt_dir)}
-    ckpts = len([s for s in set(checkpoint_steps) if s not in done])
-    need = max(0, total - have) + ckpts * checkpoint_bytes + METADATA_BUDGET_BYTES
-    disk.preflight(self.path, need, ram_bytes,
-                    file_name=f"{os.path.basename(self.trajectory)} and {ckpts} checkpoints")
+    ckpts = len([s for s in set(plan.checkpoint_steps) if s not in done])
+    need = max(0, total - have) + ckpts * plan.checkpoint_bytes + METADATA_BUDGET_BYTES
+    disk.preflight(self.path, need, plan.ram_bytes,
+                   file_name=f"{os.path.basename(self.trajectory)} and {ckpts} checkpoints")
 
-  def _fresh(self, specs, file_metadata) -> None:
+  def _fresh(self) -> Start:
     if os.path.exists(self.trajectory):  # never finished (inspect said so): not a result
       os.remove(self.trajectory)
-    self._writer = tensorfile.TrajectoryWriter(self.trajectory, specs, file_metadata)
+    self._writer = tensorfile.TrajectoryWriter(self.trajectory, self._plan.specs,
+                                               self._plan.file_metadata)
     disk.fault_point("partial_created")
+    self.resume_from = None
+    return Start(0, None)
 
   def _intact_checkpoint(self, like_state, at_most: Optional[int] = None
                          ) -> Optional[tuple[int, Any]]:
@@ -430,16 +274,8 @@ class RunDir:
       if at_most is not None and step > at_most:
         continue
       try:
-        meta = checkpoints.checkpoint_meta(path)
         state, extra = checkpoints.load_checkpoint(path, like_state)
-        covered = (meta.get("covers") or {}).get("trajectory")
-        if not isinstance(covered, dict) or int(extra.get("step", -1)) != step:
-          raise disk.StoreError(f"checkpoint {path} does not record the trajectory rows it "
-                                 "covers (written by an older jaxdt?)")
-        for name, d in covered.items():
-          if self._writer.rehash_prefix(name, int(d["rows"])) != d["sha256"]:
-            raise disk.StoreError(f"{os.path.basename(self.partial)}: rows of {name!r} up to "
-                                   f"step {step} do not match checkpoint {path}'s SHA-256")
+        self._check_covered(step, path, extra)
       except (disk.StoreError, KeyError, TypeError, ValueError) as e:
         reason = str(e).rsplit("; ", 1)[0]  # the tool does the fix itself: try an older one
         self.log(f"skipping checkpoint step {step}: {reason}; trying an older one")
@@ -447,51 +283,59 @@ class RunDir:
       return step, state
     return None
 
-  def begin(self, *, experiment: str, config: Mapping[str, Any], inputs: Mapping[str, Any],
-            specs: Mapping[str, tuple], file_metadata: Mapping[str, str], metadata: Mapping,
-            like_state: Any, resume: bool, checkpoint_steps=(), checkpoint_bytes: int = 0,
-            ram_bytes: int = 0) -> tuple[int, Any]:
+  def _check_covered(self, step: int, path: str, extra: Mapping) -> None:
+    """Raises unless checkpoint `path` records step `step` and the trajectory rows it covers."""
+    meta = checkpoints.checkpoint_meta(path)
+    covered = (meta.get("covers") or {}).get("trajectory")
+    if not isinstance(covered, dict) or int(extra.get("step", -1)) != step:
+      raise disk.StoreError(f"checkpoint {path} does not record the trajectory rows it covers "
+                            "(written by an older jaxdt?)")
+    for name, d in covered.items():
+      if self._writer.rehash_prefix(name, int(d["rows"])) != d["sha256"]:
+        raise disk.StoreError(f"{os.path.basename(self.partial)}: rows of {name!r} up to step "
+                              f"{step} do not match checkpoint {path}'s SHA-256")
+
+  def _refuse(self, folder: Folder, plan: "FolderPlan", resume: bool) -> None:
+    """The one-line refusals of `begin`, before anything in the folder changes."""
+    experiment = plan.experiment
+    if folder.kind == "finished":
+      if resume:
+        raise disk.StoreError(f"{self.path} holds a finished {experiment} run, nothing to "
+                              f"resume; see it with --analyze={self.path}, or choose another "
+                              "--output_dir")
+      raise disk.StoreError(f"{self.path} holds a finished {experiment} run; choose another "
+                            f"--output_dir (see it with --analyze={self.path})")
+    if folder.kind == "unfinished" and not resume:
+      raise disk.StoreError(f"{self.path} holds an unfinished {experiment} run; pass --resume "
+                            "to continue it, or choose another --output_dir")
+    if folder.kind == "unfinished":
+      self.check_resume(folder.metadata, plan.config, plan.inputs)
+
+  def begin(self, plan: "FolderPlan", metadata: Mapping, like_state: Any,
+            resume: bool) -> Start:
     """Checks the folder, then opens the trajectory for a fresh run or a resume.
 
     Args:
-      experiment: the config's name (a folder holding another is refused).
-      config: `config.to_dict(cfg)`, recorded and checked on resume.
-      inputs: {metadata key: value} that a resume must find unchanged (the data
-        files' SHA-256, the init checkpoint's).
-      specs, file_metadata: the trajectory's tensors and safetensors metadata.
+      plan: what the run writes (`FolderPlan`).
       metadata: metadata.json as written while running (must hold `config`
-        and `inputs`; "completed" is set here).
+        and the plan's inputs; "completed" is set here).
       like_state: the step-0 state (structure, dtypes) to restore into.
       resume: continue an unfinished run.
-      checkpoint_steps, checkpoint_bytes: for the disk preflight.
-      ram_bytes: host RAM the run needs (preflight).
 
     Returns:
-      (start, state): the step to continue after and its state, or
-      (0, None) for a run from step 0 (the caller writes row 0 and the static
-      tensors, and checkpoints step 0 if asked).
+      Start(step, state): the step to continue after and its restored state;
+      Start(0, None) for a run from step 0, whose row 0 the caller writes.
 
     Raises:
       StoreError: one line (or one per differing field) saying why and what
         to do; nothing in the folder has changed.
     """
-    folder = self.inspect(experiment)
-    if folder.kind == "finished":
-      if resume:
-        raise disk.StoreError(f"{self.path} holds a finished {experiment} run, nothing to "
-                               f"resume; see it with --analyze={self.path}, or choose another "
-                               "--output_dir")
-      raise disk.StoreError(f"{self.path} holds a finished {experiment} run; choose another "
-                             f"--output_dir (see it with --analyze={self.path})")
-    if folder.kind == "unfinished" and not resume:
-      raise disk.StoreError(f"{self.path} holds an unfinished {experiment} run; pass --resume "
-                             "to continue it, or choose another --output_dir")
-    if folder.kind == "unfinished":
-      self.check_resume(folder.metadata, config, inputs)
-    self._preflight(specs, file_metadata, checkpoint_steps, checkpoint_bytes, ram_bytes,
-                    folder.kind == "unfinished")
+    folder = self.inspect(plan.experiment)
+    self._refuse(folder, plan, resume)
+    self._preflight(plan, folder.kind == "unfinished")
     # --- from here on the folder changes -------------------------------------
-    self._wrote = True
+    self._wrote, self._plan = True, plan
+    self.previous_metadata = folder.metadata
     for entry in os.listdir(self.path):  # temporaries of a metadata write that was killed
       if entry.startswith(METADATA_FILE + ".tmp"):
         os.remove(os.path.join(self.path, entry))
@@ -500,8 +344,11 @@ class RunDir:
     if folder.kind == "new":
       if resume:
         self.log(f"{self.path} has no run to resume; starting from step 0")
-      self._fresh(specs, file_metadata)
-      return 0, None
+      return self._fresh()
+    return self._reopen(like_state)
+
+  def _reopen(self, like_state) -> Start:
+    """The unfinished trajectory reopened at its newest intact checkpoint (else afresh)."""
     if os.path.exists(self.trajectory):  # never committed (inspect said so): not a result
       if os.path.exists(self.partial):
         os.remove(self.trajectory)
@@ -509,36 +356,33 @@ class RunDir:
         os.replace(self.trajectory, self.partial)
     if not os.path.exists(self.partial):
       self.log(f"{self.path} has no trajectory yet; starting from step 0")
-      self._fresh(specs, file_metadata)
-      return 0, None
+      return self._fresh()
     try:
-      self._writer = tensorfile.TrajectoryWriter(self.trajectory, specs, file_metadata, resume=True)
+      self._writer = tensorfile.TrajectoryWriter(self.trajectory, self._plan.specs,
+                                                 self._plan.file_metadata, resume=True)
     except disk.StoreError as e:
       reason = str(e).split(": ", 1)[-1].rsplit("; ", 1)[0]
       self.log(f"the unfinished trajectory is unusable ({reason}); restarting from step 0")
-      self._fresh(specs, file_metadata)
-      return 0, None
-    self._layout = (specs, file_metadata)
+      return self._fresh()
     found = self._intact_checkpoint(like_state)
     if found is None:
       what = "intact checkpoint" if checkpoints.checkpoints(self.ckpt_dir) else "checkpoint yet"
       self.log(f"no {what} in {self.ckpt_dir}; restarting from step 0")
       self._writer.close()
-      self._fresh(specs, file_metadata)
-      return 0, None
+      return self._fresh()
     self.resume_from = found[0]
     self.log(f"resuming {self.path} from the checkpoint at step {found[0]}")
-    return found
+    return Start(*found)
 
-  def rewind(self, step: int, like_state) -> tuple[int, Any]:
+  def rewind(self, step: int, like_state) -> Start:
     """Moves a resumed run back to its newest intact checkpoint at or before `step`.
 
     A sweep's members continue from one common step; a member that got further
     before the kill steps back (the steps it redoes rewrite the same bytes).
 
     Returns:
-      (start, state), or (0, None) when no such checkpoint is intact (the
-      trajectory is started afresh, as `begin` does).
+      Start(step, state), or Start(0, None) when no such checkpoint is intact
+      (the trajectory is started afresh, as `begin` does).
     """
     if self.resume_from is None or self.resume_from <= step:
       raise ValueError(f"rewind({step}) of a run resumed from step {self.resume_from}")
@@ -547,13 +391,11 @@ class RunDir:
       self.log(f"no intact checkpoint at or before step {step} in {self.ckpt_dir}; "
                "restarting from step 0")
       self._writer.close()
-      self._fresh(*self._layout)
-      self.resume_from = None
-      return 0, None
+      return self._fresh()
     self.resume_from = found[0]
     self.log(f"{self.path}: stepping back to the checkpoint at step {found[0]} (the sweep "
              "continues all its members from one step)")
-    return found
+    return Start(*found)
 
   # -- while running -------------------------------------------------------------
 
@@ -614,7 +456,7 @@ def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
   folder = os.path.dirname(os.path.abspath(path))
   if path.endswith(tensorfile.PARTIAL_SUFFIX):
     raise disk.StoreError(f"{path} is an unfinished trajectory (.partial); "
-                           f"{unfinished_advice(folder)}, then pass the finished file")
+                           f"{locks.unfinished_advice(folder)}, then pass the finished file")
   meta_path = os.path.join(folder, METADATA_FILE)
   try:
     meta = _read_json(meta_path) or {}
@@ -627,7 +469,7 @@ def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
   if ours and name == os.path.basename(path):
     if meta.get("completed") is not True:
       raise disk.StoreError(f"{path} belongs to an unfinished run ({METADATA_FILE} says "
-                             f"completed: false); {unfinished_advice(folder)}")
+                             f"completed: false); {locks.unfinished_advice(folder)}")
     size = os.path.getsize(path) if os.path.isfile(path) else None
     if size is not None and meta.get("trajectory_bytes") != size:
       raise disk.StoreError(f"{path} is {size:,} bytes but its run recorded "
@@ -643,25 +485,4 @@ def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
     notes.append("not a jaxdt run (no jaxdt metadata.json): integrity not verified")
   return tensorfile.TrajectoryReader(path, digests=digests), meta, notes
 
-
-def first_nonfinite(values: np.ndarray, first_step: int = 0) -> Optional[int]:
-  """The step of the first non-finite value of a per-step series, or None."""
-  bad = ~np.isfinite(np.asarray(values, np.float64))
-  return int(np.argmax(bad)) + first_step if bad.any() else None
-
-
-def os_error_message(e: OSError, path: Optional[str] = None) -> str:
-  """One line for an OS error during a run, with the fix."""
-  where = e.filename or path or "the run folder"
-  what = e.strerror or str(e)
-  fix = {errno.ENOSPC: "free space (or move --output_dir to a larger disk), then continue "
-                       "with --resume",
-         errno.EDQUOT: "free quota, then continue with --resume",
-         errno.EROFS: "the filesystem is read-only: choose a writable --output_dir",
-         errno.EACCES: "no permission: choose a writable --output_dir",
-         errno.EPERM: "no permission: choose a writable --output_dir",
-         errno.ENOTDIR: "a path component is a file: choose another --output_dir",
-         errno.EISDIR: "a folder stands where a file should be: choose another --output_dir",
-         }.get(e.errno, "fix the cause, then continue with --resume")
-  return f"{what}: {where}; {fix}"
 

@@ -27,10 +27,10 @@ from jaxdt.model import tinylm
 NLL_BLOCK_ROWS = {"cpu": 512}
 
 
-def _tied_nll_block(table, scale, h, targets):
+def _tied_nll_block(gemm, table, scale, h, targets):
   """(nll, dlogits as a GEMM operand, dh in f32) of one block; h (R, D), targets (R,)."""
   cd = h.dtype
-  logits = tinylm.matmul(h, table, w_in_axis=1)  # (R, V) f32
+  logits = tinylm.matmul(h, table, 1, gemm)  # (R, V) f32
   # torch's logits tensor is bf16 under bf16: round, but keep computing in f32.
   # Rounding is monotone, so the max of the rounded logits is the rounded max of
   # the GEMM's output: the max reads that output directly and the rounding fuses
@@ -45,24 +45,24 @@ def _tied_nll_block(table, scale, h, targets):
   onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
   # d(mean nll)/d logits = (softmax - onehot) / N, rounded to the logits' dtype
   # as torch's autograd hands a bf16 gradient to the bf16 matmul.
-  dlogits = tinylm.operand((e * (1 / s) - onehot) * scale, cd)  # (R, V)
-  dh = tinylm.matmul(dlogits, table, w_in_axis=0)  # (R, D) f32
+  dlogits = tinylm.operand((e * (1 / s) - onehot) * scale, gemm, cd)  # (R, V)
+  dh = tinylm.matmul(dlogits, table, 0, gemm)  # (R, D) f32
   return nll, dlogits, dh
 
 
-def _tied_nll_scan(h, table, targets):
+def _tied_nll_scan(gemm, h, table, targets):
   """Loss and both gradients (for a unit cotangent), block by block."""
   nb, r, d = h.shape  # (blocks, rows, D)
   scale = jnp.float32(1 / (nb * r))
 
   def body(d_table_t, xs):
     hb, tb = xs
-    nll, dlogits, dh = _tied_nll_block(table, scale, hb, tb)
+    nll, dlogits, dh = _tied_nll_block(gemm, table, scale, hb, tb)
     # dE^T += h^T dlogits, accumulated in f32 over blocks, rounded once at the end.
     # Kept as (D, V): contracting the block's rows with a (D, V) output runs on
     # XLA:CPU's fast GEMM kernel; the (V, D) layout fell back to a slower one
     # (BUILD_NOTES, "Speed (issue 12)").
-    d_table_t = d_table_t + tinylm.matmul(hb.T, dlogits, w_in_axis=0)
+    d_table_t = d_table_t + tinylm.matmul(hb.T, dlogits, 0, gemm)
     return d_table_t, (nll, dh)
 
   d_table_t, (nll, dh) = jax.lax.scan(
@@ -70,36 +70,31 @@ def _tied_nll_scan(h, table, targets):
   return jnp.mean(nll), dh, d_table_t.T
 
 
-@functools.lru_cache(maxsize=None)
-def _tied_nll_for(gemm_operands):
-  """The custom-VJP loss for one GEMM operand setting.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_nll(gemm, h, table, targets):
+  """The mean NLL of (blocks, rows, D) h; `gemm` (a static value) is the GEMM operand dtype."""
+  nll = jax.lax.map(lambda xs: _tied_nll_block(gemm, table, 0.0, *xs)[0], (h, targets))
+  return jnp.mean(nll)
 
-  One function object per setting: JAX caches traces of a custom_vjp by the
-  function's identity, and the setting is read while tracing
-  (`tinylm.gemm_operands`), so two settings must never share one.
-  """
 
-  @jax.custom_vjp
-  def tied_nll(h, table, targets):
-    nll = jax.lax.map(lambda xs: _tied_nll_block(table, 0.0, *xs)[0], (h, targets))
-    return jnp.mean(nll)
+def _tied_nll_fwd(gemm, h, table, targets):
+  loss, dh, d_table = _tied_nll_scan(gemm, h, table, targets)
+  # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
+  return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
 
-  def fwd(h, table, targets):
-    loss, dh, d_table = _tied_nll_scan(h, table, targets)
-    # Rounded here, once, to the primal dtypes (the cotangents' dtypes).
-    return loss, (dh.astype(h.dtype), d_table.astype(table.dtype))
 
-  def bwd(res, g):
-    dh, d_table = res
-    # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
-    # a separate backward pass would give; any other g rounds twice. Integer
-    # targets get no cotangent.
-    g = g.astype(jnp.float32)
-    return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
-            (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
+def _tied_nll_bwd(gemm, res, g):
+  del gemm
+  dh, d_table = res
+  # value_and_grad's cotangent is 1.0, so g * x is exact and these are the bits
+  # a separate backward pass would give; any other g rounds twice. Integer
+  # targets get no cotangent.
+  g = g.astype(jnp.float32)
+  return ((g * dh.astype(jnp.float32)).astype(dh.dtype),
+          (g * d_table.astype(jnp.float32)).astype(d_table.dtype), None)
 
-  tied_nll.defvjp(fwd, bwd)
-  return tied_nll
+
+_tied_nll.defvjp(_tied_nll_fwd, _tied_nll_bwd)
 
 
 def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
@@ -111,7 +106,7 @@ def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
   return best
 
 
-def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
+def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *, gemm: str,
                     block_rows: int | None = None) -> jax.Array:
   """Mean next-token cross entropy of the tied logits `h @ table.T`, blockwise.
 
@@ -128,6 +123,7 @@ def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
     h: (B, T, D) final hidden states (post-ln_f), any float dtype.
     table: (V, D) the tied token table, h's dtype.
     targets: (B, T) int target ids.
+    gemm: operand dtype of bf16 GEMMs, "float32" or "bfloat16" (`tinylm.resolve_gemm`).
     block_rows: target rows per block (a speed knob: it changes only the f32
       summation order of dtable); None = `NLL_BLOCK_ROWS` of the default
       backend, all rows in one block where it has no entry.
@@ -141,4 +137,4 @@ def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *,
   k = _blocks(B, T, block_rows)
   hb = h.reshape(B // k, k * T, D)  # (blocks, rows, D)
   tb = targets.reshape(B // k, k * T).astype(jnp.int32)
-  return _tied_nll_for(tinylm.gemm_setting())(hb, table, tb)
+  return _tied_nll(gemm, hb, table, tb)

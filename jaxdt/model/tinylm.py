@@ -14,8 +14,9 @@ The compute dtype is the params' dtype. bf16 params compute like torch's
 `model.to(torch.bfloat16)` on CPU: matmuls accumulate in f32 and round once;
 LayerNorm, softmax and GELU run in f32 and round their outputs. fp32 params use
 Precision.HIGHEST on every dot, so CPU and GPU agree (no TF32). On CPU the
-GEMMs read bf16 values as f32 unless the CPU has bf16 dot-product units
-(`_gemm_dtype`; exact either way).
+GEMMs read bf16 values as f32 unless the CPU has bf16 dot-product units: the
+operand dtype is a value (`gemm`, from `resolve_gemm`), passed to every layer;
+exact either way.
 
 Training does not call `apply`: `hidden` + `tied_logits_nll` give the same loss
 block by block without the (B, T, V) logits (see that section).
@@ -23,9 +24,8 @@ block by block without the (B, T, V) logits (see that section).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -46,63 +46,49 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # -- Numerics shared by both variants ------------------------------------------
 
-# GEMM operands for bf16 values: set while a step is traced (`gemm_operands`);
-# None = the host's capability (`backend.gemm_operands`).
-_GEMM_OPERANDS = None
+def resolve_gemm(setting: str = "auto") -> str:
+  """The operand dtype name bf16 GEMMs read: "float32" or "bfloat16".
+
+  "auto" is the host's measured capability (`backend.gemm_operands`: bf16 only
+  where the CPU has bf16 dot-product units; accelerators bf16). Resolved on the
+  host, once, and passed down as a value (`gemm` below).
+  """
+  return backend.gemm_operands() if setting == "auto" else setting
 
 
-@contextlib.contextmanager
-def gemm_operands(setting: str):
-  """Traces the model's GEMMs with `setting` ("auto", "float32", "bfloat16") operands."""
-  global _GEMM_OPERANDS
-  previous, _GEMM_OPERANDS = _GEMM_OPERANDS, None if setting == "auto" else setting
-  try:
-    yield
-  finally:
-    _GEMM_OPERANDS = previous
-
-
-def gemm_setting():
-  """The GEMM operand setting being traced: None (the host's choice) or a dtype name."""
-  return _GEMM_OPERANDS
-
-
-def _gemm_dtype(dtype):
-  """The dtype a GEMM reads operands of `dtype` in: for bf16, f32 or bf16 by host.
+def _gemm_dtype(dtype, gemm: str):
+  """The dtype a GEMM reads operands of `dtype` in: for bf16, `gemm` (f32 or bf16).
 
   bf16 x bf16 products are exact in f32 and every GEMM here accumulates in
-  f32, so this choice changes speed, not values (beyond f32 summation order).
-  Without bf16 dot-product units XLA:CPU's bf16 GEMMs are the slower ones (on
-  an AVX-512 host without AVX512_BF16: 95 against 126 GFLOP/s for the logits
-  block; on an AVX2 host its bf16 square-GEMM ceiling 99-103 GFLOP/s against
-  139-173 in f32). See BUILD_NOTES, "Speed (issue 12)". Decided when tracing.
+  f32, so the choice changes speed, not values (beyond f32 summation order).
   """
   if jnp.dtype(dtype) != jnp.bfloat16:
     return dtype
-  return jnp.dtype(_GEMM_OPERANDS or backend.gemm_operands())
+  return jnp.dtype(gemm)
 
 
-def operand(x, dtype=None):
+def operand(x, gemm: str, dtype=None):
   """x as a GEMM operand: its values rounded to `dtype` (default x's), held in
-  `_gemm_dtype(dtype)`. A rounding held in f32 is a reduce_precision, which XLA
-  never elides (a bf16 -> f32 convert pair it may, under excess precision)."""
+  `_gemm_dtype(dtype, gemm)`. A rounding held in f32 is a reduce_precision,
+  which XLA never elides (a bf16 -> f32 convert pair it may, under excess
+  precision)."""
   dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  gd = _gemm_dtype(dtype)
+  gd = _gemm_dtype(dtype, gemm)
   if x.dtype == dtype or gd == dtype:
     return x.astype(dtype).astype(gd)
   return jax.lax.reduce_precision(x.astype(gd), *bits(dtype))
 
 
-def matmul(x, w, w_in_axis):
+def matmul(x, w, w_in_axis, gemm: str):
   """x @ w over x's last axis and w's `w_in_axis`, accumulated in f32."""
   dims = (((x.ndim - 1,), (w_in_axis,)), ((), ()))
-  return jax.lax.dot_general(
-      operand(x), operand(w), dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(operand(x, gemm), operand(w, gemm), dims, precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)
 
 
-def _affine(x, w, b, w_in_axis):
+def _affine(x, w, b, w_in_axis, gemm):
   """x @ w + b with a single rounding to x's dtype (torch's fused addmm)."""
-  return (matmul(x, w, w_in_axis) + b.astype(jnp.float32)).astype(x.dtype)
+  return (matmul(x, w, w_in_axis, gemm) + b.astype(jnp.float32)).astype(x.dtype)
 
 
 def _uniform(bound):
@@ -134,7 +120,7 @@ def _gelu_new(x):
   return (r(0.5 * x32) * r(1.0 + r(jnp.tanh(inner)))).astype(x.dtype)
 
 
-def _causal_attention(q, k, v, num_heads):
+def _causal_attention(q, k, v, num_heads, gemm):
   """softmax(q k^T / sqrt(head_dim) + causal mask) v per head; q, k, v (B, T, D).
 
   As torch's CPU flash kernel (cpu_flash_attention): f32 scores, exp(s - max)
@@ -144,11 +130,12 @@ def _causal_attention(q, k, v, num_heads):
   hd = D // num_heads
   q, k, v = (t.reshape(B, T, num_heads, hd).transpose(0, 2, 1, 3)
              for t in (q, k, v))  # (B, H, T, hd)
-  s = jnp.einsum("bhqd,bhkd->bhqk", operand(q), operand(k), precision=_HIGHEST,
+  s = jnp.einsum("bhqd,bhkd->bhqk", operand(q, gemm), operand(k, gemm), precision=_HIGHEST,
                  preferred_element_type=jnp.float32) * (1 / math.sqrt(hd))  # (B, H, T, T)
   s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
   e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-  o = jnp.einsum("bhqk,bhkd->bhqd", operand(e, v.dtype), operand(v), precision=_HIGHEST,
+  o = jnp.einsum("bhqk,bhkd->bhqd", operand(e, gemm, v.dtype), operand(v, gemm),
+                 precision=_HIGHEST,
                  preferred_element_type=jnp.float32)
   o = (o * (1 / e.sum(-1, keepdims=True))).astype(v.dtype)
   return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
@@ -176,6 +163,7 @@ class Linear(nn.Module):
   Init: weight kaiming_uniform_(a=sqrt(5)), which is U(+-1/sqrt(in)); bias U(+-1/sqrt(in)).
   """
   features: int
+  gemm: str
   zero_bias: bool = False  # MultiheadAttention zeroes out_proj.bias
 
   @nn.compact
@@ -184,12 +172,13 @@ class Linear(nn.Module):
     w = self.param("weight", init, (self.features, x.shape[-1]))
     b = self.param("bias", nn.initializers.zeros if self.zero_bias else init,
                    (self.features,))
-    return _affine(x, w, b, w_in_axis=1)
+    return _affine(x, w, b, 1, self.gemm)
 
 
 class SelfAttention(nn.Module):
   """torch nn.MultiheadAttention(batch_first=True) used as causal self-attention."""
   num_heads: int
+  gemm: str
 
   @nn.compact
   def __call__(self, x):
@@ -197,21 +186,22 @@ class SelfAttention(nn.Module):
     # xavier_uniform_ on [3D, D]: fan_in + fan_out = 4D.
     w = self.param("in_proj_weight", _uniform(math.sqrt(6 / (4 * D))), (3 * D, D))
     b = self.param("in_proj_bias", nn.initializers.zeros, (3 * D,))
-    q, k, v = jnp.split(_affine(x, w, b, w_in_axis=1), 3, axis=-1)  # 3 x (B, T, D)
-    o = _causal_attention(q, k, v, self.num_heads)
-    return Linear(D, zero_bias=True, name="out_proj")(o)
+    q, k, v = jnp.split(_affine(x, w, b, 1, self.gemm), 3, axis=-1)  # 3 x (B, T, D)
+    o = _causal_attention(q, k, v, self.num_heads, self.gemm)
+    return Linear(D, self.gemm, zero_bias=True, name="out_proj")(o)
 
 
 class EncoderLayer(nn.Module):
   """x + SA(norm1(x)), then x + linear2(gelu(linear1(norm2(x))))."""
   num_heads: int
   ffn_dim: int
+  gemm: str
 
   @nn.compact
   def __call__(self, x):
-    x = x + SelfAttention(self.num_heads, name="self_attn")(LayerNorm(name="norm1")(x))
-    h = Linear(self.ffn_dim, name="linear1")(LayerNorm(name="norm2")(x))  # (B, T, 4D)
-    return x + Linear(x.shape[-1], name="linear2")(_gelu_exact(h))  # (B, T, D)
+    x = x + SelfAttention(self.num_heads, self.gemm, name="self_attn")(LayerNorm(name="norm1")(x))
+    h = Linear(self.ffn_dim, self.gemm, name="linear1")(LayerNorm(name="norm2")(x))  # (B, T, 4D)
+    return x + Linear(x.shape[-1], self.gemm, name="linear2")(_gelu_exact(h))  # (B, T, D)
 
 
 # -- Variant "gpt2": HF GPT2Block ----------------------------------------------
@@ -219,6 +209,7 @@ class EncoderLayer(nn.Module):
 class Conv1D(nn.Module):
   """HF Conv1D: weight [in, out] ~ N(0, std), bias zeros; y = x @ W + b."""
   features: int
+  gemm: str
   std: float = GPT2_INIT_STD
 
   @nn.compact
@@ -226,31 +217,33 @@ class Conv1D(nn.Module):
     w = self.param("weight", nn.initializers.normal(self.std),
                    (x.shape[-1], self.features))
     b = self.param("bias", nn.initializers.zeros, (self.features,))
-    return _affine(x, w, b, w_in_axis=0)
+    return _affine(x, w, b, 0, self.gemm)
 
 
 class GPT2Attention(nn.Module):
   """HF GPT2Attention: fused c_attn, causal softmax, c_proj."""
   num_heads: int
   proj_std: float
+  gemm: str
 
   @nn.compact
   def __call__(self, x):
     D = x.shape[-1]
-    q, k, v = jnp.split(Conv1D(3 * D, name="c_attn")(x), 3, axis=-1)  # 3 x (B, T, D)
-    o = _causal_attention(q, k, v, self.num_heads)
-    return Conv1D(D, std=self.proj_std, name="c_proj")(o)
+    q, k, v = jnp.split(Conv1D(3 * D, self.gemm, name="c_attn")(x), 3, axis=-1)  # 3 x (B, T, D)
+    o = _causal_attention(q, k, v, self.num_heads, self.gemm)
+    return Conv1D(D, self.gemm, std=self.proj_std, name="c_proj")(o)
 
 
 class GPT2MLP(nn.Module):
   """HF GPT2MLP: c_fc, gelu_new, c_proj."""
   ffn_dim: int
   proj_std: float
+  gemm: str
 
   @nn.compact
   def __call__(self, x):
-    h = _gelu_new(Conv1D(self.ffn_dim, name="c_fc")(x))  # (B, T, 4D)
-    return Conv1D(x.shape[-1], std=self.proj_std, name="c_proj")(h)  # (B, T, D)
+    h = _gelu_new(Conv1D(self.ffn_dim, self.gemm, name="c_fc")(x))  # (B, T, 4D)
+    return Conv1D(x.shape[-1], self.gemm, std=self.proj_std, name="c_proj")(h)  # (B, T, D)
 
 
 class GPT2Block(nn.Module):
@@ -258,12 +251,13 @@ class GPT2Block(nn.Module):
   num_heads: int
   ffn_dim: int
   proj_std: float  # GPT-2's residual scaling: 0.02 / sqrt(2 * n_layer)
+  gemm: str
 
   @nn.compact
   def __call__(self, x):
-    attn = GPT2Attention(self.num_heads, self.proj_std, name="attn")
+    attn = GPT2Attention(self.num_heads, self.proj_std, self.gemm, name="attn")
     x = x + attn(LayerNorm(name="ln_1")(x))
-    mlp = GPT2MLP(self.ffn_dim, self.proj_std, name="mlp")
+    mlp = GPT2MLP(self.ffn_dim, self.proj_std, self.gemm, name="mlp")
     return x + mlp(LayerNorm(name="ln_2")(x))
 
 
@@ -272,6 +266,7 @@ class GPT2Block(nn.Module):
 class TinyLM(nn.Module):
   """Embeddings, `num_layers` blocks of the chosen variant, ln_f, tied logits."""
   cfg: ModelConfig
+  gemm: str = "float32"  # operand dtype of bf16 GEMMs (`resolve_gemm`)
   head: bool = True  # False: stop at ln_f and return h alone (see `hidden`)
 
   @nn.compact
@@ -286,13 +281,13 @@ class TinyLM(nn.Module):
     proj_std = GPT2_INIT_STD / math.sqrt(2 * cfg.num_layers)
     for i in range(cfg.num_layers):
       if cfg.variant == "encoder":
-        x = EncoderLayer(cfg.num_heads, cfg.ffn_dim, name=f"layers_{i}")(x)
+        x = EncoderLayer(cfg.num_heads, cfg.ffn_dim, self.gemm, name=f"layers_{i}")(x)
       else:
-        x = GPT2Block(cfg.num_heads, cfg.ffn_dim, proj_std, name=f"h_{i}")(x)
+        x = GPT2Block(cfg.num_heads, cfg.ffn_dim, proj_std, self.gemm, name=f"h_{i}")(x)
     h = LayerNorm(name="ln_f")(x)
     if not self.head:
       return h
-    logits = matmul(h, E, w_in_axis=1).astype(h.dtype)  # (B, T, V), tied, no bias
+    logits = matmul(h, E, 1, self.gemm).astype(h.dtype)  # (B, T, V), tied, no bias
     return logits, h
 
 
@@ -329,7 +324,7 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
 
 
 def apply(params: Params, cfg: ModelConfig, input_ids: jax.Array, *,
-          return_hidden: bool = False):
+          return_hidden: bool = False, gemm: Optional[str] = None):
   """Forward pass, in the params' dtype.
 
   Args:
@@ -337,21 +332,24 @@ def apply(params: Params, cfg: ModelConfig, input_ids: jax.Array, *,
     cfg: the architecture the params were built for.
     input_ids: (B, T) integer token ids, T <= cfg.max_seq_len.
     return_hidden: also return the post-ln_f hidden state.
+    gemm: operand dtype of bf16 GEMMs, "float32" or "bfloat16"; None =
+      `resolve_gemm(cfg.gemm_operands)`.
 
   Returns:
     logits (B, T, V), or (logits, h) with h (B, T, D) when return_hidden.
   """
-  logits, h = TinyLM(cfg).apply({"params": params}, input_ids)
+  gemm = resolve_gemm(cfg.gemm_operands) if gemm is None else gemm
+  logits, h = TinyLM(cfg, gemm).apply({"params": params}, input_ids)
   return (logits, h) if return_hidden else logits
 
 
-def hidden(params: Params, cfg: ModelConfig, input_ids: jax.Array) -> jax.Array:
+def hidden(params: Params, cfg: ModelConfig, input_ids: jax.Array, gemm: str) -> jax.Array:
   """The post-ln_f hidden state (B, T, D) alone, without the (B, T, V) logits.
 
-  Same bits as `apply(..., return_hidden=True)[1]`; pair it with
+  Same bits as `apply(..., return_hidden=True, gemm=gemm)[1]`; pair it with
   `tied_logits_nll` to train without materialising the logits.
   """
-  return TinyLM(cfg, head=False).apply({"params": params}, input_ids)
+  return TinyLM(cfg, gemm, head=False).apply({"params": params}, input_ids)
 
 def count_params(params: Params) -> int:
   """Total number of scalars in a params pytree (tied weights counted once)."""

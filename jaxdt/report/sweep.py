@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from jaxdt.analysis import metrics
 from jaxdt.io import metadata as metadata_lib
-from jaxdt.io import rundir
+from jaxdt.io import locks
 
 SUMMARY_FILE = "sweep_summary.json"
 PLOT_FILE = "sweep_summary.png"
@@ -51,7 +51,7 @@ def wait_for(out_root: str, names: Sequence[str], trajectory_name: str, *,
     if not pending:
       return
     now = time.monotonic()
-    if any(rundir.writer_of(os.path.join(out_root, n)) for n in pending):
+    if any(locks.writer_of(os.path.join(out_root, n)) for n in pending):
       last_writer = now
     elif now - last_writer > idle_s:
       raise ValueError(f"sweep members {', '.join(pending)} are unfinished and no process is "

@@ -1,33 +1,33 @@
-"""The one training loop: chunks of the jitted step, streamed into a run folder.
+"""The one training loop: chunks of the compiled program, streamed into run folders.
 
-`train(cfg, out_dir)` is the host loop: it hands stacked records to the run
-folder at chunk edges (while the next chunk computes) and checkpoints when a
-chunk ends on a checkpoint step. `rundir.RunDir` owns the folder's protocol;
-`layout` decides what the file holds; analyses run after the loop (run.py),
-never inside it.
+`train(cfg, out_dir)` is a Run of one member; `train_members` runs any Run
+(a sweep group passes its members). `run_chunks` dispatches each chunk before
+it hands the previous chunk's records to the members' folders, then calls the
+hooks: divergence watching, checkpointing and progress are `on_chunk` hooks, as
+levanter adds `checkpointer.on_step`. `finish` writes the trackers' final
+values and commits every member. `rundir.RunDir` owns each folder's protocol;
+analyses run after the loop (run.py), never inside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdt import config as config_lib
+from jaxdt import probes as probes_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import disk
-from jaxdt.io import rundir
-from jaxdt.io import tensorfile
+from jaxdt.io import signals
 from jaxdt.numerics import backend
+from jaxdt.numerics import finite
 from jaxdt.training import layout as layout_lib
-from jaxdt import probes as probes_lib
-from jaxdt.training import step
+from jaxdt.training import runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +39,21 @@ class RunResult:
   metadata: dict
 
 
-@dataclasses.dataclass
-class Position:
-  """Where the loop is: steps written, the last recorded loss, the first non-finite step."""
+class Chunk(NamedTuple):
+  """One finished chunk, on the host: steps start+1..start+length of every member."""
 
-  done: int = 0
-  last_loss: float = float("nan")
-  diverged: Optional[int] = None
+  start: int
+  length: int
+  records: list  # per member: {file key: stacked rows}
+  losses: list  # per member: f32 [length]
+  host_state: object  # the stacked state after the chunk when it ends on a checkpoint, else None
+
+  @property
+  def end(self) -> int:
+    return self.start + self.length
+
+
+Hook = Callable[[runs.Run, Chunk], None]
 
 
 def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = False,
@@ -53,11 +61,6 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
           log=print, on_chunk: Optional[Callable[[int, float], None]] = None
           ) -> Optional[RunResult]:
   """Runs an experiment to completion, streaming its trajectory into `out_dir`.
-
-  Every input is checked (the config on construction, the data and an
-  `--init_checkpoint` here) before `rundir.RunDir` touches the folder; the
-  folder's protocol (lock, resume, checkpoints, checksums, the commit point)
-  is RunDir's.
 
   Args:
     cfg: the experiment.
@@ -70,7 +73,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
       for tests of resume.
     log: where one-line notes go (phases, resume point, divergence).
     on_chunk: called as on_chunk(steps done, last loss) after each chunk's
-      records are written (the progress bar and benchmarks use it).
+      records are written (benchmarks use it).
 
   Returns:
     RunResult (metadata has "completed": True), or None when stopped early.
@@ -78,158 +81,119 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
   Raises:
     disk.StoreError, vocabulary.DataError, ValueError: bad input or folder (one
       line); nothing in the folder changed.
-    rundir.Interrupted: SIGINT/SIGTERM; the folder is resumable.
+    signals.Interrupted: SIGINT/SIGTERM; the folder is resumable.
   """
+  opts = runs.Options(resume=resume, progress=progress, stop_after=stop_after)
+  return train_members([runs.MemberSpec(cfg, out_dir)], opts, log=log, on_chunk=on_chunk)[0]
+
+
+def train_members(specs: Sequence[runs.MemberSpec], opts: runs.Options, *,
+                  corpus: Optional[corpus_lib.Corpus] = None, log=print,
+                  on_chunk: Optional[Callable[[int, float], None]] = None) -> list:
+  """Runs members of one structure as one Run; returns their RunResults (None if stopped)."""
   t_start = time.perf_counter()
-  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
-  log(f"data: {describe_corpus(corpus)}")
-  lay = layout_lib.layout(cfg, corpus)
-  state = step.init_state(cfg, lay.dims)  # loads --init_checkpoint: a bad one fails here
-  backend.release_heap()  # what tokenizing and the init's compile freed
-  checkpoint_steps = sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps)
-  inputs, running_meta = start_metadata(cfg, corpus, lay)
-  end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-  pos, bar = Position(), None
-  with rundir.RunDir(out_dir, cfg.store.trajectory_name, log=log) as run:
-    try:
-      state = _begin(run, cfg, lay, state, inputs, running_meta, checkpoint_steps, resume, pos,
-                     log)
-      bar = Progress(cfg.steps, pos.done, progress)
-      callbacks = [bar.update] + ([on_chunk] if on_chunk is not None else [])
-      plan = chunk_plan(pos.done, end, cfg.store.chunk_steps, checkpoint_steps)
-      state = _run_chunks(run, cfg, corpus, lay, state, plan, checkpoint_steps, pos, log,
-                          callbacks)
-      if pos.done < cfg.steps:
-        return None
-      meta = finish(run, cfg, corpus, lay, state, pos, running_meta, t_start)
-    except KeyboardInterrupt as e:
-      raise rundir.Interrupted.from_signal(e, pos.done, run.resume_from,
-                                           run.path if run.committed else None) from None
-    finally:
-      if bar is not None:
+  if corpus is None:
+    corpus = corpus_lib.load_corpus(specs[0].cfg.data, specs[0].cfg.model.vocab_size)
+    log(f"data: {describe_corpus(corpus)}")
+  done, run = [], None
+  try:
+    with runs.start(specs, corpus, opts, log=log, t_start=t_start) as run:
+      bar = Progress(run.cfg.steps, run.start, opts.progress)
+      hooks = [watch_divergence(log), checkpoint, bar.update]
+      if on_chunk is not None:
+        hooks.append(lambda r, c: on_chunk(c.end, mean_loss(r)))
+      try:
+        run_chunks(run, hooks, log)
+      finally:
         bar.close()
-  return RunResult(out_dir, run.trajectory, meta)
+      if min(m.pos.done for m in run.members) < run.cfg.steps:
+        return [None] * len(specs)
+      done = finish(run)
+  except KeyboardInterrupt as e:
+    raise _interrupted(e, run) from None
+  return done
 
 
-def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
-  """(inputs a resume must find unchanged, metadata.json while running)."""
-  inputs = {"data_files": corpus.files,
-            "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
-            if cfg.init_checkpoint else None,
-            # A resume on a host that resolves another GEMM path is refused (other bits).
-            "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
-  return inputs, {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
-                  **layout_lib.our_metadata(cfg, corpus), **inputs}
+def _interrupted(e: KeyboardInterrupt, run: Optional[runs.Run]) -> signals.Interrupted:
+  """The one-line report of a signal: the step reached and where --resume continues."""
+  if run is None:  # before the first chunk
+    return signals.Interrupted.from_signal(e, None, None)
+  folders = [m.folder for m in run.members]
+  marks = [f.resume_from for f in folders]
+  finished = folders[0].path if len(folders) == 1 and folders[0].committed else None
+  return signals.Interrupted.from_signal(e, min(m.pos.done for m in run.members),
+                                         None if None in marks else min(marks), finished)
 
 
-def _begin(run, cfg, lay, state, inputs, running_meta, checkpoint_steps, resume, pos, log):
-  """Opens (or resumes) the folder; writes row 0, the static tensors and checkpoint 0."""
-  start, restored = run.begin(
-      experiment=cfg.name, config=config_lib.to_dict(cfg), inputs=inputs, specs=lay.specs,
-      file_metadata=layout_lib.FILE_METADATA, metadata=running_meta, like_state=state,
-      resume=resume, checkpoint_steps=checkpoint_steps,
-      checkpoint_bytes=layout_lib.state_bytes(state),
-      ram_bytes=3 * lay.chunk_bytes * min(cfg.store.chunk_steps, cfg.steps))
-  pos.done = start
-  log(f"run folder: {run.path} ({os.path.basename(run.partial)}, "
-      f"{disk.fmt_bytes(tensorfile.estimate_bytes(lay.specs, layout_lib.FILE_METADATA))})")
-  return write_start(run, cfg, lay, state, restored, checkpoint_steps)
-
-
-def write_start(run, cfg, lay, state, restored, checkpoint_steps):
-  """Row 0 and checkpoint 0 of a fresh run (or the restored state), and the static tensors."""
-  if restored is None:
-    for k, a in step.initial_records(cfg, state, lay.rows).items():
-      run.write_rows(k, 0, a[None])
-  else:
-    state = restored
-  for k, a in lay.static.items():  # a resume rewrites the same bytes
-    run.write(k, a)
-  disk.fault_point("initial_rows_written")
-  if restored is None and 0 in checkpoint_steps:
-    run.checkpoint(0, jax.device_get(state))
-  return state
-
-
-def _run_chunks(run, cfg, corpus, lay, state, plan, checkpoint_steps, pos, log, callbacks):
-  """A solo run's chunks: `run_chunks` with one member."""
-  run_chunk = step.make_run_chunk(step.make_step(cfg, corpus.tokens, lay.rows))
-  return run_chunks(lambda st, s, n: run_chunk(st, jnp.int32(s), n), state, plan,
-                    checkpoint_steps, lay.probes.series, [Target(run, pos)], log, callbacks)
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """Where one member's records go: its run folder, its position, its name in notes."""
-
-  run: rundir.RunDir
-  pos: Position
-  label: str = ""
-
-
-def run_chunks(dispatch, state, plan, checkpoint_steps, series, targets, log, callbacks,
-               split=None):
-  """The chunk loop of a solo run and of a sweep group (one loop; members differ in where
-  their rows go).
-
-  Each chunk's records are written while the next one computes.
-
-  Args:
-    dispatch: dispatch(state, start, length) -> (state, (records, losses)), asynchronous.
-    state: the (stacked, for a group) state at plan[0]'s start.
-    plan: `chunk_plan`'s [(start, length)].
-    checkpoint_steps: steps to checkpoint at (a chunk ends on each).
-    series: the probes' series (`lay.probes.series`).
-    targets: one `Target` per member, in the order of the outputs' leading axis.
-    log, callbacks: notes; callbacks(steps done, mean last loss) after every chunk.
-    split: split(tree, i) -> member i's part of a chunk's outputs; None: one member, whose
-      outputs are its own.
-
-  Returns:
-    the state after the plan.
-  """
-  split = split or (lambda tree, i: tree)
+def run_chunks(run: runs.Run, hooks: Sequence[Hook], log=print) -> None:
+  """Drives the Run from run.start to run.end; each chunk's rows are written while the
+  next one computes, then every hook sees the chunk."""
+  plan = chunk_plan(run.start, run.end, run.cfg.store.chunk_steps, run.checkpoint_steps)
+  if not plan:
+    return
   t_compile = time.perf_counter()
-  pending = dispatch(state, *plan[0]) if plan else None
-  if plan:  # the first call traces and compiles before it dispatches
-    log(f"compiled the {plan[0][1]}-step chunk in {time.perf_counter() - t_compile:.1f} s; "
-        f"training steps {plan[0][0] + 1}..{plan[-1][0] + plan[-1][1]}")
-    backend.release_heap()  # the compiler's garbage, before the chunk's buffers fill
+  pending = run.dispatch(run.state, *plan[0])  # the first call traces and compiles first
+  log(f"compiled the {plan[0][1]}-step chunk in {time.perf_counter() - t_compile:.1f} s; "
+      f"training steps {plan[0][0] + 1}..{plan[-1][0] + plan[-1][1]}")
+  backend.release_heap()  # the compiler's garbage, before the chunk's buffers fill
   for k, (s, n) in enumerate(plan):
-    state, outputs = pending
-    # The next chunk donates `state`: copy a checkpoint's state to the host first.
-    host_state = jax.device_get(state) if s + n in checkpoint_steps else None
+    run.state, outputs = pending
+    # The next chunk donates the state: copy a checkpoint's state to the host first.
+    host_state = jax.device_get(run.state) if s + n in run.checkpoint_steps else None
     # Dispatch the next chunk before touching this one's records on the host.
-    pending = dispatch(state, *plan[k + 1]) if k + 1 < len(plan) else None
-    loss = _write_chunk(s, n, outputs, host_state, series, targets, log, split)
+    pending = run.dispatch(run.state, *plan[k + 1]) if k + 1 < len(plan) else None
+    chunk = _write_rows(run, s, n, outputs, host_state)
     del outputs, host_state
-    rundir.check_signals()  # a signal whose exception Python lost (`rundir.raise_on_signals`)
+    for hook in hooks:
+      hook(run, chunk)
+    signals.check_signals()  # a signal whose exception Python lost (`signals.raise_on_signals`)
     backend.release_heap()  # this chunk's host copies
-    for fn in callbacks:
-      fn(s + n, loss)
-  return state
 
 
-def _write_chunk(s, n, outputs, host_state, series, targets, log, split) -> float:
-  """Writes one chunk's rows (and checkpoint) for every target; returns their mean last loss."""
+def _member_part(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def _write_rows(run: runs.Run, s: int, n: int, outputs, host_state) -> Chunk:
+  """Every member's rows of steps s+1..s+n into its folder; its position moves to s+n."""
   records, losses = jax.device_get(outputs[0]), np.asarray(outputs[1])
-  parts = [(split(records, i), split(losses, i)) for i in range(len(targets))]
-  for t, (mine, _) in zip(targets, parts):
-    for ser in series:
-      t.run.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
+  chunk = Chunk(s, n, [_member_part(records, i) for i in range(len(run.members))],
+                [losses[i] for i in range(len(run.members))], host_state)
+  for m, mine in zip(run.members, chunk.records):
+    for ser in run.layout.probes.series:
+      m.folder.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
   disk.fault_point("rows_written")
-  for i, (t, (mine, my_losses)) in enumerate(zip(targets, parts)):
-    t.pos.done = s + n
-    if t.pos.diverged is None:
-      t.pos.diverged = rundir.first_nonfinite(my_losses, s + 1)
-      if t.pos.diverged is not None:
-        log(f"{t.label + ': ' if t.label else ''}loss became "
-            f"{my_losses[t.pos.diverged - s - 1]} at step {t.pos.diverged}; the run goes on "
-            "recording (metadata: diverged_at_step)")
-    if host_state is not None:  # rows 0..s+n are written: now the checkpoint
-      t.run.checkpoint(s + n, split(host_state, i))
-    t.pos.last_loss = recorded_loss(mine, my_losses)
-  return float(np.mean([t.pos.last_loss for t in targets]))
+  for m, mine, my_losses in zip(run.members, chunk.records, chunk.losses):
+    m.pos.done = s + n
+    m.pos.last_loss = recorded_loss(mine, my_losses)
+  return chunk
+
+
+def watch_divergence(log) -> Hook:
+  """A hook that notes each member's first non-finite loss (metadata: diverged_at_step)."""
+
+  def hook(run: runs.Run, chunk: Chunk) -> None:
+    for m, losses in zip(run.members, chunk.losses):
+      if m.pos.diverged is None:
+        m.pos.diverged = finite.first_nonfinite(losses, chunk.start + 1)
+        if m.pos.diverged is not None:
+          log(f"{m.label + ': ' if m.label else ''}loss became "
+              f"{losses[m.pos.diverged - chunk.start - 1]} at step {m.pos.diverged}; the run "
+              "goes on recording (metadata: diverged_at_step)")
+
+  return hook
+
+
+def checkpoint(run: runs.Run, chunk: Chunk) -> None:
+  """A hook that checkpoints every member when the chunk ends on a checkpoint step (rows
+  0..end are already written)."""
+  if chunk.host_state is not None:
+    for i, m in enumerate(run.members):
+      m.folder.checkpoint(chunk.end, _member_part(chunk.host_state, i))
+
+
+def mean_loss(run: runs.Run) -> float:
+  return float(np.mean([m.pos.last_loss for m in run.members]))
 
 
 def recorded_loss(records, losses) -> float:
@@ -240,19 +204,24 @@ def recorded_loss(records, losses) -> float:
   return float(losses[-1])
 
 
-def finish(run, cfg, corpus, lay, state, pos, running_meta, t_start) -> dict:
-  """Writes the trackers' final tensors and commits the folder with its final metadata."""
-  for k, a in state.probe_state.items():
-    run.write(k, np.asarray(a))
-  disk.fault_point("final_tensors_written")
-  meta = {**running_meta,  # the backend facts are the start's; commit sets completed
-          **layout_lib.lab_metadata(cfg, corpus, lay, cfg.steps, pos.last_loss),
-          "wall_time_s": time.perf_counter() - t_start, "steps_completed": cfg.steps,
-          "diverged_at_step": pos.diverged}
-  if "last_motion_step" in state.probe_state:  # the lab's Crucible metadata keys
-    meta["global_last_motion"] = int(np.max(state.probe_state["last_motion_step"]))
-    meta["fimbulwinter_duration"] = cfg.steps - meta["global_last_motion"]
-  return run.commit(meta)
+def finish(run: runs.Run) -> list:
+  """Writes each member's trackers' final tensors and commits it with its final metadata."""
+  final = jax.device_get(run.state)
+  out = []
+  for i, m in enumerate(run.members):
+    for k, a in _member_part(final, i).probe_state.items():
+      m.folder.write(k, np.asarray(a))
+    disk.fault_point("final_tensors_written")
+    meta = {**m.metadata,  # the backend facts are the start's; commit sets completed
+            **layout_lib.lab_metadata(m.cfg, run.corpus, m.layout, m.cfg.steps, m.pos.last_loss),
+            "wall_time_s": time.perf_counter() - run.t_start, "steps_completed": m.cfg.steps,
+            "diverged_at_step": m.pos.diverged}
+    lms = _member_part(final, i).probe_state.get("last_motion_step")
+    if lms is not None:  # the lab's Crucible metadata keys
+      meta["global_last_motion"] = int(np.max(lms))
+      meta["fimbulwinter_duration"] = m.cfg.steps - meta["global_last_motion"]
+    out.append(RunResult(m.folder.path, m.folder.trajectory, m.folder.commit(meta)))
+  return out
 
 
 def chunk_plan(start: int, steps: int, chunk: int, checkpoints) -> list:
@@ -292,9 +261,10 @@ class Progress:
       sys.stderr.flush()
       self.dirty = False
 
-  def update(self, done: int, loss: float):
+  def update(self, run: runs.Run, chunk: Chunk):
     if not self.enabled:
       return
+    done, loss = chunk.end, mean_loss(run)
     self.dirty = done != self.total
     rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
     eta = (self.total - done) / rate if rate > 0 else float("inf")

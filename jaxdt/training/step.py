@@ -2,8 +2,10 @@
 
 `make_step(...)` builds `step(state, t) -> (state, (record, loss))`: sample
 batch t, loss and grads with the lab's bf16 semantics, the torch-exact AdamW
-update, and the declared probes over the recorded rows. `make_run_chunk`
-scans it over K steps under `jit`.
+update, and the declared probes over the recorded rows. `make_chunk` is the
+one compiled program of a run: its members (a solo run has one) on a leading
+axis, spread over a device mesh, each scanned over K steps. Host-side
+preparation (initial state, the members' data) lives in `training.runs`.
 
 Keys come from (seed, purpose): the model init and the data order never share
 randomness, and the batch of step t is a pure function of (data key, t).
@@ -16,12 +18,12 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdt import config as config_lib
 from jaxdt.data import sampler
 from jaxdt.model import tied_nll
 from jaxdt.model import tinylm
-from jaxdt.model import torch_io
 from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
 from jaxdt.numerics import precision
@@ -52,30 +54,14 @@ def data_key(cfg: config_lib.ExperimentConfig):
   return root_keys(cfg.seed if cfg.data_seed is None else cfg.data_seed)[1]
 
 
-class Member(NamedTuple):
-  """What differs between the members of one compiled sweep group, as traced data."""
+class MemberData(NamedTuple):
+  """What differs between the members of one compiled program, as traced data."""
 
   data_key: jax.Array  # key data (`jax.random.key_data`) of the member's data order
   coef: adamw.Coefficients  # the member's AdamW coefficients (f32 scalars and table)
 
 
-def member_of(cfg: config_lib.ExperimentConfig, table_rows: int) -> Member:
-  """A member's traced constants as numpy arrays; its scalar table padded to `table_rows`
-  with copies of its last row (the lookup clips there, so the values are unchanged)."""
-  c = adamw.coefficients(cfg.optim)
-  t = np.asarray(c.table)
-  table = np.concatenate([t, np.repeat(t[-1:], table_rows - len(t), axis=0)])
-  return Member(np.asarray(jax.random.key_data(data_key(cfg))),
-                c._replace(table=table, **{k: np.asarray(getattr(c, k), np.float32)
-                                           for k in c._fields if k != "table"}))
-
-
-def hyper(cfg: config_lib.ExperimentConfig) -> config_lib.OptimConfig:
-  """AdamW's hyperparameters: the config's own `OptimConfig`."""
-  return cfg.optim
-
-
-def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch):
+def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch, gemm: str):
   """Mean next-token cross entropy (f32) and the mean final hidden state.
 
   The model runs in the params' dtype (bf16 for the lab's runs); logits[:, :L']
@@ -84,26 +70,11 @@ def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch):
   logits and the loss block by block, so the (B, L', V) logits never exist and
   position L' onward is never projected (torch computes and drops it).
   """
-  h = tinylm.hidden(params, cfg, batch.inputs)  # (B, T, D)
+  h = tinylm.hidden(params, cfg, batch.inputs, gemm)  # (B, T, D)
   n_targets = batch.targets.shape[1]
-  loss = tied_nll.tied_logits_nll(h[:, :n_targets], params[EMBEDDING], batch.targets)
+  loss = tied_nll.tied_logits_nll(h[:, :n_targets], params[EMBEDDING], batch.targets, gemm=gemm)
   h_mean = ordered.mean_rows(h.reshape(-1, h.shape[-1]))  # (D,)
   return loss, h_mean
-
-
-def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> TrainState:
-  """Step-0 state: PyTorch-style init in f32, cast by the precision policy."""
-  init_key, _ = root_keys(cfg.seed)
-  policy = precision.get_policy(cfg.precision)
-  if cfg.init_checkpoint:
-    params = torch_io.load_torch_checkpoint(cfg.init_checkpoint, cfg.model)
-  else:
-    params = tinylm.init_params(init_key, cfg.model)
-  params = precision.cast_params(params, policy)
-  adamw.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
-  trackers = probes_lib.of_config(cfg).trackers
-  return TrainState(params, adamw.init(params),
-                    {k.key: jnp.asarray(k.init(dims)) for k in trackers})
 
 
 def _gather(x, rows):
@@ -111,7 +82,7 @@ def _gather(x, rows):
 
 
 def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray],
-              member: Optional[Member] = None):
+              member: Optional[MemberData] = None):
   """The pure step `step(state, t) -> (state, (record, loss))` for this experiment.
 
   `record` holds the declared probes' values (what the file stores); `loss`
@@ -129,13 +100,14 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
   series, trackers = built.series, built.trackers
   row_idx = None if rows is None else jnp.asarray(rows, jnp.int32)
 
+  gemm = tinylm.resolve_gemm(cfg.model.gemm_operands)  # a value, decided here on the host
+
   def objective(params, batch):
-    return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch)
+    return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch, gemm)
 
   def step(state: TrainState, t):
     batch = sample(key, t)
-    with tinylm.gemm_operands(cfg.model.gemm_operands):  # traced once, on the host's path
-      (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
+    (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
     params, opt_state = adamw.step(hp, state.params, grads, state.opt_state, coef)
     view = probes_lib.StepView(
         t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
@@ -159,8 +131,31 @@ def make_run_chunk(step):
   return jax.jit(run_chunk, static_argnums=2, donate_argnums=0)
 
 
-def initial_records(cfg, state: TrainState, rows) -> dict:
-  """Row 0 of every series that has one (the state before any step)."""
-  w0 = _gather(state.params[EMBEDDING], None if rows is None else jnp.asarray(rows))
-  return {s.key: np.asarray(s.initial(w0)) for s in probes_lib.of_config(cfg).series
-          if s.initial is not None}
+def make_chunk(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray],
+               mesh: Mesh, exact: bool = True):
+  """`run(states, members, start, length) -> (states, (records, losses))`, jitted.
+
+  The leading axis of states, members (`MemberData`) and the outputs is the
+  members, sharded over `mesh`'s "m" axis. Within a device, exact mode runs
+  the members one after another (`lax.map`) through the very step a single
+  member compiles, so each member's bits are its own run's whatever the group;
+  fast mode vmaps them into wider kernels (other summation orders, other bits).
+  Steps start+1..start+length; `length` is static, `states` donated.
+  """
+
+  def member_chunk(state, member, start, length):
+    one_step = make_step(cfg, tokens, rows, member)
+    ts = start + 1 + jnp.arange(length, dtype=jnp.int32)
+    return jax.lax.scan(one_step, state, ts)
+
+  def run(states, members, start, length):
+    def local(states, members, start):
+      if exact:
+        return jax.lax.map(lambda sm: member_chunk(sm[0], sm[1], start, length),
+                           (states, members))
+      return jax.vmap(member_chunk, in_axes=(0, 0, None, None))(states, members, start, length)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("m"), P("m"), P()),
+                         out_specs=P("m"), check_vma=False)(states, members, start)
+
+  return jax.jit(run, static_argnums=3, donate_argnums=0)

@@ -27,12 +27,15 @@ from jaxdt.io import checkpoints
 from jaxdt.io import disk
 from jaxdt.io import metadata
 from jaxdt.io import rundir
+from jaxdt.io import signals
+from jaxdt.io import configdiff
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
 from jaxdt.report import outputs
 from jaxdt.training import layout
 from jaxdt.training import loop
 from jaxdt import probes
+from jaxdt.training import runs
 from jaxdt.training import step as step_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,7 +176,7 @@ def test_config_differences_names_nested_fields():
   b = config_lib.to_dict(dataclasses.replace(
       config_lib.ExperimentConfig(), store=dataclasses.replace(
           config_lib.StoreConfig(), chunk_steps=3, checkpoint_steps=(1, 2))))
-  assert rundir.config_differences(a, b) == [
+  assert configdiff.config_differences(a, b) == [
       "store.checkpoint_steps: the run has [], the flags say [1, 2]"]
 
 
@@ -408,7 +411,7 @@ def test_finished_metadata_records_the_checksums(ref):
 
 def test_preflight_counts_the_checkpoints(cfg, tmp_path, monkeypatch):
   out = str(tmp_path / "new")
-  state_bytes = layout.state_bytes(step_lib.init_state(cfg, probes.Dims(
+  state_bytes = layout.state_bytes(runs.init_state(cfg, probes.Dims(
       rows=1, hidden=cfg.model.hidden_dim, param_dtype=np.float32)))
   real = shutil.disk_usage
   # Room for the trajectory and metadata, not for its two checkpoints.
@@ -560,8 +563,8 @@ def test_a_signal_whose_exception_python_lost_is_raised_at_the_loops_next_check(
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored afterwards
   saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    rundir.raise_on_signals()
-    rundir.check_signals()  # nothing seen yet: no-op
+    signals.raise_on_signals()
+    signals.check_signals()  # nothing seen yet: no-op
 
     class SignalsInItsFinalizer:
       def __del__(self):
@@ -571,15 +574,15 @@ def test_a_signal_whose_exception_python_lost_is_raised_at_the_loops_next_check(
 
     x = SignalsInItsFinalizer()
     del x  # the Signalled raised in __del__ is "ignored" by Python
-    with pytest.raises(rundir.Signalled) as caught:
-      rundir.check_signals()
+    with pytest.raises(signals.Signalled) as caught:
+      signals.check_signals()
     assert caught.value.signum == signal.SIGINT
     assert "Exception ignored" not in capsys.readouterr().err  # no traceback on stderr
-    e = rundir.Interrupted.from_signal(caught.value, 5, 5)
+    e = signals.Interrupted.from_signal(caught.value, 5, 5)
     assert e.signum == signal.SIGINT and str(e) == ("interrupted after step 5; continue with "
                                                     "--resume (from the checkpoint at step 5)")
-    rundir.check_signals()  # forgotten once the loop turned it into Interrupted
+    signals.check_signals()  # forgotten once the loop turned it into Interrupted
   finally:
-    rundir.clear_signals()
+    signals.clear_signals()
     for s, h in saved.items():
       signal.signal(s, h)

@@ -251,7 +251,8 @@ def test_hidden_is_apply_without_the_head(small, variant):
   ids = jnp.arange(B * T).reshape(B, T) % cfg.vocab_size
   for params in (small[variant], _bf16(small[variant])):
     _, h = tinylm.apply(params, cfg, ids, return_hidden=True)
-    np.testing.assert_array_equal(_bits(tinylm.hidden(params, cfg, ids)), _bits(h))
+    gemm = tinylm.resolve_gemm()
+    np.testing.assert_array_equal(_bits(tinylm.hidden(params, cfg, ids, gemm)), _bits(h))
 
 
 # tied_nll.tied_logits_nll against the materialised logits + log_softmax.
@@ -276,8 +277,10 @@ def _losses(cfg, ids, params, block_rows):
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
   def fused(p):
-    h = tinylm.hidden(p, cfg, ids)
-    return tied_nll.tied_logits_nll(h[:, :-1], p["embedding"], ids[:, 1:], block_rows=block_rows)
+    gemm = tinylm.resolve_gemm()
+    h = tinylm.hidden(p, cfg, ids, gemm)
+    return tied_nll.tied_logits_nll(h[:, :-1], p["embedding"], ids[:, 1:], gemm=gemm,
+                                    block_rows=block_rows)
 
   return (jax.jit(jax.value_and_grad(reference))(params),
           jax.jit(jax.value_and_grad(fused))(params), jax.jit(fused)(params))
@@ -315,14 +318,13 @@ def test_gemm_operand_dtype_changes_no_value(nll):
   # f32 operands holding bf16 values: exact products, f32 sums either way.
   cfg, params, ids = nll
   params = _bf16(params)
-  h = tinylm.hidden(params, cfg, ids)
+  h = tinylm.hidden(params, cfg, ids, "float32")
   losses = {}
   hlo = {}
   for name in ("float32", "bfloat16"):
-    with tinylm.gemm_operands(name):
-      fn = jax.jit(lambda *a: tied_nll.tied_logits_nll(*a))  # a fresh trace per setting
-      losses[name] = float(fn(h[:, :-1], params["embedding"], ids[:, 1:]))
-      hlo[name] = fn.lower(h[:, :-1], params["embedding"], ids[:, 1:]).as_text()
+    fn = jax.jit(lambda *a, name=name: tied_nll.tied_logits_nll(*a, gemm=name))
+    losses[name] = float(fn(h[:, :-1], params["embedding"], ids[:, 1:]))
+    hlo[name] = fn.lower(h[:, :-1], params["embedding"], ids[:, 1:]).as_text()
   assert losses["float32"] == pytest.approx(losses["bfloat16"], abs=1e-5)
   # The setting reached the GEMMs: bf16 operands only on the bfloat16 path.
   dots = {k: re.findall(r"dot_general.*?: \(tensor<[^>]*x(\w+)>", v) for k, v in hlo.items()}

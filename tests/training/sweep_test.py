@@ -23,13 +23,15 @@ from jaxdt import config as config_lib
 from jaxdt.io import checkpoints
 from jaxdt.io import metadata
 from jaxdt.training import loop
+from jaxdt.training import runs
 from jaxdt.training import sweep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNER = os.path.join(os.path.dirname(HERE), "io", "cli_runner.py")
 SPEC = "learning_rate=1e-3,3e-3;weight_decay=0,0.1"  # 4 members, 2 groups (wd = 0 or not)
 SMALL = "weight_decay=0.1;learning_rate=1e-3,3e-3"  # 2 of them, one group (the subprocesses')
-QUIET = dict(progress=False, log=lambda s: None)
+QUIET = dict(log=lambda s: None)
+OPTS = runs.Options(progress=False)
 
 
 def _sha(path: str) -> str:
@@ -67,7 +69,7 @@ def _part(solo, names):
 @pytest.fixture(scope="module")
 def swept(cfg, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("sweep"))
-  return root, sweep.train_sweep(cfg, SPEC, root, **QUIET)
+  return root, sweep.train_sweep(cfg, SPEC, root, OPTS, **QUIET)
 
 
 def _cli(cfg, tmp_path, *flags, env=None):
@@ -158,7 +160,7 @@ def test_two_processes_over_jax_distributed_give_the_same_bytes(cfg, solo, tmp_p
 
 def test_a_stopped_sweep_resumes_to_the_same_bytes(cfg, solo, tmp_path):
   root = str(tmp_path / "stopped")
-  assert all(r is None for _, r in sweep.train_sweep(cfg, SPEC, root, stop_after=10, **QUIET))
+  assert all(r is None for _, r in sweep.train_sweep(cfg, SPEC, root, runs.Options(progress=False, stop_after=10), **QUIET))
   # One member lost its newest checkpoint (as if killed while writing it): the
   # group continues from the step every member has (5), the others step back.
   victim = os.path.join(root, "m02_learning_rate=0.003_weight_decay=0", "checkpoints")
@@ -166,13 +168,15 @@ def test_a_stopped_sweep_resumes_to_the_same_bytes(cfg, solo, tmp_path):
   assert newest[0] == 9
   os.remove(os.path.join(newest[1], "meta.json"))
   said = []
-  done = sweep.train_sweep(cfg, SPEC, root, resume=True, progress=False, log=said.append)
+  done = sweep.train_sweep(cfg, SPEC, root, runs.Options(resume=True, progress=False),
+                           log=said.append)
   assert all(r is not None for _, r in done)
   assert any("stepping back to the checkpoint at step 5" in s for s in said), said
   assert _trajectories(root, cfg) == solo
   # Resuming a finished sweep redoes nothing.
   said = []
-  assert sweep.train_sweep(cfg, SPEC, root, resume=True, progress=False, log=said.append) == []
+  assert sweep.train_sweep(cfg, SPEC, root, runs.Options(resume=True, progress=False),
+                           log=said.append) == []
   assert sum("finished already" in s for s in said) == 4
 
 
@@ -181,7 +185,7 @@ def test_data_seed_is_the_data_order_apart_from_the_init(cfg, solo, tmp_path):
                                                             weight_decay=0.0))
   root = str(tmp_path / "order")
   spec = f"data_seed={cfg.seed},7"
-  sweep.train_sweep(base, spec, root, **QUIET)
+  sweep.train_sweep(base, spec, root, OPTS, **QUIET)
   names = [m.name for m in sweep.members(base, spec)]
   same = _sha(os.path.join(root, names[0], cfg.store.trajectory_name))
   assert same == solo["lr=0.001_wd=0"]  # data_seed = seed: as before
@@ -195,15 +199,17 @@ def test_data_seed_is_the_data_order_apart_from_the_init(cfg, solo, tmp_path):
 
 
 def test_exact_mode_takes_one_cpu_device_unless_told():
-  assert len(sweep.sweep_devices(exact=True)) == 1
-  assert len(sweep.sweep_devices(exact=False)) == len(jax.local_devices())
+  n = len(jax.local_devices())
+  assert len(runs.program_devices(n, exact=True)) == 1
+  assert len(runs.program_devices(n, exact=False)) == n
   with pytest.raises(ValueError, match="--sweep_devices=9: this process has"):
-    sweep.sweep_devices(True, 9)
+    runs.program_devices(n, True, 9)
 
 
 def test_fast_mode_vmaps_the_members(cfg, solo, tmp_path):
   root = str(tmp_path / "fast")
   said = []
-  done = sweep.train_sweep(cfg, SMALL, root, exact=False, progress=False, log=said.append)
+  done = sweep.train_sweep(cfg, SMALL, root, runs.Options(exact=False, progress=False),
+                         log=said.append)
   assert any("fast (vmap)" in s for s in said)
   assert len(done) == 2 and all(r.metadata["completed"] for _, r in done)  # bits may differ

@@ -1,0 +1,270 @@
+"""A Run: one or more members (run folders) trained by one compiled program.
+
+A solo run is a sweep group of one member. `start(...)` builds the Run, on the
+host: the members' layouts and step-0 states (a bad --init_checkpoint fails
+here, before any folder is touched), their run folders (locked, begun or
+resumed, then moved back to one common step), row 0 and the static tensors of
+each member (written here and nowhere else), and the compiled chunk program
+(`step.make_chunk`) with the stacked state on its devices. The chunk loop
+(`loop.run_chunks`) drives the Run; `loop.finish` commits every member.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdt import config as config_lib
+from jaxdt import probes as probes_lib
+from jaxdt.data import corpus as corpus_lib
+from jaxdt.io import disk
+from jaxdt.io import rundir
+from jaxdt.io import tensorfile
+from jaxdt.model import tinylm
+from jaxdt.model import torch_io
+from jaxdt.numerics import backend
+from jaxdt.numerics import precision
+from jaxdt.optim import adamw
+from jaxdt.training import layout as layout_lib
+from jaxdt.training import step
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How to run (never what: that is the config)."""
+
+  resume: bool = False  # continue unfinished folders from their newest intact checkpoints
+  progress: bool = True  # the progress bar
+  stop_after: Optional[int] = None  # stop (unfinished, as if killed) after this step; tests
+  exact: bool = True  # members one after another within a device (bits = their solo runs')
+  devices: Optional[int] = None  # local devices the members spread over (`program_devices`)
+
+
+class MemberSpec(NamedTuple):
+  """One member to run: its config, its folder, its name in notes, its extra metadata."""
+
+  cfg: config_lib.ExperimentConfig
+  out_dir: str
+  label: str = ""  # "" for a solo run
+  metadata: Mapping[str, Any] = {}  # e.g. a sweep member's "sweep" record
+
+
+@dataclasses.dataclass
+class Position:
+  """Where a member is: steps written, the last recorded loss, the first non-finite step."""
+
+  done: int = 0
+  last_loss: float = float("nan")
+  diverged: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Member:
+  """One run folder of a Run."""
+
+  cfg: config_lib.ExperimentConfig
+  folder: rundir.RunDir
+  layout: layout_lib.Layout
+  metadata: dict  # metadata.json while running
+  label: str = ""
+  pos: Position = dataclasses.field(default_factory=Position)
+
+
+@dataclasses.dataclass
+class Run:
+  """Members trained together, where they stand, and the program that steps them."""
+
+  members: list
+  corpus: corpus_lib.Corpus
+  start: int  # the step every member continues after
+  end: int  # the step this process stops after (the config's steps, or stop_after)
+  checkpoint_steps: tuple
+  state: Any  # the members' states stacked on a leading axis, on the program's devices
+  dispatch: Callable  # dispatch(state, start, length) -> (state, (records, losses)), async
+  t_start: float
+
+  @property
+  def cfg(self) -> config_lib.ExperimentConfig:
+    """The members' shared structure (they differ only in traced values)."""
+    return self.members[0].cfg
+
+  @property
+  def layout(self) -> layout_lib.Layout:
+    return self.members[0].layout
+
+
+# --- Host-side preparation -------------------------------------------------------------
+
+
+def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> step.TrainState:
+  """Step-0 state: PyTorch-style init in f32 (or --init_checkpoint), cast by the precision."""
+  init_key, _ = step.root_keys(cfg.seed)
+  policy = precision.get_policy(cfg.precision)
+  if cfg.init_checkpoint:
+    params = torch_io.load_torch_checkpoint(cfg.init_checkpoint, cfg.model)
+  else:
+    params = tinylm.init_params(init_key, cfg.model)
+  params = precision.cast_params(params, policy)
+  adamw.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
+  trackers = probes_lib.of_config(cfg).trackers
+  return step.TrainState(params, adamw.init(params),
+                         {k.key: jnp.asarray(k.init(dims)) for k in trackers})
+
+
+def initial_records(cfg: config_lib.ExperimentConfig, state: step.TrainState, rows) -> dict:
+  """Row 0 of every series that has one (the state before any step)."""
+  table = state.params[step.EMBEDDING]
+  w0 = table if rows is None else table[jnp.asarray(rows)]
+  return {s.key: np.asarray(s.initial(w0)) for s in probes_lib.of_config(cfg).series
+          if s.initial is not None}
+
+
+def member_data(cfg: config_lib.ExperimentConfig, table_rows: int) -> step.MemberData:
+  """A member's traced values as numpy arrays; its scalar table padded to `table_rows`
+  with copies of its last row (the lookup clips there, so the values are unchanged)."""
+  c = adamw.coefficients(cfg.optim)
+  t = np.asarray(c.table)
+  table = np.concatenate([t, np.repeat(t[-1:], table_rows - len(t), axis=0)])
+  return step.MemberData(np.asarray(jax.random.key_data(step.data_key(cfg))),
+                         c._replace(table=table, **{k: np.asarray(getattr(c, k), np.float32)
+                                                    for k in c._fields if k != "table"}))
+
+
+def checkpoint_steps(cfg: config_lib.ExperimentConfig) -> tuple:
+  """The config's checkpoint steps inside the run, in order."""
+  return tuple(sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps))
+
+
+def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
+  """(inputs a resume must find unchanged, metadata.json while running)."""
+  inputs = {"data_files": corpus.files,
+            "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
+            if cfg.init_checkpoint else None,
+            # A resume on a host that resolves another GEMM path is refused (other bits).
+            "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
+  return inputs, {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
+                  **layout_lib.our_metadata(cfg, corpus), **inputs}
+
+
+def program_devices(n_members: int, exact: bool, wanted: Optional[int] = None) -> list:
+  """The local devices a program's members spread over: the most that split them evenly.
+
+  Exact mode on CPU takes one device unless told otherwise: CPU "devices" in one
+  process share its cores, and XLA:CPU splits a kernel's work by the threads it
+  gives each device, so a member on one of two CPU devices can come out with
+  other bits than its solo run (BUILD_NOTES, "Sweeps"). Accelerators are
+  separate chips: all of them.
+  """
+  local = jax.local_devices()
+  if wanted is not None:
+    if not 1 <= wanted <= len(local):
+      raise ValueError(f"--sweep_devices={wanted}: this process has {len(local)} device(s)")
+    local = local[:wanted]
+  elif exact and local[0].platform == "cpu":
+    local = local[:1]
+  n = max(d for d in range(1, min(len(local), n_members) + 1) if n_members % d == 0)
+  return list(local)[:n]
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+# --- Opening the members' folders ------------------------------------------------------
+
+
+def _folder_plan(m: Member, state, inputs: Mapping, n_members: int) -> rundir.FolderPlan:
+  cfg = m.cfg
+  return rundir.FolderPlan(
+      cfg.name, config_lib.to_dict(cfg), inputs, m.layout.specs, layout_lib.FILE_METADATA,
+      checkpoint_steps(cfg), layout_lib.state_bytes(state),
+      3 * m.layout.chunk_bytes * n_members * min(cfg.store.chunk_steps, cfg.steps))
+
+
+def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> int:
+  """Moves members that got further back to the earliest member's step; returns it."""
+  start = min(b.step for b in begun)
+  while any(b.step > start for b in begun):
+    for i, m in enumerate(members):
+      if begun[i].step > start:
+        begun[i] = m.folder.rewind(start, states[i])
+    start = min(b.step for b in begun)
+  return start
+
+
+def _write_start(m: Member, state, begun: rundir.Start, start: int, log) -> Any:
+  """Row 0 of a fresh member (the one place it is written), the static tensors, checkpoint 0."""
+  fresh = begun.state is None
+  if fresh:
+    for k, a in initial_records(m.cfg, state, m.layout.rows).items():
+      m.folder.write_rows(k, 0, a[None])
+  for k, a in m.layout.static.items():  # a resume rewrites the same bytes
+    m.folder.write(k, a)
+  disk.fault_point("initial_rows_written")
+  if fresh and 0 in checkpoint_steps(m.cfg):
+    m.folder.checkpoint(0, jax.device_get(state))
+  m.pos.done = start
+  log(f"run folder: {m.folder.path} ({os.path.basename(m.folder.partial)}, "
+      f"{disk.fmt_bytes(tensorfile.estimate_bytes(m.layout.specs, layout_lib.FILE_METADATA))})")
+  return state if fresh else begun.state
+
+
+def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]:
+  """Layouts, step-0 states and begun folders of every member, from one common step."""
+  prepared = []
+  for spec in specs:  # every input is checked before any folder is touched
+    lay = layout_lib.layout(spec.cfg, corpus)
+    prepared.append((spec, lay, init_state(spec.cfg, lay.dims)))
+  backend.release_heap()  # what tokenizing and the init's compile freed
+  members, states, begun = [], [], []
+  for spec, lay, state in prepared:
+    inputs, meta = start_metadata(spec.cfg, corpus, lay)
+    folder = stack.enter_context(rundir.RunDir(spec.out_dir, spec.cfg.store.trajectory_name,
+                                               log=log))
+    m = Member(spec.cfg, folder, lay, {**meta, **spec.metadata}, spec.label)
+    begun.append(folder.begin(_folder_plan(m, state, inputs, len(specs)), m.metadata, state,
+                              opts.resume))
+    members.append(m)
+    states.append(state)
+  start = _common_start(members, begun, states)
+  states = [_write_start(m, s, b, start, log) for m, s, b in zip(members, states, begun)]
+  return members, states
+
+
+@contextlib.contextmanager
+def start(specs: Sequence[MemberSpec], corpus: corpus_lib.Corpus, opts: Options, *,
+          log: Callable[[str], None] = print, t_start: Optional[float] = None) -> Iterator[Run]:
+  """Builds the Run of `specs` (members of one structure: `sweep.group_key`).
+
+  Every member's folder stays locked while the Run is open; leaving by an
+  exception leaves each folder unfinished and resumable.
+
+  Raises:
+    disk.StoreError, vocabulary.DataError, ValueError: bad input or folder (one
+      line); nothing in any folder changed.
+  """
+  t_start = time.perf_counter() if t_start is None else t_start
+  with contextlib.ExitStack() as stack:
+    members, states = _open_members(specs, corpus, opts, stack, log)
+    cfg = members[0].cfg
+    devs = program_devices(len(members), opts.exact, opts.devices)
+    if len(members) > 1:
+      log(f"sweep group: {len(members)} members ({', '.join(m.label for m in members)}) on "
+          f"{len(devs)} device(s), {'exact (lax.map)' if opts.exact else 'fast (vmap)'}")
+    sharding = NamedSharding(Mesh(np.array(devs), ("m",)), P("m"))
+    table_rows = max(len(adamw.scalar_table(m.cfg.optim)) for m in members)
+    data = jax.device_put(_stack([member_data(m.cfg, table_rows) for m in members]), sharding)
+    chunk = step.make_chunk(cfg, corpus.tokens, members[0].layout.rows, sharding.mesh,
+                            opts.exact)
+    end = cfg.steps if opts.stop_after is None else min(cfg.steps, opts.stop_after)
+    yield Run(members, corpus, members[0].pos.done, end, checkpoint_steps(cfg),
+              jax.device_put(_stack(states), sharding),
+              lambda st, s, n: chunk(st, data, jnp.int32(s), n), t_start)
