@@ -34,6 +34,7 @@ from jaxdt.io import signals
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
 from jaxdt.report import outputs
+from jaxdt.report import summary as summary_lib
 from jaxdt.report import sweep as sweep_report
 from jaxdt.training import loop
 from jaxdt import probes as probes_lib
@@ -120,6 +121,14 @@ flags.DEFINE_string("coordinator_address", None,
                     "(jax.distributed.initialize); with --num_processes and --process_id.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process sweep.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process sweep.")
+flags.DEFINE_list(
+    "summarize", None,
+    "Summarize finished runs: PATH[,PATH...], each a run folder or a sweep folder (all its "
+    "members); prints one row of freeze figures per run and writes summary.json and "
+    "frozen_fraction.png to --output_dir (default runs/summary).")
+flags.DEFINE_list("group_by", None,
+                  "With --summarize: also print each group's mean, sd, min and max; axes: "
+                  "framework, seed, data_seed, precision, learning_rate, weight_decay, steps.")
 flags.DEFINE_string("analysis_dir", None,
                     "Where --analyze writes summary.json and plots (and --compare compare.json).")
 
@@ -244,9 +253,17 @@ def run_experiment(name: str) -> int:
 
 
 def analyze_or_compare() -> int:
-  """--analyze / --compare: from stored files only, no training."""
-  if FLAGS.experiment or (FLAGS.analyze and FLAGS.compare):
-    raise ValueError("pass one of --experiment, --analyze, --compare")
+  """--analyze / --compare / --summarize: from stored files only, no training."""
+  given = [n for n in ("experiment", "analyze", "compare", "summarize") if getattr(FLAGS, n)]
+  if len(given) > 1:
+    raise ValueError(f"pass one of --experiment, --analyze, --compare, --summarize (got "
+                     f"{', '.join('--' + n for n in given)})")
+  if FLAGS.group_by and not FLAGS.summarize:
+    raise ValueError("--group_by needs --summarize")
+  if FLAGS.summarize:
+    summary_lib.summarize(FLAGS.summarize, FLAGS.output_dir or "runs/summary",
+                          FLAGS.group_by or ())
+    return 0
   if FLAGS.analyze:
     outputs.analyze(FLAGS.analyze, FLAGS.analysis_dir)
     return 0
@@ -261,7 +278,7 @@ EXPERIMENTS = {"flannel_data": flannel_data}
 
 
 def _dispatch() -> int:
-  if FLAGS.analyze or FLAGS.compare:
+  if FLAGS.analyze or FLAGS.compare or FLAGS.summarize or FLAGS.group_by:
     return analyze_or_compare()
   name = FLAGS.experiment
   known = sorted(EXPERIMENTS) + list(experiments.NAMES)

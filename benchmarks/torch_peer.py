@@ -305,12 +305,10 @@ def train(log=print) -> str:
   meta = _metadata(cfg, corpus, lay, sources, None, 0)
   like = like_snapshot(model, torch.get_rng_state().numel(), n_dead)
   with rundir.RunDir(FLAGS.output_dir, cfg.store.trajectory_name, log=log) as run:
-    start, snap = run.begin(
-        experiment=EXPERIMENT, config=config_lib.to_dict(cfg), inputs=inputs, specs=lay.specs,
-        file_metadata=layout_lib.FILE_METADATA, metadata=meta, like_state=like,
-        resume=FLAGS.resume, checkpoint_steps=cfg.store.checkpoint_steps,
-        checkpoint_bytes=4 * sum(a.nbytes for a in like["model"].values()) + (1 << 20),
-        ram_bytes=0)
+    plan = rundir.FolderPlan(
+        EXPERIMENT, config_lib.to_dict(cfg), inputs, lay.specs, layout_lib.FILE_METADATA,
+        cfg.store.checkpoint_steps, 4 * sum(a.nbytes for a in like["model"].values()) + (1 << 20))
+    start, snap = run.begin(plan, meta, like, FLAGS.resume)
     W_prev = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
     epoch, skip, elapsed0, diverged = 0, 0, 0.0, None
     last_motion_step = torch.full((n_dead,), -1, dtype=torch.int32)

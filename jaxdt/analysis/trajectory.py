@@ -313,8 +313,10 @@ def open_trajectory(path: str) -> Trajectory:
 
 # --- Run facts from metadata.json ---------------------------------------------
 
-RUN_INFO_KEYS = ("experiment", "backend", "device", "device_kind", "cpu_threads", "xla_flags",
-                 "gemm_path", "jax_version", "jaxlib_version", "date", "completed")
+RUN_INFO_KEYS = ("experiment", "framework", "backend", "device", "device_kind", "cpu_threads",
+                 "xla_flags", "gemm_path", "jax_version", "jaxlib_version", "torch_version",
+                 "torch_threads", "cpu_model", "cpu_features", "arithmetic_fingerprint", "date",
+                 "completed")
 
 
 def run_info(metadata: dict) -> dict:

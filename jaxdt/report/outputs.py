@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 
 from jaxdt.analysis import compare as compare_lib
+from jaxdt.analysis import divergence as divergence_lib
 from jaxdt.analysis import metrics
 from jaxdt.io import metadata
 from jaxdt.report import plots as plots_lib
@@ -81,16 +82,24 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
 
 def compare(path_a: str, path_b: str, analysis_dir: Optional[str] = None, *,
             block_steps: Optional[int] = None, echo: Callable[[str], None] = print) -> dict:
-  """Compares two runs, prints the table and verdict; writes compare.json into analysis_dir.
+  """Compares two runs, prints the table, the per-step divergence and the verdict; writes
+  compare.json (and divergence.png) into analysis_dir.
 
   Raises:
     metrics.AnalysisError: either PATH is not an analysable trajectory.
   """
   result = compare_lib.compare(path_a, path_b, block_steps=block_steps)
+  try:
+    div = divergence_lib.divergence(path_a, path_b, block_steps=block_steps)
+  except metrics.AnalysisError as e:  # no W, or other rows: the table still stands
+    div, result["divergence_skipped"] = None, str(e)
+  result["divergence"] = None if div is None else div.to_json()
   echo(text.format_compare(result))
   if analysis_dir:
     os.makedirs(analysis_dir, exist_ok=True)
     with open(os.path.join(analysis_dir, "compare.json"), "w", encoding="utf-8") as f:
       json.dump(metadata.json_ready(result), f, indent=2, allow_nan=False)
       f.write("\n")
+    if div is not None:
+      plots_lib.plot_divergence(div, os.path.join(analysis_dir, plots_lib.DIVERGENCE_FILE))
   return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -144,3 +145,24 @@ def write_plots(series: dict, summary: dict, out_dir: str) -> tuple[list, list]:
       continue
     written.append(fn(plt, series, summary, out_dir))
   return written, skipped
+
+
+DIVERGENCE_FILE = "divergence.png"
+
+
+def plot_divergence(div, path: str) -> Optional[str]:
+  """Two panels against step: the bitwise-equal W fraction and ‖W_a − W_b‖ / ‖W_a − W_0‖."""
+  try:
+    plt = _pyplot()
+  except ImportError:
+    return None
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+  t = np.arange(div.steps + 1)
+  top.plot(t, div.equal_fraction, lw=0.8)
+  top.set(ylabel="W bitwise equal", ylim=(0, 1.02), title="Divergence of B from A")
+  bottom.semilogy(t[1:], div.relative_distance[1:], lw=0.8)
+  bottom.set(xlabel="step", ylabel="‖W_a − W_b‖ / ‖W_a − W_0‖")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -187,7 +187,7 @@ def _cell(v) -> str:
   if v is None:
     return "-"
   if isinstance(v, float):
-    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
   return str(v)
 
 

@@ -222,14 +222,18 @@ def format_summary(s: metrics.Summary, header: bool = True) -> str:
 
 
 def _run_line(label: str, r: dict) -> str:
+  head = f"{label}: {r['file']} ({r['steps']} steps, {r['rows']} rows)"
+  cpu = f", CPU {r['cpu_model']}" if r.get("cpu_model") else ""
+  if r.get("framework") == "torch":
+    return (f"{head}\n   torch {r.get('torch_version') or '?'}, "
+            f"{r.get('torch_threads') or '?'} threads{cpu}")
   flags = r.get("xla_flags")
-  return (f"{label}: {r['file']} ({r['steps']} steps, {r['rows']} rows)\n"
-          f"   backend {r.get('backend') or '?'} ({r.get('device_kind') or '?'}), "
+  if flags is None:
+    return f"{head}\n   no metadata.json: backend, threads and XLA_FLAGS unknown"
+  return (f"{head}\n   backend {r.get('backend') or '?'} ({r.get('device_kind') or '?'}), "
           f"{r.get('cpu_threads') or '?'} CPU threads, jax {r.get('jax_version') or '?'}, "
           f"XLA_FLAGS {flags!r}" + (f", GEMMs {r['gemm_path']}" if r.get("gemm_path") else "")
-          if flags is not None else
-          f"{label}: {r['file']} ({r['steps']} steps, {r['rows']} rows)\n"
-          "   no metadata.json: backend, threads and XLA_FLAGS unknown")
+          + cpu)
 
 
 def format_compare(c: dict) -> str:
@@ -263,6 +267,11 @@ def format_compare(c: dict) -> str:
   if c.get("config_differences"):
     lines += ["", "The two runs' configs differ (so their bits are not expected to match):"]
     lines += [f"  {d}" for d in c["config_differences"]]
+  div = c.get("divergence")
+  if div is not None:
+    lines += ["", "Divergence of B from A (W bitwise equal; ‖W_a − W_b‖ / ‖W_a − W_0‖):"]
+    lines += [f"  step {x['step']:>6}: {x['equal_fraction']:>10.4%}   "
+              f"{_num(x['relative_distance'], '.3e')}" for x in div["samples"]]
   lines += ["", "Freeze statistics (A → B, difference):"]
   fa, fb, fd = c["freeze"]["a"], c["freeze"]["b"], c["freeze"]["diff"]
   for k in fa:
