@@ -38,7 +38,6 @@ from jaxdt.report import summary as summary_lib
 from jaxdt.report import sweep as sweep_report
 from jaxdt.training import loop
 from jaxdt import probes as probes_lib
-from jaxdt.training import step
 from jaxdt.training import runs
 from jaxdt.training import sweep
 from jaxdt import verify

@@ -60,6 +60,7 @@ from jaxdt.data import sampler  # noqa: E402
 from jaxdt.io import disk  # noqa: E402
 from jaxdt.io import metadata as metadata_lib  # noqa: E402
 from jaxdt.io import rundir  # noqa: E402
+from jaxdt.io import results
 from jaxdt.io import signals
 from jaxdt.io import locks
 from jaxdt.io import configdiff
@@ -158,7 +159,7 @@ def init_from(path: str, corpus, model: nn.Module) -> None:
   src = _same_data(path, corpus)
   lay = layout_lib.layout(src, corpus)
   params = runs.init_state(src, lay.dims).params
-  reader, _, _ = rundir.open_result(os.path.join(path, src.store.trajectory_name))
+  reader, _, _ = results.open_result(os.path.join(path, src.store.trajectory_name))
   with reader:
     w0 = reader.rows("W", 0, 1)[0]
   mine = np.asarray(params["embedding"]).view(np.uint16)[corpus.dead_indices]

@@ -35,7 +35,7 @@ from jaxdt.analysis import trajectory
 from jaxdt import config as config_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import disk
-from jaxdt.io import rundir
+from jaxdt.io import results
 from jaxdt.io import tensorfile
 from jaxdt.numerics import precision
 from jaxdt.training import loop
@@ -104,12 +104,12 @@ class KeyResult(NamedTuple):
 
 
 def _open(path: str, what: str) -> tensorfile.TrajectoryReader:
-  """A finished trajectory (`rundir.open_result`: refuses unfinished runs, checks SHA-256)."""
+  """A finished trajectory (`results.open_result`: refuses unfinished runs, checks SHA-256)."""
   if not os.path.isfile(path):
     raise VerifyError(f"{what} {path} does not exist; pass --verify_against=PATH to a finished "
                       "reference trajectory (e.g. thimble_8_trajectory.safetensors)")
   try:
-    return rundir.open_result(path)[0]
+    return results.open_result(path)[0]
   except disk.StoreError as e:
     raise VerifyError(f"{what} is unusable: {e}") from None
 

@@ -4,10 +4,11 @@ import numpy as np
 
 from jaxdt import verify
 from jaxdt.io import tensorfile
+from jaxdt.io import tensorwriter
 
 
 def _file(path, w, loss):
-  writer = tensorfile.TrajectoryWriter(path, {"W": (np.uint16, w.shape),
+  writer = tensorwriter.TrajectoryWriter(path, {"W": (np.uint16, w.shape),
                                               "loss": (np.uint16, loss.shape)})
   writer.write_rows("W", 0, w)
   writer.write_rows("loss", 0, loss)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -103,11 +103,22 @@ def _header(traj, T, threshold, diverged) -> dict:
       diverged_at_step=diverged)
 
 
-def _freeze_blocks(traj, T, threshold, block_steps, max_steps, out, series, notes) -> None:
+class _Pass(NamedTuple):
+  """What every block of one analysis reads: the file and the steps to cover."""
+
+  traj: trajectory.Trajectory
+  steps: int  # T analysed
+  threshold: float
+  block_steps: Optional[int]
+  max_steps: Optional[int]
+
+
+def _freeze_blocks(p: _Pass, out: dict, series: dict, notes: list) -> None:
   """The blocks of the one streaming pass (freeze, stillness, lifecycle, centroid)."""
-  sc = stream.scan(traj, threshold, block_steps, max_steps)
+  traj, T = p.traj, p.steps
+  sc = stream.scan(traj, p.threshold, p.block_steps, p.max_steps)
   lms = sc.last_motion
-  if "last_motion_step" in traj.reader.keys() and max_steps is None:
+  if "last_motion_step" in traj.reader.keys() and p.max_steps is None:
     stored = traj.stored_rows("last_motion_step").astype(np.int64)
     if stored.shape == lms.shape and not np.array_equal(stored, lms):
       notes.append(f"stored last_motion_step differs from the recount in "
@@ -144,8 +155,9 @@ def _freeze_blocks(traj, T, threshold, block_steps, max_steps, out, series, note
   out["skipped"] = out.get("skipped", ()) + tuple(skipped)
 
 
-def _accounting(traj, T, block_steps, max_steps, out, series) -> None:
+def _accounting(p: _Pass, out: dict, series: dict) -> None:
   """The Adam accounting: the in-scan adam_* keys, or recomputed from W, m, v."""
+  traj, T = p.traj, p.steps
   keys = traj.reader.keys()
   names = trajectory.accounting_keys()
   if all(k in keys for k in names):
@@ -160,7 +172,7 @@ def _accounting(traj, T, block_steps, max_steps, out, series) -> None:
              "no adam_* keys, and no W + m + v to recompute them")
       out["skipped"] = out.get("skipped", ()) + (Skipped("Adam accounting", why),)
       return
-    got = stream.accounting_from_state(traj, hyper, block_steps, max_steps)
+    got = stream.accounting_from_state(traj, hyper, p.block_steps, p.max_steps)
     arrays = [got[k[len("adam_"):]] for k in names]
     source = "recomputed from W, m, v (jaxdt.optim.accounting.metrics)"
   out["accounting"] = checks.AccountingSummary.of(*arrays, source=source)
@@ -182,12 +194,13 @@ def _analyze(path, block_steps, max_steps, threshold) -> tuple:
     out["loss"] = checks.LossSummary.of(series["loss"])
   else:
     out["skipped"] = (Skipped("loss", "no loss or losses key"),)
+  p = _Pass(traj, T, threshold, block_steps, max_steps)
   if traj.w_key or "delta_W_prime" in keys:
-    _freeze_blocks(traj, T, threshold, block_steps, max_steps, out, series, notes)
+    _freeze_blocks(p, out, series, notes)
   else:
     out["skipped"] = out.get("skipped", ()) + tuple(
         Skipped(name, "no W or delta_W_prime") for name in FREEZE_BLOCKS)
-  _accounting(traj, T, block_steps, max_steps, out, series)
+  _accounting(p, out, series)
   if traj.w_key and all(trajectory.state_keys(keys)) and max_steps is None:
     out["sanity_check"] = checks.SanityCheck.of(traj)
   out.update(notes=tuple(notes), skipped=out.get("skipped", ()))

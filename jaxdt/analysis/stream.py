@@ -79,6 +79,68 @@ def default_block_steps(n: int, hidden: int) -> int:
   return max(1, BLOCK_BYTES // max(1, 40 * n * hidden))
 
 
+class _Motion:
+  """The per-step counts and per-row last steps of `scan`, filled block by block."""
+
+  KEYS = ("motion", "early", "midlife", "l1", "hypernova", "spherical")
+
+  def __init__(self, T: int, n: int, D: int, threshold: float):
+    self.threshold, self.sqrt_d = threshold, math.sqrt(D)
+    self.any_motion, self.n_frozen = np.zeros(T, bool), np.zeros(T, np.int64)
+    self.classes, self.mean_l2 = np.zeros((T, 4), np.int64), np.zeros(T)
+    self.last = {k: np.full(n, -1, np.int64) for k in self.KEYS}
+    self.cold_to_hot = self.hot_to_cold = 0
+    self.prev_frozen = None
+
+  def add(self, d: np.ndarray, s: int, e: int) -> None:
+    """ΔW′ of steps s+1..e, [e - s, n, D]."""
+    with np.errstate(over="ignore", invalid="ignore"):
+      a = np.abs(d)
+      l1 = a.sum(axis=-1, dtype=np.float64)  # (b, n)
+      linf = a.max(axis=-1, initial=0)
+      l2 = np.sqrt(np.square(d, dtype=np.float64).sum(axis=-1))
+    moving = l2 >= self.threshold
+    frozen = ~moving
+    self.any_motion[s:e] = moving.any(axis=1)
+    self.n_frozen[s:e] = frozen.sum(axis=1)
+    early, mid, warm = l2 > self.sqrt_d, linf > 1, l1 > 0
+    self.classes[s:e] = np.stack([early.sum(1), (mid & ~early).sum(1), (warm & ~mid).sum(1),
+                                  (l1 == 0).sum(1)], axis=1)
+    finite = np.isfinite(l2)
+    self.mean_l2[s:e] = np.where(finite, l2, 0).sum(1) / np.maximum(finite.sum(1), 1)
+    for key, hit in zip(self.KEYS, (moving, early, mid, warm, l2 > HYPERNOVA, l1 > 1)):
+      self.last[key] = _last_step(self.last[key], hit, s + 1)
+    chain = frozen if self.prev_frozen is None else np.concatenate([self.prev_frozen[None],
+                                                                    frozen])
+    self.cold_to_hot += int((chain[:-1] & ~chain[1:]).sum())
+    self.hot_to_cold += int((~chain[:-1] & chain[1:]).sum())
+    self.prev_frozen = frozen[-1]
+
+
+class _Cloud:
+  """Global freeze, centroid and radii per W row, filled block by block."""
+
+  def __init__(self, traj: trajectory.Trajectory, T: int, has_w: bool, stored_c: bool):
+    self.traj, self.T, self.stored_c = traj, T, stored_c
+    self.global_frozen = np.zeros(T, bool) if has_w else None
+    self.centroid = np.zeros((T + 1, traj.hidden)) if has_w or stored_c else None
+    self.radii = [np.full(T + 1, np.nan) for _ in range(3)] if has_w else [None] * 3
+
+  def add(self, w: np.ndarray, s: int, e: int) -> None:
+    """W rows s..e, [e - s + 1, n, D]."""
+    bits = lattice.np_bits(w)
+    self.global_frozen[s:e] = (bits[1:] == bits[:-1]).all(axis=(1, 2))
+    k = e + 1 - s if e == self.T else e - s  # W rows s..e-1, and row T in the last block
+    x = self.traj.values(w[:k]).astype(np.float64)  # (k, n, D)
+    c = (self.traj.reader.rows("centroid", s, s + k).astype(np.float64) if self.stored_c
+         else x.mean(axis=1))
+    self.centroid[s:s + k] = c
+    r = np.sqrt(np.square(x - c[:, None]).sum(-1))  # (k, n)
+    self.radii[0][s:s + k] = r.mean(1)
+    self.radii[1][s:s + k] = np.sqrt(np.square(x).sum(-1)).mean(1)
+    self.radii[2][s:s + k] = r.max(1, initial=0)
+
+
 def scan(traj: trajectory.Trajectory, threshold: float = MOTION_THRESHOLD,
          block_steps: Optional[int] = None, max_steps: Optional[int] = None) -> Scan:
   """One pass over steps 1..T in blocks; memory is one block plus O(T + rows).
@@ -97,63 +159,26 @@ def scan(traj: trajectory.Trajectory, threshold: float = MOTION_THRESHOLD,
   block = block_steps or default_block_steps(n, D)
   has_w = traj.w_key is not None
   stored_c = traj.has("centroid") and traj.rows is None
-  never = lambda: np.full(n, -1, np.int64)
-  any_motion, n_frozen = np.zeros(T, bool), np.zeros(T, np.int64)
-  classes, mean_l2 = np.zeros((T, 4), np.int64), np.zeros(T)
-  global_frozen = np.zeros(T, bool) if has_w else None
-  last = {k: never() for k in ("motion", "early", "midlife", "l1", "hypernova", "spherical")}
-  cold_to_hot = hot_to_cold = 0
-  prev_frozen = None
-  with_c = has_w or stored_c
-  centroid = np.zeros((T + 1, D)) if with_c else None
-  radii = [np.full(T + 1, np.nan) for _ in range(3)] if has_w else [None] * 3
-  sqrt_d = math.sqrt(D)
+  motion, cloud = _Motion(T, n, D, threshold), _Cloud(traj, T, has_w, stored_c)
   for s in range(0, T, block):
     e = min(T, s + block)
     w = traj.w_rows(s, e + 1) if has_w else None  # (b+1, n, D)
-    d = traj.dwp_rows(s, e) if w is None or traj.has("delta_W_prime") else traj.cells(w)
-    with np.errstate(over="ignore", invalid="ignore"):
-      a = np.abs(d)
-      l1 = a.sum(axis=-1, dtype=np.float64)  # (b, n)
-      linf = a.max(axis=-1, initial=0)
-      l2 = np.sqrt(np.square(d, dtype=np.float64).sum(axis=-1))
-    moving = l2 >= threshold
-    frozen = ~moving
-    any_motion[s:e] = moving.any(axis=1)
-    n_frozen[s:e] = frozen.sum(axis=1)
-    early, mid, warm = l2 > sqrt_d, linf > 1, l1 > 0
-    classes[s:e] = np.stack([early.sum(1), (mid & ~early).sum(1), (warm & ~mid).sum(1),
-                             (l1 == 0).sum(1)], axis=1)
-    finite = np.isfinite(l2)
-    mean_l2[s:e] = np.where(finite, l2, 0).sum(1) / np.maximum(finite.sum(1), 1)
-    for key, hit in (("motion", moving), ("early", early), ("midlife", mid), ("l1", warm),
-                     ("hypernova", l2 > HYPERNOVA), ("spherical", l1 > 1)):
-      last[key] = _last_step(last[key], hit, s + 1)
-    chain = frozen if prev_frozen is None else np.concatenate([prev_frozen[None], frozen])
-    cold_to_hot += int((chain[:-1] & ~chain[1:]).sum())
-    hot_to_cold += int((~chain[:-1] & chain[1:]).sum())
-    prev_frozen = frozen[-1]
+    motion.add(traj.dwp_rows(s, e) if w is None or traj.has("delta_W_prime") else traj.cells(w),
+               s, e)
     if has_w:
-      bits = lattice.np_bits(w)
-      global_frozen[s:e] = (bits[1:] == bits[:-1]).all(axis=(1, 2))
-      k = e + 1 - s if e == T else e - s  # W rows s..e-1, and row T in the last block
-      x = traj.values(w[:k]).astype(np.float64)  # (k, n, D)
-      c = (traj.reader.rows("centroid", s, s + k).astype(np.float64) if stored_c
-           else x.mean(axis=1))
-      centroid[s:s + k] = c
-      r = np.sqrt(np.square(x - c[:, None]).sum(-1))  # (k, n)
-      radii[0][s:s + k] = r.mean(1)
-      radii[1][s:s + k] = np.sqrt(np.square(x).sum(-1)).mean(1)
-      radii[2][s:s + k] = r.max(1, initial=0)
-  if with_c and not has_w:
+      cloud.add(w, s, e)
+  centroid = cloud.centroid
+  if stored_c and not has_w:
     centroid = traj.reader.rows("centroid", 0, T + 1).astype(np.float64)
-  if with_c and T == 0 and has_w:  # no steps: only row 0
-    x = traj.values(traj.w_rows(0, 1)).astype(np.float64)
-    centroid[0] = x.mean(axis=1)[0]
-  source = ("stored 'centroid'" if stored_c else "mean of W rows (f64)") if with_c else "none"
-  return Scan(T, n, D, float(threshold), any_motion, n_frozen, classes, mean_l2, global_frozen,
-              last["motion"], last["early"], last["midlife"], last["l1"], last["hypernova"],
-              last["spherical"], cold_to_hot, hot_to_cold, centroid, *radii, source)
+  if centroid is not None and T == 0 and has_w:  # no steps: only row 0
+    centroid[0] = traj.values(traj.w_rows(0, 1)).astype(np.float64).mean(axis=1)[0]
+  source = (("stored 'centroid'" if stored_c else "mean of W rows (f64)")
+            if centroid is not None else "none")
+  last = motion.last
+  return Scan(T, n, D, float(threshold), motion.any_motion, motion.n_frozen, motion.classes,
+              motion.mean_l2, cloud.global_frozen, last["motion"], last["early"],
+              last["midlife"], last["l1"], last["hypernova"], last["spherical"],
+              motion.cold_to_hot, motion.hot_to_cold, centroid, *cloud.radii, source)
 
 
 # --- Accounting recomputed from recorded W, m, v (Thimble 1/3/8 layouts) -------

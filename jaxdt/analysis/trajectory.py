@@ -25,7 +25,7 @@ from jaxdt import config as config_lib
 from jaxdt import probes
 from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
-from jaxdt.io import rundir
+from jaxdt.io import results
 from jaxdt.io import locks
 from jaxdt.io import tensorfile
 
@@ -271,7 +271,7 @@ def open_trajectory(path: str) -> Trajectory:
   """
   path = resolve_path(path)
   try:
-    reader, meta, integrity = rundir.open_result(path)
+    reader, meta, integrity = results.open_result(path)
   except (disk.StoreError, OSError) as e:
     raise AnalysisError(str(e)) from None
   keys = reader.keys()

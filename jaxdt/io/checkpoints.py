@@ -20,6 +20,7 @@ import numpy as np
 from jaxdt.io import disk
 from jaxdt.io import metadata
 from jaxdt.io import tensorfile
+from jaxdt.io import tensorwriter
 
 
 CHECKPOINT_ARRAYS = "arrays.safetensors"
@@ -97,7 +98,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
     os.remove(meta_path)
     disk.fsync_dir(directory)
   arrays = os.path.join(directory, CHECKPOINT_ARRAYS)
-  writer = tensorfile.TrajectoryWriter(arrays, {n: (a.dtype, a.shape) for n, a in leaves},
+  writer = tensorwriter.TrajectoryWriter(arrays, {n: (a.dtype, a.shape) for n, a in leaves},
                             {"format": CHECKPOINT_FORMAT, "step": str(step)}, overwrite=True)
   with writer:
     for name, array in leaves:

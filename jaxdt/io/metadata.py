@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -97,3 +97,18 @@ def is_complete(run_dir: str | os.PathLike, trajectory_name: str) -> bool:
   except disk.StoreError:
     return False
   return True
+
+
+def read_json_object(path: str) -> Optional[dict]:
+  """A JSON object file (None if missing); StoreError if it is not a JSON object."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (UnicodeDecodeError, ValueError):
+    raise disk.StoreError(f"{path} is unreadable (not JSON); this folder's run cannot be "
+                           "trusted: choose another --output_dir") from None
+  if not isinstance(out, dict):
+    raise disk.StoreError(f"{path} is not a JSON object; choose another --output_dir")
+  return out

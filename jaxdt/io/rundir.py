@@ -47,7 +47,6 @@ there.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -57,6 +56,7 @@ from jaxdt.io import disk
 from jaxdt.io import locks
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import tensorfile
+from jaxdt.io import tensorwriter
 
 CHECKPOINT_DIR = "checkpoints"
 METADATA_FILE = metadata_lib.METADATA_FILE
@@ -70,20 +70,6 @@ class Folder(NamedTuple):
 
   kind: str  # "new" | "unfinished" | "finished"
   metadata: Optional[dict]
-
-
-def _read_json(path: str) -> Optional[dict]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      out = json.load(f)
-  except FileNotFoundError:
-    return None
-  except (UnicodeDecodeError, ValueError):
-    raise disk.StoreError(f"{path} is unreadable (not JSON); this folder's run cannot be "
-                           "trusted: choose another --output_dir") from None
-  if not isinstance(out, dict):
-    raise disk.StoreError(f"{path} is not a JSON object; choose another --output_dir")
-  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +115,7 @@ class RunDir:
     self.log = log
     self.resume_from: Optional[int] = None  # newest durable checkpoint step
     self._lock_fd: Optional[int] = None
-    self._writer: Optional[tensorfile.TrajectoryWriter] = None
+    self._writer: Optional[tensorwriter.TrajectoryWriter] = None
     self._created = False  # lock() made the folder: removed again if nothing was written
     self._wrote = False
     self.committed = False  # the run is finished (its final name exists)
@@ -196,7 +182,7 @@ class RunDir:
       StoreError: another experiment's run, a lab run, or run files with no
         metadata.json to say whose they are.
     """
-    meta = _read_json(self.metadata_path)
+    meta = metadata_lib.read_json_object(self.metadata_path)
     traces = [p for p in (self.trajectory, self.partial) if os.path.exists(p)]
     if checkpoints.checkpoints(self.ckpt_dir):
       traces.append(self.ckpt_dir)
@@ -260,7 +246,7 @@ class RunDir:
   def _fresh(self) -> Start:
     if os.path.exists(self.trajectory):  # never finished (inspect said so): not a result
       os.remove(self.trajectory)
-    self._writer = tensorfile.TrajectoryWriter(self.trajectory, self._plan.specs,
+    self._writer = tensorwriter.TrajectoryWriter(self.trajectory, self._plan.specs,
                                                self._plan.file_metadata)
     disk.fault_point("partial_created")
     self.resume_from = None
@@ -358,7 +344,7 @@ class RunDir:
       self.log(f"{self.path} has no trajectory yet; starting from step 0")
       return self._fresh()
     try:
-      self._writer = tensorfile.TrajectoryWriter(self.trajectory, self._plan.specs,
+      self._writer = tensorwriter.TrajectoryWriter(self.trajectory, self._plan.specs,
                                                  self._plan.file_metadata, resume=True)
     except disk.StoreError as e:
       reason = str(e).split(": ", 1)[-1].rsplit("; ", 1)[0]
@@ -431,58 +417,3 @@ class RunDir:
     self.committed = True
     disk.fault_point("committed")
     return meta
-
-
-# --- Readers ---------------------------------------------------------------------
-
-
-def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
-  """Opens a trajectory file as a result: refuses unfinished runs, verifies checksums.
-
-  Args:
-    path: a `.safetensors` trajectory (ours or the lab's).
-
-  Returns:
-    (reader, metadata, notes): the reader checks the recorded SHA-256 of each
-    tensor as it is read (call `reader.verify()` at the end of the pass);
-    metadata is the metadata.json beside the file ({} if none); notes say
-    what could not be verified.
-
-  Raises:
-    StoreError: a `.partial` file, a run whose metadata says unfinished, a
-      size other than recorded, a header other than recorded.
-  """
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  if path.endswith(tensorfile.PARTIAL_SUFFIX):
-    raise disk.StoreError(f"{path} is an unfinished trajectory (.partial); "
-                           f"{locks.unfinished_advice(folder)}, then pass the finished file")
-  meta_path = os.path.join(folder, METADATA_FILE)
-  try:
-    meta = _read_json(meta_path) or {}
-  except disk.StoreError:
-    meta = {}
-  notes, digests = [], None
-  config = meta.get("config")
-  ours = isinstance(config, dict)
-  name = ((config or {}).get("store") or {}).get("trajectory_name") if ours else None
-  if ours and name == os.path.basename(path):
-    if meta.get("completed") is not True:
-      raise disk.StoreError(f"{path} belongs to an unfinished run ({METADATA_FILE} says "
-                             f"completed: false); {locks.unfinished_advice(folder)}")
-    size = os.path.getsize(path) if os.path.isfile(path) else None
-    if size is not None and meta.get("trajectory_bytes") != size:
-      raise disk.StoreError(f"{path} is {size:,} bytes but its run recorded "
-                             f"{meta.get('trajectory_bytes')}; the file is damaged, re-run it "
-                             "or restore it from a copy")
-    digests = meta.get("tensor_sha256")
-    if digests is None:
-      notes.append("no SHA-256 recorded (an older jaxdt run): integrity not verified")
-  elif ours:
-    notes.append(f"{METADATA_FILE} beside it describes {name}, not this file: integrity not "
-                 "verified")
-  else:
-    notes.append("not a jaxdt run (no jaxdt metadata.json): integrity not verified")
-  return tensorfile.TrajectoryReader(path, digests=digests), meta, notes
-
-

@@ -15,7 +15,7 @@ from jaxdt.analysis import metrics
 from jaxdt.analysis import phases
 from jaxdt.analysis import stream
 from jaxdt.analysis import trajectory
-from jaxdt.io import tensorfile
+from jaxdt.io import tensorwriter
 from jaxdt.report import text
 from jaxdt.numerics import lattice
 
@@ -62,7 +62,7 @@ def write_file(path, w_bits, *, delta=False, loss=None, extra=None):
     arrays["loss"] = np.asarray(loss, np.float32)
   arrays.update(extra or {})
   specs = {k: (a.dtype, a.shape) for k, a in arrays.items()}
-  with tensorfile.TrajectoryWriter(path, specs) as writer:
+  with tensorwriter.TrajectoryWriter(path, specs) as writer:
     for k, a in arrays.items():
       writer.write(k, a)
     writer.finalize()

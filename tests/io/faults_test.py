@@ -24,7 +24,7 @@ from jaxdt import config as config_lib
 from jaxdt.io import checkpoints
 from jaxdt.io import disk
 from jaxdt.io import metadata
-from jaxdt.io import rundir
+from jaxdt.io import results
 from jaxdt.io import tensorfile
 from jaxdt.training import loop
 
@@ -70,15 +70,15 @@ def _no_lie(cfg, out, ref_bytes):
   path = os.path.join(out, cfg.store.trajectory_name)
   if metadata.is_complete(out, cfg.store.trajectory_name):
     assert _bytes(path) == ref_bytes, "a finished-looking file with other bytes"
-    reader, _, _ = rundir.open_result(path)
+    reader, _, _ = results.open_result(path)
     with reader:
       assert reader.verify()
     return True
   if os.path.exists(path):
     with pytest.raises(disk.StoreError):
-      rundir.open_result(path)
+      results.open_result(path)
   with pytest.raises(disk.StoreError, match="unfinished"):
-    rundir.open_result(path + tensorfile.PARTIAL_SUFFIX)
+    results.open_result(path + tensorfile.PARTIAL_SUFFIX)
   return False
 
 

@@ -36,7 +36,6 @@ from jaxdt.training import layout
 from jaxdt.training import loop
 from jaxdt import probes
 from jaxdt.training import runs
-from jaxdt.training import step as step_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 12  # tiny_config: checkpoints at 5 and 9, chunks of 4

@@ -27,6 +27,7 @@ from jaxdt.io import checkpoints
 from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import tensorfile
+from jaxdt.io import tensorwriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, TOKENS, DIM, VOCAB = 22, 9, 4, 20
@@ -78,7 +79,7 @@ def _write_whole(writer, records):
 
 
 def _write_file(path, records, chunk):
-  writer = tensorfile.TrajectoryWriter(path, SPECS, META)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS, META)
   _write_rows(writer, records, chunk)
   _write_whole(writer, records)
   return writer.finalize()
@@ -112,7 +113,7 @@ def records():
 
 
 def test_header_is_written_first_and_data_preallocated(path):
-  writer = tensorfile.TrajectoryWriter(path, SPECS, META)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS, META)
   partial = path + ".partial"
   assert not os.path.exists(path)
   assert os.path.getsize(partial) == tensorfile.estimate_bytes(SPECS, META)
@@ -147,7 +148,7 @@ def test_chunk_size_does_not_change_the_bytes(tmp_path, path, records, chunk):
 
 
 def test_partial_until_finalize_and_finalize_is_idempotent(path, records):
-  writer = tensorfile.TrajectoryWriter(path, SPECS, META)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS, META)
   _write_rows(writer, records, 4)
   _write_whole(writer, records)
   writer.sync()
@@ -162,14 +163,14 @@ def test_partial_until_finalize_and_finalize_is_idempotent(path, records):
 
 
 def test_unfinished_writer_leaves_the_partial(path, records):
-  writer = tensorfile.TrajectoryWriter(path, SPECS)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS)
   writer.write_rows("W", 0, records["W"][:3])
   del writer
   gc.collect()
   assert os.path.exists(path + ".partial")
   assert not os.path.exists(path)
   with pytest.raises(RuntimeError):
-    with tensorfile.TrajectoryWriter(path, SPECS) as writer:
+    with tensorwriter.TrajectoryWriter(path, SPECS) as writer:
       writer.write_rows("W", 0, records["W"][:3])
       raise RuntimeError("the trainer crashed")
   assert os.path.exists(path + ".partial")
@@ -181,25 +182,25 @@ def test_unfinished_writer_leaves_the_partial(path, records):
 def test_resume_continues_in_place_with_identical_bytes(tmp_path, path, records):
   reference = _read(_write_file(os.path.join(tmp_path, "ref.safetensors"), records, 5))
   crashed_at, checkpoint_row = 15, 10  # rows past the checkpoint are rewritten
-  writer = tensorfile.TrajectoryWriter(path, SPECS, META)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS, META)
   for key in ROW_KEYS:
     writer.write_rows(key, 0, records[key][:crashed_at])
   writer.write("dead_mask", records["dead_mask"])
   writer.close()  # the process dies here
-  resumed = tensorfile.TrajectoryWriter(path, SPECS, META, resume=True)
+  resumed = tensorwriter.TrajectoryWriter(path, SPECS, META, resume=True)
   _write_rows(resumed, records, 3, start=checkpoint_row)
   _write_whole(resumed, records)
   assert _read(resumed.finalize()) == reference
 
 
 def test_resume_refuses_another_header(path):
-  tensorfile.TrajectoryWriter(path, SPECS, META).close()
+  tensorwriter.TrajectoryWriter(path, SPECS, META).close()
   other = dict(SPECS, W=(np.uint16, (STEPS + 2, TOKENS, DIM)))
   cases = [(other, META, "tensor 'W'"), (SPECS, {"experiment": "x"}, "metadata"),
            (dict(SPECS, W=(np.float32, SPECS["W"][1])), META, "tensor 'W'")]
   for specs, meta, what in cases:
     with pytest.raises(disk.StoreError) as e:
-      tensorfile.TrajectoryWriter(path, specs, meta, resume=True)
+      tensorwriter.TrajectoryWriter(path, specs, meta, resume=True)
     message = str(e.value)
     assert path + ".partial" in message
     assert what in message
@@ -209,24 +210,24 @@ def test_resume_refuses_another_header(path):
 
 def test_resume_needs_the_partial(path, records):
   with pytest.raises(disk.StoreError, match=r"\.partial does not exist; start the run "):
-    tensorfile.TrajectoryWriter(path, SPECS, resume=True)
+    tensorwriter.TrajectoryWriter(path, SPECS, resume=True)
   _write_file(path, records, 8)
   with pytest.raises(disk.StoreError, match="already finished"):
-    tensorfile.TrajectoryWriter(path, SPECS, META, resume=True)
+    tensorwriter.TrajectoryWriter(path, SPECS, META, resume=True)
 
 
 def test_a_finished_file_is_not_clobbered_by_default(path, records):
   _write_file(path, records, 8)
   with pytest.raises(disk.StoreError, match="already exists"):
-    tensorfile.TrajectoryWriter(path, SPECS, META)
-  writer = tensorfile.TrajectoryWriter(path, SPECS, META, overwrite=True)
+    tensorwriter.TrajectoryWriter(path, SPECS, META)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS, META, overwrite=True)
   assert not os.path.exists(path)  # gone at once: never mistaken for this run's
   writer.close()
 
 
 def test_bf16_arrays_are_written_as_their_bits(path, records):
   bits = records["W"][:4]
-  writer = tensorfile.TrajectoryWriter(path, SPECS)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS)
   writer.write_rows("W", 0, jnp.asarray(bits.view(ml_dtypes.bfloat16)))
   writer.write_rows("W", 4, bits.view(ml_dtypes.bfloat16))
   writer.finalize()
@@ -238,7 +239,7 @@ def test_bf16_arrays_are_written_as_their_bits(path, records):
 def test_empty_and_scalar_tensors(path):
   specs = {"none": (np.float32, (0, 3)), "W": (np.uint16, (2, 2)), "step": (np.int64, ()),
            "flag": (np.bool_, ())}
-  writer = tensorfile.TrajectoryWriter(path, specs)
+  writer = tensorwriter.TrajectoryWriter(path, specs)
   writer.write_rows("none", 0, np.zeros((0, 3), np.float32))
   writer.write_rows("W", 0, np.array([[1, 2], [3, 4]], np.uint16))
   writer.write("step", np.int64(-5))
@@ -266,15 +267,15 @@ def test_bad_specs_are_one_line_errors(path):
   ]
   for specs, pattern in bad:
     with pytest.raises(disk.StoreError, match=pattern) as e:
-      tensorfile.TrajectoryWriter(path, specs)
+      tensorwriter.TrajectoryWriter(path, specs)
     assert "\n" not in str(e.value)
   with pytest.raises(disk.StoreError, match="str to str"):
-    tensorfile.TrajectoryWriter(path, SPECS, {"steps": 5})
+    tensorwriter.TrajectoryWriter(path, SPECS, {"steps": 5})
   assert isinstance(disk.StoreError("x"), ValueError)
 
 
 def test_bad_writes_are_one_line_errors(tmp_path, path, records):
-  writer = tensorfile.TrajectoryWriter(path, SPECS)
+  writer = tensorwriter.TrajectoryWriter(path, SPECS)
   w = records["W"]
   bad = [
       (lambda: writer.write_rows("V", 0, w), r"no tensor 'V'.*\['W', "),
@@ -291,7 +292,7 @@ def test_bad_writes_are_one_line_errors(tmp_path, path, records):
     with pytest.raises(disk.StoreError, match=pattern) as e:
       call()
     assert "\n" not in str(e.value)
-  scalar = tensorfile.TrajectoryWriter(os.path.join(tmp_path, "s.safetensors"),
+  scalar = tensorwriter.TrajectoryWriter(os.path.join(tmp_path, "s.safetensors"),
                                        {"step": (np.int64, ())})
   with pytest.raises(disk.StoreError, match="0-d; write it with write"):
     scalar.write_rows("step", 0, np.zeros(1, np.int64))
@@ -309,11 +310,11 @@ def test_bad_writes_are_one_line_errors(tmp_path, path, records):
 _RSS_CHILD = textwrap.dedent("""
     import json, os, resource, sys
     import numpy as np
-    from jaxdt.io import tensorfile
+    from jaxdt.io import tensorwriter
     path, total_mb, chunk_mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rows = total_mb // chunk_mb
     chunk = np.zeros((1, chunk_mb << 19), np.uint16)  # one row = chunk_mb MB
-    writer = tensorfile.TrajectoryWriter(path, {"W": (np.uint16, (rows, chunk.shape[1]))})
+    writer = tensorwriter.TrajectoryWriter(path, {"W": (np.uint16, (rows, chunk.shape[1]))})
     writer.write_rows("W", 0, chunk)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for t in range(1, rows):
@@ -418,7 +419,7 @@ def test_truncated_and_missing_files_are_one_line_errors(tmp_path, written):
   with pytest.raises(disk.StoreError, match="corrupt safetensors header"):
     tensorfile.TrajectoryReader(short)
   unfinished = os.path.join(tmp_path, "run.safetensors")
-  tensorfile.TrajectoryWriter(unfinished, SPECS).close()
+  tensorwriter.TrajectoryWriter(unfinished, SPECS).close()
   with pytest.raises(disk.StoreError, match=r"not found \(the run is unfinished\)"):
     tensorfile.TrajectoryReader(unfinished)
 
@@ -443,7 +444,7 @@ def test_is_complete_follows_the_run_lifecycle(tmp_path):
   records = _records(2)
   assert not metadata_lib.is_complete(folder, NAME)
   metadata_lib.write_metadata(folder, {"completed": False})
-  writer = tensorfile.TrajectoryWriter(os.path.join(folder, NAME), SPECS, META)
+  writer = tensorwriter.TrajectoryWriter(os.path.join(folder, NAME), SPECS, META)
   _write_rows(writer, records, 9)
   _write_whole(writer, records)
   assert not metadata_lib.is_complete(folder, NAME)  # only a .partial
@@ -543,7 +544,7 @@ def test_truncated_checkpoint_is_ignored(tmp_path, state):
   checkpoints.save_checkpoint(folder, 10, state)
   checkpoints.save_checkpoint(folder, 20, _state(3))
   os.remove(os.path.join(folder, "step_000020", "meta.json"))  # died before the marker
-  later = tensorfile.TrajectoryWriter(os.path.join(folder, "step_000030", "arrays.safetensors"),
+  later = tensorwriter.TrajectoryWriter(os.path.join(folder, "step_000030", "arrays.safetensors"),
                                       {"x": (np.float32, (4,))})
   later.close()  # died while writing arrays
   assert checkpoints.latest_checkpoint(folder) == os.path.join(folder, "step_000010")

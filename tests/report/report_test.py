@@ -16,7 +16,6 @@ from conftest import tiny_config
 
 from jaxdt.analysis import freeze
 from jaxdt.analysis import metrics
-from jaxdt.io import metadata
 from jaxdt.io import tensorfile
 from jaxdt.report import outputs
 from jaxdt.report import plots as plots_lib
