@@ -75,8 +75,8 @@ def _fast_encode_ok(tokenizer) -> bool:
   """True when encoding line-aligned pieces equals one encode of the whole text.
 
   With a Whitespace pre-tokenizer and no normalizer, no token spans a newline,
-  so splitting after '\n' changes nothing. tokenizers' single `encode` of a
-  5 MB string is superlinear (about 7 s), the piecewise parallel encode ~1 s.
+  so splitting after '\n' changes nothing; tokenizers' single `encode` of a
+  long string is superlinear in its length, the piecewise parallel encode is not.
   """
   spec = json.loads(tokenizer.to_str())
   pre = spec.get("pre_tokenizer") or {}

@@ -15,15 +15,16 @@ from jaxdt.model import tinylm
 
 
 # -- Tied logits + cross entropy, blockwise ------------------------------------
-# The tied logits are 83% of a lab-size step's FLOPs and (B*T, V) f32 is 655 MB
-# at B = T = 128, V = 10,000: materialised, the logits, their log-softmax and
-# their gradient stream several GB through memory every step. Here each block
+# The tied logits are most of a lab-size step's FLOPs, and (B*T, V) f32 at
+# B = T = 128, V = 10,000 is hundreds of MB: materialised, the logits, their
+# log-softmax and their gradient stream several times that through memory every step. Here each block
 # of rows does logits -> loss -> dlogits -> (dh, dE) while its (rows, V) slab is
 # in cache, and the forward pass already computes the gradients (one pass over
 # the logits instead of a recompute in the backward pass).
-# Target rows per block (blocks are whole sequences). CPU: a (512, V) f32 slab
-# stays in the last-level cache, and 512 measured best of 128-2048 (BUILD_NOTES).
-# Elsewhere one block: a GPU wants few, large GEMMs more than cache locality.
+# Target rows per block (blocks are whole sequences). CPU: a (rows, V) f32 slab
+# that stays in the last-level cache (the size is a speed knob; BUILD_NOTES has
+# the timings). Elsewhere one block: a GPU wants few, large GEMMs more than
+# cache locality.
 NLL_BLOCK_ROWS = {"cpu": 512}
 
 
@@ -60,8 +61,7 @@ def _tied_nll_scan(gemm, h, table, targets):
     nll, dlogits, dh = _tied_nll_block(gemm, table, scale, hb, tb)
     # dE^T += h^T dlogits, accumulated in f32 over blocks, rounded once at the end.
     # Kept as (D, V): contracting the block's rows with a (D, V) output runs on
-    # XLA:CPU's fast GEMM kernel; the (V, D) layout fell back to a slower one
-    # (BUILD_NOTES, "Speed (issue 12)").
+    # XLA:CPU's fast GEMM kernel; the (V, D) layout falls back to a slower one.
     d_table_t = d_table_t + tinylm.matmul(hb.T, dlogits, 0, gemm)
     return d_table_t, (nll, dh)
 

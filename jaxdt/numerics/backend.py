@@ -177,7 +177,7 @@ def fma_contracts() -> bool:
   Probed once per process (a jit compile; the backend cannot change under it).
 
   torch's lerp_ and addcmul_ are FMAs; without contraction `adamw` is not
-  bit-exact (docs/adamw.md, rule 2; BUILD_NOTES: thousands of mismatches in 300 steps).
+  bit-exact (docs/adamw.md, rule 2).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -240,7 +240,7 @@ def gemm_operands(flags: Optional[frozenset] = None) -> str:
   On CPU it follows the measured capability, the CPU's own feature flags: bf16
   operands only where the CPU has bf16 dot-product units (AVX512_BF16 or AMX);
   without them XLA:CPU's bf16 GEMMs run slower than its f32 ones (BUILD_NOTES,
-  "Speed (issue 12)"). Accelerators (GPU, TPU) keep bf16. The choice is a pure
+  "Speed"). Accelerators (GPU, TPU) keep bf16. The choice is a pure
   function of the host, so every run on one machine takes the same path.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -277,8 +277,8 @@ def release_heap() -> None:
 
   glibc keeps what a process frees for its next allocations, and the big frees
   of a run come once: tokenizing the corpus and XLA compiling the chunk free
-  hundreds of MB that would then count in the run's RSS to its end (BUILD_NOTES,
-  "Speed (issue 12)": peak RSS 1.35 -> 1.03 GB in 25-step chunks). Values are
+  memory that would then count in the run's RSS to its end (BUILD_NOTES,
+  "Speed"). Values are
   untouched; it costs a walk of the free lists, so the loop calls it between
   phases and once per chunk, never per step.
   """
