@@ -46,6 +46,7 @@ import optax
 
 from jaxdt.config import OptimConfig
 from jaxdt.numerics import lattice
+from jaxdt.numerics import subnormal
 
 # Columns of the per-step scalar table.
 NEG_STEP_SIZE, BC2_SQRT, BC1, BC2 = range(4)
@@ -195,6 +196,52 @@ def moments_update(g, m, v, hp: OptimConfig, dtype, coef: Coefficients | None = 
   return m, v
 
 
+# The exact moments run scaled by 2^MOMENT_SCALE (c·g by 2^(MOMENT_SCALE/2)): every bf16
+# value and every torch f32 intermediate down to the subnormal grid 2^-149 is then a
+# normal f32. Elements with larger magnitudes than these bounds keep the plain path (their
+# arithmetic has no subnormal anywhere).
+MOMENT_SCALE = 64
+_M_BOUND, _V_BOUND = 2.0**60, 2.0**30
+
+
+def exact_moments(g, m, v, hp: OptimConfig, coef: Coefficients | None = None):
+  """torch's bf16 `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, subnormals kept.
+
+  The same ops as `moments_update`, done in `numerics.subnormal`'s scaled
+  arithmetic (docs/adamw.md, "Subnormals"): each f32 result torch computes is
+  reproduced, subnormal ones on the 2^-149 grid, and each bf16 store rounds as
+  torch's does, subnormal ones on the 2^-133 grid.
+
+  Args:
+    g, m, v: bf16 arrays (grad, exp_avg, exp_avg_sq before the step).
+    hp: hyperparameters (the structure; the values too unless `coef`).
+    coef: traced coefficients (a sweep member's); None = `coefficients(hp)`.
+
+  Returns:
+    (m, v) as bf16 bits (uint16), and the mask of elements these are valid for
+    (False where a magnitude exceeds the scaled range: use `moments_update`).
+  """
+  c = coefficients(hp) if coef is None else coef
+  S = MOMENT_SCALE
+  g_s, m_s, v_s = (subnormal.scaled(x, S) for x in (g, m, v))
+  diff = g_s - m_s  # exact when small; otherwise rounded as torch rounds it
+  a, addend = (c.lerp_weight, m_s) if lerp_from_m(hp) else (c.lerp_weight, g_s)
+  r = a * diff + addend  # contracted to fma, as in `moments_update`
+  f = subnormal.as_f32(r, subnormal.fma_residual_sign(a, diff, addend, r), S)
+  m_bits = subnormal.bf16_bits(subnormal.bf16_of(f, S), S)
+  p, e = subnormal.two_prod(v_s, c.b2)  # mul_(b2)
+  v1 = subnormal.bf16_of(subnormal.as_f32(p, jnp.sign(e), S), S)
+  g_h = subnormal.scaled(g, S // 2)
+  p, e = subnormal.two_prod(c.one_minus_b2, g_h)  # torch's f32 (1 - b2)·g
+  cg = subnormal.as_f32(p, jnp.sign(e), S // 2)
+  r = cg * g_h + v1  # contracted to fma(c·g, g, v)
+  f = subnormal.as_f32(r, subnormal.fma_residual_sign(cg, g_h, v1, r), S)
+  v_bits = subnormal.bf16_bits(subnormal.bf16_of(f, S), S)
+  big = lambda x, bound: ~(jnp.abs(x.astype(jnp.float32)) < bound)  # NaN counts as big
+  valid = ~(big(g, _V_BOUND) | big(m, _M_BOUND) | big(v, _V_BOUND))
+  return m_bits, v_bits, valid
+
+
 def denominator(v, bc2_sqrt, hp: OptimConfig, dtype, coef: Coefficients | None = None):
   """torch's `(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, in f32."""
   r = _rounder(dtype)
@@ -231,7 +278,16 @@ def _leaf_update(g, p, m, v, scalars, hp: OptimConfig, coef: Coefficients | None
   """One parameter leaf: returns (new_param, updates, mu, nu)."""
   dtype = p.dtype
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-  m, v = moments_update(f32(g), f32(m), f32(v), hp, dtype, coef)
+  m_plain, v_plain = moments_update(f32(g), f32(m), f32(v), hp, dtype, coef)
+  if dtype == jnp.bfloat16:  # torch keeps subnormal moments; XLA:CPU would flush them
+    m_bits, v_bits, valid = exact_moments(jnp.asarray(g), jnp.asarray(m), jnp.asarray(v), hp,
+                                          coef)
+    pick = lambda bits, plain: jnp.where(valid, lattice.bits_to_bf16(bits),
+                                         plain.astype(dtype))
+    m_out, v_out = pick(m_bits, m_plain), pick(v_bits, v_plain)
+  else:
+    m_out, v_out = m_plain.astype(dtype), v_plain.astype(dtype)
+  m, v = f32(m_out), f32(v_out)  # what the parameter update reads (a bit shift: kept)
   p32 = f32(p)
   new_p, step, decayed = param_update(p32, m, v, scalars, hp, dtype, coef)
   # optax.apply_updates computes (p + u).astype(p.dtype) in f32. Without decay
@@ -249,7 +305,7 @@ def _leaf_update(g, p, m, v, scalars, hp: OptimConfig, coef: Coefficients | None
   for cand in candidates[1:]:  # the last (most natural) candidate has priority
     lands = lattice.f32_bits(_round_to(p32 + cand, dtype)) == target
     u = jnp.where(lands, cand, u)
-  return new_p.astype(dtype), u, m.astype(dtype), v.astype(dtype)
+  return new_p.astype(dtype), u, m_out, v_out
 
 
 def _round_to(x, dtype):

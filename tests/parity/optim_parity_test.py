@@ -18,7 +18,7 @@ from jaxdt.optim import adamw
 BF16 = ml_dtypes.bfloat16
 STEPS = 1000
 CHUNK = 100
-SUBNORMAL_LIMIT = 2.0**-126
+SUBNORMAL_LIMIT = 2.0**-126  # f32 moments (fp32 params) still flush below it
 torch.set_num_threads(2)
 
 
@@ -121,21 +121,18 @@ def compare(shape, lr, wd, dtype, steps=STEPS, seed=0, torch_sqrt=None, via="opt
 def test_bf16_params_and_moments_match_torch_bitwise(shape, lr, wd):
   r = compare(shape, lr, wd, BF16)
   print(f"bf16 {shape} lr={lr} wd={wd}: {r}")
-  assert r["p"] == 0, r
-  assert r["v"] == 0, r
-  # m differs only by XLA:CPU's subnormal flush, in rows whose gradient is 0.
-  assert r["m_outside_subnormal"] == 0, r
+  assert (r["p"], r["m"], r["v"]) == (0, 0, 0), r
 
 
 def test_active_decay_and_apply_updates_path():
   # lr·wd > 2^-9, so p.mul_(1 − lr·wd) really changes bf16 params.
   r = compare((200, 64), 1e-2, 0.5, BF16, steps=300)
-  assert (r["p"], r["v"], r["m_outside_subnormal"]) == (0, 0, 0), r
+  assert (r["p"], r["m"], r["v"]) == (0, 0, 0), r
 
 
 def test_exact_step_function_matches_too():
   r = compare((333, 77), 1e-3, 0.1, BF16, steps=300, via="step")
-  assert (r["p"], r["v"], r["m_outside_subnormal"]) == (0, 0, 0), r
+  assert (r["p"], r["m"], r["v"]) == (0, 0, 0), r
 
 
 def test_stock_optax_adamw_does_not_match():
@@ -161,46 +158,85 @@ def test_stock_optax_adamw_does_not_match():
 # Subnormals.
 
 
-def test_moments_differ_only_below_2_pow_minus_126_and_heal():
-  """XLA:CPU flushes f32 subnormals; torch keeps them. Bound what that changes.
+def tiny_gradients(shape, steps, seed):
+  """bf16 gradients that drive m and v through the subnormal range, [steps, rows, cols].
 
-  Rows with zero gradient for 1,200 steps decay m through the subnormal range
-  (torch then holds m at ±2^-133 forever: 0.9·k rounds back to k = 1). Here m
-  is 0 instead. Params and v must stay exact, and m must re-match once the
-  gradient returns.
+  Row kinds: g of 1e-40..1e-30 (subnormal and tiny bf16 gradients); g of
+  1e-20..1e-18 (g² below 2^-126: v from squared tiny gradients); live rows that
+  go silent at step 20 (m decays through the subnormals to ±2^-133 and stays);
+  live rows silent from step 20 to 2/3 of the run, then live again (subnormal m
+  meets a normal g); rows tiny at most steps and live every 7th.
   """
-  shape, lr = (64, 64), 1e-3
-  rng = np.random.default_rng(7)
-  p0 = (rng.standard_normal(shape) * 0.02).astype(BF16)
-  zero_rows = np.arange(shape[0]) % 2 == 0
+  rows, cols = shape
+  rng = np.random.default_rng(seed)
+  kind = rng.choice(5, size=rows)
+  expo = np.where(kind == 0, rng.uniform(-40, -30, rows),
+                  np.where(kind == 1, rng.uniform(-20, -18, rows), rng.uniform(-4, -1, rows)))
+  out = np.empty((steps, rows, cols), BF16)
+  for t in range(steps):
+    g = rng.standard_normal((rows, cols)) * 10.0 ** expo[:, None]
+    g[(kind == 2) & (t >= 20)] = 0.0
+    g[(kind == 3) & (t >= 20) & (t < 2 * steps // 3)] = 0.0
+    g[kind == 4] *= 1e-36 if t % 7 else 1.0
+    out[t] = g.astype(np.float32).astype(BF16)
+  return out
+
+
+def subnormal_run(lr, wd, steps, b1=0.9, shape=(256, 64), seed=0, exact=True, monkeypatch=None):
+  """Both optimizers on `tiny_gradients`; mismatch counts and torch's subnormal m and v."""
+  if not exact:  # the plain f32 path alone: XLA:CPU's flush shows
+    real = adamw.exact_moments
+    monkeypatch.setattr(adamw, "exact_moments", lambda *a, **k: (
+        *real(*a, **k)[:2], jnp.zeros(a[0].shape, bool)))
+  gs = tiny_gradients(shape, steps, seed)
+  p0 = (np.random.default_rng(seed + 1).standard_normal(shape) * 0.02).astype(BF16)
   tp = torch.nn.Parameter(to_torch(p0).clone())
-  opt = torch.optim.AdamW([tp], lr=lr, weight_decay=0.0)
-  hp = config_lib.OptimConfig(lr)
-  step = jax.jit(lambda p, s, g: adamw.step(hp, p, g, s))
-  p, s = jnp.asarray(p0), adamw.adamw(lr).init(jnp.asarray(p0))
-  m_diff_total = m_diff_late = 0
-  for t in range(1, 1501):
-    g = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
-    if 20 <= t < 1300:
-      g[zero_rows] = 0.0
-    g = g.astype(BF16)
-    tp.grad = to_torch(g).clone()
-    opt.step()
-    p, s = step(p, s, jnp.asarray(g))
-    st = opt.state[tp]
-    assert np.array_equal(bits(p), bits(tp)), t
-    assert np.array_equal(bits(s.nu), bits(st["exp_avg_sq"])), t
-    dm = bits(s.mu) != bits(st["exp_avg"])
-    if dm.any():
-      torch_m = np.abs(f32_of(st["exp_avg"])[dm])
-      assert np.all(torch_m <= SUBNORMAL_LIMIT), t
-      assert np.all(f32_of(s.mu)[dm] == 0), t
-      assert np.all(dm[~zero_rows] == False), t
-      m_diff_total += int(dm.sum())
-      m_diff_late += int(dm.sum()) if t >= 1310 else 0
-  print(f"subnormal-flush m mismatches: {m_diff_total} element-steps; after resume: {m_diff_late}")
-  assert m_diff_total > 0  # the effect is real and exercised
-  assert m_diff_late == 0
+  opt = torch.optim.AdamW([tp], lr=lr, betas=(b1, 0.999), weight_decay=wd)
+  hp = config_lib.OptimConfig(lr, b1=b1, weight_decay=wd)
+
+  def body(c, g):
+    p, s = adamw.step(hp, c[0], g, c[1])
+    return (p, s), (p, s.mu, s.nu)
+
+  run = jax.jit(lambda c, g: jax.lax.scan(body, c, g))
+  carry = (jnp.asarray(p0), adamw.init(jnp.asarray(p0)))
+  out = dict(p=0, m=0, v=0, subnormal_m=0, subnormal_v=0)
+  sub = lambda b: int((((b & 0x7F80) == 0) & ((b & 0x7FFF) != 0)).sum())
+  for s0 in range(0, steps, CHUNK):
+    carry, (P, M, V) = run(carry, jnp.asarray(gs[s0:s0 + CHUNK]))
+    for i in range(min(CHUNK, steps - s0)):
+      tp.grad = to_torch(gs[s0 + i]).clone()
+      opt.step()
+      st = opt.state[tp]
+      tm, tv = bits(st["exp_avg"]), bits(st["exp_avg_sq"])
+      out["p"] += int((bits(P[i]) != bits(tp)).sum())
+      out["m"] += int((bits(M[i]) != tm).sum())
+      out["v"] += int((bits(V[i]) != tv).sum())
+      out["subnormal_m"] += sub(tm.view(np.uint16))
+      out["subnormal_v"] += sub(tv.view(np.uint16))
+  return out
+
+
+@pytest.mark.parametrize("lr,wd", [(1e-3, 0.0), (3e-4, 0.1)])
+def test_moments_match_torch_through_the_subnormal_range(lr, wd):
+  r = subnormal_run(lr, wd, steps=1200)
+  print(f"subnormal sequences lr={lr} wd={wd}: {r}")
+  assert r["subnormal_m"] > 100_000 and r["subnormal_v"] > 10_000, r  # really exercised
+  assert (r["p"], r["m"], r["v"]) == (0, 0, 0), r
+
+
+def test_moments_match_in_torchs_other_lerp_form():
+  # b1 <= 0.5: torch's lerp_ computes g + (w - 1)(g - m), another FMA.
+  r = subnormal_run(1e-3, 0.0, steps=300, b1=0.4)
+  assert r["subnormal_m"] > 0 and (r["p"], r["m"], r["v"]) == (0, 0, 0), r
+
+
+def test_the_plain_f32_path_alone_flushes_the_subnormal_moments(monkeypatch):
+  # The comparison can fail: without the scaled arithmetic XLA:CPU's FTZ shows in m and v.
+  r = subnormal_run(1e-3, 0.0, steps=300, exact=False, monkeypatch=monkeypatch)
+  if jax.default_backend() == "cpu":
+    assert r["m"] > 1000 and r["v"] > 100, r
+  assert r["p"] == 0, r  # such updates are far below half an ULP of the params
 
 
 # fp32.
