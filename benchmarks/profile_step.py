@@ -41,7 +41,7 @@ import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.data import corpus as corpus_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import layout as layout_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from jaxdt.training import runs  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt.training import state as state_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -178,7 +178,7 @@ def profile(cfg: config_lib.ExperimentConfig, k: int, trace_dir: str) -> tuple[f
   """(steady ms/step, xplane path, compiled HLO) of a k-step chunk of cfg's step."""
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   lay = layout_lib.layout(cfg, corpus)
-  state = runs.init_state(cfg, lay.dims)
+  state = state_lib.init_state(cfg, lay.dims)
   run_chunk = step_lib.make_run_chunk(step_lib.make_step(cfg, corpus.tokens, lay.rows))
   t = time.perf_counter()
   state, out = run_chunk(state, jnp.int32(0), k)

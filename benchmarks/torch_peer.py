@@ -155,10 +155,10 @@ def _same_data(path: str, corpus) -> config_lib.ExperimentConfig:
 def init_from(path: str, corpus, model: nn.Module) -> None:
   """Loads RUN's step-0 params into `model`, after checking them against RUN's W row 0."""
   from jaxdt.model import torch_io  # pylint: disable=g-import-not-at-top
-  from jaxdt.training import runs  # pylint: disable=g-import-not-at-top
+  from jaxdt.training import state as state_lib  # pylint: disable=g-import-not-at-top
   src = _same_data(path, corpus)
   lay = layout_lib.layout(src, corpus)
-  params = runs.init_state(src, lay.dims).params
+  params = state_lib.init_state(src, lay.dims).params
   reader, _, _ = results.open_result(os.path.join(path, src.store.trajectory_name))
   with reader:
     w0 = reader.rows("W", 0, 1)[0]

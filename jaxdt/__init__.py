@@ -19,6 +19,11 @@ import the training side.
 
 import importlib
 
+from jaxdt.numerics import backend as _backend
+
+if not _backend.backends_initialized():  # the run's XLA flags, before JAX starts a backend
+  _backend.configure()
+
 _EXPORTS = {
     "train": ("jaxdt.training.loop", "train"),
     "ExperimentConfig": ("jaxdt.config", "ExperimentConfig"),

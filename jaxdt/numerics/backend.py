@@ -1,8 +1,9 @@
 """Backend settings in one place: XLA determinism flags, set before JAX starts.
 
 XLA reads `XLA_FLAGS` once, when the first backend is created (the first
-computation or `jax.devices()` call), not when `jax` is imported. `run.py`
-therefore calls `configure()` at the top of `main`, before any JAX work.
+computation or `jax.devices()` call), not when `jax` is imported. Importing
+`jaxdt` calls `configure()` when no backend exists yet (so library use gets
+the same arithmetic as `run.py`, which calls it again at the top of `main`).
 
 What the flags do (docs/adamw.md §Determinism; help texts of jaxlib 0.10.2):
   --xla_gpu_deterministic_ops=true            "Guarantees run-to-run determinism
@@ -13,6 +14,15 @@ What the flags do (docs/adamw.md §Determinism; help texts of jaxlib 0.10.2):
                                               deterministic kernels (a subset
                                               of the flag above).
 Both are accepted and ignored by XLA:CPU, so one setting serves every backend.
+  --xla_allow_excess_precision=false          every bf16 rounding the program
+                                              asks for happens: with XLA's
+                                              default (true) the simplifier
+                                              drops an f32 -> bf16 -> f32
+                                              convert pair and hands on the
+                                              unrounded f32 value (measured: the
+                                              optimizer then read the embedding
+                                              gradient unrounded, where torch's
+                                              `.grad` is bf16; BUILD_NOTES).
 
 Flags reported but left at XLA's defaults (changing them changes our bits):
   xla_cpu_ftz=true            XLA:CPU flushes f32 subnormals (docs/adamw.md).
@@ -20,9 +30,6 @@ Flags reported but left at XLA's defaults (changing them changes our bits):
   xla_cpu_enable_fast_math=false
   xla_cpu_enable_platform_dependent_math=true   transcendental kernels may
                               differ between CPU instruction sets.
-  xla_allow_excess_precision=true   XLA may skip bf16 roundings it deems
-                              redundant; jaxdt's optimizer rounds with integer
-                              ops, which this cannot remove.
 FMA contraction has no XLA flag: XLA:CPU contracts `a*b + c` under jit, and
 `fma_contracts()` measures it on the live backend (the optimizer's lerp and
 addcmul need it). CPU results also depend on the number of cores XLA:CPU uses
@@ -38,6 +45,7 @@ from typing import Mapping, MutableMapping, Optional
 DETERMINISM_FLAGS = {
     "xla_gpu_deterministic_ops": "true",
     "xla_gpu_exclude_nondeterministic_ops": "true",
+    "xla_allow_excess_precision": "false",
 }
 # Flags that bear on the bits, with XLA's defaults in jaxlib 0.10.2.
 REPORTED_DEFAULTS = {

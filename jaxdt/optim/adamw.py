@@ -274,14 +274,17 @@ def param_update(p, m, v, scalars, hp: OptimConfig, dtype, coef: Coefficients | 
   return r(p + step), step, p
 
 
-def _leaf_update(g, p, m, v, scalars, hp: OptimConfig, coef: Coefficients | None = None):
-  """One parameter leaf: returns (new_param, updates, mu, nu)."""
+def _leaf_update(g, p, m, v, scalars, hp: OptimConfig, coef: Coefficients | None = None,
+                 exact=None):
+  """One parameter leaf: returns (new_param, updates, mu, nu).
+
+  `exact`: this leaf's (m bits, v bits, valid) from `exact_moments` (bf16 leaves).
+  """
   dtype = p.dtype
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
   m_plain, v_plain = moments_update(f32(g), f32(m), f32(v), hp, dtype, coef)
-  if dtype == jnp.bfloat16:  # torch keeps subnormal moments; XLA:CPU would flush them
-    m_bits, v_bits, valid = exact_moments(jnp.asarray(g), jnp.asarray(m), jnp.asarray(v), hp,
-                                          coef)
+  if exact is not None:  # torch keeps subnormal moments; XLA:CPU would flush them
+    m_bits, v_bits, valid = exact
     pick = lambda bits, plain: jnp.where(valid, lattice.bits_to_bf16(bits),
                                          plain.astype(dtype))
     m_out, v_out = pick(m_bits, m_plain), pick(v_bits, v_plain)
@@ -362,18 +365,43 @@ def init(params) -> AdamWState:
                     nu=jax.tree.map(zeros, params))
 
 
+def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef, count) -> list:
+  """`exact_moments` of every bf16 leaf, computed once over their concatenation (one
+  copy of the scaled arithmetic in the program, not one per leaf); None for others."""
+  idx = [i for i, m in enumerate(ms) if jnp.asarray(m).dtype == jnp.bfloat16]
+  out = [None] * len(ms)
+  if not idx:
+    return out
+  flat = lambda xs: jnp.concatenate([jnp.asarray(xs[i]).reshape(-1) for i in idx])
+  # A conditional's branch is a computation of its own, so the flat results are
+  # materialised once; inlined, XLA fuses the whole scaled arithmetic into every
+  # leaf's slice (one copy per leaf: a far slower compile). The predicate (the traced
+  # step count is at least 1) always holds.
+  args = (flat(gs), flat(ms), flat(vs))
+  parts = jax.lax.cond(count > 0,
+                       lambda a: exact_moments(*a, hp, coef),
+                       lambda a: (jnp.zeros_like(a[1], jnp.uint16), jnp.zeros_like(a[2], jnp.uint16),
+                                  jnp.zeros(a[0].shape, bool)), args)
+  start = 0
+  for i in idx:
+    shape = jnp.shape(ms[i])
+    n = int(np.prod(shape, dtype=np.int64))
+    out[i] = tuple(x[start:start + n].reshape(shape) for x in parts)
+    start += n
+  return out
+
+
 def _update_tree(grads, state: AdamWState, params, hp: OptimConfig,
                  coef: Coefficients | None = None):
   """(new_params, updates, new_state) for a whole pytree."""
   count = state.count + 1
   scalars = lookup_scalars(hp, count, None if coef is None else coef.table)
   treedef = jax.tree.structure(params)
-  outs = [
-      _leaf_update(g, p, m, v, scalars, hp, coef)
-      for g, p, m, v in zip(treedef.flatten_up_to(grads), jax.tree.leaves(params),
-                            treedef.flatten_up_to(state.mu),
-                            treedef.flatten_up_to(state.nu))
-  ]
+  gs, ps = treedef.flatten_up_to(grads), jax.tree.leaves(params)
+  ms, vs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+  exact = _exact_leaves(gs, ms, vs, hp, coef, count)
+  outs = [_leaf_update(g, p, m, v, scalars, hp, coef, e)
+          for g, p, m, v, e in zip(gs, ps, ms, vs, exact)]
   new_params, u, mu, nu = (treedef.unflatten(x) for x in zip(*outs))
   return new_params, u, AdamWState(count=count, mu=mu, nu=nu)
 

@@ -28,12 +28,11 @@ from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import disk
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
-from jaxdt.model import tinylm
-from jaxdt.model import torch_io
 from jaxdt.numerics import backend
-from jaxdt.numerics import precision
 from jaxdt.optim import adamw
+from jaxdt.training import fingerprint as fingerprint_lib
 from jaxdt.training import layout as layout_lib
+from jaxdt.training import state as state_lib
 from jaxdt.training import step
 
 
@@ -104,40 +103,6 @@ class Run:
 # --- Host-side preparation -------------------------------------------------------------
 
 
-def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> step.TrainState:
-  """Step-0 state: PyTorch-style init in f32 (or --init_checkpoint), cast by the precision."""
-  init_key, _ = step.root_keys(cfg.seed)
-  policy = precision.get_policy(cfg.precision)
-  if cfg.init_checkpoint:
-    params = torch_io.load_torch_checkpoint(cfg.init_checkpoint, cfg.model)
-  else:
-    params = tinylm.init_params(init_key, cfg.model)
-  params = precision.cast_params(params, policy)
-  adamw.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
-  trackers = probes_lib.of_config(cfg).trackers
-  return step.TrainState(params, adamw.init(params),
-                         {k.key: jnp.asarray(k.init(dims)) for k in trackers})
-
-
-def initial_records(cfg: config_lib.ExperimentConfig, state: step.TrainState, rows) -> dict:
-  """Row 0 of every series that has one (the state before any step)."""
-  table = state.params[step.EMBEDDING]
-  w0 = table if rows is None else table[jnp.asarray(rows)]
-  return {s.key: np.asarray(s.initial(w0)) for s in probes_lib.of_config(cfg).series
-          if s.initial is not None}
-
-
-def member_data(cfg: config_lib.ExperimentConfig, table_rows: int) -> step.MemberData:
-  """A member's traced values as numpy arrays; its scalar table padded to `table_rows`
-  with copies of its last row (the lookup clips there, so the values are unchanged)."""
-  c = adamw.coefficients(cfg.optim)
-  t = np.asarray(c.table)
-  table = np.concatenate([t, np.repeat(t[-1:], table_rows - len(t), axis=0)])
-  return step.MemberData(np.asarray(jax.random.key_data(step.data_key(cfg))),
-                         c._replace(table=table, **{k: np.asarray(getattr(c, k), np.float32)
-                                                    for k in c._fields if k != "table"}))
-
-
 def checkpoint_steps(cfg: config_lib.ExperimentConfig) -> tuple:
   """The config's checkpoint steps inside the run, in order."""
   return tuple(sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps))
@@ -204,7 +169,7 @@ def _write_start(m: Member, state, begun: rundir.Start, start: int, log) -> Any:
   """Row 0 of a fresh member (the one place it is written), the static tensors, checkpoint 0."""
   fresh = begun.state is None
   if fresh:
-    for k, a in initial_records(m.cfg, state, m.layout.rows).items():
+    for k, a in state_lib.initial_records(m.cfg, state, m.layout.rows).items():
       m.folder.write_rows(k, 0, a[None])
   for k, a in m.layout.static.items():  # a resume rewrites the same bytes
     m.folder.write(k, a)
@@ -222,7 +187,7 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
   prepared = []
   for spec in specs:  # every input is checked before any folder is touched
     lay = layout_lib.layout(spec.cfg, corpus)
-    prepared.append((spec, lay, init_state(spec.cfg, lay.dims)))
+    prepared.append((spec, lay, state_lib.init_state(spec.cfg, lay.dims)))
   backend.release_heap()  # what tokenizing and the init's compile freed
   members, states, begun = [], [], []
   for spec, lay, state in prepared:
@@ -261,7 +226,8 @@ def start(specs: Sequence[MemberSpec], corpus: corpus_lib.Corpus, opts: Options,
           f"{len(devs)} device(s), {'exact (lax.map)' if opts.exact else 'fast (vmap)'}")
     sharding = NamedSharding(Mesh(np.array(devs), ("m",)), P("m"))
     table_rows = max(len(adamw.scalar_table(m.cfg.optim)) for m in members)
-    data = jax.device_put(_stack([member_data(m.cfg, table_rows) for m in members]), sharding)
+    data = jax.device_put(_stack([state_lib.member_data(m.cfg, table_rows) for m in members]),
+                          sharding)
     chunk = step.make_chunk(cfg, corpus.tokens, members[0].layout.rows, sharding.mesh,
                             opts.exact)
     end = cfg.steps if opts.stop_after is None else min(cfg.steps, opts.stop_after)

@@ -125,7 +125,8 @@ def test_run_metadata_records_the_threads_and_flags(runs):
 def test_determinism_flags_are_added_once_and_user_values_win():
   env = {}
   assert backend.configure(environ=env) == (
-      "--xla_gpu_deterministic_ops=true --xla_gpu_exclude_nondeterministic_ops=true")
+      "--xla_gpu_deterministic_ops=true --xla_gpu_exclude_nondeterministic_ops=true "
+      "--xla_allow_excess_precision=false")
   assert backend.configure(environ=env) == env["XLA_FLAGS"]  # idempotent
   env = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false --xla_cpu_ftz"}
   flags = backend.parse_xla_flags(backend.configure(environ=env))

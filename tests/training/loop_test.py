@@ -16,7 +16,7 @@ from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
 from jaxdt.training import loop
 from jaxdt import probes
-from jaxdt.training import runs
+from jaxdt.training import state as state_lib
 from jaxdt.training import step as step_lib
 
 
@@ -88,7 +88,7 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   dims = probes.Dims(corpus.n_dead, cfg.model.hidden_dim, jnp.bfloat16)
   step = step_lib.make_step(cfg, corpus.tokens, corpus.dead_indices)
-  state = runs.init_state(cfg, dims)
+  state = state_lib.init_state(cfg, dims)
   jaxpr = str(jax.make_jaxpr(lambda s: jax.lax.scan(step, s, jnp.arange(1, 3)))(state))
   assert "callback" not in jaxpr
   run_chunk = step_lib.make_run_chunk(step)
