@@ -62,6 +62,14 @@ flags.DEFINE_integer("chunk_steps", None, "Steps per jitted scan chunk (results 
 flags.DEFINE_string("init_checkpoint", None,
                     "Start from a torch state_dict (the lab's step-0 .pt, or .safetensors).")
 flags.DEFINE_boolean("resume", False, "Continue the run in --output_dir from its latest checkpoint.")
+flags.DEFINE_boolean(
+    "allow_host_change", False,
+    "With --resume: continue even on a host whose arithmetic fingerprint differs from the "
+    "run's (other CPU class or GEMM path); metadata records the step where the host changed.")
+flags.DEFINE_boolean(
+    "fingerprint", False,
+    "Print this host's arithmetic fingerprint (fingerprint=<hex>) with its CPU model and "
+    "features, and exit; takes no other flag.")
 flags.DEFINE_boolean("progress", True, "Show the progress bar.")
 flags.DEFINE_string(
     "data_dir", None,
@@ -207,7 +215,8 @@ def run_sweep(name: str, cfg: config_lib.ExperimentConfig, spec: str) -> int:
   """--sweep (or the experiment's declared sweep): every member, then the summary."""
   out_root = FLAGS.output_dir or f"runs/{name}_sweep"
   opts = runs.Options(resume=FLAGS.resume, progress=FLAGS.progress,
-                      exact=FLAGS.sweep_mode == "exact", devices=FLAGS.sweep_devices)
+                      exact=FLAGS.sweep_mode == "exact", devices=FLAGS.sweep_devices,
+                      allow_host_change=FLAGS.allow_host_change)
   done = sweep.train_sweep(cfg, spec, out_root, opts)
   names = [m.name for m in sweep.members(cfg, spec)]
   if jax.process_index() != 0:
@@ -241,7 +250,8 @@ def run_experiment(name: str) -> int:
     _distributed()
     return run_sweep(name, cfg, spec)
   out_dir = FLAGS.output_dir or f"runs/{name}"
-  result = loop.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress)
+  result = loop.train(cfg, out_dir, resume=FLAGS.resume, progress=FLAGS.progress,
+                      allow_host_change=FLAGS.allow_host_change)
   try:
     print_analyses(result, cfg)
   except OSError as e:  # the run itself is finished and intact
@@ -276,7 +286,21 @@ def analyze_or_compare() -> int:
 EXPERIMENTS = {"flannel_data": flannel_data}
 
 
+def print_fingerprint() -> int:
+  """--fingerprint: this host's arithmetic fingerprint, alone (any other flag is refused)."""
+  others = sorted(f.name for f in FLAGS.get_flags_for_module(sys.modules[__name__])
+                  if f.present and f.name != "fingerprint")
+  if others:
+    raise ValueError(f"--fingerprint takes no other flag (got --{', --'.join(others)}); run "
+                     "python run.py --fingerprint alone")
+  from jaxdt.training import fingerprint as fingerprint_lib  # pylint: disable=g-import-not-at-top
+  print(fingerprint_lib.describe())
+  return 0
+
+
 def _dispatch() -> int:
+  if FLAGS.fingerprint:
+    return print_fingerprint()
   if FLAGS.analyze or FLAGS.compare or FLAGS.summarize or FLAGS.group_by:
     return analyze_or_compare()
   name = FLAGS.experiment

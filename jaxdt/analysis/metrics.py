@@ -26,6 +26,7 @@ from jaxdt.analysis import freeze
 from jaxdt.analysis import phases
 from jaxdt.analysis import stream
 from jaxdt.analysis import trajectory
+from jaxdt.io import hosts
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.numerics import finite
 
@@ -90,6 +91,9 @@ def divergence_step(traj: trajectory.Trajectory) -> Optional[int]:
 def _header(traj, T, threshold, diverged) -> dict:
   keys = traj.reader.keys()
   notes = list(traj.notes)
+  changed = hosts.stretches(traj.metadata, traj.steps)
+  if changed:
+    notes.append(f"the run changed host: {changed}")
   if diverged is not None:
     notes.append(f"the loss is non-finite from step {diverged}: every analysis covers steps "
                  f"0..{T} only")

@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 from jaxdt.io import checkpoints
 from jaxdt.io import configdiff
 from jaxdt.io import disk
+from jaxdt.io import hosts
 from jaxdt.io import locks
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import tensorfile
@@ -84,13 +85,17 @@ class FolderPlan:
   checkpoint_steps: tuple = ()  # for the disk preflight
   checkpoint_bytes: int = 0
   ram_bytes: int = 0  # host RAM the run needs (preflight)
+  host: Optional[Mapping[str, Any]] = None  # this host's arithmetic (`io.hosts`); None: unchecked
+  allow_host_change: bool = False  # resume even where the run's host had other arithmetic
 
 
 class Start(NamedTuple):
-  """Where a run continues: after `step`, from `state` (None: a fresh run from step 0)."""
+  """Where a run continues: after `step`, from `state` (None: a fresh run from step 0), with
+  what its checkpoint recorded beside the state (`extra`: e.g. the wall time so far)."""
 
   step: int
   state: Any
+  extra: Mapping = {}
 
 
 class RunDir:
@@ -120,6 +125,7 @@ class RunDir:
     self._wrote = False
     self.committed = False  # the run is finished (its final name exists)
     self.previous_metadata: Optional[dict] = None  # a resumed run's metadata.json, as found
+    self.host_changed = False  # a resume allowed onto a host with other arithmetic
     self._plan: Optional[FolderPlan] = None
 
   # -- the lock ------------------------------------------------------------------
@@ -266,7 +272,7 @@ class RunDir:
         reason = str(e).rsplit("; ", 1)[0]  # the tool does the fix itself: try an older one
         self.log(f"skipping checkpoint step {step}: {reason}; trying an older one")
         continue
-      return step, state
+      return step, state, extra
     return None
 
   def _check_covered(self, step: int, path: str, extra: Mapping) -> None:
@@ -296,6 +302,9 @@ class RunDir:
                             "to continue it, or choose another --output_dir")
     if folder.kind == "unfinished":
       self.check_resume(folder.metadata, plan.config, plan.inputs)
+      if plan.host is not None:
+        self.host_changed = hosts.check_resume_host(self.path, folder.metadata, plan.host,
+                                                    plan.allow_host_change, self.log)
 
   def begin(self, plan: "FolderPlan", metadata: Mapping, like_state: Any,
             resume: bool) -> Start:
@@ -391,14 +400,19 @@ class RunDir:
   def write(self, key: str, array) -> None:
     self._writer.write(key, array)
 
-  def checkpoint(self, step: int, state: Any) -> None:
-    """Makes rows so far durable, then saves the state of `step` (marker last)."""
+  def checkpoint(self, step: int, state: Any, extra: Optional[Mapping] = None) -> None:
+    """Makes rows so far durable, then saves the state of `step` (marker last), with
+    `extra` (JSON) beside it."""
     self._writer.sync()
     disk.fault_point("rows_synced")
-    checkpoints.save_checkpoint(self.ckpt_dir, step, state, {"step": step},
+    checkpoints.save_checkpoint(self.ckpt_dir, step, state, {**(extra or {}), "step": step},
                           covers={"trajectory": self._writer.prefix_digests()})
     self.resume_from = step
     disk.fault_point("checkpoint_written")
+
+  def rewrite_metadata(self, metadata: Mapping[str, Any]) -> None:
+    """Rewrites metadata.json of the running (unfinished) run, atomically."""
+    metadata_lib.write_metadata(self.path, {**metadata, "completed": False})
 
   def commit(self, metadata: Mapping[str, Any]) -> dict:
     """Seals the trajectory, records its checksums as completed, renames it done.

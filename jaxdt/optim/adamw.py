@@ -274,12 +274,14 @@ def param_update(p, m, v, scalars, hp: OptimConfig, dtype, coef: Coefficients | 
   return r(p + step), step, p
 
 
-def _leaf_update(g, p, m, v, scalars, hp: OptimConfig, coef: Coefficients | None = None,
+def _leaf_update(g, p, moments, scalars, hp: OptimConfig, coef: Coefficients | None = None,
                  exact=None):
   """One parameter leaf: returns (new_param, updates, mu, nu).
 
-  `exact`: this leaf's (m bits, v bits, valid) from `exact_moments` (bf16 leaves).
+  `moments`: the leaf's (exp_avg, exp_avg_sq) before the step; `exact`: its (m bits,
+  v bits, valid) from `exact_moments` (bf16 leaves).
   """
+  m, v = moments
   dtype = p.dtype
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
   m_plain, v_plain = moments_update(f32(g), f32(m), f32(v), hp, dtype, coef)
@@ -400,7 +402,7 @@ def _update_tree(grads, state: AdamWState, params, hp: OptimConfig,
   gs, ps = treedef.flatten_up_to(grads), jax.tree.leaves(params)
   ms, vs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
   exact = _exact_leaves(gs, ms, vs, hp, coef, count)
-  outs = [_leaf_update(g, p, m, v, scalars, hp, coef, e)
+  outs = [_leaf_update(g, p, (m, v), scalars, hp, coef, e)
           for g, p, m, v, e in zip(gs, ps, ms, vs, exact)]
   new_params, u, mu, nu = (treedef.unflatten(x) for x in zip(*outs))
   return new_params, u, AdamWState(count=count, mu=mu, nu=nu)

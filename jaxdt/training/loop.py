@@ -56,24 +56,22 @@ class Chunk(NamedTuple):
 Hook = Callable[[runs.Run, Chunk], None]
 
 
-def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = False,
-          progress: bool = True, stop_after: Optional[int] = None,
-          log=print, on_chunk: Optional[Callable[[int, float], None]] = None
-          ) -> Optional[RunResult]:
+def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, log=print,
+          on_chunk: Optional[Callable[[int, float], None]] = None,
+          **options) -> Optional[RunResult]:
   """Runs an experiment to completion, streaming its trajectory into `out_dir`.
 
   Args:
     cfg: the experiment.
     out_dir: the run folder (created); holds the trajectory, metadata.json and
       checkpoints/.
-    resume: continue the unfinished run in out_dir from its newest intact
-      checkpoint (from step 0 when there is none).
-    progress: print the progress bar.
-    stop_after: stop (unfinished, as if killed) once this many steps are done;
-      for tests of resume.
     log: where one-line notes go (phases, resume point, divergence).
     on_chunk: called as on_chunk(steps done, last loss) after each chunk's
       records are written (benchmarks use it).
+    **options: `runs.Options` fields: resume (continue the unfinished run in
+      out_dir from its newest intact checkpoint; from step 0 when there is
+      none), progress (the bar), stop_after (stop, unfinished as if killed,
+      once this many steps are done; tests of resume), allow_host_change.
 
   Returns:
     RunResult (metadata has "completed": True), or None when stopped early.
@@ -83,7 +81,7 @@ def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, resume: bool = Fals
       line); nothing in the folder changed.
     signals.Interrupted: SIGINT/SIGTERM; the folder is resumable.
   """
-  opts = runs.Options(resume=resume, progress=progress, stop_after=stop_after)
+  opts = runs.Options(**options)
   return train_members([runs.MemberSpec(cfg, out_dir)], opts, log=log, on_chunk=on_chunk)[0]
 
 
@@ -189,7 +187,13 @@ def checkpoint(run: runs.Run, chunk: Chunk) -> None:
   0..end are already written)."""
   if chunk.host_state is not None:
     for i, m in enumerate(run.members):
-      m.folder.checkpoint(chunk.end, _member_part(chunk.host_state, i))
+      m.folder.checkpoint(chunk.end, _member_part(chunk.host_state, i),
+                          {"elapsed_s": elapsed(run, m)})
+
+
+def elapsed(run: runs.Run, m: runs.Member) -> float:
+  """A member's wall seconds so far, over every process that ran it."""
+  return m.elapsed_before + time.perf_counter() - run.t_start
 
 
 def mean_loss(run: runs.Run) -> float:
@@ -214,7 +218,7 @@ def finish(run: runs.Run) -> list:
     disk.fault_point("final_tensors_written")
     meta = {**m.metadata,  # the backend facts are the start's; commit sets completed
             **layout_lib.lab_metadata(m.cfg, run.corpus, m.layout, m.cfg.steps, m.pos.last_loss),
-            "wall_time_s": time.perf_counter() - run.t_start, "steps_completed": m.cfg.steps,
+            "wall_time_s": elapsed(run, m), "steps_completed": m.cfg.steps,
             "diverged_at_step": m.pos.diverged}
     lms = _member_part(final, i).probe_state.get("last_motion_step")
     if lms is not None:  # the lab's Crucible metadata keys

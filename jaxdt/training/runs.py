@@ -23,9 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdt import config as config_lib
-from jaxdt import probes as probes_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import disk
+from jaxdt.io import hosts
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
@@ -45,6 +45,7 @@ class Options:
   stop_after: Optional[int] = None  # stop (unfinished, as if killed) after this step; tests
   exact: bool = True  # members one after another within a device (bits = their solo runs')
   devices: Optional[int] = None  # local devices the members spread over (`program_devices`)
+  allow_host_change: bool = False  # resume where the run's host had other arithmetic
 
 
 class MemberSpec(NamedTuple):
@@ -75,6 +76,7 @@ class Member:
   metadata: dict  # metadata.json while running
   label: str = ""
   pos: Position = dataclasses.field(default_factory=Position)
+  elapsed_before: float = 0.0  # wall seconds of the run's earlier processes (its checkpoint's)
 
 
 @dataclasses.dataclass
@@ -108,6 +110,12 @@ def checkpoint_steps(cfg: config_lib.ExperimentConfig) -> tuple:
   return tuple(sorted(c for c in set(cfg.store.checkpoint_steps) if 0 <= c <= cfg.steps))
 
 
+def host_record(cfg: config_lib.ExperimentConfig) -> dict:
+  """This host's arithmetic for `cfg`: CPU, features, GEMM path, fingerprint (`io.hosts`)."""
+  return {**backend.cpu_description(), "gemm_path": backend.gemm_path(cfg.model.gemm_operands),
+          "arithmetic_fingerprint": fingerprint_lib.fingerprint(cfg.model.gemm_operands)}
+
+
 def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
   """(inputs a resume must find unchanged, metadata.json while running)."""
   inputs = {"data_files": corpus.files,
@@ -115,8 +123,10 @@ def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
             if cfg.init_checkpoint else None,
             # A resume on a host that resolves another GEMM path is refused (other bits).
             "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
+  host = host_record(cfg)
   return inputs, {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
-                  **layout_lib.our_metadata(cfg, corpus), **inputs}
+                  **layout_lib.our_metadata(cfg, corpus), **inputs,
+                  "arithmetic_fingerprint": host["arithmetic_fingerprint"], "host": host}
 
 
 def program_devices(n_members: int, exact: bool, wanted: Optional[int] = None) -> list:
@@ -146,12 +156,14 @@ def _stack(trees):
 # --- Opening the members' folders ------------------------------------------------------
 
 
-def _folder_plan(m: Member, state, inputs: Mapping, n_members: int) -> rundir.FolderPlan:
+def _folder_plan(m: Member, state, inputs: Mapping, n_members: int,
+                 opts: Options) -> rundir.FolderPlan:
   cfg = m.cfg
   return rundir.FolderPlan(
       cfg.name, config_lib.to_dict(cfg), inputs, m.layout.specs, layout_lib.FILE_METADATA,
       checkpoint_steps(cfg), layout_lib.state_bytes(state),
-      3 * m.layout.chunk_bytes * n_members * min(cfg.store.chunk_steps, cfg.steps))
+      3 * m.layout.chunk_bytes * n_members * min(cfg.store.chunk_steps, cfg.steps),
+      host=m.metadata["host"], allow_host_change=opts.allow_host_change)
 
 
 def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> int:
@@ -166,8 +178,13 @@ def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> i
 
 
 def _write_start(m: Member, state, begun: rundir.Start, start: int, log) -> Any:
-  """Row 0 of a fresh member (the one place it is written), the static tensors, checkpoint 0."""
+  """Row 0 of a fresh member (the one place it is written), the static tensors, checkpoint 0;
+  the hosts its steps ran on, and its wall time so far, from where it continues."""
   fresh = begun.state is None
+  m.metadata["hosts"] = hosts.hosts_after_resume(m.folder.previous_metadata,
+                                                 m.metadata["host"], start)
+  m.elapsed_before = 0.0 if fresh else float(begun.extra.get("elapsed_s", 0.0))
+  m.folder.rewrite_metadata(m.metadata)
   if fresh:
     for k, a in state_lib.initial_records(m.cfg, state, m.layout.rows).items():
       m.folder.write_rows(k, 0, a[None])
@@ -195,8 +212,8 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
     folder = stack.enter_context(rundir.RunDir(spec.out_dir, spec.cfg.store.trajectory_name,
                                                log=log))
     m = Member(spec.cfg, folder, lay, {**meta, **spec.metadata}, spec.label)
-    begun.append(folder.begin(_folder_plan(m, state, inputs, len(specs)), m.metadata, state,
-                              opts.resume))
+    begun.append(folder.begin(_folder_plan(m, state, inputs, len(specs), opts), m.metadata,
+                              state, opts.resume))
     members.append(m)
     states.append(state)
   start = _common_start(members, begun, states)
