@@ -74,6 +74,17 @@ flags.DEFINE_boolean("progress", True, "Show the progress bar.")
 flags.DEFINE_string(
     "data_dir", None,
     "Cache for the embedded default data (default: $XDG_CACHE_HOME/jaxdt or ~/.cache/jaxdt).")
+flags.DEFINE_enum(
+    "data_source", None, list(config_lib.DATA_SOURCES),
+    "default: the embedded data, built offline; fineweb: the lab's Flannel recipe from "
+    "FineWeb (build it once with --experiment=flannel_data --data_source=fineweb; needs "
+    "pip install -e '.[lab-data]' and a network, or --fineweb_mirror).")
+flags.DEFINE_string("fineweb_mirror", None,
+                    "A local copy of the hub's files (<dir>/<dataset>/<file>) to build the "
+                    "fineweb data from instead of the network.")
+flags.DEFINE_string("fineweb_revision", None,
+                    "The datasets' revision (a commit or branch) to build from (default main, "
+                    "recorded as its commit in the manifest).")
 flags.DEFINE_string(
     "corpus_path", None, "The lab's flannel_model_corpus.txt (UTF-8); needs --tokenizer_path.")
 flags.DEFINE_string(
@@ -144,13 +155,21 @@ def data_config(base: config_lib.DataConfig) -> config_lib.DataConfig:
   """`base` with the data flags applied."""
   return dataclasses.replace(
       base, data_dir=FLAGS.data_dir, corpus_path=FLAGS.corpus_path,
-      tokenizer_path=FLAGS.tokenizer_path, dead_mask_path=FLAGS.dead_mask_path)
+      tokenizer_path=FLAGS.tokenizer_path, dead_mask_path=FLAGS.dead_mask_path,
+      source=FLAGS.data_source or base.source)
 
 
 def flannel_data() -> None:
   """Builds or validates the data and prints the lab's notebook counts."""
   cfg = config_lib.ExperimentConfig()
   cfg = dataclasses.replace(cfg, data=data_config(cfg.data))
+  if cfg.data.source == "fineweb" and cfg.data.corpus_path is None:
+    from jaxdt.data import lab_data  # pylint: disable=g-import-not-at-top
+    built = lab_data.build(cfg.data.data_dir, mirror=FLAGS.fineweb_mirror,
+                           revision=FLAGS.fineweb_revision,
+                           log=lambda s: print(f"[fineweb] {s}", flush=True))
+    print(f"{'built' if built.built else 'reused'} {built.directory}")
+    print(lab_data.lab_comparison(built.manifest))
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, verbose=True)
   print(demographics.report(corpus, cfg.data))
 

@@ -14,6 +14,7 @@ import typing
 from typing import Any, Optional
 
 PRECISIONS = ("bf16", "fp32", "mixed")
+DATA_SOURCES = ("default", "fineweb")
 GEMM_OPERANDS = ("auto", "float32", "bfloat16")
 
 
@@ -79,10 +80,18 @@ class DataConfig:
   # Thimble 1/6 fed already-shifted labels to HF GPT2, which shifts again: the
   # model then learns to predict two tokens ahead. False = true next-token.
   double_shift_labels: bool = False
-  data_dir: Optional[str] = None  # cache for the embedded default; None = per-user cache
+  # "default" (the embedded data, built offline) | "fineweb" (the lab's recipe from FineWeb,
+  # built by `run.py --experiment=flannel_data --data_source=fineweb`)
+  source: str = "default"
+  data_dir: Optional[str] = None  # cache for the built data; None = per-user cache
   corpus_path: Optional[str] = None  # the lab's own files, taken unchanged
   tokenizer_path: Optional[str] = None
   dead_mask_path: Optional[str] = None
+
+  def __post_init__(self):
+    if self.source not in DATA_SOURCES:
+      raise ValueError(f"data source {self.source!r} is not one of {', '.join(DATA_SOURCES)}; "
+                       "pass --data_source=default or fineweb")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ against each other (vocab size, counts, masks) and says which file to fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -115,6 +116,17 @@ def _load_files(corpus_path: str, tokenizer_path: str, mask_path: Optional[str],
                 masks["live_indices"], counts, vocab, len(text), files, paths, default)
 
 
+def _fineweb_cache(cfg: DataConfig) -> recipe.DefaultData:
+  """The lab's data rebuilt from FineWeb (`lab_data`), which must have been built."""
+  from jaxdt.data import lab_data  # pylint: disable=g-import-not-at-top
+  directory = lab_data.cache_directory(cfg.data_dir)
+  if not os.path.exists(directory):
+    raise vocabulary.DataError(
+        f"--data_source=fineweb: {directory} does not exist; build it first with "
+        "python run.py --experiment=flannel_data --data_source=fineweb (same --data_dir)")
+  return recipe.check_cache(directory, lab_data.RECIPE_VERSION)
+
+
 def load_corpus(cfg: DataConfig, vocab_size: int, *, verbose: bool = False) -> Corpus:
   """The model corpus for `cfg`: the user's files, or the embedded default.
 
@@ -139,7 +151,11 @@ def load_corpus(cfg: DataConfig, vocab_size: int, *, verbose: bool = False) -> C
         f"{given} was given alone; pass both --corpus_path and --tokenizer_path (a corpus "
         "needs its own tokenizer), or neither for the default")
   sampler.check_scheme(cfg)
-  if cfg.corpus_path is None:
+  if cfg.corpus_path is None and cfg.source == "fineweb":
+    default = _fineweb_cache(cfg)
+    corpus = _load_files(default.corpus_path, default.tokenizer_path,
+                         cfg.dead_mask_path or default.mask_path, vocab_size, default)
+  elif cfg.corpus_path is None:
     default = recipe.build_default(cfg.data_dir, verbose=verbose)
     corpus = _load_files(default.corpus_path, default.tokenizer_path,
                          cfg.dead_mask_path or default.mask_path, vocab_size, default)

@@ -25,7 +25,6 @@ import time
 import warnings
 from typing import Callable, Optional, Sequence
 
-
 from jaxdt.data import vocabulary
 
 
@@ -189,11 +188,12 @@ def source_versions() -> dict[str, str]:
 # --- The embedded default: build --------------------------------------------
 
 
-def train_tokenizer(text: str):
+def train_tokenizer(text: str, vocab_size: int = VOCAB_SIZE):
   """The lab's character-level BPE (notebook 1.19b), trained on `text`.
 
   Args:
     text: the tokenizer corpus.
+    vocab_size: the lab's 10,000 (tests use fewer).
 
   Returns:
     A `tokenizers.Tokenizer`: `models.BPE()`, `Whitespace` pre-tokenizer, no
@@ -206,7 +206,7 @@ def train_tokenizer(text: str):
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
   trainer = trainers.BpeTrainer(
-      vocab_size=VOCAB_SIZE, min_frequency=MIN_FREQUENCY, special_tokens=list(vocabulary.SPECIAL_TOKENS),
+      vocab_size=vocab_size, min_frequency=MIN_FREQUENCY, special_tokens=list(vocabulary.SPECIAL_TOKENS),
       initial_alphabet=sorted(set(text)), show_progress=False)
   tokenizer.train_from_iterator([text], trainer=trainer)
   return tokenizer
@@ -264,8 +264,8 @@ def _build_files(folder: str, log: Callable[[str], None]) -> dict:
   masks = vocabulary.masks_from_counts(counts)
   log(f"model corpus: {int(counts.sum()):,} tokens, {int(masks['dead_mask'].sum()):,} dead")
 
-  _write_text(os.path.join(folder, TOKENIZER_CORPUS_FILE), tokenizer_text)
-  _write_text(os.path.join(folder, CORPUS_FILE), model_text)
+  write_text(os.path.join(folder, TOKENIZER_CORPUS_FILE), tokenizer_text)
+  write_text(os.path.join(folder, CORPUS_FILE), model_text)
   tokenizer.save(os.path.join(folder, TOKENIZER_FILE))
   vocabulary.write_mask_file(os.path.join(folder, MASK_FILE), masks)
   files = (TOKENIZER_FILE, CORPUS_FILE, MASK_FILE, TOKENIZER_CORPUS_FILE)
@@ -296,7 +296,7 @@ def _relax_modes(folder: str) -> None:
     os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
   with open(path, "wb") as f:  # bytes, so no platform newline translation
     f.write(text.encode("utf-8"))
 
@@ -312,7 +312,7 @@ def _paths(directory: str, manifest: dict, built: bool,
                      join(TOKENIZER_CORPUS_FILE), manifest, built, seconds)
 
 
-def check_cache(directory: str) -> DefaultData:
+def check_cache(directory: str, recipe_version: int = RECIPE_VERSION) -> DefaultData:
   """Validates a finished default build against its manifest.
 
   Args:
@@ -336,9 +336,9 @@ def check_cache(directory: str) -> DefaultData:
     recipe, files, versions = manifest["recipe_version"], manifest["files"], manifest["versions"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise vocabulary.DataError(f"cache manifest {path!r} is unreadable ({vocabulary.one_line(e)}); {fix}") from None
-  if recipe != RECIPE_VERSION:
+  if recipe != recipe_version:
     raise vocabulary.DataError(f"cache manifest {path!r} is recipe version {recipe}, "
-                    f"this jaxdt builds {RECIPE_VERSION}; {fix}")
+                    f"this jaxdt builds {recipe_version}; {fix}")
   now = source_versions()
   changed = [f"{k} {versions.get(k)} -> {v}" for k, v in now.items() if versions.get(k) != v]
   if changed:
@@ -356,13 +356,13 @@ def check_cache(directory: str) -> DefaultData:
   return _paths(directory, manifest, built=False)
 
 
-def _remove_dead_builds(root: str) -> None:
+def _remove_dead_builds(root: str, subdir: str = CACHE_SUBDIR) -> None:
   """Deletes the temporary folders of builds whose process is gone (killed mid-build).
 
   A build folder is `.<subdir>.tmp-<pid>-<random>`; one whose pid no longer
   runs can never be finished. Folders without a pid (older jaxdt) go too.
   """
-  prefix = f".{CACHE_SUBDIR}.tmp-"
+  prefix = f".{subdir}.tmp-"
   for entry in os.listdir(root):
     if not entry.startswith(prefix):
       continue
@@ -380,13 +380,56 @@ def _remove_dead_builds(root: str) -> None:
     shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
+def atomic_build(root: str, subdir: str, build_files: Callable[[str], dict],
+                 log: Callable[[str], None]) -> DefaultData:
+  """Runs `build_files(tmp)` in a temporary folder inside `root`, writes its manifest last
+  and renames the folder to `root/subdir`, so a crash never leaves a folder that looks
+  finished (a killed build's folder is removed by the next one).
+
+  Raises:
+    DataError: root is unusable, or the disk is full (nothing half-written stays).
+  """
+  directory = os.path.join(root, subdir)
+  try:
+    os.makedirs(root, exist_ok=True)
+    _remove_dead_builds(root, subdir)
+    tmp = tempfile.mkdtemp(prefix=f".{subdir}.tmp-{os.getpid()}-", dir=root)
+  except OSError as e:
+    raise vocabulary.DataError(f"cannot create the data cache in {root!r} ({e.strerror}); "
+                    "pass a writable --data_dir") from None
+  start = time.perf_counter()
+  try:
+    log(f"building into {directory}")
+    manifest = build_files(tmp)
+    with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8", newline="\n") as f:
+      f.write(_manifest_text(manifest))  # last: the completion marker
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise vocabulary.DataError(f"cannot write the data cache in {root!r} ({e.strerror}); "
+                    "free space or pass another --data_dir") from None
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  try:
+    _relax_modes(tmp)
+    os.rename(tmp, directory)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(directory):  # another process finished first: use (and check) its build
+      return check_cache(directory, manifest["recipe_version"])
+    raise vocabulary.DataError(f"cannot move the build into {directory!r} ({e.strerror}); "
+                    "pass another --data_dir") from None
+  seconds = time.perf_counter() - start
+  log(f"built in {seconds:.1f} s")
+  return _paths(directory, manifest, built=True, seconds=seconds)
+
+
 def build_default(data_dir: Optional[str] = None, *, verbose: bool = False) -> DefaultData:
   """Builds the embedded default once, or validates and reuses the cache.
 
   The files are built in a temporary folder inside `data_dir`; the manifest is
-  written last and the folder renamed into place, so a crash never leaves a
-  folder that looks finished. An existing folder is validated, never rebuilt
-  or overwritten.
+  written last and the folder renamed into place (`atomic_build`). An existing
+  folder is validated, never rebuilt or overwritten.
 
   Args:
     data_dir: cache root; the build goes to `<data_dir>/flannel-v<RECIPE>`.
@@ -404,35 +447,4 @@ def build_default(data_dir: Optional[str] = None, *, verbose: bool = False) -> D
   directory = os.path.join(root, CACHE_SUBDIR)
   if os.path.exists(directory):
     return check_cache(directory)
-  try:
-    os.makedirs(root, exist_ok=True)
-    _remove_dead_builds(root)
-    tmp = tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-{os.getpid()}-", dir=root)
-  except OSError as e:
-    raise vocabulary.DataError(f"cannot create the data cache in {root!r} ({e.strerror}); "
-                    "pass a writable --data_dir") from None
-  start = time.perf_counter()
-  try:
-    log(f"building the default data into {directory}")
-    manifest = _build_files(tmp, log)
-    with open(os.path.join(tmp, MANIFEST_FILE), "w", encoding="utf-8", newline="\n") as f:
-      f.write(_manifest_text(manifest))  # last: the completion marker
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise vocabulary.DataError(f"cannot write the data cache in {root!r} ({e.strerror}); "
-                    "free space or pass another --data_dir") from None
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  try:
-    _relax_modes(tmp)
-    os.rename(tmp, directory)
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.isdir(directory):  # another process finished first: use (and check) its build
-      return check_cache(directory)
-    raise vocabulary.DataError(f"cannot move the build into {directory!r} ({e.strerror}); "
-                    "pass another --data_dir") from None
-  seconds = time.perf_counter() - start
-  log(f"built in {seconds:.1f} s")
-  return _paths(directory, manifest, built=True, seconds=seconds)
+  return atomic_build(root, CACHE_SUBDIR, lambda tmp: _build_files(tmp, log), log)
