@@ -242,6 +242,24 @@ def exact_moments(g, m, v, hp: OptimConfig, coef: Coefficients | None = None):
   return m_bits, v_bits, valid
 
 
+_TINY_EXPONENT = 127 - 100  # below 2^-100 a moment op may meet a subnormal
+
+
+def needs_exact(g, m, v, hp: OptimConfig, coef: Coefficients | None = None) -> jax.Array:
+  """Whether any element may need `exact_moments`: a nonzero input below 2^-100, or a plain
+  result (`moments_update`) below 2^-100 or flushed to zero from nonzero inputs. Read from
+  bits: XLA:CPU's comparisons treat subnormals as zero."""
+  u = [lattice.f32_bits(jnp.asarray(x).astype(jnp.float32)) for x in (g, m, v)]
+  f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+  m_p, v_p = (lattice.f32_bits(x) for x in moments_update(f32(g), f32(m), f32(v), hp,
+                                                          jnp.bfloat16, coef))
+  nonzero = lambda b: (b & 0x7FFFFFFF) != 0
+  tiny = lambda b: nonzero(b) & (((b >> 23) & 0xFF) < _TINY_EXPONENT)
+  flushed = ((~nonzero(m_p) & (nonzero(u[0]) | nonzero(u[1])))
+             | (~nonzero(v_p) & (nonzero(u[0]) | nonzero(u[2]))))
+  return jnp.any(tiny(u[0]) | tiny(u[1]) | tiny(u[2]) | tiny(m_p) | tiny(v_p) | flushed)
+
+
 def denominator(v, bc2_sqrt, hp: OptimConfig, dtype, coef: Coefficients | None = None):
   """torch's `(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, in f32."""
   r = _rounder(dtype)
@@ -367,7 +385,7 @@ def init(params) -> AdamWState:
                     nu=jax.tree.map(zeros, params))
 
 
-def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef, count) -> list:
+def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef) -> list:
   """`exact_moments` of every bf16 leaf, computed once over their concatenation (one
   copy of the scaled arithmetic in the program, not one per leaf); None for others."""
   idx = [i for i, m in enumerate(ms) if jnp.asarray(m).dtype == jnp.bfloat16]
@@ -375,15 +393,15 @@ def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef, count) -> list:
   if not idx:
     return out
   flat = lambda xs: jnp.concatenate([jnp.asarray(xs[i]).reshape(-1) for i in idx])
-  # A conditional's branch is a computation of its own, so the flat results are
-  # materialised once; inlined, XLA fuses the whole scaled arithmetic into every
-  # leaf's slice (one copy per leaf: a far slower compile). The predicate (the traced
-  # step count is at least 1) always holds.
+  # Only where some value is tiny (or a plain result flushed) does the scaled arithmetic run:
+  # a conditional's branch is a computation of its own, so it costs nothing otherwise, and
+  # its flat results are materialised once (inlined, XLA would fuse the whole scaled
+  # arithmetic into every leaf's slice: a far slower compile).
   args = (flat(gs), flat(ms), flat(vs))
-  parts = jax.lax.cond(count > 0,
-                       lambda a: exact_moments(*a, hp, coef),
-                       lambda a: (jnp.zeros_like(a[1], jnp.uint16), jnp.zeros_like(a[2], jnp.uint16),
-                                  jnp.zeros(a[0].shape, bool)), args)
+  skip = lambda a: (jnp.zeros(a[0].shape, jnp.uint16), jnp.zeros(a[0].shape, jnp.uint16),
+                    jnp.zeros(a[0].shape, bool))
+  parts = jax.lax.cond(needs_exact(*args, hp, coef), lambda a: exact_moments(*a, hp, coef),
+                       skip, args)
   start = 0
   for i in idx:
     shape = jnp.shape(ms[i])
@@ -401,7 +419,7 @@ def _update_tree(grads, state: AdamWState, params, hp: OptimConfig,
   treedef = jax.tree.structure(params)
   gs, ps = treedef.flatten_up_to(grads), jax.tree.leaves(params)
   ms, vs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-  exact = _exact_leaves(gs, ms, vs, hp, coef, count)
+  exact = _exact_leaves(gs, ms, vs, hp, coef)
   outs = [_leaf_update(g, p, (m, v), scalars, hp, coef, e)
           for g, p, m, v, e in zip(gs, ps, ms, vs, exact)]
   new_params, u, mu, nu = (treedef.unflatten(x) for x in zip(*outs))
