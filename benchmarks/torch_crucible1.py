@@ -109,6 +109,20 @@ def compute_ulp_bf16(tensor_bf16: torch.Tensor) -> torch.Tensor:  # cell 9
   return ulp
 
 
+def train_step(model, optimizer, loss_fn, input_ids, device, vocab_size, autocast=True):
+  """Cell 11's forward, loss, backward and optimizer step for one batch; returns the loss."""
+  with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16,
+                      enabled=autocast):
+    logits = model(input_ids)
+    shift_logits = logits[:, :-1, :].contiguous()
+    shift_labels = input_ids[:, 1:].contiguous()
+    loss = loss_fn(shift_logits.view(-1, vocab_size), shift_labels.view(-1))
+  optimizer.zero_grad()
+  loss.backward()
+  optimizer.step()
+  return loss
+
+
 def define_flags():
   """Defines this script's flags; called from `__main__` only.
 
@@ -194,15 +208,8 @@ def main(argv):
       if step >= TOTAL_STEPS:
         break
       input_ids = batch.to(device)
-      with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16,
-                          enabled=FLAGS.dtype == "bfloat16"):
-        logits = model(input_ids)
-        shift_logits = logits[:, :-1, :].contiguous()
-        shift_labels = input_ids[:, 1:].contiguous()
-        loss = loss_fn(shift_logits.view(-1, VOCAB_SIZE), shift_labels.view(-1))
-      optimizer.zero_grad()
-      loss.backward()
-      optimizer.step()
+      loss = train_step(model, optimizer, loss_fn, input_ids, device, VOCAB_SIZE,
+                        autocast=FLAGS.dtype == "bfloat16")
       step += 1
 
       W_curr = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)

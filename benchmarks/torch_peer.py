@@ -343,15 +343,7 @@ def train(log=print) -> str:
             skip, within = skip - 1, within + 1
             continue
           within += 1
-          input_ids = batch.to(device)
-          with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            logits = model(input_ids)
-            shift_logits = logits[:, :-1, :].contiguous()
-            shift_labels = input_ids[:, 1:].contiguous()
-            loss = loss_fn(shift_logits.view(-1, V), shift_labels.view(-1))
-          optimizer.zero_grad()
-          loss.backward()
-          optimizer.step()
+          loss = lab.train_step(model, optimizer, loss_fn, batch.to(device), device, V)
           step += 1
           W_curr = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
           delta_W = W_curr.float() - W_prev.float()

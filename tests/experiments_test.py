@@ -27,7 +27,6 @@ from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.training import loop
 from jaxdt import probes
-from jaxdt.training import step
 from jaxdt import verify
 from jaxdt.analysis import lab_accounting
 
@@ -304,7 +303,7 @@ def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
   cfg, result = thimble1_run
   with tensorfile.TrajectoryReader(result.trajectory) as r:
     assert lab_accounting.has_accounting_inputs(r)
-    rows = lab_accounting.accounting_rows(r, step.hyper(cfg))
+    rows = lab_accounting.accounting_rows(r, cfg.optim)
     text = lab_accounting.format_accounting(rows)
   assert [row.t for row in rows] == [1]  # the lab's steps <= 6
   assert all(row.replay_equal == row.total == TINY_VOCAB * 32 for row in rows)
@@ -315,7 +314,7 @@ def test_thimble1_accounting_report_prints_the_seeds_lines(thimble1_run):
   assert rows[0].cosine > 0.99 and abs(rows[0].ratio - 1) < 0.05  # the lab's t=1: 1.012, +1.000
   assert "(Ratio should be ~1.0, cosine should be ~1.0 for perfect match)" in lines
   assert lines[-1] == "✓ Validation complete"
-  more = lab_accounting.accounting_rows(tensorfile.TrajectoryReader(result.trajectory), step.hyper(cfg),
+  more = lab_accounting.accounting_rows(tensorfile.TrajectoryReader(result.trajectory), cfg.optim,
                                 steps=(1, 2, 5, 50))
   assert [row.t for row in more] == [1, 2, 5]
 
