@@ -309,7 +309,8 @@ def train(log=print) -> str:
     plan = rundir.FolderPlan(
         EXPERIMENT, config_lib.to_dict(cfg), inputs, lay.specs, layout_lib.FILE_METADATA,
         cfg.store.checkpoint_steps, 4 * sum(a.nbytes for a in like["model"].values()) + (1 << 20))
-    start, snap = run.begin(plan, meta, like, FLAGS.resume)
+    begun = run.begin(plan, meta, like, FLAGS.resume)
+    start, snap = begun.step, begun.state
     W_prev = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
     epoch, skip, elapsed0, diverged = 0, 0, 0.0, None
     last_motion_step = torch.full((n_dead,), -1, dtype=torch.int32)
