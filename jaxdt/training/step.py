@@ -13,6 +13,8 @@ randomness, and the batch of step t is a pure function of (data key, t).
 
 from __future__ import annotations
 
+import collections
+import hashlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -131,8 +133,41 @@ def make_run_chunk(step):
   return jax.jit(run_chunk, static_argnums=2, donate_argnums=0)
 
 
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()  # make_chunk's memo
+_PROGRAMS_KEPT = 4
+
+
+def _digest(a: Optional[np.ndarray]) -> Optional[tuple]:
+  if a is None:
+    return None
+  a = np.ascontiguousarray(a)
+  return (a.dtype.str, a.shape, hashlib.sha256(a.data).hexdigest())
+
+
 def make_chunk(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray],
                mesh: Mesh, exact: bool = True):
+  """`_make_chunk`, memoized on the values of all its inputs.
+
+  The program is a pure function of (config, token ids, rows, devices, mode),
+  so a process that runs the same experiment again (a resume, a test suite's
+  many tiny runs) reuses one jitted function and with it jit's traces and
+  executables, instead of tracing and lowering the step again. Arrays are keyed
+  by their bytes' SHA-256; the last few programs are kept.
+  """
+  key = (config_lib.to_json(cfg), _digest(tokens), _digest(rows),
+         tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, mesh.axis_names, exact)
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+  else:
+    _PROGRAMS[key] = _make_chunk(cfg, np.array(tokens), None if rows is None else np.array(rows),
+                                 mesh, exact)
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+      _PROGRAMS.popitem(last=False)
+  return _PROGRAMS[key]
+
+
+def _make_chunk(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray],
+                mesh: Mesh, exact: bool = True):
   """`run(states, members, start, length) -> (states, (records, losses))`, jitted.
 
   The leading axis of states, members (`MemberData`) and the outputs is the
