@@ -101,6 +101,23 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
   assert compiles == []
 
 
+def test_the_chunk_program_is_reused_only_for_equal_inputs(tiny_data):
+  cfg = tiny_config(tiny_data)
+  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("m",))
+  make = lambda c=cfg, tokens=corpus.tokens, rows=corpus.dead_indices: step_lib.make_chunk(
+      c, tokens, rows, mesh)
+  first = make()
+  assert make(dataclasses.replace(cfg)) is first  # an equal config is the same program
+  assert make(tokens=corpus.tokens.copy()) is first  # arrays by value, not identity
+  other_lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=3e-3))
+  changed_token = corpus.tokens.copy()
+  changed_token[0] += 1
+  for program in (make(other_lr), make(tokens=changed_token), make(rows=corpus.dead_indices[1:]),
+                  step_lib.make_chunk(cfg, corpus.tokens, corpus.dead_indices, mesh, exact=False)):
+    assert program is not first
+
+
 def test_chunk_plan_ends_chunks_on_checkpoints():
   assert loop.chunk_plan(0, 12, 4, (5, 9)) == [(0, 4), (4, 1), (5, 4), (9, 3)]
   assert loop.chunk_plan(5, 12, 100, (5, 9)) == [(5, 4), (9, 3)]
