@@ -7,6 +7,8 @@ network takes, with the local filesystem instead of HfFileSystem.
 """
 
 import builtins
+import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -121,6 +123,28 @@ def test_experiments_load_it_with_data_source_fineweb(built):
   with pytest.raises(vocabulary.DataError, match="build it first with"):
     corpus_lib.load_corpus(config_lib.DataConfig(source="fineweb", data_dir="/nonexistent/x"),
                            REC.vocab_size)
+
+
+def test_crucible1_trains_on_it_end_to_end(built, tmp_path):
+  # The mirror's structure through a run: build -> --data_source=fineweb -> trajectory.
+  import experiments
+  from jaxdt.io import tensorfile
+  from jaxdt.training import loop
+  cfg = experiments.load("crucible1")
+  cfg = dataclasses.replace(
+      cfg, steps=4,
+      model=dataclasses.replace(cfg.model, vocab_size=REC.vocab_size, hidden_dim=32,
+                                max_seq_len=16),
+      data=dataclasses.replace(cfg.data, source="fineweb", batch_size=4, seq_len=16,
+                               data_dir=os.path.dirname(built.directory)),
+      store=dataclasses.replace(cfg.store, checkpoint_steps=(), chunk_steps=4))
+  result = loop.train(cfg, str(tmp_path / "run"), progress=False, log=lambda s: None)
+  mask = corpus_lib.load_corpus(cfg.data, REC.vocab_size).dead_mask
+  with tensorfile.TrajectoryReader(result.trajectory) as r:
+    assert r.shape("W") == (5, int(mask.sum()), 32)
+    np.testing.assert_array_equal(r.read("dead_mask"), mask)
+    assert np.isfinite(r.read("loss")[1:]).all()
+  assert result.metadata["data_files"]["corpus"] == hashlib.sha256(_read(built.corpus_path)).hexdigest()
 
 
 def test_streams_stop_at_the_budgets(mirror, tmp_path, monkeypatch):
