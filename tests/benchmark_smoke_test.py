@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_tiny_benchmark_ends_with_the_ratio_and_ceiling_lines(tiny_data, tmp_path):
   pytest.importorskip("torch")  # the baseline is the lab's torch loop
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "crucible1_bench.py"), "--size=tiny",
-         "--steps=30", "--chunk=10", "--torch_steps=12", "--ceiling_seconds=1", "--torch_f32",
+         "--steps=10", "--chunk=10", "--torch_steps=4", "--ceiling_seconds=1", "--torch_f32",
          f"--corpus_path={tiny_data['corpus']}", f"--tokenizer_path={tiny_data['tokenizer']}",
          f"--work_dir={tmp_path}", f"--json={tmp_path / 'raw.json'}"]
   p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)

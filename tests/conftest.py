@@ -62,6 +62,14 @@ def tiny_config(paths: dict, **overrides):
   return dataclasses.replace(cfg, **overrides)
 
 
+def single_trace(cfg):
+  """`cfg` without checkpoints and with chunks that divide its steps: one chunk length,
+  so one trace and compile of the chunk program (for tests that need no checkpoint)."""
+  chunk = max(k for k in range(1, 9) if cfg.steps % k == 0)
+  return dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, checkpoint_steps=(),
+                                                            chunk_steps=chunk))
+
+
 PHASES = ("data: ", "run folder: ", "compiled the ")  # train's phase lines
 
 

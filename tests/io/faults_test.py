@@ -4,7 +4,7 @@ Every fault ends, after `--resume`, in the uninterrupted run's exact bytes, and
 no fault ever leaves a finished-looking file with other bytes:
   * an exception raised at every instant between two writes of the protocol,
   * SIGKILL right after every checkpoint marker (a chain of resumed processes),
-  * SIGKILL at 6 seeded random instants inside the run (chains of processes),
+  * SIGKILL at 4 seeded random instants inside the run (chains of processes),
 checked after every fault by `_no_lie`.
 """
 
@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = (0, 1, 5, 9, 12)  # step 0, mid-chunk ones, and the last step
 # Random kills on top of the exception at every protocol instant (in-process) and the
 # kill after every checkpoint marker: each costs a process start, trace and compile.
-KILLS = 6
+KILLS = 4
 
 
 class InjectedFault(Exception):

@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt import probes
 from jaxdt.io import tensorfile
@@ -56,7 +56,7 @@ def _trajectory(cfg, out):
 
 
 def test_a_bf16_run_with_wd_point_one_is_the_wd_zero_run_bit_for_bit(tiny_data, tmp_path):
-  base = tiny_config(tiny_data, steps=8)
+  base = single_trace(tiny_config(tiny_data, steps=8))
   with_wd = lambda wd: dataclasses.replace(base, optim=dataclasses.replace(base.optim,
                                                                            weight_decay=wd))
   zero = _trajectory(with_wd(0.0), str(tmp_path / "wd0"))

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt.analysis import divergence
 from jaxdt.report import summary as summary_lib
@@ -53,7 +53,7 @@ def _sha(folder):
 
 @pytest.fixture(scope="module")
 def jax_run(tiny_data, tmp_path_factory):
-  cfg = tiny_config(tiny_data, steps=STEPS)
+  cfg = single_trace(tiny_config(tiny_data, steps=STEPS))
   return loop.train(cfg, str(tmp_path_factory.mktemp("jax") / "run"), progress=False,
                     log=lambda s: None)
 
@@ -97,8 +97,8 @@ def test_killed_after_a_checkpoint_then_resumed_gives_the_same_bytes(mode, jax_r
     args = [f"--init_from={jax_run.run_dir}", f"--batches_from={jax_run.run_dir}",
             f"--corpus_path={tiny_data['corpus']}", f"--tokenizer_path={tiny_data['tokenizer']}"]
     reference = twin
-  else:  # 200 steps: epochs of 125 batches, so the kill lands mid-epoch and resume crosses one
-    args = ["--steps=200", *_tiny_flags(tiny_data)]
+  else:  # batches of 16: epochs of 31 batches, so the kill lands mid-epoch and resume crosses one
+    args = ["--steps=50", *_tiny_flags(tiny_data), "--set=data.batch_size=16"]
     reference = str(tmp_path / "ref")
     _peer(reference, *args)
   out = str(tmp_path / "killed")

@@ -12,7 +12,7 @@ import pytest
 import torch  # a test dependency: the lab's files are written with safetensors.torch
 from safetensors.torch import save_file
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt.analysis import freeze
 from jaxdt.analysis import metrics
@@ -34,14 +34,14 @@ SHARED = ("fimbulwinter_check", "stillness", "global_freeze", "frozen_fraction",
 
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
-  cfg = tiny_config(tiny_data, steps=30)
+  cfg = single_trace(tiny_config(tiny_data, steps=30))
   return loop.train(cfg, str(tmp_path_factory.mktemp("run")), progress=False)
 
 
 @pytest.fixture(scope="module")
 def state_run(tiny_data, tmp_path_factory):
   """Thimble 8's probes (W, m, v, g, loss with loss[0] = 0) plus our adam_* keys."""
-  cfg = tiny_config(tiny_data, steps=12)
+  cfg = single_trace(tiny_config(tiny_data, steps=12))
   probes = dataclasses.replace(cfg.probes, names=("W", "m", "v", "g", "loss", "adam_accounting"),
                                loss_initial=0.0)
   cfg = dataclasses.replace(cfg, probes=probes)

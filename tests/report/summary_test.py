@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt.io import tensorfile
 from jaxdt.report import summary as summary_lib
@@ -25,14 +25,14 @@ QUIET = dict(progress=False, log=lambda s: None)
 def sweep_root(tiny_data, tmp_path_factory):
   """A 2-member seed sweep of tiny crucible1 (30 steps)."""
   root = str(tmp_path_factory.mktemp("seeds"))
-  cfg = tiny_config(tiny_data, steps=30)
+  cfg = single_trace(tiny_config(tiny_data, steps=30))
   sweep.train_sweep(cfg, "seed=42,7", root, runs.Options(progress=False), log=lambda s: None)
   return root
 
 
 @pytest.fixture(scope="module")
 def solo(tiny_data, tmp_path_factory):
-  cfg = tiny_config(tiny_data, steps=30, seed=3)
+  cfg = single_trace(tiny_config(tiny_data, steps=30, seed=3))
   return loop.train(cfg, str(tmp_path_factory.mktemp("solo") / "run"), **QUIET)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import metadata
@@ -153,7 +153,7 @@ def test_run_can_start_from_a_lab_style_torch_checkpoint(tiny_data, tmp_path):
 
 def test_mixed_precision_is_one_flag_with_f32_master_records(tiny_data, tmp_path):
   # The lab's first open question: do dead tokens freeze with f32 master weights?
-  cfg = tiny_config(tiny_data, steps=6, precision="mixed")
+  cfg = single_trace(tiny_config(tiny_data, steps=6, precision="mixed"))
   r = tensorfile.TrajectoryReader(loop.train(cfg, str(tmp_path), progress=False).trajectory)
   assert r.dtype("W") == np.float32  # the master weights, not bf16 bits
   np.testing.assert_array_equal(r.read("adam_replay_match"), 1.0)
