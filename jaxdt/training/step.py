@@ -14,7 +14,6 @@ randomness, and the batch of step t is a pure function of (data key, t).
 from __future__ import annotations
 
 import collections
-import hashlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdt import config as config_lib
 from jaxdt.data import sampler
+from jaxdt.data import vocabulary
 from jaxdt.model import tied_nll
 from jaxdt.model import tinylm
 from jaxdt.numerics import lattice
@@ -141,7 +141,7 @@ def _digest(a: Optional[np.ndarray]) -> Optional[tuple]:
   if a is None:
     return None
   a = np.ascontiguousarray(a)
-  return (a.dtype.str, a.shape, hashlib.sha256(a.data).hexdigest())
+  return (a.dtype.str, a.shape, vocabulary.sha256_bytes(a.data))
 
 
 def make_chunk(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optional[np.ndarray],

@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydoc_data.topics import topics
 
+from conftest import single_trace
+
 from jaxdt import config as config_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.data import lab_data
@@ -131,13 +133,12 @@ def test_crucible1_trains_on_it_end_to_end(built, tmp_path):
   from jaxdt.io import tensorfile
   from jaxdt.training import loop
   cfg = experiments.load("crucible1")
-  cfg = dataclasses.replace(
+  cfg = single_trace(dataclasses.replace(
       cfg, steps=4,
       model=dataclasses.replace(cfg.model, vocab_size=REC.vocab_size, hidden_dim=32,
                                 max_seq_len=16),
       data=dataclasses.replace(cfg.data, source="fineweb", batch_size=4, seq_len=16,
-                               data_dir=os.path.dirname(built.directory)),
-      store=dataclasses.replace(cfg.store, checkpoint_steps=(), chunk_steps=4))
+                               data_dir=os.path.dirname(built.directory))))
   result = loop.train(cfg, str(tmp_path / "run"), progress=False, log=lambda s: None)
   mask = corpus_lib.load_corpus(cfg.data, REC.vocab_size).dead_mask
   with tensorfile.TrajectoryReader(result.trajectory) as r:

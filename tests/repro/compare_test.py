@@ -4,7 +4,6 @@ On a machine with a GPU the same command compares a GPU run with a CPU run:
 `python run.py --compare=runs/crucible1_gpu,runs/crucible1_cpu` (BUILD_NOTES).
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt import config as config_lib
 from jaxdt.analysis import compare
@@ -147,9 +146,8 @@ def test_describe_reports_the_live_backend():
 def test_runs_on_two_gemm_paths_are_named_in_the_comparison(runs, tiny_data, tmp_path):
   """bf16 against f32 GEMM operands: same values, other summation order, said so."""
   # 4 steps in one chunk (one trace): compare reads the steps both runs have.
-  cfg = tiny_config(tiny_data, steps=4)
-  cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, checkpoint_steps=()))
-  cfg = config_lib.override(cfg, "model.gemm_operands=bfloat16")
+  cfg = config_lib.override(single_trace(tiny_config(tiny_data, steps=4)),
+                            "model.gemm_operands=bfloat16")
   other = loop.train(cfg, str(tmp_path / "bf16"), progress=False)
   assert other.metadata["gemm_path"] == "bfloat16 operands (forced)"
   assert runs[0].metadata["gemm_path"] == backend.gemm_path()

@@ -17,7 +17,7 @@ import sys
 import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import single_trace, tiny_config
 
 from jaxdt import config as config_lib
 from jaxdt.io import checkpoints
@@ -65,7 +65,7 @@ def solo(cfg, tmp_path_factory):
 @pytest.fixture(scope="module")
 def short(cfg, tmp_path_factory):
   """4 steps in one chunk (one trace per process) and SMALL's members run alone on it."""
-  c = dataclasses.replace(cfg, steps=4, store=dataclasses.replace(cfg.store, checkpoint_steps=()))
+  c = single_trace(dataclasses.replace(cfg, steps=4))
   root = tmp_path_factory.mktemp("short_solo")
   return c, {_solo_name(m): _sha(loop.train(m.cfg, str(root / m.name), **QUIET).trajectory)
              for m in sweep.members(c, SMALL)}
