@@ -218,6 +218,47 @@ def _last_motion(ctx: Context) -> tuple:
                   role="last_motion"),)
 
 
+def row_norms(view: StepView) -> jax.Array:
+  """‖ΔW′_i‖₂ per recorded row, f32 (the lab's displacement magnitude)."""
+  d = displacement(view.w_prev, view.w_next)
+  return jnp.sqrt(jnp.sum(d * d, axis=-1))
+
+
+def _freeze(ctx: Context) -> tuple:
+  """The compact freeze record: per step only what `run.py --summarize` reads.
+
+  Per step t (row t-1): how many rows are frozen (not ‖ΔW′_i‖₂ ≥ threshold) and
+  how many moved (the two always sum to the rows), and the mean of the finite norms; per W row t (row 0: the init):
+  ‖centroid‖₂ of the rows; the loss; per row, the last-motion tracker. A
+  2,000-step full-size run keeps tens of kilobytes instead of gigabytes.
+  """
+  i32 = lambda d: np.dtype(np.int32)
+  thr = ctx.motion_threshold
+
+  def count(frozen: bool):
+    def record(v):
+      n = row_norms(v)
+      hit = ~(n >= thr) if frozen else (n >= thr)  # a NaN norm is frozen, as in analysis.stream
+      return jnp.sum(hit.astype(jnp.int32))
+    return record
+
+  def mean_norm(v):
+    n = row_norms(v)
+    ok = jnp.isfinite(n)
+    return jnp.sum(jnp.where(ok, n, 0)) / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1)
+
+  def centroid_norm(w):
+    c = ordered.mean_rows(w)
+    return jnp.sqrt(jnp.sum(c * c))
+
+  return (Series("n_frozen", i32, lambda d: (), count(True), role="frozen_count"),
+          Series("n_moving", i32, lambda d: (), count(False), role="moving_count"),
+          Series("dwp_l2_mean", _F32, lambda d: (), mean_norm, role="displacement_norm_mean"),
+          Series("centroid_norm", _F32, lambda d: (), lambda v: centroid_norm(v.w_next),
+                 initial=centroid_norm, role="centroid_norm"),
+          ) + PROBES["loss"](ctx) + _last_motion(ctx)
+
+
 def _const(*items):
   """A factory for items that need no context."""
   return lambda ctx: items
@@ -275,6 +316,11 @@ PROBES = {
     # In-scan Adam accounting over the recorded rows (jaxdt.optim.accounting).
     "adam_accounting": _accounting,
 }
+# The compact freeze record (`--probes=freeze`): counts, mean norm, centroid
+# norm, loss, last motion; defined after PROBES since it reuses "loss".
+PROBES["freeze"] = _freeze
+FREEZE_KEYS = ("n_frozen", "n_moving", "dwp_l2_mean", "centroid_norm", "loss",
+               "last_motion_step")
 # File keys the loop writes itself, beside the probes'.
 RESERVED_KEYS = ("dead_mask", "dead_indices")
 

@@ -160,11 +160,11 @@ class FrozenFraction:
   first_frozen_token_step: Optional[int]
   moving_at: dict  # {str(step): rows still moving}
   final_fraction: Optional[float]
-  reheat: Reheat
+  reheat: Optional[Reheat]  # None: not recorded (the compact freeze record keeps counts only)
 
   @classmethod
-  def of(cls, n_frozen: np.ndarray, n: int, cold_to_hot: int = 0,
-         hot_to_cold: int = 0) -> "FrozenFraction":
+  def of(cls, n_frozen: np.ndarray, n: int, cold_to_hot: Optional[int] = 0,
+         hot_to_cold: Optional[int] = 0) -> "FrozenFraction":
     n_frozen = np.asarray(n_frozen, np.int64)
     T = n_frozen.size
     first = np.flatnonzero(n_frozen > 0)
@@ -175,6 +175,7 @@ class FrozenFraction:
         int(first[0]) + 1 if first.size else None,
         {str(t): int(n - n_frozen[t - 1]) for t in sample_steps(T)},
         float(n_frozen[-1] / n) if T and n else None,
+        None if cold_to_hot is None else
         Reheat(int(cold_to_hot), int(hot_to_cold), transitions, share(cold_to_hot),
                share(hot_to_cold)))
 

@@ -159,6 +159,36 @@ def _freeze_blocks(p: _Pass, out: dict, series: dict, notes: list) -> None:
   out["skipped"] = out.get("skipped", ()) + tuple(skipped)
 
 
+def _compact_blocks(p: _Pass, out: dict, series: dict) -> None:
+  """The freeze blocks a compact record supports (`--probes=freeze`): the counts and the
+  tracker the trainer made in its scan give the same figures as a full trajectory's pass."""
+  traj, T = p.traj, p.steps
+  n = traj.n_rows
+  frozen = traj.reader.rows("n_frozen", 0, T).astype(np.int64)
+  moving = traj.reader.rows("n_moving", 0, T).astype(np.int64)
+  bad = np.flatnonzero((frozen + moving != n) | (frozen < 0) | (moving < 0))
+  if bad.size:
+    raise AnalysisError(f"{traj.path}: n_frozen + n_moving is not the {n} recorded rows at "
+                        f"step {int(bad[0]) + 1}; the file is not a jaxdt freeze record")
+  lms = traj.reader.read("last_motion_step").astype(np.int64).reshape(-1)
+  any_motion = moving > 0
+  out.update(
+      fimbulwinter_check=freeze.FimbulwinterCheck.of(lms, T) if T else None,
+      stillness=freeze.Stillness.of(any_motion),
+      frozen_fraction=freeze.FrozenFraction.of(frozen, n, None, None))
+  series.update(frozen_fraction=frozen / max(n, 1), any_motion=any_motion, last_motion=lms)
+  if traj.has("dwp_l2_mean"):
+    mean_l2 = traj.reader.rows("dwp_l2_mean", 0, T).astype(np.float64)
+    out["mean_l2_at"] = {str(t): float(mean_l2[t - 1]) for t in freeze.sample_steps(T)}
+    series["mean_l2"] = mean_l2
+  if traj.has("centroid_norm"):
+    series["centroid_norm"] = traj.reader.rows("centroid_norm", 0, T + 1).astype(np.float64)
+  why = "compact freeze record (counts only; record W for this block)"
+  out["skipped"] = out.get("skipped", ()) + tuple(
+      Skipped(name, why) for name in ("global freeze", "lifecycle phases",
+                                      "centroid drift and cloud radius", "re-heating"))
+
+
 def _accounting(p: _Pass, out: dict, series: dict) -> None:
   """The Adam accounting: the in-scan adam_* keys, or recomputed from W, m, v."""
   traj, T = p.traj, p.steps
@@ -201,6 +231,8 @@ def _analyze(path, block_steps, max_steps, threshold) -> tuple:
   p = _Pass(traj, T, threshold, block_steps, max_steps)
   if traj.w_key or "delta_W_prime" in keys:
     _freeze_blocks(p, out, series, notes)
+  elif trajectory.is_compact(keys) and "last_motion_step" in keys:
+    _compact_blocks(p, out, series)
   else:
     out["skipped"] = out.get("skipped", ()) + tuple(
         Skipped(name, "no W or delta_W_prime") for name in FREEZE_BLOCKS)

@@ -121,6 +121,11 @@ def state_keys(keys) -> tuple:
   return role_key(keys, "momentum"), role_key(keys, "variance")
 
 
+def is_compact(keys) -> bool:
+  """A compact freeze record (`--probes=freeze`): per-step counts instead of W and ΔW′."""
+  return "n_frozen" in keys and "n_moving" in keys
+
+
 def resolve_path(path: str) -> str:
   """The trajectory file of PATH: a .safetensors file, or a run folder holding one.
 
@@ -289,7 +294,11 @@ def open_trajectory(path: str) -> Trajectory:
     recorded, hidden = shape[1], shape[2]
   elif "delta_W_prime" in keys:
     recorded, hidden = reader.shape("delta_W_prime")[1:]
-  if recorded and "dead_mask" in keys:
+  elif is_compact(keys) and "last_motion_step" in keys:  # the compact freeze record
+    recorded = int(np.prod(reader.shape("last_motion_step")))
+  if w_key is None and is_compact(keys):
+    pass  # counts only: the rows are the recorded (dead) rows, nothing to select
+  elif recorded and "dead_mask" in keys:
     mask = reader.read("dead_mask").astype(bool).reshape(-1)
     if mask.size == recorded and mask.sum() < recorded:
       rows = np.flatnonzero(mask)
@@ -300,6 +309,8 @@ def open_trajectory(path: str) -> Trajectory:
     steps = reader.shape(w_key)[0] - 1
   elif "delta_W_prime" in keys:
     steps = reader.shape("delta_W_prime")[0]
+  elif is_compact(keys):
+    steps = reader.shape("n_frozen")[0]
   elif loss_key is not None:
     steps = reader.shape(loss_key)[0] - 1
   else:

@@ -108,7 +108,7 @@ def format_frozen_fraction(f: freeze.FrozenFraction, threshold: float, n: int) -
   moving = (f"step {t}: {k}/{n}" for t, k in f.moving_at.items())
   lines.append("Still moving: " + "; ".join(moving))
   r = f.reheat
-  if r.transitions:
+  if r is not None and r.transitions:
     lines.append(f"Re-heating: {r.cold_to_hot:,} cold→hot ({r.cold_to_hot_fraction:.2%}) vs "
                  f"{r.hot_to_cold:,} hot→cold ({r.hot_to_cold_fraction:.2%}) of "
                  f"{r.transitions:,} token-step transitions")
