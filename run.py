@@ -147,6 +147,18 @@ flags.DEFINE_list(
 flags.DEFINE_list("group_by", None,
                   "With --summarize: also print each group's mean, sd, min and max; axes: "
                   "framework, seed, data_seed, precision, learning_rate, weight_decay, steps.")
+flags.DEFINE_string(
+    "study", None,
+    "Run a study declared in experiments/ (findings): each missing member, resuming unfinished "
+    "ones and skipping finished ones, then its tables and PNGs (docs/findings.md).")
+flags.DEFINE_string("study_plan", None,
+                    "Print a study's members, which are done, and the time left on this host.")
+flags.DEFINE_string("study_dir", None,
+                    "Where a study's member run folders live (default runs/study_<name>).")
+flags.DEFINE_string("study_docs", None,
+                    "Where a study's member summaries, tables and PNGs go (default docs/<name>).")
+flags.DEFINE_list("study_members", None,
+                  "Run only these members of the study (default: all, in declared order).")
 flags.DEFINE_string("analysis_dir", None,
                     "Where --analyze writes summary.json and plots (and --compare compare.json).")
 
@@ -317,9 +329,32 @@ def print_fingerprint() -> int:
   return 0
 
 
+def run_study() -> int:
+  """--study / --study_plan: a study's members and its tables (jaxdt.study)."""
+  from jaxdt import study as study_lib  # pylint: disable=g-import-not-at-top
+  if FLAGS.study and FLAGS.study_plan:
+    raise ValueError("pass one of --study and --study_plan")
+  if FLAGS.experiment or FLAGS.output_dir:
+    raise ValueError("--study takes no --experiment or --output_dir; members run into "
+                     "--study_dir/<member>")
+  name = FLAGS.study or FLAGS.study_plan
+  study = study_lib.load(name)
+  study_dir = FLAGS.study_dir or f"runs/study_{name}"
+  docs = FLAGS.study_docs or os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs",
+                                          name)
+  if FLAGS.study_plan:
+    print(study_lib.plan(study, study_dir, docs))
+    return 0
+  study_lib.run(study, study_dir, docs, only=tuple(FLAGS.study_members or ()),
+                data_dir=FLAGS.data_dir)
+  return 0
+
+
 def _dispatch() -> int:
   if FLAGS.fingerprint:
     return print_fingerprint()
+  if FLAGS.study or FLAGS.study_plan:
+    return run_study()
   if FLAGS.analyze or FLAGS.compare or FLAGS.summarize or FLAGS.group_by:
     return analyze_or_compare()
   name = FLAGS.experiment

@@ -6,6 +6,9 @@ Thimble 8, bit for bit) also defines `verification() -> jaxdt.verify.Verificatio
 
 import importlib
 
+# Studies: `experiments/<name>.py` defines `study() -> jaxdt.study.Study` (run.py --study).
+STUDIES = ("findings",)
+
 NAMES = ("crucible1", "crucible3", "crucible4", "thimble1", "thimble6", "thimble8", "thimble9",
          "lr_wd", "master_weights", "data_order")
 
@@ -29,3 +32,10 @@ def verification(name: str):
     raise ValueError(f"experiment {name!r} has no verification mode; --verification works "
                      f"with {having}")
   return module.verification()
+
+
+def load_study(name: str):
+  """The Study declared by `experiments/<name>.py`."""
+  if name not in STUDIES:
+    raise ValueError(f"unknown study {name!r}; use --study=one of {list(STUDIES)}")
+  return importlib.import_module(f"experiments.{name}").study()

@@ -30,6 +30,8 @@ ALLOWED = {
     "training": {"config", "numerics", "io", "optim", "model", "data", "probes"},
     "verify": {"config", "numerics", "io", "optim", "model", "data", "analysis", "training",
                "probes"},
+    # a study runs members (training) and writes their summaries and tables (report)
+    "study": {"config", "numerics", "io", "training", "report"},
 }
 HOST_SIDE = ("io", "analysis", "report")
 TRAINING_SIDE = {"training", "model"}

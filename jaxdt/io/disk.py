@@ -68,12 +68,12 @@ def fsync_dir(directory: str) -> None:
   finally:
     os.close(fd)
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
   """tmp file + fsync + os.replace: readers see the old file or the new one, never half."""
   tmp = f"{path}.tmp{os.getpid()}"
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
+    with open(tmp, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -81,6 +81,11 @@ def atomic_write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
   fsync_dir(os.path.dirname(path))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """`atomic_write_bytes` of UTF-8 text."""
+  atomic_write_bytes(path, text.encode("utf-8"))
 
 # --- Preflight --------------------------------------------------------------
 

@@ -120,7 +120,7 @@ def run_folders(path: str) -> list:
   return [p for _, p in sorted(members)]
 
 
-def _check_finished(folder: str) -> dict:
+def check_finished(folder: str) -> dict:
   meta = _metadata(folder)
   config = (meta or {}).get("config")
   if not isinstance(config, dict):
@@ -136,7 +136,7 @@ def _check_finished(folder: str) -> dict:
 # --- Rows ------------------------------------------------------------------------------
 
 
-def _row(folder: str, meta: dict, summary: metrics.Summary) -> RunRow:
+def row_of(folder: str, meta: dict, summary: metrics.Summary) -> RunRow:
   cfg = meta["config"]
   ff = summary.frozen_fraction
   fc, st = summary.fimbulwinter_check, summary.stillness
@@ -161,7 +161,7 @@ def analyse(folder: str, meta: dict, *, block_steps: Optional[int] = None) -> tu
     summary, series = metrics.analyze(folder, block_steps=block_steps)
   except trajectory.AnalysisError as e:
     raise SummaryError(f"{folder}: {e}") from None
-  return _row(folder, meta, summary), series.get("frozen_fraction")
+  return row_of(folder, meta, summary), series.get("frozen_fraction")
 
 
 def groups(rows: Sequence[RunRow], axes: Sequence[str]) -> list:
@@ -250,7 +250,7 @@ def summarize(paths: Sequence[str], out_dir: str, group_by: Sequence[str] = (), 
   """
   check_axes(group_by)
   folders = [f for p in paths for f in run_folders(p)]
-  metas = [_check_finished(f) for f in folders]  # every input refused before any analysis
+  metas = [check_finished(f) for f in folders]  # every input refused before any analysis
   analysed = [analyse(f, m, block_steps=block_steps) for f, m in zip(folders, metas)]
   rows = [r for r, _ in analysed]
   grouped = groups(rows, group_by) if group_by else [Group({}, tuple(r.label for r in rows), {})]

@@ -1,0 +1,53 @@
+"""The findings study (docs/findings.md): every run the lab's open questions need, declared once.
+
+`python run.py --study=findings` runs each missing member, resumes unfinished ones,
+skips finished ones and writes their summaries under docs/findings/; `--study_plan`
+lists them with what is done and the time left. Every member is full Crucible 1
+size on the embedded default data, 2,000 steps, recording the compact freeze
+record (`--probes=freeze`), with checkpoints every 250 steps.
+
+Member order is the order they run in: the members that answer the first
+question (is jaxdt inside the torch peer's seed range?) come first.
+"""
+
+from jaxdt import study as study_lib
+
+M = study_lib.Member
+STEPS = 2000
+
+
+def study() -> study_lib.Study:
+  members = (
+      M("jax_bf16_s42", "jax", seed=42),
+      M("jax_bf16_s1", "jax", seed=1),
+      M("torch_s42", "torch", seed=42),
+      M("jax_bf16_s2", "jax", seed=2),
+      M("torch_s1", "torch", seed=1),
+      M("jax_bf16_s3", "jax", seed=3),
+      M("torch_s2", "torch", seed=2),
+      M("jax_bf16_s4", "jax", seed=4),
+      M("jax_mixed_s42", "jax", seed=42, precision="mixed"),
+      M("jax_mixed_s1", "jax", seed=1, precision="mixed"),
+      M("jax_lr3e-4_s42", "jax", seed=42, learning_rate=3e-4),
+      M("jax_lr3e-4_s1", "jax", seed=1, learning_rate=3e-4),
+      M("jax_s42_data1", "jax", seed=42, data_seed=1),
+      M("jax_s42_data2", "jax", seed=42, data_seed=2),
+      M("jax_s42_data3", "jax", seed=42, data_seed=3),
+  )
+  jax_seeds = ("jax_bf16_s42", "jax_bf16_s1", "jax_bf16_s2", "jax_bf16_s3", "jax_bf16_s4")
+  T = study_lib.Table
+  tables = (
+      T("seed_spread", "Seed spread: jaxdt against the lab's torch loop",
+        (("jaxdt bf16", jax_seeds), ("torch (the lab's loop)", ("torch_s42", "torch_s1",
+                                                                "torch_s2")))),
+      T("master_weights", "Master weights: does f32 master weights (mixed) avoid Fimbulwinter?",
+        (("bf16", jax_seeds[:2]), ("mixed", ("jax_mixed_s42", "jax_mixed_s1")))),
+      T("learning_rate", "lr x wd: lr 1e-3 against 3e-4 (wd 0; wd 0.1 is the identity in "
+        "pure bf16)", (("lr 1e-3", jax_seeds[:2]), ("lr 3e-4", ("jax_lr3e-4_s42",
+                                                                "jax_lr3e-4_s1")))),
+      T("data_order", "Data order: one init (seed 42) over four data orders, beside the "
+        "seed spread", (("init 42, data_seed 42/1/2/3", ("jax_bf16_s42", "jax_s42_data1",
+                                                          "jax_s42_data2", "jax_s42_data3")),
+                        ("seeds 1-4 (init and order)", jax_seeds[1:]))),
+  )
+  return study_lib.Study("findings", members, tables, steps=STEPS, checkpoint_every=250)

@@ -1,0 +1,220 @@
+"""A study's outputs: one summary JSON per member, the tables (markdown) and the PNGs.
+
+Everything here reads and writes small files only. A member's summary
+(`docs/findings/<member>.json`) holds its declaration, its command, the
+`--summarize` row, the loss at step 500, the mean ‖ΔW′‖₂ over steps, the
+per-step frozen counts (for the plots), the host it ran on and the SHA-256 of
+its trajectory; `write_tables` builds docs/findings/tables.md and one PNG per
+table from those files alone, so they regenerate after the run folders are
+gone. Every file is written atomically (tmp, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from jaxdt.analysis import metrics
+from jaxdt.analysis import trajectory
+from jaxdt.io import disk
+from jaxdt.io import metadata as metadata_lib
+from jaxdt.report import summary as summary_lib
+
+TABLES_FILE = "tables.md"
+FIGURES = ("frozen_50", "frozen_90", "frozen_99", "frozen_100", "global_last_motion",
+           "stillness_runs", "loss_500", "final_loss", "mean_dwp_l2")
+HEADS = ("50%", "90%", "99%", "100%", "last motion", "still runs", "loss@500", "final loss",
+         "mean ‖ΔW′‖₂")
+HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_version",
+             "jaxlib_version", "device", "arithmetic_fingerprint", "backend")
+
+
+class FindingsError(ValueError):
+  """A refused member file or folder; one line naming it and the fix."""
+
+
+def member_path(docs_dir: str, name: str) -> str:
+  return os.path.join(docs_dir, f"{name}.json")
+
+
+def read_member(docs_dir: str, name: str) -> Optional[dict]:
+  """A member's committed summary, or None when there is none."""
+  path = member_path(docs_dir, name)
+  try:
+    out = metadata_lib.read_json_object(path)
+  except disk.StoreError as e:
+    raise FindingsError(f"{path} is not a member summary ({e}); delete it and rerun --study")
+  return out
+
+
+def write_member(docs_dir: str, summary: dict) -> str:
+  os.makedirs(docs_dir, exist_ok=True)
+  path = member_path(docs_dir, summary["member"])
+  text = json.dumps(metadata_lib.json_ready(summary), indent=1, allow_nan=False) + "\n"
+  disk.atomic_write_text(path, text)
+  return path
+
+
+def check_checksum(summary: dict, folder: str, meta: dict) -> None:
+  """Refuses a finished folder whose trajectory is not the file its summary was made from."""
+  name = ((meta.get("config") or {}).get("store") or {}).get("trajectory_name") or ""
+  actual = disk.sha256_file(os.path.join(folder, name))
+  if actual != summary.get("trajectory_sha256") or actual != meta.get("trajectory_sha256"):
+    raise FindingsError(
+        f"member {summary.get('member')}: {folder}'s trajectory (sha256 {actual[:12]}…) is not "
+        f"the one its summary was made from ({str(summary.get('trajectory_sha256'))[:12]}…); "
+        "move the folder away to keep the summary, or delete the summary to redo it")
+
+
+def summarize_member(study, member, folder: str, command: str) -> dict:
+  """The summary of a finished member folder (streamed and checksum-verified)."""
+  meta = summary_lib.check_finished(folder)
+  try:
+    summary, series = metrics.analyze(folder)
+  except trajectory.AnalysisError as e:
+    raise FindingsError(f"member {member.name}: {e}") from None
+  row = dataclasses.asdict(summary_lib.row_of(folder, meta, summary))
+  row.pop("path")
+  loss = series.get("loss")
+  n = summary.rows
+  frozen = np.rint(np.asarray(series.get("frozen_fraction", []), np.float64) * n)
+  mean_l2 = series.get("mean_l2")
+  return {
+      "study": study.name, "member": member.name, "declared": dataclasses.asdict(member),
+      "command": command, "steps": summary.steps, "rows": n, **row,
+      "loss_500": float(loss[500]) if loss is not None and len(loss) > 500 else None,
+      "mean_dwp_l2": None if mean_l2 is None or not len(mean_l2) else float(np.mean(mean_l2)),
+      "diverged_at_step": summary.diverged_at_step,
+      "trajectory_sha256": meta.get("trajectory_sha256"),
+      "host": {k: meta.get(k) for k in HOST_KEYS if meta.get(k) is not None},
+      "wall_time_s": meta.get("wall_time_s"), "date": meta.get("date"),
+      "n_frozen": [int(x) for x in frozen],
+  }
+
+
+def measured_rates(docs_dir: str, cpu_model: Optional[str]) -> dict:
+  """{framework: steps/s} of the members that finished on this CPU model (for the plan)."""
+  rates: dict = {}
+  if not os.path.isdir(docs_dir):
+    return rates
+  for name in sorted(os.listdir(docs_dir)):
+    if not name.endswith(".json"):
+      continue
+    try:
+      s = read_member(docs_dir, name[:-len(".json")])
+    except FindingsError:
+      continue
+    if not s or "member" not in s or (s.get("host") or {}).get("cpu_model") != cpu_model:
+      continue
+    if s.get("wall_time_s"):
+      rates.setdefault(s["framework"], []).append(s["steps"] / s["wall_time_s"])
+  return {k: float(np.median(v)) for k, v in rates.items()}
+
+
+# --- Tables and plots ---------------------------------------------------------------------
+
+
+def _cell(v, figure: str = "") -> str:
+  if v is None:
+    return "–"
+  if isinstance(v, float):
+    return f"{v:.4f}" if figure in ("loss_500", "final_loss", "mean_dwp_l2") else f"{v:,.0f}"
+  return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _stat(values: Sequence) -> str:
+  x = np.asarray([v for v in values if v is not None], np.float64)
+  if not x.size:
+    return "–"
+  digits = 4 if np.all(np.abs(x) < 20) and not np.all(x == np.rint(x)) else 0
+  f = lambda v: f"{v:,.{digits}f}"
+  if x.size == 1:
+    return f(x[0]) + " (n=1)"
+  return f"{f(x.mean())} ± {f(x.std(ddof=1))} ({f(x.min())}–{f(x.max())}, n={x.size})"
+
+
+def _host(s: dict) -> str:
+  h = s.get("host") or {}
+  route = h.get("torch_gemm") or h.get("gemm_path") or ""
+  route = route.split(" (")[0]
+  wall = s.get("wall_time_s")
+  return f"{h.get('cpu_model', '?')}; {route}; {wall / 60:.0f} min" if wall else h.get(
+      "cpu_model", "?")
+
+
+def table_markdown(table, summaries: dict) -> str:
+  """One table: a row per member (done or "not yet"), then each group's mean ± sd (min–max)."""
+  out = [f"### {table.title}", "", "| member | group | " + " | ".join(HEADS) + " | host; GEMM "
+         "route; wall |", "|---|---|" + "---|" * len(HEADS) + "---|"]
+  for label, names in table.groups:
+    for name in names:
+      s = summaries.get(name)
+      if s is None:
+        out.append(f"| {name} | {label} | not yet |" + " |" * len(HEADS))
+        continue
+      cells = [_cell(s.get(f), f) for f in FIGURES]
+      if s.get("diverged_at_step"):
+        cells[-1] += f" (diverged at {s['diverged_at_step']})"
+      out.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {_host(s)} |")
+  out += ["", "| group | " + " | ".join(HEADS) + " |", "|---|" + "---|" * len(HEADS)]
+  for label, names in table.groups:
+    got = [summaries[n] for n in names if n in summaries]
+    out.append(f"| {label} ({len(got)}/{len(names)} in) | "
+               + " | ".join(_stat([s.get(f) for s in got]) for f in FIGURES) + " |")
+  return "\n".join(out)
+
+
+def _plot(table, summaries: dict) -> Optional[bytes]:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for i, (label, names) in enumerate(table.groups):
+    shown = False
+    for name in names:
+      s = summaries.get(name)
+      if s is None or not s.get("n_frozen") or not s.get("rows"):
+        continue
+      f = np.asarray(s["n_frozen"], np.float64) / s["rows"]
+      ax.plot(np.arange(1, f.size + 1), f, lw=0.8, color=f"C{i % 10}", alpha=0.8,
+              label=None if shown else label)
+      shown = True
+  ax.set(xlabel="step", ylabel="dead rows frozen (‖ΔW′_i‖₂ < 0.1)", ylim=(0, 1.02),
+         title=table.title[:80])
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def write_tables(study, docs_dir: str, log: Callable[[str], None] = print) -> list:
+  """tables.md and <table>.png in docs_dir from the member summaries there; returns paths."""
+  summaries = {m.name: s for m in study.members
+               if (s := read_member(docs_dir, m.name)) is not None
+               and s.get("declared") == dataclasses.asdict(m)}
+  os.makedirs(docs_dir, exist_ok=True)
+  parts = [f"<!-- generated by `python run.py --study={study.name}`; do not edit -->",
+           f"## Study {study.name}: {len(summaries)}/{len(study.members)} members in", ""]
+  written = []
+  for table in study.tables:
+    parts += [table_markdown(table, summaries), ""]
+    png = _plot(table, summaries)
+    if png is not None:
+      path = os.path.join(docs_dir, f"{table.name}.png")
+      disk.atomic_write_bytes(path, png)
+      parts += [f"![{table.name}]({table.name}.png)", ""]
+      written.append(path)
+  path = os.path.join(docs_dir, TABLES_FILE)
+  disk.atomic_write_text(path, "\n".join(parts))
+  log(f"tables: {path} ({len(summaries)}/{len(study.members)} members in)")
+  return [path] + written

@@ -1,0 +1,122 @@
+"""`run.py --study`: members run, resumed, skipped by checksum, and the tables from summaries."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxdt import study as study_lib
+from jaxdt.report import findings as findings_lib
+from jaxdt.report import summary as summary_lib
+from jaxdt.training import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+M = study_lib.Member
+
+
+def tiny_study(paths, members=None, steps=12):
+  """A study shrunk to the tests' tiny model and data (the sizes of conftest.tiny_config)."""
+  members = members or (M("a_s42", "jax", seed=42), M("b_s7", "jax", seed=7))
+  sets = ("data.batch_size=4", "data.seq_len=16", "model.vocab_size=256", "model.hidden_dim=32",
+          "model.max_seq_len=16", f"data.corpus_path={paths['corpus']}",
+          f"data.tokenizer_path={paths['tokenizer']}", f"data.dead_mask_path={paths['mask']}")
+  table = study_lib.Table("spread", "Seed spread", (("seeds", tuple(m.name for m in members)),))
+  return study_lib.Study("tiny", tuple(members), (table,), steps=steps, checkpoint_every=5,
+                         overrides=sets)
+
+
+@pytest.fixture(scope="module")
+def ran(tiny_data, tmp_path_factory):
+  root = tmp_path_factory.mktemp("study")
+  study = tiny_study(tiny_data)
+  said = []
+  study_lib.run(study, str(root / "runs"), str(root / "docs"), log=said.append)
+  return study, str(root / "runs"), str(root / "docs"), said
+
+
+def test_each_member_is_summarized_and_the_tables_are_written(ran):
+  study, runs_dir, docs, _ = ran
+  for m in study.members:
+    s = findings_lib.read_member(docs, m.name)
+    assert s["declared"] == dataclasses.asdict(m) and s["steps"] == 12 and s["seed"] == m.seed
+    assert len(s["n_frozen"]) == 12 and s["trajectory_sha256"]
+    assert os.path.getsize(os.path.join(runs_dir, m.name, "crucible_1_trajectory.safetensors")) < 8192
+  tables = open(os.path.join(docs, "tables.md"), encoding="utf-8").read()
+  assert "2/2 members in" in tables and "| a_s42 | seeds |" in tables and "seeds (2/2 in)" in tables
+  assert os.path.getsize(os.path.join(docs, "spread.png")) > 1000
+
+
+def test_a_member_summary_is_the_summarize_row(ran, tmp_path):
+  study, runs_dir, docs, _ = ran
+  got = summary_lib.summarize([os.path.join(runs_dir, "a_s42")], str(tmp_path), echo=lambda s: None)
+  row, s = got["runs"][0], findings_lib.read_member(docs, "a_s42")
+  for figure in summary_lib.FIGURES:
+    assert s[figure] == row[figure], figure
+
+
+def test_a_second_run_skips_finished_members(ran):
+  study, runs_dir, docs, _ = ran
+  said = []
+  study_lib.run(study, runs_dir, docs, log=said.append)
+  assert [l for l in said if l.endswith(")") and ": done" in l] and not any(
+      "starting" in l or "resuming" in l for l in said)
+  assert "2/2 done" in study_lib.plan(study, runs_dir, docs)
+
+
+def test_a_member_folder_with_another_config_is_refused(ran, tiny_data, tmp_path):
+  study, runs_dir, docs, _ = ran
+  other = tiny_study(tiny_data, members=(M("a_s42", "jax", seed=42, learning_rate=3e-4),))
+  with pytest.raises(study_lib.StudyError, match="a_s42: .* holds another config "
+                     r"\(optim.learning_rate: the folder has 0.001, the study says 0.0003\)"):
+    study_lib.run(other, runs_dir, str(tmp_path / "docs"), log=lambda s: None)
+
+
+def test_a_checksum_that_does_not_match_is_refused(ran, tmp_path):
+  study, runs_dir, docs, _ = ran
+  s = findings_lib.read_member(docs, "b_s7")
+  fake = str(tmp_path / "docs")
+  findings_lib.write_member(fake, {**s, "trajectory_sha256": "0" * 64})
+  with pytest.raises(findings_lib.FindingsError, match="b_s7: .* is not the one its summary"):
+    study_lib.run(study, runs_dir, fake, only=("b_s7",), log=lambda s: None)
+
+
+def test_a_summary_stands_when_its_folder_is_gone(ran, tmp_path):
+  study, runs_dir, docs, _ = ran
+  said = []
+  study_lib.run(study, str(tmp_path / "elsewhere"), docs, log=said.append)
+  assert sum(": done" in l for l in said) == 2
+
+
+def test_an_unfinished_member_resumes_from_its_checkpoint(tiny_data, tmp_path):
+  study = tiny_study(tiny_data, members=(M("a_s42", "jax", seed=42),))
+  cfg = study_lib.jax_config(study, study.members[0])
+  loop.train(cfg, str(tmp_path / "runs" / "a_s42"), progress=False, log=lambda s: None,
+             stop_after=7)
+  st = study_lib.status(study, str(tmp_path / "runs"), str(tmp_path / "docs"), study.members[0])
+  assert (st.state, st.step) == ("partial", 5)
+  said = []
+  study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), log=said.append)
+  assert "a_s42: resuming from step 5" in said
+  assert findings_lib.read_member(str(tmp_path / "docs"), "a_s42")["steps"] == 12
+
+
+def test_the_command_line_refuses_an_unknown_study():
+  done = subprocess.run([sys.executable, "run.py", "--study=nope"], cwd=ROOT,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+      "error: unknown study 'nope'; use --study=one of ['findings']"]
+
+
+def test_the_findings_study_declares_its_members():
+  study = study_lib.load("findings")
+  names = [m.name for m in study.members]
+  assert len(names) == len(set(names)) == 15
+  for t in study.tables:
+    for _, members in t.groups:
+      assert set(members) <= set(names), t.name
+  cfg = study_lib.jax_config(study, study.member("jax_mixed_s1"))
+  assert (cfg.steps, cfg.seed, cfg.precision, cfg.probes.names) == (2000, 1, "mixed", ("freeze",))
+  assert cfg.store.checkpoint_steps == (250, 500, 750, 1000, 1250, 1500, 1750)
