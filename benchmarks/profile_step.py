@@ -43,6 +43,8 @@ from jaxdt.data import corpus as corpus_lib  # noqa: E402  pylint: disable=g-imp
 from jaxdt.training import layout as layout_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import state as state_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt.training import runs  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt.optim import adamw  # noqa: E402  pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "crucible1", "experiment whose step is profiled")
@@ -179,18 +181,24 @@ def profile(cfg: config_lib.ExperimentConfig, k: int, trace_dir: str) -> tuple[f
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   lay = layout_lib.layout(cfg, corpus)
   state = state_lib.init_state(cfg, lay.dims)
-  run_chunk = step_lib.make_run_chunk(step_lib.make_step(cfg, corpus.tokens, lay.rows))
+  # The run's own compiled program (runs.program -> step.make_chunk), one member.
+  devs = jax.devices()[:1]
+  dispatch, sharding = runs.program([cfg], corpus.tokens, lay.rows, devs)
+  state = runs.stacked([state], sharding)
   t = time.perf_counter()
-  state, out = run_chunk(state, jnp.int32(0), k)
+  state, out = dispatch(state, 0, k)
   jax.block_until_ready(out)
   print(f"compile + first chunk: {time.perf_counter() - t:.1f} s", flush=True)
   t = time.perf_counter()
-  state, out = run_chunk(state, jnp.int32(k), k)
+  state, out = dispatch(state, k, k)
   jax.block_until_ready(out)
   ms = (time.perf_counter() - t) / k * 1e3
-  hlo = run_chunk.lower(state, jnp.int32(0), k).compile().as_text()
+  chunk = step_lib.make_chunk(cfg, corpus.tokens, lay.rows, sharding.mesh)
+  data = runs.stacked([state_lib.member_data(cfg, len(adamw.scalar_table(cfg.optim)))],
+                      sharding)
+  hlo = chunk.lower(state, data, jnp.int32(0), k).compile().as_text()
   jax.profiler.start_trace(trace_dir)
-  state, out = run_chunk(state, jnp.int32(2 * k), k)
+  state, out = dispatch(state, 2 * k, k)
   jax.block_until_ready(out)
   jax.profiler.stop_trace()
   return ms, sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1], hlo

@@ -33,11 +33,19 @@ class ModelConfig:
   # `numerics.backend.gemm_operands`), "float32" or "bfloat16". Values are the
   # same either way (exact products, f32 sums); speed and summation order differ.
   gemm_operands: str = "auto"
+  # Target rows per block of the tied logits + loss (`model.tied_nll`): it sets
+  # the f32 summation order of the embedding gradient, so it changes bits. 0 =
+  # auto: 512 on CPU (a slab that stays in cache), one block on accelerators;
+  # resolved on the host (`tied_nll.resolve_block_rows`) and recorded in metadata.
+  nll_block_rows: int = 0
 
   def __post_init__(self):
     if self.gemm_operands not in GEMM_OPERANDS:
       raise ValueError(f"gemm_operands={self.gemm_operands!r} is not one of "
                        f"{', '.join(GEMM_OPERANDS)}; pass e.g. --gemm_operands=auto")
+    if self.nll_block_rows < 0:
+      raise ValueError(f"nll_block_rows={self.nll_block_rows} is negative; pass 0 (auto) or "
+                       "a number of target rows, e.g. --set model.nll_block_rows=512")
 
   @property
   def ffn_dim(self) -> int:

@@ -21,11 +21,18 @@ from jaxdt.model import tinylm
 # of rows does logits -> loss -> dlogits -> (dh, dE) while its (rows, V) slab is
 # in cache, and the forward pass already computes the gradients (one pass over
 # the logits instead of a recompute in the backward pass).
-# Target rows per block (blocks are whole sequences). CPU: a (rows, V) f32 slab
-# that stays in the last-level cache (the size is a speed knob; BUILD_NOTES has
-# the timings). Elsewhere one block: a GPU wants few, large GEMMs more than
-# cache locality.
-NLL_BLOCK_ROWS = {"cpu": 512}
+# Target rows per block (blocks are whole sequences), `config.ModelConfig.nll_block_rows`;
+# its "auto" (0) by backend: on CPU a (rows, V) f32 slab that stays in the
+# last-level cache (the size is a speed knob; BUILD_NOTES has the timings).
+# Elsewhere one block: a GPU wants few, large GEMMs more than cache locality.
+AUTO_BLOCK_ROWS = {"cpu": 512}
+ONE_BLOCK = 0  # resolved value: all rows in one block
+
+
+def resolve_block_rows(setting: int, backend: str) -> int:
+  """The block size a run uses: `setting`, or for 0 (auto) the backend's (ONE_BLOCK = 0:
+  all rows in one block). Resolved on the host, recorded in metadata, passed as a value."""
+  return setting if setting else AUTO_BLOCK_ROWS.get(backend, ONE_BLOCK)
 
 
 def _tied_nll_block(gemm, table, scale, h, targets):
@@ -107,7 +114,7 @@ def _blocks(n_seq: int, seq_len: int, target_rows: int) -> int:
 
 
 def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *, gemm: str,
-                    block_rows: int | None = None) -> jax.Array:
+                    block_rows: int) -> jax.Array:
   """Mean next-token cross entropy of the tied logits `h @ table.T`, blockwise.
 
   Equals `mean(-log_softmax(logits.astype(f32))[targets])` with
@@ -125,16 +132,13 @@ def tied_logits_nll(h: jax.Array, table: jax.Array, targets: jax.Array, *, gemm:
     targets: (B, T) int target ids.
     gemm: operand dtype of bf16 GEMMs, "float32" or "bfloat16" (`tinylm.resolve_gemm`).
     block_rows: target rows per block (a speed knob: it changes only the f32
-      summation order of dtable); None = `NLL_BLOCK_ROWS` of the default
-      backend, all rows in one block where it has no entry.
+      summation order of dtable; `resolve_block_rows`); 0 = all rows in one block.
 
   Returns:
     f32 scalar, the mean over all B * T targets.
   """
   B, T, D = h.shape
-  if block_rows is None:
-    block_rows = NLL_BLOCK_ROWS.get(jax.default_backend(), B * T)
-  k = _blocks(B, T, block_rows)
+  k = _blocks(B, T, block_rows or B * T)
   hb = h.reshape(B // k, k * T, D)  # (blocks, rows, D)
   tb = targets.reshape(B // k, k * T).astype(jnp.int32)
   return _tied_nll(gemm, hb, table, tb)

@@ -17,6 +17,7 @@ import numpy as np
 from jaxdt import config as config_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.data import sampler
+from jaxdt.model import tied_nll
 from jaxdt.numerics import backend
 from jaxdt.numerics import precision
 from jaxdt import probes as probes_lib
@@ -87,6 +88,8 @@ def our_metadata(cfg, corpus) -> dict:
       "config": config_lib.to_dict(cfg), "data_files": corpus.files,
       "data_manifest": None if corpus.default is None else corpus.default.manifest,
       **backend.describe(), "gemm_path": backend.gemm_path(cfg.model.gemm_operands),
+      "nll_block_rows": tied_nll.resolve_block_rows(cfg.model.nll_block_rows,
+                                                    jax.default_backend()),
       "jaxlib_version": jax.lib.__version__,
       "python": platform.python_version(), "wall_time_s": None,
   }

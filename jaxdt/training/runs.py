@@ -153,6 +153,24 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
+def program(cfgs: Sequence[config_lib.ExperimentConfig], tokens, rows, devs: Sequence,
+            exact: bool = True) -> tuple:
+  """(dispatch, sharding): the one compiled chunk program (`step.make_chunk`) of members
+  with configs `cfgs` on `devs`; dispatch(states, s, n) runs steps s+1..s+n of the stacked
+  states (a leading members axis, placed with `sharding`). Runs, tests and the profile
+  all execute this program."""
+  sharding = NamedSharding(Mesh(np.array(devs), ("m",)), P("m"))
+  table_rows = max(len(adamw.scalar_table(c.optim)) for c in cfgs)
+  data = jax.device_put(_stack([state_lib.member_data(c, table_rows) for c in cfgs]), sharding)
+  chunk = step.make_chunk(cfgs[0], tokens, rows, sharding.mesh, exact)
+  return (lambda st, s, n: chunk(st, data, jnp.int32(s), n)), sharding
+
+
+def stacked(states: Sequence, sharding) -> Any:
+  """Member states on a leading axis, placed for `program`'s dispatch."""
+  return jax.device_put(_stack(states), sharding)
+
+
 # --- Opening the members' folders ------------------------------------------------------
 
 
@@ -241,13 +259,8 @@ def start(specs: Sequence[MemberSpec], corpus: corpus_lib.Corpus, opts: Options,
     if len(members) > 1:
       log(f"sweep group: {len(members)} members ({', '.join(m.label for m in members)}) on "
           f"{len(devs)} device(s), {'exact (lax.map)' if opts.exact else 'fast (vmap)'}")
-    sharding = NamedSharding(Mesh(np.array(devs), ("m",)), P("m"))
-    table_rows = max(len(adamw.scalar_table(m.cfg.optim)) for m in members)
-    data = jax.device_put(_stack([state_lib.member_data(m.cfg, table_rows) for m in members]),
-                          sharding)
-    chunk = step.make_chunk(cfg, corpus.tokens, members[0].layout.rows, sharding.mesh,
-                            opts.exact)
+    dispatch, sharding = program([m.cfg for m in members], corpus.tokens,
+                                 members[0].layout.rows, devs, opts.exact)
     end = cfg.steps if opts.stop_after is None else min(cfg.steps, opts.stop_after)
     yield Run(members, corpus, members[0].pos.done, end, checkpoint_steps(cfg),
-              jax.device_put(_stack(states), sharding),
-              lambda st, s, n: chunk(st, data, jnp.int32(s), n), t_start)
+              stacked(states, sharding), dispatch, t_start)

@@ -63,7 +63,8 @@ class MemberData(NamedTuple):
   coef: adamw.Coefficients  # the member's AdamW coefficients (f32 scalars and table)
 
 
-def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch, gemm: str):
+def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch, gemm: str,
+                    block_rows: int):
   """Mean next-token cross entropy (f32) and the mean final hidden state.
 
   The model runs in the params' dtype (bf16 for the lab's runs); logits[:, :L']
@@ -74,9 +75,17 @@ def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch, g
   """
   h = tinylm.hidden(params, cfg, batch.inputs, gemm)  # (B, T, D)
   n_targets = batch.targets.shape[1]
-  loss = tied_nll.tied_logits_nll(h[:, :n_targets], params[EMBEDDING], batch.targets, gemm=gemm)
+  loss = tied_nll.tied_logits_nll(h[:, :n_targets], params[EMBEDDING], batch.targets, gemm=gemm,
+                                  block_rows=block_rows)
   h_mean = ordered.mean_rows(h.reshape(-1, h.shape[-1]))  # (D,)
   return loss, h_mean
+
+
+def arithmetic(cfg: config_lib.ModelConfig, backend: Optional[str] = None) -> tuple:
+  """(GEMM operand dtype, NLL block rows): the settings that change a run's bits, resolved
+  for this host (`backend`: default JAX's). Recorded in metadata and in the program memo's key."""
+  return (tinylm.resolve_gemm(cfg.gemm_operands),
+          tied_nll.resolve_block_rows(cfg.nll_block_rows, backend or jax.default_backend()))
 
 
 def _gather(x, rows):
@@ -102,10 +111,12 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
   series, trackers = built.series, built.trackers
   row_idx = None if rows is None else jnp.asarray(rows, jnp.int32)
 
-  gemm = tinylm.resolve_gemm(cfg.model.gemm_operands)  # a value, decided here on the host
+  # Values decided here on the host (`arithmetic`), never read from a global at trace time.
+  gemm, block_rows = arithmetic(cfg.model)
 
   def objective(params, batch):
-    return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch, gemm)
+    return loss_and_hidden(precision.compute_params(params, policy), cfg.model, batch, gemm,
+                           block_rows)
 
   def step(state: TrainState, t):
     batch = sample(key, t)
@@ -121,16 +132,6 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
     return TrainState(params, opt_state, probe_state), (record, loss)
 
   return step
-
-
-def make_run_chunk(step):
-  """`run_chunk(state, start, length) -> (state, records)`: steps start+1..start+length."""
-
-  def run_chunk(state, start, length):
-    ts = start + 1 + jnp.arange(length, dtype=jnp.int32)
-    return jax.lax.scan(step, state, ts)
-
-  return jax.jit(run_chunk, static_argnums=2, donate_argnums=0)
 
 
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()  # make_chunk's memo
@@ -154,7 +155,7 @@ def make_chunk(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Optio
   executables, instead of tracing and lowering the step again. Arrays are keyed
   by their bytes' SHA-256; the last few programs are kept.
   """
-  key = (config_lib.to_json(cfg), _digest(tokens), _digest(rows),
+  key = (config_lib.to_json(cfg), arithmetic(cfg.model), _digest(tokens), _digest(rows),
          tuple(d.id for d in mesh.devices.flat), mesh.devices.shape, mesh.axis_names, exact)
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)

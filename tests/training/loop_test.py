@@ -15,6 +15,7 @@ from jaxdt.io import tensorfile
 from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
 from jaxdt.training import loop
+from jaxdt.training import runs
 from jaxdt import probes
 from jaxdt.training import state as state_lib
 from jaxdt.training import step as step_lib
@@ -91,12 +92,14 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
   state = state_lib.init_state(cfg, dims)
   jaxpr = str(jax.make_jaxpr(lambda s: jax.lax.scan(step, s, jnp.arange(1, 3)))(state))
   assert "callback" not in jaxpr
-  run_chunk = step_lib.make_run_chunk(step)
-  state, _ = run_chunk(state, jnp.int32(0), 2)
+  # The run's own program (runs.program -> step.make_chunk), not a test-only variant.
+  dispatch, sharding = runs.program([cfg], corpus.tokens, corpus.dead_indices,
+                                    jax.devices()[:1])
+  state, _ = dispatch(runs.stacked([state], sharding), 0, 2)
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
-  state, _ = run_chunk(state, jnp.int32(2), 2)
+  state, _ = dispatch(state, 2, 2)
   jax.block_until_ready(state)
   assert compiles == []
 
