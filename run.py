@@ -157,6 +157,9 @@ flags.DEFINE_string("study_dir", None,
                     "Where a study's member run folders live (default runs/study_<name>).")
 flags.DEFINE_string("study_docs", None,
                     "Where a study's member summaries, tables and PNGs go (default docs/<name>).")
+flags.DEFINE_boolean("study_sweep", False,
+                     "Run a study's fresh jaxdt members of one structure together as one exact "
+                     "sweep (one process and program; each member byte-identical to its solo run).")
 flags.DEFINE_list("study_members", None,
                   "Run only these members of the study (default: all, in declared order).")
 flags.DEFINE_string("analysis_dir", None,
@@ -346,7 +349,7 @@ def run_study() -> int:
     print(study_lib.plan(study, study_dir, docs))
     return 0
   study_lib.run(study, study_dir, docs, only=tuple(FLAGS.study_members or ()),
-                data_dir=FLAGS.data_dir)
+                data_dir=FLAGS.data_dir, sweep=FLAGS.study_sweep)
   return 0
 
 

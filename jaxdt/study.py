@@ -21,7 +21,7 @@ import dataclasses
 import os
 import subprocess
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from jaxdt import config as config_lib
 from jaxdt.io import checkpoints
@@ -214,24 +214,69 @@ def _run_torch(study: Study, st: Status, data_dir, log) -> None:
                      "(the member resumes from its newest checkpoint)")
 
 
+def _run_jax_group(study: Study, group: Sequence[Status], data_dir, log) -> None:
+  """Fresh jaxdt members of one structure as one exact sweep Run (`loop.train_members`):
+  one process, one compiled program, each member byte-identical to its solo run."""
+  from jaxdt.training import loop  # pylint: disable=g-import-not-at-top
+  from jaxdt.training import runs  # pylint: disable=g-import-not-at-top
+  specs = [runs.MemberSpec(jax_config(study, st.member, data_dir), st.folder, st.member.name,
+                           {"study": study.name}) for st in group]
+  loop.train_members(specs, runs.Options(progress=False, exact=True), log=log)
+
+
+def _batches(study: Study, states: Sequence[Status], sweep: bool, data_dir) -> list:
+  """The order members run in: one at a time, or with `sweep` the fresh jaxdt members of one
+  structure (`sweep.group_key`) together at the first one's place."""
+  if not sweep:
+    return [[st] for st in states]
+  from jaxdt.training import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  key = lambda st: sweep_lib.group_key(jax_config(study, st.member, data_dir))
+  out, placed = [], {}
+  for st in states:
+    if st.member.framework == "jax" and st.state == "missing":
+      if key(st) in placed:
+        placed[key(st)].append(st)
+        continue
+      placed[key(st)] = [st]
+      out.append(placed[key(st)])
+    else:
+      out.append([st])
+  return out
+
+
+def _summarize(study: Study, st: Status, docs_dir: str, log) -> None:
+  line = " ".join(["python"] + command(study, st.member, st.folder))
+  findings_lib.write_member(docs_dir, findings_lib.summarize_member(study, st.member, st.folder,
+                                                                    line))
+  log(f"{st.member.name}: summary written to "
+      f"{findings_lib.member_path(docs_dir, st.member.name)}")
+
+
 def run(study: Study, study_dir: str, docs_dir: str, *, only: tuple = (),
-        data_dir: Optional[str] = None, log: Callable[[str], None] = print) -> list:
-  """Runs what is missing of `study` (or of the members `only`), then writes the tables."""
+        data_dir: Optional[str] = None, sweep: bool = False,
+        log: Callable[[str], None] = print) -> list:
+  """Runs what is missing of `study` (or of the members `only`), then writes the tables.
+
+  `sweep`: fresh jaxdt members of one structure run together as an exact sweep (each
+  member's bytes are its solo run's; `--sweep_mode=fast` would give other bits, so a
+  study never vmaps its members).
+  """
   chosen = [study.member(n) for n in only] if only else list(study.members)
   states = [status(study, study_dir, docs_dir, m) for m in chosen]  # refuse before any work
-  for st in states:
+  for batch in _batches(study, states, sweep, data_dir):
+    st = batch[0]
     if st.state == "done":
       log(f"{st.member.name}: done (summary {findings_lib.member_path(docs_dir, st.member.name)})")
       continue
-    if st.state != "finished":
-      log(f"{st.member.name}: {'resuming from step ' + str(st.step) if st.state == 'partial' else 'starting'}")
+    if len(batch) > 1:
+      log(f"{', '.join(b.member.name for b in batch)}: starting as one exact sweep")
+      _run_jax_group(study, batch, data_dir, log)
+    elif st.state != "finished":
+      log(f"{st.member.name}: "
+          f"{'resuming from step ' + str(st.step) if st.state == 'partial' else 'starting'}")
       (_run_torch if st.member.framework == "torch" else _run_jax)(study, st, data_dir, log)
-    summary = findings_lib.summarize_member(study, st.member, st.folder,
-                                            " ".join(["python"] + command(study, st.member,
-                                                                          st.folder)))
-    findings_lib.write_member(docs_dir, summary)
-    log(f"{st.member.name}: summary written to "
-        f"{findings_lib.member_path(docs_dir, st.member.name)}")
+    for b in batch:
+      _summarize(study, b, docs_dir, log)
   return findings_lib.write_tables(study, docs_dir, log=log)
 
 

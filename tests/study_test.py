@@ -120,3 +120,17 @@ def test_the_findings_study_declares_its_members():
   cfg = study_lib.jax_config(study, study.member("jax_mixed_s1"))
   assert (cfg.steps, cfg.seed, cfg.precision, cfg.probes.names) == (2000, 1, "mixed", ("freeze",))
   assert cfg.store.checkpoint_steps == (250, 500, 750, 1000, 1250, 1500, 1750)
+
+
+def test_a_study_sweep_gives_each_member_its_solo_bytes(ran, tiny_data, tmp_path):
+  """--study_sweep: fresh jaxdt members as one exact sweep; summaries (and so the trajectories'
+  SHA-256) equal the members run one at a time."""
+  study, _, docs, _ = ran
+  said = []
+  study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), sweep=True,
+                log=said.append)
+  assert "a_s42, b_s7: starting as one exact sweep" in said
+  for m in study.members:
+    solo = findings_lib.read_member(docs, m.name)
+    swept = findings_lib.read_member(str(tmp_path / "docs"), m.name)
+    assert swept["trajectory_sha256"] == solo["trajectory_sha256"], m.name
