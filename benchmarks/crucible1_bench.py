@@ -10,7 +10,7 @@ must not share one):
   * torch, tuned allocator: the same with MALLOC_MMAP_MAX_=0 and a huge
     MALLOC_TRIM_THRESHOLD_, so glibc keeps the logits-sized temporaries
     instead of returning them to the kernel every step (the honest bar);
-  * jaxdt: benchmarks/jax_crucible1.py, `train.train` on the experiment's own
+  * jaxdt: benchmarks/jax_crucible1.py, `loop.train` on the experiment's own
     config (all probes, streaming to disk, checkpoints off), timed between its
     per-chunk progress updates: steady state, compile reported apart.
 It also measures the machine's GEMM ceilings (torch and XLA, f32 and bf16,

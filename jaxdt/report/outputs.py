@@ -56,7 +56,7 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
     header: print the ANALYSIS header block.
     echo: where printed text goes.
     lab_validation: the lab's Thimble 1 accounting cell output
-      (`accounting_report.format_accounting`), printed in place of the per-step
+      (`lab_accounting.format_accounting`), printed in place of the per-step
       sample lines so the same figures are not printed twice.
 
   Returns:

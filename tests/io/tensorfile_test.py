@@ -333,7 +333,7 @@ def test_peak_rss_stays_flat_while_streaming(tmp_path):
       [sys.executable, "-c", _RSS_CHILD, path, str(RSS_FILE_MB), str(RSS_CHUNK_MB)],
       env=env, cwd=REPO, capture_output=True, text=True, check=True)
   got = json.loads(out.stdout.strip().splitlines()[-1])
-  print(f"RSS child: {got}")  # the figure quoted in BUILD_NOTES_store.md
+  print(f"RSS child: {got}")  # for the log: the figures behind the limit below
   assert got["bytes"] > RSS_FILE_MB << 20
   growth_mb = (got["after_kb"] - got["before_kb"]) / 1024  # ru_maxrss is in KiB on Linux
   assert growth_mb < RSS_LIMIT_MB, (f"peak RSS grew {growth_mb:.1f} MB "
