@@ -3,6 +3,7 @@
     python benchmarks/torch_peer.py --output_dir=DIR [--seed=42] [--steps=2000] [--threads=0]
     python benchmarks/torch_peer.py --output_dir=DIR --init_from=RUN --batches_from=RUN  # a twin
     python benchmarks/torch_peer.py --output_dir=DIR ... --resume
+    python benchmarks/torch_peer.py --output_dir=DIR --gemm=f32 --probes=freeze
 
 The loop is the lab's Crucible 1 notebook, cells 4-11, as `torch_crucible1.py`
 ports it (its TinyLM is the one copy of the lab's model class): seeds,
@@ -15,6 +16,25 @@ checksums, one commit point), so a run is resumable and `--summarize`,
 `--analyze` and `--compare` read it as they read a jaxdt run. The file holds
 the lab's own keys (W, delta_W_prime, centroid, loss, last_motion_step,
 dead_mask, dead_indices); metadata.json says `"framework": "torch"`.
+
+--probes=freeze writes the compact freeze record instead of the lab's keys (the
+keys and row conventions of jaxdt's "freeze" probe): n_frozen, n_moving and
+dwp_l2_mean (row t-1 = step t: the dead rows below / at or above the motion
+threshold in ||ΔW′_i||₂, a NaN norm counting as frozen, and the mean of the
+finite ||ΔW′_i||₂), centroid_norm (row t = after step t, row 0 the init:
+||mean of the dead rows of W_t as f32||₂), loss and last_motion_step, beside
+dead_mask and dead_indices.
+
+--gemm: torch's bf16 CPU GEMM is a slow fallback on CPUs without bf16 dot
+units (AVX2-only). `f32` runs each training step under `torch_gemm.F32Gemm`:
+every bf16 GEMM-like op of the forward and backward (mm, addmm, bmm, baddbmm,
+the CPU flash attention) is computed from f32-upcast operands with f32
+accumulation and rounded once to bf16. `native` is torch's own kernels; `auto`
+(the default) measures both GEMMs here and picks native only where bf16 runs at
+least half as fast as f32 (`torch_gemm.bf16_dot_is_fast`). metadata.json
+records the route ("torch_gemm"), the request and the measurement; the route is
+part of the run's identity, so a resume with another route is refused (a
+resume with auto keeps the run's route).
 
 Token ids are jaxdt's (the embedded default data, or --corpus_path and
 --tokenizer_path), as `jaxdt.data.corpus` loads them.
@@ -53,6 +73,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch_crucible1 as lab  # noqa: E402  pylint: disable=g-import-not-at-top
+import torch_gemm  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from jaxdt import config as config_lib  # noqa: E402
 from jaxdt.data import corpus as corpus_lib  # noqa: E402
@@ -65,10 +86,25 @@ from jaxdt.io import signals
 from jaxdt.io import locks
 from jaxdt.io import configdiff
 from jaxdt.numerics import backend  # noqa: E402
+from jaxdt import probes as probes_lib  # noqa: E402
 from jaxdt.training import layout as layout_lib  # noqa: E402
 
 EXPERIMENT = "torch_crucible1"  # the config name of a torch peer run (jaxdt never trains one)
 LAB_PROBES = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step")  # the lab's keys
+FREEZE_PROBES = ("freeze",)  # jaxdt's compact freeze record
+# --probes=freeze's file keys -> (dtype, shape(T, n_dead)), jaxdt's "freeze" probe's.
+FREEZE_SPECS = {
+    "n_frozen": (np.dtype(np.int32), lambda t, n: (t,)),
+    "n_moving": (np.dtype(np.int32), lambda t, n: (t,)),
+    "dwp_l2_mean": (np.dtype(np.float32), lambda t, n: (t,)),
+    "centroid_norm": (np.dtype(np.float32), lambda t, n: (t + 1,)),
+    "loss": (np.dtype(np.float32), lambda t, n: (t + 1,)),
+    "last_motion_step": (np.dtype(np.int32), lambda t, n: (n,)),
+}
+# Per-step series -> whether it has a row 0 (row t = step t) or not (row t-1 = step t).
+SERIES = {"lab": {"W": True, "delta_W_prime": False, "centroid": True, "loss": True},
+          "freeze": {"n_frozen": False, "n_moving": False, "dwp_l2_mean": False,
+                     "centroid_norm": True, "loss": True}}
 
 FLAGS = flags.FLAGS
 
@@ -89,6 +125,14 @@ def define_flags():
   flags.DEFINE_string("data_dir", None, "jaxdt's data cache (the embedded default data)")
   flags.DEFINE_string("corpus_path", None, "the lab's model corpus (with --tokenizer_path)")
   flags.DEFINE_string("tokenizer_path", None, "the lab's tokenizer json")
+  flags.DEFINE_enum("gemm", "auto", list(torch_gemm.ROUTES),
+                    "bf16 GEMMs: native (torch's kernels), f32 (f32-upcast operands, f32 "
+                    "accumulation, one rounding to bf16: fast where bf16 GEMM is not), auto "
+                    "(measured here: native where bf16 runs at >= 0.5x f32 speed)")
+  flags.DEFINE_enum("probes", "lab", ["lab", "freeze"],
+                    "lab: the lab's keys (W, delta_W_prime, centroid, loss, last_motion_step); "
+                    "freeze: the compact freeze record (n_frozen, n_moving, dwp_l2_mean, "
+                    "centroid_norm, loss, last_motion_step)")
   flags.DEFINE_multi_string("set", None, "a config field of the peer's Crucible 1 config, "
                             "e.g. --set model.vocab_size=256 (as run.py --set); tiny tests")
   flags.mark_flag_as_required("output_dir")
@@ -110,7 +154,8 @@ def _source_config(path: str, what: str) -> config_lib.ExperimentConfig:
 
 
 def peer_config() -> tuple[config_lib.ExperimentConfig, dict]:
-  """(the peer's config, its sources): Crucible 1 (or RUN's config), the lab's five probes."""
+  """(the peer's config, its sources): Crucible 1 (or RUN's config), the lab's five probes
+  (or the freeze record with --probes=freeze)."""
   import experiments  # pylint: disable=g-import-not-at-top
   sources = {"init_from": FLAGS.init_from, "batches_from": FLAGS.batches_from}
   given = [p for p in sources.values() if p]
@@ -130,7 +175,8 @@ def peer_config() -> tuple[config_lib.ExperimentConfig, dict]:
       data_seed=base.data_seed if FLAGS.batches_from else None, sweep="", init_checkpoint=None,
       data=dataclasses.replace(base.data, data_dir=FLAGS.data_dir, corpus_path=FLAGS.corpus_path,
                                tokenizer_path=FLAGS.tokenizer_path),
-      probes=dataclasses.replace(base.probes, names=LAB_PROBES),
+      probes=dataclasses.replace(base.probes, names=(FREEZE_PROBES if FLAGS.probes == "freeze"
+                                                     else LAB_PROBES)),
       store=dataclasses.replace(base.store, chunk_steps=FLAGS.chunk_steps,
                                 notes="The lab's Crucible 1 loop in PyTorch (benchmarks/"
                                       "torch_peer.py)."))
@@ -239,29 +285,100 @@ def restore(snap: dict, model, optimizer) -> None:
 # --- The run ---------------------------------------------------------------------------
 
 
+def peer_layout(cfg, corpus) -> layout_lib.Layout:
+  """The file layout: jaxdt's (`layout_lib.layout`), with --probes=freeze checked against
+  FREEZE_SPECS; where this jaxdt has no "freeze" probe yet, FREEZE_SPECS themselves."""
+  if cfg.probes.names != FREEZE_PROBES:
+    return layout_lib.layout(cfg, corpus)
+  want = {k: (dt, shape(cfg.steps, corpus.n_dead)) for k, (dt, shape) in FREEZE_SPECS.items()}
+  if "freeze" in probes_lib.PROBES:
+    lay = layout_lib.layout(cfg, corpus)
+    got = {k: (np.dtype(dt), tuple(shape)) for k, (dt, shape) in lay.specs.items()
+           if k not in lay.static}
+    if got != want:
+      raise ValueError(f"jaxdt's freeze probe records {sorted(got.items())}, the torch peer "
+                       f"{sorted(want.items())}; bring benchmarks/torch_peer.py's FREEZE_SPECS "
+                       "in line")
+    return lay
+  static = {"dead_mask": corpus.dead_mask, "dead_indices": corpus.dead_indices.astype(np.int64)}
+  specs = {**want, **{k: (a.dtype, a.shape) for k, a in static.items()}}
+  chunk = sum(np.dtype(dt).itemsize for k, (dt, _) in want.items() if k in SERIES["freeze"])
+  return layout_lib.Layout(corpus.dead_indices, None, None, specs, static, chunk)
+
+
+def lab_record(w, dwp, magnitude, threshold) -> dict:
+  """The lab's per-step rows: W's bits, ΔW′, the centroid (loss apart)."""
+  del magnitude, threshold
+  return {"W": bits(w), "delta_W_prime": dwp.numpy(), "centroid": w.float().mean(dim=0).numpy()}
+
+
+def centroid_norm(w: torch.Tensor) -> np.float32:
+  """||mean over the dead rows of W (as f32)||₂."""
+  return np.float32(torch.linalg.vector_norm(w.float().mean(dim=0)).item())
+
+
+def freeze_record(w, dwp, magnitude, threshold) -> dict:
+  """The freeze record's per-step rows (loss apart), from the lab's ||ΔW′_i||₂ (`magnitude`).
+
+  As jaxdt's "freeze" probe: a row is frozen unless ||ΔW′_i||₂ ≥ threshold (a NaN
+  norm is frozen), so the counts sum to the rows; the mean is over the finite
+  norms (0 where none is).
+  """
+  del dwp
+  finite = magnitude[torch.isfinite(magnitude)]
+  return {"n_frozen": np.int32((~(magnitude >= threshold)).sum().item()),
+          "n_moving": np.int32((magnitude >= threshold).sum().item()),
+          "dwp_l2_mean": np.float32(finite.double().mean().item() if finite.numel() else 0.0),
+          "centroid_norm": centroid_norm(w)}
+
+
 class Rows:
   """The capture of a chunk of steps, written to the run folder at its end."""
 
-  def __init__(self, run: rundir.RunDir):
-    self.run, self.first, self.buf = run, None, {k: [] for k in ("W", "delta_W_prime",
-                                                                  "centroid", "loss")}
+  def __init__(self, run: rundir.RunDir, series: dict):
+    self.run, self.first, self.initial = run, None, series  # key -> has a row 0
+    self.buf = {k: [] for k in series}
 
-  def add(self, step, w, dwp, centroid, loss):
+  def add(self, step, values: dict):
     self.first = step if self.first is None else self.first
-    for k, v in zip(self.buf, (w, dwp, centroid, loss)):
-      self.buf[k].append(v)
+    for k, rows in self.buf.items():
+      rows.append(values[k])
 
   def flush(self):
     if self.first is None:
       return
     for k, rows in self.buf.items():
-      row = self.first - 1 if k == "delta_W_prime" else self.first  # ΔW′ row t-1 = step t
+      row = self.first if self.initial[k] else self.first - 1  # e.g. ΔW′: row t-1 = step t
       self.run.write_rows(k, row, np.stack(rows))
       rows.clear()
     self.first = None
 
 
-def _metadata(cfg, corpus, lay, sources, final_loss, steps_done) -> dict:
+def resolve_route(cfg) -> tuple[str, dict]:
+  """(route, facts) of --gemm here; a resume keeps the run's route (auto) or is refused.
+
+  The folder is read here without its lock, for a one-line refusal before any
+  work; `RunDir.begin` checks "torch_gemm" again under the lock (a plan input).
+  """
+  route, facts = torch_gemm.resolve_gemm(FLAGS.gemm)
+  facts = {**facts, "cpu_model": backend.cpu_description()["cpu_model"]}
+  if not (FLAGS.resume and os.path.isdir(FLAGS.output_dir)):
+    return route, facts
+  run = rundir.RunDir(FLAGS.output_dir, cfg.store.trajectory_name)
+  folder = run.inspect(EXPERIMENT)
+  if folder.kind != "unfinished":
+    return route, facts  # begin says what the folder holds
+  recorded = folder.metadata.get("torch_gemm", "native")  # runs before --gemm were native
+  if FLAGS.gemm == "auto" and route != recorded:
+    return recorded, {**facts, "why": f"resume: the run's route (auto measured {route})"}
+  if route != recorded:
+    raise ValueError(f"cannot resume {run.path}: the run used --gemm={recorded}, this resume "
+                     f"--gemm={FLAGS.gemm} ({route}); resume with --gemm={recorded} or auto, "
+                     "or choose another --output_dir")
+  return route, facts
+
+
+def _metadata(cfg, corpus, lay, sources, final_loss, steps_done, gemm) -> dict:
   return {**layout_lib.lab_metadata(cfg, corpus, lay, steps_done, final_loss),
           "completed": False, "trajectory_bytes": None, "framework": "torch",
           "config": config_lib.to_dict(cfg), "data_files": corpus.files,
@@ -269,7 +386,7 @@ def _metadata(cfg, corpus, lay, sources, final_loss, steps_done) -> dict:
           "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
           "data_order": (f"jaxdt's sampler of {sources['batches_from']}" if sources["batches_from"]
                          else f"torch DataLoader(shuffle=True), seed {cfg.seed}"),
-          **sources, **backend.cpu_description(), "python": platform.python_version(),
+          **gemm, **sources, **backend.cpu_description(), "python": platform.python_version(),
           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
           "wall_time_s": None}
 
@@ -281,7 +398,11 @@ def train(log=print) -> str:
     torch.set_num_threads(FLAGS.threads)
   cfg, sources = peer_config()
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
-  lay = layout_lib.layout(cfg, corpus)
+  lay = peer_layout(cfg, corpus)
+  route, facts = resolve_route(cfg)
+  gemm = {"torch_gemm": route, "torch_gemm_requested": FLAGS.gemm, "torch_gemm_facts": facts}
+  mode = torch_gemm.F32Gemm() if route == "f32" else None
+  log(f"gemm: {route} ({facts['why']})")
   T, B, L, V = cfg.steps, cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
   device = "cpu"
   torch.manual_seed(cfg.seed)
@@ -301,11 +422,13 @@ def train(log=print) -> str:
   dataloader = DataLoader(dataset, batch_size=B, shuffle=True, drop_last=True)
   loss_fn = nn.CrossEntropyLoss()
   per_epoch = sampler.batches_per_epoch(len(corpus.tokens), cfg.data)
-  inputs = {"data_files": corpus.files, "framework": "torch",
-            "torch_threads": torch.get_num_threads()}
-  meta = _metadata(cfg, corpus, lay, sources, None, 0)
   like = like_snapshot(model, torch.get_rng_state().numel(), n_dead)
+  series = SERIES[FLAGS.probes]
+  record = freeze_record if FLAGS.probes == "freeze" else lab_record
   with rundir.RunDir(FLAGS.output_dir, cfg.store.trajectory_name, log=log) as run:
+    inputs = {"data_files": corpus.files, "framework": "torch",
+              "torch_threads": torch.get_num_threads(), "torch_gemm": route}
+    meta = _metadata(cfg, corpus, lay, sources, None, 0, gemm)
     plan = rundir.FolderPlan(
         EXPERIMENT, config_lib.to_dict(cfg), inputs, lay.specs, layout_lib.FILE_METADATA,
         cfg.store.checkpoint_steps, 4 * sum(a.nbytes for a in like["model"].values()) + (1 << 20))
@@ -315,8 +438,11 @@ def train(log=print) -> str:
     epoch, skip, elapsed0, diverged = 0, 0, 0.0, None
     last_motion_step = torch.full((n_dead,), -1, dtype=torch.int32)
     if snap is None:
-      run.write_rows("W", 0, bits(W_prev)[None])
-      run.write_rows("centroid", 0, W_prev.float().mean(dim=0).numpy()[None])
+      if FLAGS.probes == "freeze":
+        run.write_rows("centroid_norm", 0, np.array([centroid_norm(W_prev)], np.float32))
+      else:
+        run.write_rows("W", 0, bits(W_prev)[None])
+        run.write_rows("centroid", 0, W_prev.float().mean(dim=0).numpy()[None])
       run.write_rows("loss", 0, np.array([np.nan], np.float32))
     else:
       restore(snap, model, optimizer)
@@ -328,7 +454,8 @@ def train(log=print) -> str:
       W_prev = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
     for k, a in lay.static.items():
       run.write(k, a)
-    rows, step, loss, t_run = Rows(run), start, None, time.perf_counter()
+    rows, step, loss, t_run = Rows(run, series), start, None, time.perf_counter()
+    ops_per_step = None  # the f32 route's rerouted ops of this process's first step
     model.train()
     try:
       while step < T:
@@ -344,7 +471,16 @@ def train(log=print) -> str:
             skip, within = skip - 1, within + 1
             continue
           within += 1
-          loss = lab.train_step(model, optimizer, loss_fn, batch.to(device), device, V)
+          if mode is None:
+            loss = lab.train_step(model, optimizer, loss_fn, batch.to(device), device, V)
+          else:
+            with mode:
+              loss = lab.train_step(model, optimizer, loss_fn, batch.to(device), device, V)
+            if ops_per_step is None:
+              ops_per_step = dict(mode.counts)
+              log(f"gemm: f32 route, one step: {sum(ops_per_step.values())} ops rerouted "
+                  f"({', '.join(f'{k} {n}' for k, n in sorted(ops_per_step.items()))}), "
+                  f"{mode.total_not_rerouted} bf16 GEMM-like ops not rerouted")
           step += 1
           W_curr = model.embedding.weight.detach().cpu()[dead_mask].to(torch.bfloat16)
           delta_W = W_curr.float() - W_prev.float()
@@ -353,8 +489,8 @@ def train(log=print) -> str:
           displacement_magnitude = torch.norm(delta_W_prime, dim=1)
           moved = displacement_magnitude >= cfg.probes.motion_threshold
           last_motion_step[moved] = step
-          rows.add(step, bits(W_curr), delta_W_prime.numpy(), W_curr.float().mean(dim=0).numpy(),
-                   np.float32(loss.item()))
+          rows.add(step, {**record(W_curr, delta_W_prime, displacement_magnitude,
+                                   cfg.probes.motion_threshold), "loss": np.float32(loss.item())})
           if diverged is None and not np.isfinite(loss.item()):
             diverged = step
           W_prev = W_curr
@@ -370,7 +506,10 @@ def train(log=print) -> str:
         skip = 0
       run.write("last_motion_step", last_motion_step.numpy())
       final = float(loss.item()) if loss is not None else float("nan")
-      meta = {**_metadata(cfg, corpus, lay, sources, final, T), **inputs,
+      if mode is not None:
+        gemm["torch_gemm_ops"] = {"first_step": ops_per_step, "not_rerouted": dict(
+            mode.not_rerouted), "steps": T - start}
+      meta = {**_metadata(cfg, corpus, lay, sources, final, T, gemm), **inputs,
               "wall_time_s": elapsed0 + time.perf_counter() - t_start, "steps_completed": T,
               "diverged_at_step": diverged}
       meta["global_last_motion"] = int(last_motion_step.max())
