@@ -206,11 +206,18 @@ def init_from(path: str, corpus, model: nn.Module) -> None:
   lay = layout_lib.layout(src, corpus)
   params = state_lib.init_state(src, lay.dims).params
   reader, _, _ = results.open_result(os.path.join(path, src.store.trajectory_name))
+  mine = np.asarray(params["embedding"])[corpus.dead_indices]
   with reader:
-    w0 = reader.rows("W", 0, 1)[0]
-  mine = np.asarray(params["embedding"]).view(np.uint16)[corpus.dead_indices]
-  if not np.array_equal(mine, w0):
-    raise ValueError(f"jaxdt's init for {path}'s config differs from its W row 0 (another jaxdt "
+    if "W" in reader.keys():  # the full record: W row 0, bit for bit
+      same = np.array_equal(mine.view(np.uint16), reader.rows("W", 0, 1)[0])
+    else:  # the compact freeze record: the init's dead-row centroid norm (f32; 1e-6 rel.)
+      import jax  # pylint: disable=g-import-not-at-top
+      from jaxdt import probes as probes_lib  # pylint: disable=g-import-not-at-top
+      got = float(jax.jit(probes_lib.centroid_norm)(mine))
+      want = float(reader.rows("centroid_norm", 0, 1)[0])
+      same = abs(got - want) <= 1e-6 * abs(want)
+  if not same:
+    raise ValueError(f"jaxdt's init for {path}'s config differs from its row 0 (another jaxdt "
                      "or another data set?); the twin needs RUN's own start")
   sd = torch_io.params_to_torch_state_dict(params, src.model)
   model.load_state_dict({k: to_torch(v) for k, v in sd.items()})

@@ -19,12 +19,14 @@ STEPS = 2000
 def study() -> study_lib.Study:
   members = (
       M("jax_bf16_s42", "jax", seed=42),
-      M("jax_bf16_s1", "jax", seed=1),
       M("torch_s42", "torch", seed=42),
-      M("jax_bf16_s2", "jax", seed=2),
+      M("jax_bf16_s1", "jax", seed=1),
+      # The 2,000-step twin: torch (f32 route) from jax_bf16_s42's init on its batches.
+      M("twin_torch_f32_s42", "torch", seed=42, gemm="f32", twin_of="jax_bf16_s42"),
       M("torch_s1", "torch", seed=1),
-      M("jax_bf16_s3", "jax", seed=3),
+      M("jax_bf16_s2", "jax", seed=2),
       M("torch_s2", "torch", seed=2),
+      M("jax_bf16_s3", "jax", seed=3),
       M("jax_bf16_s4", "jax", seed=4),
       M("jax_mixed_s42", "jax", seed=42, precision="mixed"),
       M("jax_mixed_s1", "jax", seed=1, precision="mixed"),
@@ -50,4 +52,9 @@ def study() -> study_lib.Study:
                                                           "jax_s42_data2", "jax_s42_data3")),
                         ("seeds 1-4 (init and order)", jax_seeds[1:]))),
   )
+  tables += (T("twin", "The twin: torch from jaxdt's init on jaxdt's batches, beside both "
+                "frameworks' own seeds", (("jaxdt, seed 42", ("jax_bf16_s42",)),
+                                          ("torch twin (f32 route)", ("twin_torch_f32_s42",)),
+                                          ("torch, own seeds", ("torch_s42", "torch_s1",
+                                                                "torch_s2")))),)
   return study_lib.Study("findings", members, tables, steps=STEPS, checkpoint_every=250)

@@ -224,6 +224,12 @@ def row_norms(view: StepView) -> jax.Array:
   return jnp.sqrt(jnp.sum(d * d, axis=-1))
 
 
+def centroid_norm(w) -> jax.Array:
+  """‖mean of the rows‖₂ in f32 (the freeze record's centroid_norm)."""
+  c = ordered.mean_rows(w)
+  return jnp.sqrt(jnp.sum(c * c))
+
+
 def _freeze(ctx: Context) -> tuple:
   """The compact freeze record: per step only what `run.py --summarize` reads.
 
@@ -246,10 +252,6 @@ def _freeze(ctx: Context) -> tuple:
     n = row_norms(v)
     ok = jnp.isfinite(n)
     return jnp.sum(jnp.where(ok, n, 0)) / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1)
-
-  def centroid_norm(w):
-    c = ordered.mean_rows(w)
-    return jnp.sqrt(jnp.sum(c * c))
 
   return (Series("n_frozen", i32, lambda d: (), count(True), role="frozen_count"),
           Series("n_moving", i32, lambda d: (), count(False), role="moving_count"),

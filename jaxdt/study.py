@@ -54,6 +54,9 @@ class Member:
   weight_decay: float = 0.0
   data_seed: Optional[int] = None  # jax: the data order apart from the init
   gemm: str = "auto"  # torch: auto | native | f32 (torch_peer.py --gemm)
+  # torch: a twin of this jaxdt member (its init and its batches; torch_peer.py --init_from,
+  # --batches_from): same start, same data, only the framework differs.
+  twin_of: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +120,11 @@ def command(study: Study, m: Member, folder: str) -> list:
   """The member's own command line (argv without the interpreter)."""
   sets = [a for o in study.overrides for a in ("--set", o)]
   if m.framework == "torch":
+    source = os.path.join(os.path.dirname(folder), m.twin_of) if m.twin_of else None
+    twin = [f"--init_from={source}", f"--batches_from={source}"] if source else []
     return ["benchmarks/torch_peer.py", f"--output_dir={folder}", f"--seed={m.seed}",
             f"--steps={study.steps}", "--probes=freeze", f"--gemm={m.gemm}",
-            f"--checkpoint_every={study.checkpoint_every}"] + sets
+            f"--checkpoint_every={study.checkpoint_every}"] + twin + sets
   args = ["run.py", "--experiment=crucible1", f"--steps={study.steps}", f"--seed={m.seed}",
           "--probes=freeze", "--chunk_steps=50",
           "--set", "store.checkpoint_steps=" + ",".join(map(str, study.marks()))]
@@ -203,6 +208,11 @@ def _run_jax(study: Study, st: Status, data_dir, log) -> None:
 
 
 def _run_torch(study: Study, st: Status, data_dir, log) -> None:
+  source = st.member.twin_of
+  if source and not metadata_lib.is_complete(os.path.join(os.path.dirname(st.folder), source),
+                                             _trajectory_name()):
+    raise StudyError(f"member {st.member.name} is the twin of {source}, which has not finished "
+                     f"in {os.path.dirname(st.folder)}; run --study_members={source} first")
   argv = [sys.executable] + command(study, st.member, st.folder)
   argv += [f"--data_dir={data_dir}"] if data_dir else []
   argv += ["--resume"] if st.state == "partial" else []

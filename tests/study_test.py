@@ -113,7 +113,7 @@ def test_the_command_line_refuses_an_unknown_study():
 def test_the_findings_study_declares_its_members():
   study = study_lib.load("findings")
   names = [m.name for m in study.members]
-  assert len(names) == len(set(names)) == 15
+  assert len(names) == len(set(names)) == 16
   for t in study.tables:
     for _, members in t.groups:
       assert set(members) <= set(names), t.name
@@ -134,3 +134,30 @@ def test_a_study_sweep_gives_each_member_its_solo_bytes(ran, tiny_data, tmp_path
     solo = findings_lib.read_member(docs, m.name)
     swept = findings_lib.read_member(str(tmp_path / "docs"), m.name)
     assert swept["trajectory_sha256"] == solo["trajectory_sha256"], m.name
+
+
+def test_torch_members_and_a_twin(tiny_data, tmp_path):
+  """A torch member (the lab's loop, native GEMMs) and the f32-route twin of a jaxdt member
+  run through benchmarks/torch_peer.py, write the freeze record and are summarized."""
+  members = (M("j", "jax", seed=42), M("t", "torch", seed=3, gemm="native"),
+             M("tw", "torch", seed=42, gemm="f32", twin_of="j"))
+  study = tiny_study(tiny_data, members=members, steps=8)
+  said = []
+  study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), log=said.append)
+  for m in members:
+    s = findings_lib.read_member(str(tmp_path / "docs"), m.name)
+    assert s["framework"] == m.framework and s["steps"] == 8, m.name
+  tw = findings_lib.read_member(str(tmp_path / "docs"), "tw")
+  assert tw["host"]["torch_gemm"] == "f32" and "--init_from=" in tw["command"]
+  assert "3/3 members in" in open(tmp_path / "docs" / "tables.md", encoding="utf-8").read()
+  said.clear()
+  study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), log=said.append)
+  assert sum(": done" in l for l in said) == 3
+
+
+def test_a_twin_waits_for_its_source(tiny_data, tmp_path):
+  members = (M("j", "jax", seed=42), M("tw", "torch", seed=42, gemm="f32", twin_of="j"))
+  study = tiny_study(tiny_data, members=members, steps=8)
+  with pytest.raises(study_lib.StudyError, match="twin of j, which has not finished"):
+    study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), only=("tw",),
+                  log=lambda s: None)
