@@ -46,9 +46,8 @@ from absl import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from benchdata import SIZES, Size, prepare_data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -156,7 +155,6 @@ if framework == "torch":
         torch.matmul, sync, top=16384 if dev == "cuda" else 4096)
   out["torch_threads"] = torch.get_num_threads()
 else:
-  sys.path.insert(0, sys.argv[3])
   from jaxdt.numerics import backend
   backend.configure()
   import jax, jax.numpy as jnp

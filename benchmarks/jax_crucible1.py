@@ -25,7 +25,6 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdt.numerics import backend
 from jaxdt.training import loop
@@ -36,7 +35,7 @@ import jax  # pylint: disable=g-import-not-at-top
 
 import experiments  # pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # pylint: disable=g-import-not-at-top
-import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from procstat import (  # pylint: disable=g-import-not-at-top
     context_switches, cpu_seconds, peak_rss_bytes, rss_bytes)
 

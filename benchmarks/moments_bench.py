@@ -22,8 +22,6 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jaxdt  # noqa: E402,F401  pylint: disable=unused-import  (configures XLA before JAX starts)
 import jax  # noqa: E402
@@ -100,5 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from cli import parse_flags  # pylint: disable=g-import-not-at-top
+  from jaxdt.cli import parse_flags  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=parse_flags)

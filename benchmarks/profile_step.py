@@ -27,7 +27,6 @@ from absl import app
 from absl import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 from jaxdt.numerics import backend  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -37,7 +36,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import experiments  # noqa: E402  pylint: disable=g-import-not-at-top
-import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.data import corpus as corpus_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import layout as layout_lib  # noqa: E402  pylint: disable=g-import-not-at-top

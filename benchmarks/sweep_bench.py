@@ -29,9 +29,8 @@ from absl import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
-import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from benchdata import SIZES, prepare_data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS

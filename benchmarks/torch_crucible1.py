@@ -1,5 +1,8 @@
 """The lab's Crucible 1 training loop in PyTorch, ported for timing (the baseline).
 
+The model and step are `torchref.lab` (the lab's code); this script is its loop with the
+lab's per-step capture, timed.
+
 A port of the lab's Crucible 1 notebook, cells 6-11, kept as the lab wrote them:
 TinyLM (cell 7, unchanged), `model.to(torch.bfloat16)`, AdamW, a shuffled
 DataLoader over non-overlapping chunks, `torch.autocast(bf16)` around the
@@ -32,102 +35,25 @@ from absl import flags
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from torchref.lab import (BETA1, BETA2, EPSILON, LEARNING_RATE, MOTION_THRESHOLD, NUM_HEADS,
+                          NUM_LAYERS, RANDOM_SEED, WEIGHT_DECAY, HIDDEN_DIM, TextDataset, TinyLM,
+                          compute_ulp_bf16, train_step)
 
 try:
   from tqdm import tqdm
 except ImportError:  # the lab's loop uses tqdm; without it the bar's cost is simply absent
   tqdm = None
 
-HIDDEN_DIM, NUM_LAYERS, NUM_HEADS = 64, 2, 2
-LEARNING_RATE, WEIGHT_DECAY, BETA1, BETA2, EPSILON = 1e-3, 0.0, 0.9, 0.999, 1e-8
-RANDOM_SEED = 42
-MOTION_THRESHOLD = 0.1
-
 FLAGS = flags.FLAGS
-
-
-class TextDataset(Dataset):  # cell 6, with the ids given instead of encoded here
-  def __init__(self, tokens, seq_len):
-    self.tokens = tokens
-    self.seq_len = seq_len
-    self.n_sequences = len(self.tokens) // seq_len
-
-  def __len__(self):
-    return self.n_sequences
-
-  def __getitem__(self, idx):
-    start = idx * self.seq_len
-    chunk = self.tokens[start:start + self.seq_len]
-    return torch.tensor(chunk, dtype=torch.long)
-
-
-class TinyLM(nn.Module):  # cell 7, unchanged
-  def __init__(self, vocab_size, hidden_dim, num_layers, num_heads, seq_len):
-    super().__init__()
-
-    self.embedding = nn.Embedding(vocab_size, hidden_dim)
-    self.pos_embedding = nn.Embedding(seq_len, hidden_dim)
-
-    encoder_layer = nn.TransformerEncoderLayer(
-        d_model=hidden_dim,
-        nhead=num_heads,
-        dim_feedforward=hidden_dim * 4,
-        dropout=0.0,
-        activation='gelu',
-        batch_first=True,
-        norm_first=True
-    )
-    self.transformer = nn.TransformerEncoder(encoder_layer, num_layers=num_layers)
-    self.ln_f = nn.LayerNorm(hidden_dim)
-
-    nn.init.normal_(self.embedding.weight, mean=0.0, std=0.02)
-    nn.init.normal_(self.pos_embedding.weight, mean=0.0, std=0.02)
-
-  def forward(self, input_ids):
-    batch_size, seq_len = input_ids.shape
-
-    tok_emb = self.embedding(input_ids)
-    pos_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
-    pos_emb = self.pos_embedding(pos_ids)
-
-    hidden = tok_emb + pos_emb
-    causal_mask = nn.Transformer.generate_square_subsequent_mask(seq_len, device=input_ids.device)
-    hidden = self.transformer(hidden, mask=causal_mask, is_causal=True)
-    hidden = self.ln_f(hidden)
-
-    logits = hidden @ self.embedding.weight.T
-    return logits
-
-
-def compute_ulp_bf16(tensor_bf16: torch.Tensor) -> torch.Tensor:  # cell 9
-  """Compute ULP for each element of a bfloat16 tensor."""
-  bits = tensor_bf16.view(torch.uint16).to(torch.int32)
-  exponent = (bits >> 7) & 0xFF
-  effective_exp = torch.where(exponent == 0, torch.ones_like(exponent), exponent)
-  ulp = torch.pow(2.0, (effective_exp - 134).float())
-  return ulp
-
-
-def train_step(model, optimizer, loss_fn, input_ids, device, vocab_size, autocast=True):
-  """Cell 11's forward, loss, backward and optimizer step for one batch; returns the loss."""
-  with torch.autocast(device_type=device if device != 'mps' else 'cpu', dtype=torch.bfloat16,
-                      enabled=autocast):
-    logits = model(input_ids)
-    shift_logits = logits[:, :-1, :].contiguous()
-    shift_labels = input_ids[:, 1:].contiguous()
-    loss = loss_fn(shift_logits.view(-1, vocab_size), shift_labels.view(-1))
-  optimizer.zero_grad()
-  loss.backward()
-  optimizer.step()
-  return loss
 
 
 def define_flags():
   """Defines this script's flags; called from `__main__` only.
 
-  tests/parity/model_parity_test.py loads this file for TinyLM alone, in a
-  pytest process that may also have imported run.py, whose --steps would clash.
+  Kept out of import time, so that importing this module defines no flag that could
+  clash with another script's (run.py's --steps).
   """
   flags.DEFINE_string("tokens", None, ".npy of int token ids (the corpus)")
   flags.DEFINE_string("dead_mask", None, ".npy bool [vocab] dead mask")
@@ -153,7 +79,6 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  # Imported here: tests/parity loads this file by path for TinyLM alone.
   from procstat import peak_rss_bytes, rss_bytes  # pylint: disable=g-import-not-at-top
   if FLAGS.threads:
     torch.set_num_threads(FLAGS.threads)
@@ -260,6 +185,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from cli import parse_flags  # pylint: disable=g-import-not-at-top
+  from jaxdt.cli import parse_flags  # pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=parse_flags)

@@ -134,10 +134,15 @@ def displacement(w_prev, w_next) -> jax.Array:
   return lattice.in_ulps(w_next.astype(jnp.float32) - w_prev.astype(jnp.float32), w_prev)
 
 
+def row_norms(view: StepView) -> jax.Array:
+  """‖ΔW′_i‖₂ per recorded row, f32 (the lab's displacement magnitude)."""
+  d = displacement(view.w_prev, view.w_next)
+  return jnp.sqrt(jnp.sum(d * d, axis=-1))
+
+
 def moved(view: StepView, threshold: float) -> jax.Array:
   """Per-row motion: ‖ΔW′_i‖₂ ≥ threshold (nonzero ΔW′ is ≥ 0.5, so: any bit changed)."""
-  d = displacement(view.w_prev, view.w_next)
-  return jnp.sqrt(jnp.sum(d * d, axis=-1)) >= threshold
+  return row_norms(view) >= threshold
 
 
 def _f32(x):
@@ -153,12 +158,8 @@ def _zeros_like_stored(w0):
   return jnp.zeros(w0.shape, w0.dtype if w0.dtype == jnp.bfloat16 else jnp.float32)
 
 
-def _zeros_bits(w0):
-  return stored_bits(_zeros_like_stored(w0))
-
-
-def _zeros_f32(w0):
-  return jnp.zeros(w0.shape, jnp.float32)
+_zeros_bits = lambda w0: stored_bits(_zeros_like_stored(w0))
+_zeros_f32 = lambda w0: jnp.zeros(w0.shape, jnp.float32)
 
 
 _W_DTYPE = lambda d: np.dtype(np.uint16) if d.param_dtype == jnp.bfloat16 else np.dtype(np.float32)
@@ -218,12 +219,6 @@ def _last_motion(ctx: Context) -> tuple:
                   role="last_motion"),)
 
 
-def row_norms(view: StepView) -> jax.Array:
-  """‖ΔW′_i‖₂ per recorded row, f32 (the lab's displacement magnitude)."""
-  d = displacement(view.w_prev, view.w_next)
-  return jnp.sqrt(jnp.sum(d * d, axis=-1))
-
-
 def centroid_norm(w) -> jax.Array:
   """‖mean of the rows‖₂ in f32 (the freeze record's centroid_norm)."""
   c = ordered.mean_rows(w)
@@ -231,22 +226,14 @@ def centroid_norm(w) -> jax.Array:
 
 
 def _freeze(ctx: Context) -> tuple:
-  """The compact freeze record: per step only what `run.py --summarize` reads.
-
-  Per step t (row t-1): how many rows are frozen (not ‖ΔW′_i‖₂ ≥ threshold) and
-  how many moved (the two always sum to the rows), and the mean of the finite norms; per W row t (row 0: the init):
-  ‖centroid‖₂ of the rows; the loss; per row, the last-motion tracker. A
-  2,000-step full-size run keeps tens of kilobytes instead of gigabytes.
-  """
-  i32 = lambda d: np.dtype(np.int32)
-  thr = ctx.motion_threshold
+  """The compact freeze record (what `run.py --summarize` reads): per step the rows frozen
+  (not ‖ΔW′_i‖₂ ≥ threshold: a NaN norm is frozen, as in analysis.stream) and moving, the
+  mean finite norm; ‖centroid‖₂ per W row (row 0: the init); the loss; last motion per row."""
+  i32, thr = (lambda d: np.dtype(np.int32)), ctx.motion_threshold
 
   def count(frozen: bool):
-    def record(v):
-      n = row_norms(v)
-      hit = ~(n >= thr) if frozen else (n >= thr)  # a NaN norm is frozen, as in analysis.stream
-      return jnp.sum(hit.astype(jnp.int32))
-    return record
+    return lambda v: jnp.sum((~(row_norms(v) >= thr) if frozen else row_norms(v) >= thr)
+                             .astype(jnp.int32))
 
   def mean_norm(v):
     n = row_norms(v)

@@ -5,7 +5,7 @@ each member in order: skips it when its summary (docs/findings/<member>.json) is
 in and its folder, if still there, holds the same file (by SHA-256); summarizes a
 finished folder; resumes an unfinished one; starts a missing one. jaxdt members
 train in this process (`loop.train`); torch members run the lab's loop
-(`benchmarks/torch_peer.py`) in a child process. Then it writes the tables and
+(`python -m torchref.peer`) in a child process. Then it writes the tables and
 PNGs from the committed summaries alone (`report.findings`), so a table can be
 regenerated after the run folders are gone. `--study_plan` prints the members,
 which are done, and the time left on this host.
@@ -31,7 +31,6 @@ from jaxdt.report import findings as findings_lib
 
 FREEZE_PROBES = ("freeze",)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.path.join(ROOT, "benchmarks", "torch_peer.py")
 # Steps/s assumed for --study_plan before a member of that kind has finished on this
 # CPU (BUILD_NOTES §4: jaxdt 0.9-1.5 steps/s, the torch loop 0.45 natively on an AMX
 # host and ~0.04 on AVX2-only bf16 GEMMs; the f32 route in between).
@@ -47,14 +46,14 @@ class Member:
   """One run of a study: Crucible 1 at full size with these settings."""
 
   name: str
-  framework: str  # "jax" | "torch" (the lab's loop, benchmarks/torch_peer.py)
+  framework: str  # "jax" | "torch" (the lab's loop, torchref.peer)
   seed: int = 42
   precision: str = "bf16"
   learning_rate: float = 1e-3
   weight_decay: float = 0.0
   data_seed: Optional[int] = None  # jax: the data order apart from the init
-  gemm: str = "auto"  # torch: auto | native | f32 (torch_peer.py --gemm)
-  # torch: a twin of this jaxdt member (its init and its batches; torch_peer.py --init_from,
+  gemm: str = "auto"  # torch: auto | native | f32 (torchref.peer --gemm)
+  # torch: a twin of this jaxdt member (its init and its batches; torchref.peer --init_from,
   # --batches_from): same start, same data, only the framework differs.
   twin_of: Optional[str] = None
 
@@ -122,7 +121,7 @@ def command(study: Study, m: Member, folder: str) -> list:
   if m.framework == "torch":
     source = os.path.join(os.path.dirname(folder), m.twin_of) if m.twin_of else None
     twin = [f"--init_from={source}", f"--batches_from={source}"] if source else []
-    return ["benchmarks/torch_peer.py", f"--output_dir={folder}", f"--seed={m.seed}",
+    return ["-m", "torchref.peer", f"--output_dir={folder}", f"--seed={m.seed}",
             f"--steps={study.steps}", "--probes=freeze", f"--gemm={m.gemm}",
             f"--checkpoint_every={study.checkpoint_every}"] + twin + sets
   args = ["run.py", "--experiment=crucible1", f"--steps={study.steps}", f"--seed={m.seed}",

@@ -32,6 +32,7 @@ ALLOWED = {
                "probes"},
     # a study runs members (training) and writes their summaries and tables (report)
     "study": {"config", "numerics", "io", "training", "report"},
+    "cli": set(),  # absl flag errors as one line (run.py's scripts, benchmarks/, torchref)
 }
 HOST_SIDE = ("io", "analysis", "report")
 TRAINING_SIDE = {"training", "model"}
@@ -126,8 +127,9 @@ def test_public_api():
 
 
 # Rooms that say what they hold: no module over 450 lines, no function over 60 lines or
-# with more than 7 parameters (self and cls not counted), in jaxdt/ and run.py.
-SOURCES = MODULES + [PKG.parent / "run.py"]
+# with more than 7 parameters (self and cls not counted), in jaxdt/, torchref/ and run.py.
+TORCHREF = sorted((PKG.parent / "torchref").glob("*.py"))
+SOURCES = MODULES + TORCHREF + [PKG.parent / "run.py"]
 
 
 def _functions(path: pathlib.Path):
@@ -145,3 +147,22 @@ def test_modules_and_functions_stay_small(path):
   for name, lines, params in _functions(path):
     assert lines <= 60, f"{path.name}:{name} has {lines} lines"
     assert params <= 7, f"{path.name}:{name} takes {params} parameters"
+
+
+def test_no_script_edits_sys_path():
+  """Packages are installed (jaxdt, experiments, torchref): nothing edits sys.path to find them."""
+  roots = [PKG, PKG.parent / "torchref", PKG.parent / "benchmarks", PKG.parent / "experiments",
+           PKG.parent / "tests"]
+  files = [p for r in roots for p in r.rglob("*.py")] + [PKG.parent / "run.py"]
+  needle = "sys.path." + "insert"  # spelled apart, so this file does not count itself
+  edits = [str(p.relative_to(PKG.parent)) for p in files
+           if needle in p.read_text(encoding="utf-8")]
+  assert not edits, f"sys.path edits in {edits}"
+
+
+def test_torchref_is_never_imported_by_jaxdt():
+  for path in MODULES:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(n.split(".")[0] == "torchref" for n in names), path

@@ -1,7 +1,7 @@
 """Documents that cannot go stale silently: every reference they make must resolve.
 
 Reads README.md, BUILD_NOTES.md, docs/*.md and every docstring (module, class,
-function) under jaxdt/, benchmarks/, experiments/ and run.py, and checks:
+function) under jaxdt/, torchref/, benchmarks/, experiments/ and run.py, and checks:
 
 - file paths, a token ending in .py, .md, .sh, .json or .toml, in a backticked
   span, in a fenced block or in the prose: the path must exist from the
@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DOC_FILES = ("README.md", "BUILD_NOTES.md")
 DOC_DIRS = ("docs",)
-CODE_ROOTS = ("jaxdt", "benchmarks", "experiments", "run.py")
+CODE_ROOTS = ("jaxdt", "torchref", "benchmarks", "experiments", "run.py")
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", "runs", "node_modules", ".venv", "venv"}
 
 CHECKED_EXTS = ("py", "md", "sh", "json", "toml")

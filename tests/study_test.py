@@ -138,7 +138,7 @@ def test_a_study_sweep_gives_each_member_its_solo_bytes(ran, tiny_data, tmp_path
 
 def test_torch_members_and_a_twin(tiny_data, tmp_path):
   """A torch member (the lab's loop, native GEMMs) and the f32-route twin of a jaxdt member
-  run through benchmarks/torch_peer.py, write the freeze record and are summarized."""
+  run through torchref.peer, write the freeze record and are summarized."""
   members = (M("j", "jax", seed=42), M("t", "torch", seed=3, gemm="native"),
              M("tw", "torch", seed=42, gemm="f32", twin_of="j"))
   study = tiny_study(tiny_data, members=members, steps=8)

@@ -14,7 +14,6 @@ import sys
 import time
 
 T0 = time.perf_counter()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from jaxdt import config as config_lib  # noqa: E402
 from jaxdt.io import disk  # noqa: E402

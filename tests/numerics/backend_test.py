@@ -10,7 +10,6 @@ from jaxdt.numerics import backend
 
 _CHILD = r"""
 import ctypes, sys
-sys.path.insert(0, {root!r})
 from jaxdt.numerics import backend
 
 def rss():

@@ -10,8 +10,6 @@ except under CI (env CI set), where they fail.
 Run with `-s` to see the measured errors.
 """
 
-import functools
-import importlib.util
 import os
 
 import jax
@@ -52,16 +50,11 @@ def _needs_torch():
     pytest.skip("torch is not installed")
 
 
-@functools.lru_cache(maxsize=None)
 def _lab_tinylm():
-  """The lab's TinyLM class (Crucible 1, cell 7, unchanged), from the benchmark's port of
-  the lab's loop, so the parity test and the benchmark share one copy."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__)))), "benchmarks", "torch_crucible1.py")
-  spec = importlib.util.spec_from_file_location("_jaxdt_torch_crucible1", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.TinyLM
+  """The lab's TinyLM class (Crucible 1, cell 7, unchanged): `torchref.lab`, the one copy
+  the parity test, the torch peer and the benchmark share."""
+  from torchref import lab  # pylint: disable=g-import-not-at-top
+  return lab.TinyLM
 
 
 def _torch_model(cfg, seed=0):

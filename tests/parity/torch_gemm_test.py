@@ -1,4 +1,4 @@
-"""benchmarks/torch_gemm.py: the torch peer's f32 GEMM route, op by op, over a twin, in the peer.
+"""torchref/gemm.py: the torch peer's f32 GEMM route, op by op, over a twin, in the peer.
 
 `F32Gemm` must reroute every bf16 GEMM-like op of a training step of the lab's
 TinyLM (forward and backward) and nothing else; per op its result is the f32
@@ -12,7 +12,6 @@ each other. The peer records the route and refuses a resume on another one.
 
 import collections
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -33,16 +32,8 @@ FWD = aten._scaled_dot_product_flash_attention_for_cpu.default
 BWD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"_jaxdt_{name}",
-                                                os.path.join(ROOT, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-tg = _load("torch_gemm")
-lab = _load("torch_crucible1")
+from torchref import gemm as tg  # noqa: E402
+from torchref import lab  # noqa: E402
 
 V, D, B, L = 256, 32, 4, 16  # the tiny crucible1 (tests/conftest.py)
 DEAD = torch.arange(200, V)  # ids no batch holds: their rows move by the tied logits only

@@ -1,4 +1,4 @@
-"""benchmarks/torch_peer.py: the lab's torch loop as a run folder, its twin mode and its resume.
+"""torchref.peer: the lab's torch loop as a run folder, its twin mode and its resume.
 
 Tiny crucible1 (vocab 256, D 32, batch 4 x 16). The twin starts from a jaxdt
 run's init and trains on its batch order; it must begin bit-equal (W row 0)
@@ -24,7 +24,7 @@ from jaxdt.report import summary as summary_lib
 from jaxdt.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PEER = os.path.join(ROOT, "benchmarks", "torch_peer.py")
+PEER = ("-m", "torchref.peer")  # the package; torch_gemm_test runs the benchmarks/ script
 STEPS = 40
 
 
@@ -36,7 +36,7 @@ def _tiny_flags(paths):
 
 
 def _peer(out, *args, wait=True):
-  cmd = [sys.executable, PEER, f"--output_dir={out}", "--checkpoint_every=10", "--chunk_steps=5",
+  cmd = [sys.executable, *PEER, f"--output_dir={out}", "--checkpoint_every=10", "--chunk_steps=5",
          *args]
   if not wait:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -117,7 +117,7 @@ def test_killed_after_a_checkpoint_then_resumed_gives_the_same_bytes(mode, jax_r
 
 def test_bad_sources_are_one_line_errors(tmp_path, tiny_data):
   for flag in ("--init_from", "--batches_from"):
-    r = subprocess.run([sys.executable, PEER, f"--output_dir={tmp_path / 'x'}",
+    r = subprocess.run([sys.executable, *PEER, f"--output_dir={tmp_path / 'x'}",
                         f"{flag}={tmp_path / 'missing'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr

@@ -1,4 +1,4 @@
-"""What the benchmark scripts share on the command line: absl errors as one line, exit 2."""
+"""What the command-line scripts share (benchmarks/, torchref.peer): absl errors as one line, exit 2."""
 
 from __future__ import annotations
 
