@@ -157,6 +157,9 @@ flags.DEFINE_string("study_dir", None,
                     "Where a study's member run folders live (default runs/study_<name>).")
 flags.DEFINE_string("study_docs", None,
                     "Where a study's member summaries, tables and PNGs go (default docs/<name>).")
+flags.DEFINE_boolean("study_tables", False,
+                     "With --study: only (re)write the tables and PNGs from the committed member "
+                     "summaries; run nothing.")
 flags.DEFINE_boolean("study_sweep", False,
                      "Run a study's fresh jaxdt members of one structure together as one exact "
                      "sweep (one process and program; each member byte-identical to its solo run).")
@@ -347,6 +350,10 @@ def run_study() -> int:
                                           name)
   if FLAGS.study_plan:
     print(study_lib.plan(study, study_dir, docs))
+    return 0
+  if FLAGS.study_tables:
+    from jaxdt.report import findings as findings_lib  # pylint: disable=g-import-not-at-top
+    findings_lib.write_tables(study, docs)
     return 0
   study_lib.run(study, study_dir, docs, only=tuple(FLAGS.study_members or ()),
                 data_dir=FLAGS.data_dir, sweep=FLAGS.study_sweep)

@@ -161,3 +161,16 @@ def test_a_twin_waits_for_its_source(tiny_data, tmp_path):
   with pytest.raises(study_lib.StudyError, match="twin of j, which has not finished"):
     study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), only=("tw",),
                   log=lambda s: None)
+
+
+def test_the_tables_are_generated_into_the_document_between_its_markers(ran, tmp_path):
+  study, _, docs, _ = ran
+  doc = tmp_path / "docs.md"
+  doc.write_text(f"# Findings\nintro\n{findings_lib.BEGIN}\nold\n{findings_lib.END}\nafter\n",
+                 encoding="utf-8")
+  import shutil
+  shutil.copytree(docs, tmp_path / "docs")
+  findings_lib.write_tables(study, str(tmp_path / "docs"), log=lambda s: None)
+  text = doc.read_text(encoding="utf-8")
+  assert text.startswith("# Findings\nintro\n") and text.endswith(f"{findings_lib.END}\nafter\n")
+  assert "old" not in text and "| a_s42 | seeds |" in text and "](docs/spread.png)" in text
