@@ -127,11 +127,11 @@ def _cell(v, figure: str = "") -> str:
   return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def _stat(values: Sequence) -> str:
+def _stat(values: Sequence, figure: str = "") -> str:
   x = np.asarray([v for v in values if v is not None], np.float64)
   if not x.size:
     return "–"
-  digits = 4 if np.all(np.abs(x) < 20) and not np.all(x == np.rint(x)) else 0
+  digits = 4 if figure in ("loss_500", "final_loss") else 1 if figure == "mean_dwp_l2" else 0
   f = lambda v: f"{v:,.{digits}f}"
   if x.size == 1:
     return f(x[0]) + " (n=1)"
@@ -157,15 +157,19 @@ def table_markdown(table, summaries: dict) -> str:
       if s is None:
         out.append(f"| {name} | {label} | not yet |" + " |" * len(HEADS))
         continue
-      cells = [_cell(s.get(f), f) for f in FIGURES]
+      cells = [f"> {s.get('steps'):,}" if f.startswith("frozen_") and s.get(f) is None
+               else _cell(s.get(f), f) for f in FIGURES]  # a milestone not reached in the run
       if s.get("diverged_at_step"):
         cells[-1] += f" (diverged at {s['diverged_at_step']})"
       out.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {_host(s)} |")
-  out += ["", "| group | " + " | ".join(HEADS) + " |", "|---|" + "---|" * len(HEADS)]
+  out += ["", "Milestones: the first step with that share of the dead rows frozen (> T: not reached "
+          "in the run's T steps); groups: mean ± sd (min–max, n) over the members in, a "
+          "milestone not reached left out of its statistics.", "",
+          "| group | " + " | ".join(HEADS) + " |", "|---|" + "---|" * len(HEADS)]
   for label, names in table.groups:
     got = [summaries[n] for n in names if n in summaries]
     out.append(f"| {label} ({len(got)}/{len(names)} in) | "
-               + " | ".join(_stat([s.get(f) for s in got]) for f in FIGURES) + " |")
+               + " | ".join(_stat([s.get(f) for s in got], f) for f in FIGURES) + " |")
   return "\n".join(out)
 
 
