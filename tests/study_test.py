@@ -174,3 +174,13 @@ def test_the_tables_are_generated_into_the_document_between_its_markers(ran, tmp
   text = doc.read_text(encoding="utf-8")
   assert text.startswith("# Findings\nintro\n") and text.endswith(f"{findings_lib.END}\nafter\n")
   assert "old" not in text and "| a_s42 | seeds |" in text and "](docs/spread.png)" in text
+
+
+def test_a_member_that_diverged_keeps_its_row(tiny_data, tmp_path):
+  """A diverged member is summarized over the steps before it and shown in its table row."""
+  study = tiny_study(tiny_data, members=(M("hot", "jax", seed=42, learning_rate=1e4),), steps=12)
+  study_lib.run(study, str(tmp_path / "runs"), str(tmp_path / "docs"), log=lambda s: None)
+  s = findings_lib.read_member(str(tmp_path / "docs"), "hot")
+  assert s["diverged_at_step"] is not None and s["steps"] == s["diverged_at_step"] - 1
+  tables = open(tmp_path / "docs" / "tables.md", encoding="utf-8").read()
+  assert f"(diverged at {s['diverged_at_step']})" in tables and "| hot | seeds |" in tables
