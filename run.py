@@ -53,7 +53,9 @@ flags.DEFINE_float("learning_rate", None, "Override AdamW's lr.")
 flags.DEFINE_float("weight_decay", None, "Override AdamW's decoupled weight decay.")
 flags.DEFINE_integer("seed", None, "Override the random seed (model init and data order).")
 flags.DEFINE_enum("precision", None, list(config_lib.PRECISIONS),
-                  "bf16 (the lab's), fp32, or mixed (fp32 master weights, bf16 compute).")
+                  "bf16 (the lab's), fp32, mixed (fp32 master weights, bf16 compute), bf16_sr "
+                  "(bf16, new params stochastically rounded, torchao's) or bf16_kahan (bf16 with "
+                  "Kahan compensation buffers, optimi's).")
 flags.DEFINE_enum("gemm_operands", None, list(config_lib.GEMM_OPERANDS),
                   "What bf16 GEMMs read their operands as: auto (default: bf16 where the CPU has "
                   "AVX512_BF16/AMX, else f32; bf16 on accelerators), float32 or bfloat16. Values "

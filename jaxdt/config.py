@@ -13,7 +13,7 @@ import math
 import typing
 from typing import Any, Optional
 
-PRECISIONS = ("bf16", "fp32", "mixed")
+PRECISIONS = ("bf16", "fp32", "mixed", "bf16_sr", "bf16_kahan")  # numerics.precision.POLICIES
 DATA_SOURCES = ("default", "fineweb")
 GEMM_OPERANDS = ("auto", "float32", "bfloat16")
 
@@ -143,7 +143,12 @@ class ExperimentConfig:
   # The data order apart from the init; None = seed (so existing runs keep their bits).
   data_seed: Optional[int] = None
   steps: int = 5000
-  precision: str = "bf16"  # "bf16" | "fp32" | "mixed" (fp32 master + moments, bf16 compute)
+  # "bf16" | "fp32" | "mixed" (fp32 master + moments, bf16 compute) | "bf16_sr" (bf16,
+  # stochastic rounding of the new params) | "bf16_kahan" (bf16 with Kahan buffers)
+  precision: str = "bf16"
+  # The stochastic rounding's bits (bf16_sr only); None = from `seed`, with a purpose of
+  # its own (`training.step.sr_key_data`), so existing runs keep their bits.
+  sr_seed: Optional[int] = None
   # Start from these weights (a torch state_dict: the lab's step-0 .pt or a
   # .safetensors) instead of our own init; None = PyTorch-style init from `seed`.
   init_checkpoint: Optional[str] = None
@@ -158,8 +163,11 @@ class ExperimentConfig:
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
-      raise ValueError(
-          f"precision={self.precision!r} is not one of {PRECISIONS}; pick one of them")
+      raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}; "
+                       "pass e.g. --precision=bf16")
+    if self.sr_seed is not None and self.precision != "bf16_sr":
+      raise ValueError(f"sr_seed={self.sr_seed} is only read by --precision=bf16_sr (this run "
+                       f"is {self.precision}); drop --set sr_seed")
     if self.steps < 1:
       raise ValueError(f"steps={self.steps}: need at least 1 step")
     if self.store.chunk_steps < 1:

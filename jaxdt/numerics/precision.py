@@ -8,9 +8,27 @@
             backward pass (true AMP, HF `bf16=True`). The lab's first open
             question — do dead tokens still freeze with f32 master weights? —
             is `--precision=mixed` against `--precision=bf16`.
+- `bf16_sr`   : bf16 params and moments; the AdamW update in f32 from the bf16
+            state and the new parameter written back by stochastic rounding
+            (torchao's `_AdamW(bf16_stochastic_round=True)`).
+- `bf16_kahan`: bf16 params and moments (torch's ops) with a bf16 Kahan
+            compensation buffer per parameter (optimi's `kahan_sum`).
 
-The optimizer needs no policy of its own: `jaxdt.optim.adamw` rounds in each
-parameter's dtype, so bf16 params get bf16 moments and f32 params f32 ones.
+For the first three the optimizer needs no policy of its own: `jaxdt.optim.adamw`
+rounds in each parameter's dtype, so bf16 params get bf16 moments and f32 params
+f32 ones. The two remedies differ only in the write-back (`Policy.write_back`),
+done by `jaxdt.optim.policies`.
+
+What "frozen" means (ΔW′ is always in cells of the stored lattice, `probes.displacement`):
+under `bf16` a row is frozen once its updates stay below half a ULP, and then it never
+moves again until they grow; under `bf16_sr` no update is rounded away for good: an
+update of a fraction f of a ULP moves an element by one cell with probability f, so a
+"frozen" step of a row is a step where no element happened to move, and a row whose
+updates are small moves rarely rather than never; under `bf16_kahan` a sub-half-ULP
+update is kept in the compensation buffer, which accumulates until the pending sum
+crosses half a ULP and the row then moves by a whole cell, so a frozen row is one whose
+pending sum has not yet reached half a ULP (or whose updates cancel). Under `mixed` and
+`fp32` the stored lattice is f32's and a row moves whenever its f32 update is nonzero.
 """
 
 from __future__ import annotations
@@ -27,19 +45,26 @@ class Policy(NamedTuple):
   name: str
   param_dtype: jnp.dtype  # stored params (and, through adamw, the moments)
   compute_dtype: jnp.dtype  # the copy the model runs on; grads come back in param_dtype
+  # How the optimizer writes the new parameter back (`jaxdt.optim.policies`): ROUND
+  # (torch's one rounding of p + step), STOCHASTIC or KAHAN.
+  write_back: str = "round"
 
+
+ROUND, STOCHASTIC, KAHAN = "round", "stochastic", "kahan"
 
 POLICIES = {
     "bf16": Policy("bf16", jnp.bfloat16, jnp.bfloat16),
     "fp32": Policy("fp32", jnp.float32, jnp.float32),
     "mixed": Policy("mixed", jnp.float32, jnp.bfloat16),
+    "bf16_sr": Policy("bf16_sr", jnp.bfloat16, jnp.bfloat16, STOCHASTIC),
+    "bf16_kahan": Policy("bf16_kahan", jnp.bfloat16, jnp.bfloat16, KAHAN),
 }
 
 
 def get_policy(name: str) -> Policy:
-  """The policy called `name` ("bf16", "fp32" or "mixed")."""
+  """The policy called `name` (a key of `POLICIES`)."""
   if name not in POLICIES:
-    raise ValueError(f"unknown precision {name!r}; use one of {sorted(POLICIES)}")
+    raise ValueError(f"unknown precision {name!r}; use one of {', '.join(POLICIES)}")
   return POLICIES[name]
 
 

@@ -12,6 +12,7 @@ from jaxdt.model import tinylm
 from jaxdt.model import torch_io
 from jaxdt.numerics import precision
 from jaxdt.optim import adamw
+from jaxdt.optim import policies
 from jaxdt.training import step
 
 
@@ -27,7 +28,8 @@ def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> step.
   adamw.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
   trackers = probes_lib.of_config(cfg).trackers
   return step.TrainState(params, adamw.init(params),
-                         {k.key: jnp.asarray(k.init(dims)) for k in trackers})
+                         {k.key: jnp.asarray(k.init(dims)) for k in trackers},
+                         policies.init(policy, params, step.sr_key_data(cfg)))
 
 
 def initial_records(cfg: config_lib.ExperimentConfig, state: step.TrainState, rows) -> dict:

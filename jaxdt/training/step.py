@@ -30,10 +30,11 @@ from jaxdt.numerics import lattice
 from jaxdt.numerics import ordered
 from jaxdt.numerics import precision
 from jaxdt.optim import adamw
+from jaxdt.optim import policies
 from jaxdt import probes as probes_lib
 
 
-INIT_PURPOSE, DATA_PURPOSE = 0, 1  # fold_in constants of the root key
+INIT_PURPOSE, DATA_PURPOSE, SR_PURPOSE = 0, 1, 2  # fold_in constants of the root key
 EMBEDDING = "embedding"  # the token table's key in model params
 
 
@@ -43,12 +44,22 @@ class TrainState(NamedTuple):
   params: dict
   opt_state: adamw.AdamWState
   probe_state: dict  # tracker key -> array, e.g. last_motion_step
+  # The precision policy's own state (`policies.init`): {} for bf16, mixed and fp32 (no
+  # leaves, so their checkpoints hold what they always held), the SR key for bf16_sr,
+  # the Kahan buffers for bf16_kahan.
+  policy_state: dict = {}
 
 
 def root_keys(seed: int):
   """(init key, data key) from the random seed, split by purpose."""
   root = jax.random.key(seed)
   return jax.random.fold_in(root, INIT_PURPOSE), jax.random.fold_in(root, DATA_PURPOSE)
+
+
+def sr_key_data(cfg: config_lib.ExperimentConfig) -> np.ndarray:
+  """Key data (uint32) of the stochastic rounding's key: `sr_seed`, else `seed`, by purpose."""
+  seed = cfg.seed if cfg.sr_seed is None else cfg.sr_seed
+  return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), SR_PURPOSE)))
 
 
 def data_key(cfg: config_lib.ExperimentConfig):
@@ -121,7 +132,8 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
   def step(state: TrainState, t):
     batch = sample(key, t)
     (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
-    params, opt_state = adamw.step(hp, state.params, grads, state.opt_state, coef)
+    params, opt_state, policy_state = policies.step(
+        policy, hp, state.params, grads, (state.opt_state, state.policy_state), coef)
     view = probes_lib.StepView(
         t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
         w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
@@ -129,7 +141,7 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
         loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss, coef=coef)
     record = {s.key: s.record(view) for s in series}
     probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
-    return TrainState(params, opt_state, probe_state), (record, loss)
+    return TrainState(params, opt_state, probe_state, policy_state), (record, loss)
 
   return step
 
