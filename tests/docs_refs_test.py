@@ -95,8 +95,12 @@ SECTION_RE = re.compile(r"(?:(?P<file>[\w./-]+)[\s,]+)?§\s?(?P<sec>[^\s,;:.)\"`
 def _walk_files(root):
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
+    # Hidden folders (.git, .venv-ci: CI's venv inside the clone) and virtual environments
+    # hold other projects' files, never the ones the documents mean.
     dirnames[:] = sorted(d for d in dirnames
-                         if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+                         if d not in SKIP_DIRS and not d.endswith(".egg-info")
+                         and not d.startswith(".")
+                         and not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg")))
     for name in sorted(filenames):
       out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
   return out
