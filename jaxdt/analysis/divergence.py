@@ -69,7 +69,8 @@ def divergence(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -
   try:
     _check_same_rows(ta, tb)
     T = min(ta.steps, tb.steps)
-    block = block_steps or stream.default_block_steps(ta.n_rows, ta.hidden)
+    tb.check_memory(T)
+    block = stream.block_for(ta, T, block_steps)
     equal, rel = np.zeros(T + 1), np.full(T + 1, np.nan)
     w0 = ta.values(ta.reader.rows(ta.w_key, 0, 1)).astype(np.float64)[0]
     first = None

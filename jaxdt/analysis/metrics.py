@@ -266,6 +266,6 @@ def analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional
   Raises:
     AnalysisError: PATH is not an analysable, finished, intact trajectory.
   """
-  with np.errstate(all="ignore"), warnings.catch_warnings():
+  with np.errstate(all="ignore"), warnings.catch_warnings(), trajectory.malformed(path):
     warnings.simplefilter("ignore", RuntimeWarning)
     return _analyze(path, block_steps, max_steps, threshold)

@@ -76,7 +76,17 @@ def _last_step(last: np.ndarray, hit: np.ndarray, first_step: int) -> np.ndarray
 
 def default_block_steps(n: int, hidden: int) -> int:
   """Steps per block so that a block's working arrays take about BLOCK_BYTES."""
-  return max(1, BLOCK_BYTES // max(1, 40 * n * hidden))
+  return max(1, BLOCK_BYTES // max(1, trajectory.BLOCK_ELEMENT_BYTES * n * hidden))
+
+
+def block_for(traj: trajectory.Trajectory, T: int, block_steps: Optional[int]) -> int:
+  """Steps per block, after checking the pass's kept state against the memory budget: the
+  per-step arrays of T entries are allocated only after this (never from a header's word
+  alone), and a block is never larger than the budget allows."""
+  traj.check_memory(T)
+  most = traj.reader.budget // max(1, trajectory.BLOCK_ELEMENT_BYTES * traj.n_rows
+                                   * max(traj.hidden, 1))
+  return max(1, min(block_steps or default_block_steps(traj.n_rows, traj.hidden), most))
 
 
 class _Motion:
@@ -156,7 +166,7 @@ def scan(traj: trajectory.Trajectory, threshold: float = MOTION_THRESHOLD,
   """
   T = traj.steps if max_steps is None else min(traj.steps, max_steps)
   n, D = traj.n_rows, traj.hidden
-  block = block_steps or default_block_steps(n, D)
+  block = block_for(traj, T, block_steps)
   has_w = traj.w_key is not None
   stored_c = traj.has("centroid") and traj.rows is None
   motion, cloud = _Motion(T, n, D, threshold), _Cloud(traj, T, has_w, stored_c)
@@ -215,7 +225,7 @@ def accounting_from_state(traj: trajectory.Trajectory, hyper, block_steps: Optio
   from jaxdt.optim import accounting  # pylint: disable=g-import-not-at-top
   m_key, v_key = trajectory.state_keys(traj.reader.keys())
   T = traj.steps if max_steps is None else min(traj.steps, max_steps)
-  block = block_steps or default_block_steps(traj.n_rows, traj.hidden)
+  block = block_for(traj, T, block_steps)
   fn = jax.jit(jax.vmap(lambda wp, wn, m, v, t: accounting.metrics(wp, wn, m, v, t, hyper)))
   out = {k: np.zeros(T, np.float32) for k in accounting.METRIC_NAMES}
   for s in range(0, T, block):

@@ -13,8 +13,8 @@ numpy f32 (for bf16 W) and its f32-spacing twin (for f32 W).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 from typing import Optional
 
@@ -28,6 +28,7 @@ from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import results
 from jaxdt.io import locks
 from jaxdt.io import tensorfile
+from jaxdt.io import untrusted
 
 
 class AnalysisError(ValueError):
@@ -136,7 +137,7 @@ def resolve_path(path: str) -> str:
   if os.path.isdir(path):
     meta = _read_json(os.path.join(path, metadata_lib.METADATA_FILE))
     name = ((meta.get("config") or {}).get("store") or {}).get("trajectory_name")
-    if name and os.path.isfile(os.path.join(path, name)):
+    if name and os.path.basename(name) == name and os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if len(found) == 1:
@@ -164,12 +165,26 @@ def resolve_path(path: str) -> str:
 
 
 def _read_json(path: str) -> dict:
+  """metadata.json as far as finding the trajectory goes ({} when unreadable: `open_result`
+  refuses it afterwards, in one line)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      out = json.load(f)
-    return out if isinstance(out, dict) else {}
-  except (OSError, ValueError):
+    return metadata_lib.read_json_object(path) or {}
+  except disk.StoreError:
     return {}
+
+
+# What a streaming pass keeps besides one block (stream.Scan, the series metrics derives
+# from it, the accounting metrics, the plots), generously: the check errs on refusing.
+PASS_STEP_BYTES = 512  # per step: counts, classes, means, radii, accounting, series
+PASS_STEP_HIDDEN_BYTES = 32  # per step and hidden unit: the f64 centroid and its copies
+PASS_ROW_BYTES = 128  # per analysed row: the last-step arrays, stored per-row tensors
+BLOCK_ELEMENT_BYTES = 40  # per W element of one block's working arrays
+
+
+def pass_bytes(steps: int, n: int, hidden: int) -> int:
+  """The bytes a pass over `steps` steps of `n` rows of `hidden` keeps, with one step's block."""
+  return ((steps + 1) * (PASS_STEP_BYTES + PASS_STEP_HIDDEN_BYTES * hidden)
+          + n * PASS_ROW_BYTES + BLOCK_ELEMENT_BYTES * n * max(hidden, 1))
 
 
 @dataclasses.dataclass
@@ -190,6 +205,7 @@ class Trajectory:
     n_rows: rows analysed.
     hidden: D.
     notes: what was inferred about the layout, for the printed summary.
+    steps_key: the tensor whose rows give T (named when a pass is refused).
   """
 
   path: str
@@ -204,9 +220,26 @@ class Trajectory:
   n_rows: int
   hidden: int
   notes: list
+  steps_key: Optional[str] = None  # the tensor whose rows give `steps`
 
   def has(self, key: str) -> bool:
     return key in self.reader.keys()
+
+  def check_memory(self, steps: Optional[int] = None) -> None:
+    """Refuses, before anything is allocated, a pass over `steps` (default T) whose kept
+    state (`pass_bytes`) would pass the reader's memory budget.
+
+    Raises:
+      AnalysisError: one line naming the file, the tensor and the budget.
+    """
+    steps = self.steps if steps is None else steps
+    need = pass_bytes(steps, self.n_rows, self.hidden)
+    if need > self.reader.budget:
+      what = (f"a streaming pass over tensor {self.steps_key or self.w_key!r} ({steps + 1:,} "
+              f"rows of {self.n_rows:,} x {self.hidden:,})")
+      raise AnalysisError(str(disk.over_budget(
+          self.path, what, need, self.reader.budget, "re-create the file if its header lies, "
+          f"or raise {disk.BUDGET_ENV} if the machine has the memory")))
 
   def verify(self) -> bool:
     """Ends the pass: every tensor against its recorded SHA-256 (False: none recorded).
@@ -268,58 +301,137 @@ class Trajectory:
     return config_lib.OptimConfig(got["learning_rate"], got["b1"], got["b2"], got["eps"], got["weight_decay"])
 
 
+def _dims(reader: tensorfile.TrajectoryReader, path: str, key: str, ndim: int) -> tuple:
+  """The shape of `key`, refused in one line unless it has `ndim` dimensions."""
+  shape = reader.shape(key)
+  if len(shape) != ndim:
+    raise AnalysisError(f"{path}: {key!r} has shape {list(shape)[:8]}; expected {ndim} "
+                        "dimensions (re-create the file, or split stacked runs into one file each)")
+  return shape
+
+
+def _w_layout(reader: tensorfile.TrajectoryReader, path: str, keys) -> tuple:
+  """(w_key, w_format, recorded rows, hidden) of a file."""
+  w_key = role_key(keys, "weights")
+  if w_key is not None:
+    shape, code = _dims(reader, path, w_key, 3), reader.raw_dtype(w_key)
+    if code not in ("U16", "BF16", "F32"):
+      raise AnalysisError(f"{path}: {w_key!r} is {code}; expected uint16/BF16 bf16 bits or F32")
+    return w_key, "f32" if code == "F32" else "bf16", shape[1], shape[2]
+  if "delta_W_prime" in keys:
+    return None, None, *_dims(reader, path, "delta_W_prime", 3)[1:]
+  if is_compact(keys) and "last_motion_step" in keys:  # the compact freeze record
+    return None, None, int(np.prod(reader.shape("last_motion_step"))), 0
+  return None, None, 0, 0
+
+
+def _steps(reader: tensorfile.TrajectoryReader, path: str, keys, w_key, loss_key) -> tuple:
+  """(T, the tensor whose rows give it) of a file."""
+  for key, extra in ((w_key, 1), ("delta_W_prime", 0), ("n_frozen" if is_compact(keys) else None,
+                                                          0), (loss_key, 1)):
+    if key is not None and key in keys:
+      shape = reader.shape(key)
+      if not shape or shape[0] < extra:
+        raise AnalysisError(f"{path}: {key!r} has shape {list(shape)[:8]}, no rows of steps; "
+                            "re-create the file")
+      return shape[0] - extra, key
+  raise AnalysisError(f"{path} has none of W, delta_W_prime, loss "
+                      f"({untrusted.show(', '.join(keys), 120)}); nothing to analyse")
+
+
+# role -> (dimensions, rows beyond T it needs; None: any) of what the analyses read.
+_ROLE_SHAPES = {"loss": (1, 1), "centroid_norm": (1, 1), "frozen_count": (1, 0),
+                "moving_count": (1, 0), "displacement_norm_mean": (1, 0), "accounting": (1, 0),
+                "last_motion": (1, None), "centroid": (2, 1), "displacement": (3, 0),
+                "momentum": (3, 1), "variance": (3, 1)}
+
+
+def _check_shapes(reader: tensorfile.TrajectoryReader, path: str, keys, steps: int,
+                  trailing: tuple) -> None:
+  """Refuses tensors whose shapes do not fit the T steps and [rows, D] of the file's W (or
+  ΔW′): every analysis can then index what it reads."""
+  for role, (ndim, extra) in _ROLE_SHAPES.items():
+    for key in probes.keys_with_role(role):
+      if key not in keys:
+        continue
+      shape = _dims(reader, path, key, ndim)
+      if extra is not None and shape[0] < steps + extra:
+        raise AnalysisError(f"{path}: {key!r} has {shape[0]:,} rows, fewer than the "
+                            f"{steps + extra:,} of its {steps:,} steps; re-create the file")
+      tail = trailing[-(ndim - 1):] if ndim > 1 else ()
+      if ndim > 1 and trailing and tuple(shape[1:]) != tail:
+        raise AnalysisError(f"{path}: {key!r} has shape {list(shape)}, not [T, "
+                            f"{', '.join(map(str, tail))}] like W; re-create the file")
+
+
 def open_trajectory(path: str) -> Trajectory:
   """Opens a trajectory file (or the one in a run folder) and works out its layout.
 
+  Checks what a streaming pass over it keeps against the memory budget
+  (`Trajectory.check_memory`) before anything is allocated.
+
   Raises:
-    AnalysisError: unreadable file, or W of an unsupported shape or dtype.
+    AnalysisError: unreadable file, W of an unsupported shape or dtype, or a
+      pass beyond the memory budget (one line naming the file and the tensor).
   """
   path = resolve_path(path)
   try:
     reader, meta, integrity = results.open_result(path)
   except (disk.StoreError, OSError) as e:
     raise AnalysisError(str(e)) from None
+  try:
+    return _layout(path, reader, meta, integrity)
+  except disk.StoreError as e:
+    reader.close()
+    raise AnalysisError(str(e)) from None
+  except BaseException:
+    reader.close()
+    raise
+
+
+def _layout(path: str, reader: tensorfile.TrajectoryReader, meta: dict, notes: list):
   keys = reader.keys()
-  notes = []
-  w_key, loss_key = role_key(keys, "weights"), role_key(keys, "loss")
-  w_format, rows, recorded, hidden = None, None, 0, 0
-  if w_key is not None:
-    shape, code = reader.shape(w_key), reader.raw_dtype(w_key)
-    if len(shape) != 3:
-      raise AnalysisError(f"{path}: {w_key!r} has shape {list(shape)}; expected [T+1, rows, D] "
-                          "(stacked multi-run files: split them into one file per run)")
-    if code not in ("U16", "BF16", "F32"):
-      raise AnalysisError(f"{path}: {w_key!r} is {code}; expected uint16/BF16 bf16 bits or F32")
-    w_format = "f32" if code == "F32" else "bf16"
-    recorded, hidden = shape[1], shape[2]
-  elif "delta_W_prime" in keys:
-    recorded, hidden = reader.shape("delta_W_prime")[1:]
-  elif is_compact(keys) and "last_motion_step" in keys:  # the compact freeze record
-    recorded = int(np.prod(reader.shape("last_motion_step")))
+  w_key, w_format, recorded, hidden = _w_layout(reader, path, keys)
+  loss_key = role_key(keys, "loss")
+  steps, steps_key = _steps(reader, path, keys, w_key, loss_key)
+  _check_shapes(reader, path, keys, steps, (recorded, hidden) if hidden else ())
+  rows, notes = None, list(notes)
   if w_key is None and is_compact(keys):
     pass  # counts only: the rows are the recorded (dead) rows, nothing to select
   elif recorded and "dead_mask" in keys:
     mask = reader.read("dead_mask").astype(bool).reshape(-1)
     if mask.size == recorded and mask.sum() < recorded:
       rows = np.flatnonzero(mask)
-      notes.append(f"W holds all {recorded} rows; analysing the {rows.size} dead rows (dead_mask)")
+      notes.insert(0, f"W holds all {recorded} rows; analysing the {rows.size} dead rows "
+                   "(dead_mask)")
   elif recorded:
-    notes.append(f"no dead_mask: all {recorded} recorded rows are analysed as one cloud")
-  if w_key is not None:
-    steps = reader.shape(w_key)[0] - 1
-  elif "delta_W_prime" in keys:
-    steps = reader.shape("delta_W_prime")[0]
-  elif is_compact(keys):
-    steps = reader.shape("n_frozen")[0]
-  elif loss_key is not None:
-    steps = reader.shape(loss_key)[0] - 1
-  else:
-    raise AnalysisError(f"{path} has none of W, delta_W_prime, loss ({', '.join(keys)}); "
-                        "nothing to analyse")
+    notes.insert(0, f"no dead_mask: all {recorded} recorded rows are analysed as one cloud")
+  n = recorded if rows is None else rows.size
+  rowwise = w_key or "delta_W_prime" in keys or (is_compact(keys) and "last_motion_step" in keys)
+  if rowwise and (n == 0 or (hidden == 0 and not is_compact(keys))):
+    raise AnalysisError(f"{path} records {n} rows of {hidden} hidden units "
+                        f"({'W or delta_W_prime' if hidden == 0 else 'after dead_mask'}): "
+                        "nothing to analyse; pass a file that records rows")
   ours = "config" in meta or any(k in keys for k in accounting_keys())
-  return Trajectory(path, reader, meta, "jaxdt" if ours else "lab", w_key, w_format, loss_key,
-                    rows, steps, recorded if rows is None else rows.size, hidden,
-                    notes + integrity)
+  traj = Trajectory(path, reader, meta, "jaxdt" if ours else "lab", w_key, w_format, loss_key,
+                    rows, steps, n, hidden, notes, steps_key)
+  traj.check_memory()
+  return traj
+
+
+@contextlib.contextmanager
+def malformed(path: str):
+  """The last guard of an analysis of a file nobody vouches for: an error its tensors cause
+  deep in an analysis (an empty reduction, an index past a short tensor) becomes one line
+  naming the file. The shape checks of `open_trajectory` refuse what they know first."""
+  try:
+    yield
+  except (AnalysisError, disk.StoreError):
+    raise
+  except (ArithmeticError, LookupError, TypeError, ValueError) as e:
+    raise AnalysisError(f"{path}: its tensors do not fit the analyses ({type(e).__name__}: "
+                        f"{untrusted.show(str(e), 100)}); check the file (a jaxdt run never "
+                        "does this: report it)") from None
 
 
 # --- Run facts from metadata.json ---------------------------------------------

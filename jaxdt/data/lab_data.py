@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional
 
 from jaxdt.data import recipe
 from jaxdt.data import vocabulary
+from jaxdt.io import disk
 
 RECIPE_NAME, RECIPE_VERSION = "flannel-fineweb", 1
 CACHE_SUBDIR = f"fineweb-v{RECIPE_VERSION}"
@@ -164,10 +165,12 @@ class Rows:
 
   def get(self, src, revision, shard, group) -> Optional[list]:
     path = self._path(src, revision, shard, group)
-    if not os.path.exists(path):
+    fix = f"delete {self.folder} (a damaged download cache) and build again"
+    saved = vocabulary.read_json(path, fix, schema={"texts": list, "texts[]": str, "sha256": str},
+                                 max_bytes=max(16 << 20, disk.memory_budget() // 4),
+                                 missing_ok=True)
+    if saved is None:
       return None
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
     texts = saved.get("texts")
     if _digest(texts) != saved.get("sha256"):
       raise vocabulary.DataError(f"kept row group {path} does not match its SHA-256 (a damaged "
@@ -177,10 +180,11 @@ class Rows:
   def groups(self, src, revision, shard) -> Optional[int]:
     """The shard's row-group count, once it has been read to its end."""
     try:
-      with open(self._path(src, revision, shard, -1), encoding="utf-8") as f:
-        return int(json.load(f)["row_groups"])
-    except (OSError, ValueError, KeyError):
-      return None
+      saved = vocabulary.read_json(self._path(src, revision, shard, -1), "", missing_ok=True,
+                                   schema={"row_groups": int}, required=("row_groups",))
+    except vocabulary.DataError:
+      return None  # read the shard again
+    return None if saved is None else saved["row_groups"]
 
   def put_groups(self, src, revision, shard, n: int) -> None:
     path = self._path(src, revision, shard, -1)

@@ -330,12 +330,10 @@ def check_cache(directory: str, recipe_version: int = RECIPE_VERSION) -> Default
   if not os.path.isfile(path):
     raise vocabulary.DataError(
         f"cache {directory!r} has no {MANIFEST_FILE} (an unfinished or foreign folder); {fix}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
-    recipe, files, versions = manifest["recipe_version"], manifest["files"], manifest["versions"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise vocabulary.DataError(f"cache manifest {path!r} is unreadable ({vocabulary.one_line(e)}); {fix}") from None
+  manifest = vocabulary.read_json(path, fix, required=("recipe_version", "files", "versions"),
+                                  schema={"recipe_version": int, "files": dict, "files.*": str,
+                                          "versions": dict})
+  recipe, files, versions = manifest["recipe_version"], manifest["files"], manifest["versions"]
   if recipe != recipe_version:
     raise vocabulary.DataError(f"cache manifest {path!r} is recipe version {recipe}, "
                     f"this jaxdt builds {recipe_version}; {fix}")

@@ -15,6 +15,10 @@ import os
 
 import numpy as np
 
+from jaxdt.io import disk
+from jaxdt.io import tensorfile
+from jaxdt.io import untrusted
+
 
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -41,6 +45,17 @@ def sha256_file(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
+
+
+def read_json(path: str, fix: str, *, schema=None, required=(), max_bytes: int = 16 << 20,
+              missing_ok: bool = False):
+  """A JSON object file of the data (a manifest, a cached row group) through
+  `jaxdt.io.untrusted`: bounded, strict, held to `schema`; a DataError otherwise."""
+  try:
+    return untrusted.read_object(path, fix, schema=schema, required=required,
+                                 max_bytes=max_bytes, missing_ok=missing_ok)
+  except disk.StoreError as e:
+    raise DataError(str(e)) from None
 
 
 def read_bytes(path: str, what: str, flag: str) -> bytes:
@@ -154,14 +169,21 @@ def write_mask_file(path: str, masks: dict[str, np.ndarray]) -> None:
 
 
 def load_mask_file(path: str) -> dict[str, np.ndarray]:
-  """Reads a mask safetensors file; unreadable or non-safetensors is a DataError."""
-  from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
-  raw = read_bytes(path, "mask file", "--dead_mask_path")
+  """Reads a mask safetensors file with jaxdt's bounded reader (its header checked against
+  the file's size and the memory budget before anything is allocated); unreadable or
+  non-safetensors is a DataError."""
+  if not os.path.exists(path):
+    raise DataError(f"mask file {path!r} not found; fix --dead_mask_path to point at an "
+                    "existing file")
+  if os.path.isdir(path):
+    raise DataError(f"mask file {path!r} is a directory; pass the file itself with "
+                    "--dead_mask_path")
   try:
-    return dict(load(raw))
-  except Exception as e:  # safetensors raises its own error types
+    with tensorfile.TrajectoryReader(path) as reader:
+      return {k: reader.read(k) for k in reader.keys()}
+  except disk.StoreError as e:
     raise DataError(
-        f"mask file {path!r} is not a safetensors file ({one_line(e)}); pass the lab's "
+        f"mask file {path!r} is not a usable safetensors file ({one_line(e)}); pass the lab's "
         "live_dead_tokens.safetensors or omit --dead_mask_path") from None
 
 

@@ -21,13 +21,14 @@ from jaxdt.io import disk
 from jaxdt.io import metadata
 from jaxdt.io import tensorfile
 from jaxdt.io import tensorwriter
+from jaxdt.io import untrusted
 
 
 CHECKPOINT_ARRAYS = "arrays.safetensors"
 CHECKPOINT_META = "meta.json"
 CHECKPOINT_FORMAT = "jaxdt-checkpoint-1"
 
-_CKPT_DIR = re.compile(r"step_(\d{6,})")
+_CKPT_DIR = re.compile(r"step_(\d{6,18})")  # longer names are not ours
 
 # --- Checkpoints ------------------------------------------------------------
 
@@ -140,19 +141,26 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
   return _read_checkpoint_meta(os.fspath(path))
 
 
+# The marker's kinds (`untrusted.check`); a marker of other kinds is corrupt.
+CHECKPOINT_SCHEMA = {
+    "format": str, "step": int, "extra": dict, "extra.step": int, "covers": dict,
+    "covers.trajectory": dict, "covers.trajectory.*": dict, "covers.trajectory.*.rows": int,
+    "covers.trajectory.*.sha256": str, "leaves": list, "leaves[]": dict, "leaves[].name": str,
+    "leaves[].dtype": str, "leaves[].shape": list, "leaves[].shape[]": int, "sha256": dict,
+    "sha256.*": str, "marker_sha256": str}
+
+
 def _read_checkpoint_meta(path: str) -> dict:
   meta_path = os.path.join(path, CHECKPOINT_META)
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-    if not isinstance(meta, dict):
-      raise ValueError("not an object")
-  except FileNotFoundError:
+  if not os.path.lexists(meta_path):
     raise disk.StoreError(f"checkpoint {path} has no {CHECKPOINT_META} (unfinished write); restore "
-                     "from latest_checkpoint() instead") from None
-  except (UnicodeDecodeError, ValueError):
-    raise disk.StoreError(f"checkpoint {path} has an unreadable {CHECKPOINT_META} (corrupt); "
-                     "restore from an older checkpoint") from None
+                     "from latest_checkpoint() instead")
+  try:
+    meta = untrusted.read_object(meta_path, "restore from an older checkpoint",
+                                 schema=CHECKPOINT_SCHEMA, required=("format", "leaves", "extra"))
+  except disk.StoreError as e:
+    raise disk.StoreError(f"checkpoint {path} has an unreadable {CHECKPOINT_META} (corrupt: "
+                          f"{str(e).split('; ')[0]}); restore from an older checkpoint") from None
   if meta.get("format") != CHECKPOINT_FORMAT:
     raise disk.StoreError(f"checkpoint {path} has format {meta.get('format')!r}, expected "
                      f"{CHECKPOINT_FORMAT!r}; restore it with the jaxdt that wrote it")
@@ -220,7 +228,7 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]
                        "SHA-256 in its marker; restore from an older checkpoint")
   fix = "restore with the config the checkpoint was saved with"
   like = _named_leaves(like_tree)
-  saved = [leaf["name"] for leaf in meta["leaves"]]
+  saved = [leaf.get("name") for leaf in meta["leaves"]]
   names = [n for n, _ in like]
   if names != saved:
     missing = [n for n in names if n not in saved]

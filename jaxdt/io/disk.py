@@ -111,6 +111,45 @@ def _mem_available() -> Optional[int]:
   return None
 
 
+BUDGET_ENV = "JAXDT_MEMORY_BUDGET"  # bytes a reader may allocate, e.g. "2G", "512M", "1000000"
+BUDGET_FRACTION = 0.5  # of MemAvailable, when the variable is not set
+BUDGET_FALLBACK = 4 << 30  # where /proc/meminfo says nothing
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_budget() -> int:
+  """The bytes one reader may allocate from what a file declares (headers, shapes, rows).
+
+  $JAXDT_MEMORY_BUDGET when set (an integer, optionally with K, M, G or T:
+  powers of 1024), else half of MemAvailable, else 4 GiB. Readers check every
+  size a file declares against it BEFORE allocating, so a lying header is
+  refused in one line instead of exhausting the machine.
+
+  Raises:
+    StoreError: the variable is set to something else than a positive size.
+  """
+  text = os.environ.get(BUDGET_ENV, "").strip()
+  if text:
+    unit = text[-1].upper() if text[-1].upper() in _UNITS else ""
+    number = text[:-1] if unit else text
+    try:
+      value = int(number) * _UNITS[unit]
+    except ValueError:
+      value = 0
+    if value <= 0:
+      raise StoreError(f"{BUDGET_ENV}={text[:40]!r} is not a size; set it to bytes, e.g. "
+                       f"{BUDGET_ENV}=8G, or unset it")
+    return value
+  available = _mem_available()
+  return int(available * BUDGET_FRACTION) if available else BUDGET_FALLBACK
+
+
+def over_budget(path: str, what: str, needed: int, budget: int, fix: str) -> "StoreError":
+  """The one-line refusal of an allocation a file asks for beyond the memory budget."""
+  return StoreError(f"{path}: {what} needs {fmt_bytes(needed)}, more than the memory budget of "
+                    f"{fmt_bytes(budget)} ({BUDGET_ENV}); {fix}")
+
+
 def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: int = 0,
               file_name: str = "the run's output") -> None:
   """Refuses to start a run that cannot fit on disk or in RAM.
@@ -139,6 +178,27 @@ def preflight(out_dir: str | os.PathLike, needed_bytes: int, needed_ram_bytes: i
     raise StoreError(f"not enough RAM for {file_name}: need {fmt_bytes(needed_ram_bytes)}, "
                      f"{fmt_bytes(available)} available; pass a smaller --chunk_steps or "
                      "record fewer rows")
+
+
+def check_fits(path: str, fix: str) -> None:
+  """Refuses a path the file system of its (existing) folder cannot hold: a name over
+  NAME_MAX bytes (e.g. a `.partial` name over 255) or a path of PATH_MAX bytes or more.
+
+  Raises:
+    StoreError: one line with the lengths and `fix`.
+  """
+  try:
+    name_max = os.pathconf(os.path.dirname(path) or ".", "PC_NAME_MAX")
+    path_max = os.pathconf(os.path.dirname(path) or ".", "PC_PATH_MAX")
+  except (OSError, ValueError):
+    name_max, path_max = 255, 4096
+  name, whole = os.fsencode(os.path.basename(path)), os.fsencode(path)
+  if len(name) > name_max or len(whole) >= path_max:
+    shown = os.path.basename(path)
+    shown = repr(shown) if len(shown) <= 60 else repr(shown[:57]) + "..."
+    raise StoreError(f"{shown} in {os.path.dirname(path)[:200]} cannot be created: its name is "
+                     f"{len(name)} bytes (the file system holds {name_max}) and its path "
+                     f"{len(whole)} (it holds under {path_max}); {fix}")
 
 
 def os_error_message(e: OSError, path: Optional[str] = None) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxdt.io import disk
 from jaxdt.io import tensorfile
+from jaxdt.io import untrusted
 
 
 METADATA_FILE = "metadata.json"
@@ -60,16 +61,40 @@ def write_metadata(run_dir: str | os.PathLike, metadata: Mapping[str, Any]) -> s
   return path
 
 
+# The kinds of the metadata.json keys readers use (`untrusted.check`): a hostile
+# or damaged file is refused in one line here, so no reader meets a list where
+# an object belongs. Absent and null keys pass (older runs, the lab's runs).
+_HOST = {"cpu_model": str, "cpu_features": list, "cpu_features[]": str, "gemm_path": str,
+         "arithmetic_fingerprint": str}
+METADATA_SCHEMA = {
+    "config": dict, "config.name": str, "config.seed": int, "config.data_seed": int,
+    "config.steps": int, "config.precision": str, "config.optim": dict,
+    "config.optim.learning_rate": float, "config.optim.weight_decay": float,
+    "config.store": dict, "config.store.trajectory_name": str,
+    "config.model": dict, "config.data": dict, "config.probes": dict,
+    "completed": bool, "trajectory_bytes": int, "trajectory_sha256": str,
+    "tensor_sha256": dict, "tensor_sha256.*": str, "sweep": dict, "sweep.member": int,
+    "framework": str, "experiment": str, "date": str, "xla_flags": str, "device": str,
+    "motion_threshold": float, "diverged_at_step": int, "learning_rate": float,
+    "beta1": float, "beta2": float, "epsilon": float, "weight_decay": float,
+    "wall_time_s": float, "final_loss": float, "global_last_motion": int,
+    "fimbulwinter_duration": int, "steps_completed": int, "total_steps": int,
+    "data_files": dict, "host": dict, "hosts": list, "hosts[]": dict, "hosts[].from_step": int,
+    **_HOST, **{f"host.{k}": v for k, v in _HOST.items()},
+    **{f"hosts[].{k}": v for k, v in _HOST.items()},
+}
+
+
 def read_metadata(run_dir: str | os.PathLike) -> dict:
-  """Reads `run_dir/metadata.json`; StoreError if it is missing or unreadable."""
+  """Reads `run_dir/metadata.json` through `untrusted` (bounded, strict, `METADATA_SCHEMA`).
+
+  Raises:
+    StoreError: missing, unreadable, or not a run's metadata (one line).
+  """
   path = os.path.join(os.fspath(run_dir), METADATA_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise disk.StoreError(f"{path} not found; is {run_dir} a run directory?") from None
-  except ValueError:
-    raise disk.StoreError(f"{path} is not valid JSON; re-run or repair it") from None
+  if not os.path.lexists(path):
+    raise disk.StoreError(f"{path} not found; is {run_dir} a run directory?")
+  return untrusted.read_object(path, "re-run or repair it", schema=METADATA_SCHEMA)
 
 
 def is_complete(run_dir: str | os.PathLike, trajectory_name: str) -> bool:
@@ -99,16 +124,12 @@ def is_complete(run_dir: str | os.PathLike, trajectory_name: str) -> bool:
   return True
 
 
-def read_json_object(path: str) -> Optional[dict]:
-  """A JSON object file (None if missing); StoreError if it is not a JSON object."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      out = json.load(f)
-  except FileNotFoundError:
-    return None
-  except (UnicodeDecodeError, ValueError):
-    raise disk.StoreError(f"{path} is unreadable (not JSON); this folder's run cannot be "
-                           "trusted: choose another --output_dir") from None
-  if not isinstance(out, dict):
-    raise disk.StoreError(f"{path} is not a JSON object; choose another --output_dir")
-  return out
+def read_json_object(path: str, schema: Optional[Mapping[str, Any]] = None,
+                     fix: str = "this folder's run cannot be trusted: choose another "
+                                "--output_dir") -> Optional[dict]:
+  """A JSON object file through `untrusted` (None if missing), checked against `schema`
+  (`METADATA_SCHEMA` for a file named metadata.json); StoreError (ending in `fix`) if it
+  is not one."""
+  if schema is None and os.path.basename(path) == METADATA_FILE:
+    schema = METADATA_SCHEMA
+  return untrusted.read_object(path, fix, schema=schema, missing_ok=True)

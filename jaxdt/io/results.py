@@ -39,10 +39,10 @@ def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
     raise disk.StoreError(f"{path} is an unfinished trajectory (.partial); "
                            f"{locks.unfinished_advice(folder)}, then pass the finished file")
   meta_path = os.path.join(folder, METADATA_FILE)
-  try:
-    meta = metadata_lib.read_json_object(meta_path) or {}
-  except disk.StoreError:
-    meta = {}
+  # A metadata.json that cannot be read is refused: it is what says finished or not.
+  meta = metadata_lib.read_json_object(
+      meta_path, fix="restore it from a copy, or move the .safetensors file to a folder of "
+      "its own to analyse it unverified") or {}
   notes, digests = [], None
   config = meta.get("config")
   ours = isinstance(config, dict)
@@ -54,7 +54,7 @@ def open_result(path: str) -> tuple[tensorfile.TrajectoryReader, dict, list]:
     size = os.path.getsize(path) if os.path.isfile(path) else None
     if size is not None and meta.get("trajectory_bytes") != size:
       raise disk.StoreError(f"{path} is {size:,} bytes but its run recorded "
-                             f"{meta.get('trajectory_bytes')}; the file is damaged, re-run it "
+                             f"{meta.get('trajectory_bytes')!r}; the file is damaged, re-run it "
                              "or restore it from a copy")
     digests = meta.get("tensor_sha256")
     if digests is None:

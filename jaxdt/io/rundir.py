@@ -58,6 +58,7 @@ from jaxdt.io import locks
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import tensorfile
 from jaxdt.io import tensorwriter
+from jaxdt.io import untrusted
 
 CHECKPOINT_DIR = "checkpoints"
 METADATA_FILE = metadata_lib.METADATA_FILE
@@ -198,6 +199,13 @@ class RunDir:
         raise disk.StoreError(f"{self.path} holds run files ({names}) but no {METADATA_FILE}, "
                                "so whose run they are is unknown; choose another --output_dir "
                                "or delete them")
+      others = sorted(e for e in os.listdir(self.path)
+                      if not e.startswith(METADATA_FILE + ".tmp"))
+      if others:  # the user's: a run among them would replace some (summary.json, PNGs)
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise disk.StoreError(f"{self.path} holds files jaxdt did not write "
+                              f"({untrusted.show(others[0], 40)}{more}); choose a new or empty "
+                              "--output_dir")
       return Folder("new", None)
     config = meta.get("config")
     if not isinstance(config, dict):
@@ -283,7 +291,11 @@ class RunDir:
       raise disk.StoreError(f"checkpoint {path} does not record the trajectory rows it covers "
                             "(written by an older jaxdt?)")
     for name, d in covered.items():
-      if self._writer.rehash_prefix(name, int(d["rows"])) != d["sha256"]:
+      shape = tuple(self._plan.specs[name][1]) if name in self._plan.specs else None
+      rows = d.get("rows")
+      if shape is None or not isinstance(rows, int) or not 0 <= rows <= (shape or (1,))[0]:
+        raise disk.StoreError(f"checkpoint {path} covers rows the trajectory does not have")
+      if self._writer.rehash_prefix(name, rows) != d.get("sha256"):
         raise disk.StoreError(f"{os.path.basename(self.partial)}: rows of {name!r} up to step "
                               f"{step} do not match checkpoint {path}'s SHA-256")
 
@@ -327,6 +339,7 @@ class RunDir:
     """
     folder = self.inspect(plan.experiment)
     self._refuse(folder, plan, resume)
+    disk.check_fits(self.partial, "set a shorter store.trajectory_name or --output_dir")
     self._preflight(plan, folder.kind == "unfinished")
     # --- from here on the folder changes -------------------------------------
     self._wrote, self._plan = True, plan

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 import os
 import struct
@@ -39,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdt.io import disk
+from jaxdt.io import untrusted
 
 
 PARTIAL_SUFFIX = ".partial"  # a trajectory being written; renamed once sealed
@@ -164,8 +166,15 @@ def estimate_bytes(specs: Mapping[str, tuple], metadata: Optional[Mapping[str, s
   return len(header_bytes(layout, check_metadata(metadata))) + data
 
 
-def read_header(fd: int, path: str) -> tuple[dict, int]:
-  """Parses a safetensors header; returns (header dict, data region start)."""
+MAX_DIMS = 32  # numpy's limit is 64; no trajectory or checkpoint has more than 4
+_CODE_CHARS = 8  # the longest dtype code safetensors defines is 7 ("F8_E4M3")
+# Parsing a JSON header takes several times its length in Python objects.
+HEADER_PARSE_FACTOR = 16
+
+
+def read_header(fd: int, path: str, budget: Optional[int] = None) -> tuple[dict, int]:
+  """(header dict, data region start): the length checked against the file and the memory
+  budget before the header is read, the JSON through `untrusted.loads`."""
   size = os.fstat(fd).st_size
   head = os.pread(fd, 8, 0)
   if len(head) < 8:
@@ -175,49 +184,73 @@ def read_header(fd: int, path: str) -> tuple[dict, int]:
   if n > MAX_HEADER_BYTES or 8 + n > size:
     raise disk.StoreError(f"{path} has a corrupt safetensors header length {n:,} for a "
                      f"{size:,}-byte file; re-create the file")
+  budget = disk.memory_budget() if budget is None else budget
+  if n * HEADER_PARSE_FACTOR > budget:
+    raise disk.over_budget(path, f"parsing its {n:,}-byte safetensors header",
+                           n * HEADER_PARSE_FACTOR, budget, "re-create the file")
   raw = os.pread(fd, n, 8)
-  try:
-    header = json.loads(raw.decode("utf-8"))
-    if not isinstance(header, dict):
-      raise ValueError("not an object")
-  except (UnicodeDecodeError, ValueError):
-    raise disk.StoreError(f"{path} has an unreadable safetensors header; re-create the file") from None
+  header = untrusted.loads(raw, f"{path}'s safetensors header", "re-create the file",
+                           max_bytes=MAX_HEADER_BYTES)
+  if not isinstance(header, dict):
+    raise disk.StoreError(f"{path}'s safetensors header is {untrusted.kind_of(header)}, not a "
+                          "JSON object; re-create the file")
   return header, 8 + n
 
 
-def parse_entries(header: dict, data_start: int, size: int, path: str) -> dict[str, Spec]:
-  """Header entries as Spec (dtype None when unsupported); checks the offsets tile the data."""
-  entries = {}
-  for name, e in header.items():
-    if name == "__metadata__":
-      continue
-    try:
-      begin, end = (int(x) for x in e["data_offsets"])
-      entries[name] = Spec(str(e["dtype"]), _CODE_TO_DTYPE.get(e["dtype"]),
-                            tuple(int(x) for x in e["shape"]), begin, end)
-    except (KeyError, TypeError, ValueError):
-      raise disk.StoreError(f"{path}: header entry {name!r} is malformed; re-create the file") from None
+def _entry_spec(name: str, e: Any, path: str) -> Spec:
+  """One header entry, its kinds and ranges checked (Python ints: no overflow)."""
+  fix = "re-create the file"
+  where = f"{path}: tensor {untrusted.show(name)}"
+  untrusted.expect(e, dict, "its entry", where, fix)
+  code = untrusted.expect(e.get("dtype"), str, "its dtype", where, fix)
+  shape = untrusted.expect(e.get("shape"), list, "its shape", where, fix)
+  offsets = untrusted.expect(e.get("data_offsets"), list, "its data_offsets", where, fix)
+  if len(code) > _CODE_CHARS or len(shape) > MAX_DIMS or len(offsets) != 2:
+    raise disk.StoreError(f"{where} has dtype {untrusted.show(code, 20)}, {len(shape)} "
+                          f"dimensions and {len(offsets)} data_offsets (a safetensors dtype, "
+                          f"at most {MAX_DIMS} and [begin, end] are read); {fix}")
+  for i, d in enumerate(shape):
+    untrusted.expect_int(d, f"its shape[{i}]", where, fix)
+  begin, end = (untrusted.expect_int(x, "its data_offsets", where, fix) for x in offsets)
+  return Spec(code, _CODE_TO_DTYPE.get(code), tuple(shape), begin, end)
+
+
+def _check_declared(name: str, s: Spec, path: str, budget: int) -> None:
+  """Refuses a tensor whose bytes differ from its shape, or whose declared extent (zero
+  dimensions counted as one) passes the memory budget while it holds no bytes."""
+  itemsize = s.dtype.itemsize if s.dtype is not None else 1
+  count = math.prod(s.shape)
+  where = f"tensor {untrusted.show(name)}"
+  if s.dtype is not None and s.end - s.begin != count * itemsize:
+    raise disk.StoreError(f"{path}: {where} byte size does not match its shape "
+                          f"{list(s.shape)[:8]} and dtype {s.code}; re-create the file")
+  extent = math.prod(max(d, 1) for d in s.shape) * itemsize
+  if count == 0 and extent > budget:
+    raise disk.over_budget(path, f"{where} holds no bytes but declares shape "
+                           f"{list(s.shape)[:8]}, which", extent, budget, "re-create the file")
+
+
+def parse_entries(header: dict, data_start: int, size: int, path: str,
+                  budget: Optional[int] = None) -> dict[str, Spec]:
+  """Header entries as Spec (dtype None when unsupported); checks kinds and ranges, that
+  the offsets tile the data and match the shapes, and declared extents against `budget`."""
+  budget = disk.memory_budget() if budget is None else budget
+  untrusted.check(header, {"__metadata__": dict, "__metadata__.*": str},
+                  f"{path}'s safetensors header", "re-create the file")
+  entries = {name: _entry_spec(name, e, path) for name, e in header.items()
+             if name != "__metadata__"}
   cursor = 0
   for name, s in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
     if s.begin != cursor or s.end < s.begin:
-      raise disk.StoreError(f"{path}: tensor {name!r} has data_offsets [{s.begin}, {s.end}] that "
-                       "do not tile the data region; re-create the file")
-    if s.dtype is not None and s.end - s.begin != int(np.prod(s.shape)) * s.dtype.itemsize:
-      raise disk.StoreError(f"{path}: tensor {name!r} byte size does not match its shape "
-                       f"{list(s.shape)} and dtype {s.code}; re-create the file")
+      raise disk.StoreError(f"{path}: tensor {untrusted.show(name)} has data_offsets "
+                            f"[{s.begin}, {s.end}] that do not tile the data region; "
+                            "re-create the file")
+    _check_declared(name, s, path, budget)
     cursor = s.end
   if data_start + cursor != size:
     raise disk.StoreError(f"{path} is {size:,} bytes but its header describes "
                      f"{data_start + cursor:,}; the file is truncated or padded, re-create it")
   return entries
-
-
-def pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
-  """Writes the bytes of a C-contiguous array at `offset` (no temporary file-sized buffers)."""
-  view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-  while view.nbytes:
-    n = os.pwrite(fd, view, offset)  # may write less than asked (e.g. > 2 GiB on Linux)
-    view, offset = view[n:], offset + n
 
 
 def pread_into(fd: int, out: np.ndarray, offset: int, path: str) -> np.ndarray:
@@ -230,7 +263,7 @@ def pread_into(fd: int, out: np.ndarray, offset: int, path: str) -> np.ndarray:
     view, offset = view[n:], offset + n
   return out
 
-# --- Streaming writer -------------------------------------------------------
+# --- Streaming reader -------------------------------------------------------
 
 
 class TrajectoryReader:
@@ -240,7 +273,8 @@ class TrajectoryReader:
   tensors come back as their uint16 bits, like the lab's W.
   """
 
-  def __init__(self, path: str | os.PathLike, digests: Optional[Mapping[str, str]] = None):
+  def __init__(self, path: str | os.PathLike, digests: Optional[Mapping[str, str]] = None,
+               budget: Optional[int] = None):
     """Opens `path` and parses its header.
 
     Args:
@@ -249,6 +283,8 @@ class TrajectoryReader:
         metadata.json records them), or None. Given them, the header is checked
         at once, every tensor is hashed as its bytes are read, and `verify()`
         hashes what the pass did not read and compares.
+      budget: the bytes one `rows`/`read` may allocate, and the bound on what
+        the header may declare (default `disk.memory_budget()`).
 
     Raises:
       StoreError: missing file, a header that does not describe the file, or
@@ -258,16 +294,20 @@ class TrajectoryReader:
     self._fd = None
     self._digests = None if digests is None else dict(digests)
     self._hashing = {}  # name -> [sha256, bytes hashed from the tensor's start]
+    self.budget = disk.memory_budget() if budget is None else int(budget)
     try:
       self._fd = os.open(self.path, os.O_RDONLY)
     except FileNotFoundError:
       hint = " (the run is unfinished)" if os.path.exists(self.path + PARTIAL_SUFFIX) else ""
       raise disk.StoreError(f"{self.path} not found{hint}; pass a finished .safetensors file") from None
+    except OSError as e:
+      raise disk.StoreError(f"{self.path} cannot be opened ({e.strerror}); pass a readable "
+                            ".safetensors file") from None
     try:
-      header, self._data_start = read_header(self._fd, self.path)
-      self.metadata = dict(header.get("__metadata__") or {})
+      header, self._data_start = read_header(self._fd, self.path, self.budget)
       self._entries = parse_entries(header, self._data_start, os.fstat(self._fd).st_size,
-                                     self.path)
+                                     self.path, self.budget)
+      self.metadata = dict(header.get("__metadata__") or {})
       if self._digests is not None:
         self._check_header()
     except BaseException:
@@ -326,10 +366,12 @@ class TrajectoryReader:
   def _entry(self, name: str) -> Spec:
     entry = self._entries.get(name)
     if entry is None:
-      raise disk.StoreError(f"{self.path} has no tensor {name!r}; it has {self.keys()}")
+      raise disk.StoreError(f"{self.path} has no tensor {name!r}; it has "
+                            f"{untrusted.show(self.keys(), 200)}")
     if entry.dtype is None:
-      raise disk.StoreError(f"{self.path}: tensor {name!r} has dtype {entry.code}, which jaxdt "
-                       "does not read; convert the file")
+      raise disk.StoreError(f"{self.path}: tensor {untrusted.show(name)} has dtype "
+                            f"{untrusted.show(entry.code)}, which jaxdt does not read; convert "
+                            "the file")
     return entry
 
   def raw_dtype(self, name: str) -> str:
@@ -366,6 +408,7 @@ class TrajectoryReader:
       raise disk.StoreError(f"rows [{start}, {stop}) of {name!r} in {self.path} are out of range: "
                        f"it has {n} rows")
     row_bytes = (e.end - e.begin) // n if n else 0
+    self._check_budget(name, f"rows [{start:,}, {stop:,}) of", (stop - start) * row_bytes)
     out = np.empty((stop - start,) + e.shape[1:], self.dtype(name))
     pread_into(self._fd, out, self._data_start + e.begin + start * row_bytes, self.path)
     self._track(name, start * row_bytes, out)
@@ -374,10 +417,17 @@ class TrajectoryReader:
   def read(self, name: str) -> np.ndarray:
     """The whole tensor (for small ones: masks, indices, scalars)."""
     e = self._entry(name)
+    self._check_budget(name, "all of", e.end - e.begin)
     out = np.empty(e.shape, self.dtype(name))
     pread_into(self._fd, out, self._data_start + e.begin, self.path)
     self._track(name, 0, out)
     return out
+
+  def _check_budget(self, name: str, what: str, nbytes: int) -> None:
+    if nbytes > self.budget:
+      raise disk.over_budget(self.path, f"reading {what} tensor {untrusted.show(name)}", nbytes,
+                             self.budget, "re-create the file, or raise the budget if the "
+                             "machine has the memory")
 
   def close(self) -> None:
     """Closes the file."""

@@ -20,6 +20,14 @@ from jaxdt.io import disk
 from jaxdt.io import tensorfile
 
 
+def pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
+  """Writes the bytes of a C-contiguous array at `offset` (no temporary file-sized buffers)."""
+  view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+  while view.nbytes:
+    n = os.pwrite(fd, view, offset)  # may write less than asked (e.g. > 2 GiB on Linux)
+    view, offset = view[n:], offset + n
+
+
 class TrajectoryWriter:
   """Writes one safetensors file in place, chunk by chunk, then renames it done.
 
@@ -168,7 +176,7 @@ class TrajectoryWriter:
       raise disk.StoreError(f"rows [{first_row}, {first_row + array.shape[0]}) of {name!r} in "
                        f"{self.path} are out of range: it has {spec.shape[0]} rows")
     row_bytes = (spec.end - spec.begin) // spec.shape[0] if spec.shape[0] else 0
-    tensorfile.pwrite_all(self._fd, array, self._data_start + spec.begin + first_row * row_bytes)
+    pwrite_all(self._fd, array, self._data_start + spec.begin + first_row * row_bytes)
     running = self._running.get(name)
     if running is not None:
       if first_row == running[1]:
@@ -191,7 +199,7 @@ class TrajectoryWriter:
     if array.shape != spec.shape:
       raise disk.StoreError(f"tensor {name!r} of {self.path} has shape {spec.shape}, got "
                        f"{array.shape}")
-    tensorfile.pwrite_all(self._fd, array, self._data_start + spec.begin)
+    pwrite_all(self._fd, array, self._data_start + spec.begin)
     h = hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
     self._running[name] = [h, spec.shape[0] if spec.shape else 1]
 

@@ -13,28 +13,61 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 
 from jaxdt.analysis import compare as compare_lib
 from jaxdt.analysis import divergence as divergence_lib
 from jaxdt.analysis import metrics
+from jaxdt.analysis import trajectory
+from jaxdt.io import disk
 from jaxdt.io import metadata
 from jaxdt.report import plots as plots_lib
 from jaxdt.report import text
 
 
 SUMMARY_FILE = "summary.json"
+COMPARE_FILE = "compare.json"
+ANALYSIS_KEYS = ("file", "layout", "steps", "outputs")  # an --analyze summary.json has them
+
+
+def write_json(path: str, content: dict) -> str:
+  """Writes strict JSON (NaN and inf become null) atomically: tmp file, fsync, rename, so
+  an interrupted analysis leaves the old file or the new one, never a torn one."""
+  disk.atomic_write_text(path, json.dumps(metadata.json_ready(content), indent=2,
+                                          allow_nan=False) + "\n")
+  return path
 
 
 def write_summary(content: dict, out_dir: str) -> str:
-  """Writes `out_dir/summary.json` (strict JSON: NaN and inf become null)."""
+  """Writes `out_dir/summary.json` (strict JSON: NaN and inf become null), atomically."""
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, SUMMARY_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(metadata.json_ready(content), f, indent=2, allow_nan=False)
-    f.write("\n")
-  return path
+  return write_json(os.path.join(out_dir, SUMMARY_FILE), content)
+
+
+def check_outputs(out_dir: str, names: Sequence[str], record: str, keys: Sequence[str],
+                  flag: str) -> None:
+  """Refuses, before anything is read or written, a folder where one of `names` exists and
+  jaxdt did not write it: jaxdt wrote them all when `record` (one of them) is a JSON object
+  with `keys`, e.g. the summary.json of an earlier --analyze; else they are the user's.
+
+  Raises:
+    StoreError: one line naming the file and what to do.
+  """
+  present = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
+  if not present:
+    return
+  try:
+    prior = metadata.read_json_object(os.path.join(out_dir, record))
+  except disk.StoreError:
+    prior = None
+  odd = [n for n in present if not os.path.isfile(os.path.join(out_dir, n))
+         or os.path.islink(os.path.join(out_dir, n))]
+  if odd or not (isinstance(prior, dict) and all(k in prior for k in keys)):
+    name = (odd or present)[0]
+    raise disk.StoreError(f"{os.path.join(out_dir, name)} exists and jaxdt did not write it; "
+                          f"pass another {flag} (or move the file away): jaxdt never "
+                          "overwrites files it did not write")
 
 
 def output_dir(trajectory: str, analysis_dir: Optional[str]) -> str:
@@ -65,11 +98,13 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
   Raises:
     metrics.AnalysisError: PATH is not an analysable trajectory.
   """
+  out = output_dir(trajectory.resolve_path(path), analysis_dir)
+  check_outputs(out, (SUMMARY_FILE, *plots_lib.PLOT_FILES.values()), SUMMARY_FILE,
+                ANALYSIS_KEYS, "--analysis_dir")
   summary, series = metrics.analyze(path, block_steps=block_steps)
   if lab_validation and summary.accounting is not None:
     summary = dataclasses.replace(summary, accounting=dataclasses.replace(
         summary.accounting, lab_validation=lab_validation))
-  out = output_dir(summary.file, analysis_dir)
   written, skipped = plots_lib.write_plots(series, summary, out) if plots else ([], [])
   summary = dataclasses.replace(summary, skipped=summary.skipped + tuple(
       metrics.Skipped(f"plot {n}", why) for n, why in skipped))
@@ -88,18 +123,20 @@ def compare(path_a: str, path_b: str, analysis_dir: Optional[str] = None, *,
   Raises:
     metrics.AnalysisError: either PATH is not an analysable trajectory.
   """
-  result = compare_lib.compare(path_a, path_b, block_steps=block_steps)
-  try:
-    div = divergence_lib.divergence(path_a, path_b, block_steps=block_steps)
-  except metrics.AnalysisError as e:  # no W, or other rows: the table still stands
-    div, result["divergence_skipped"] = None, str(e)
+  if analysis_dir:
+    check_outputs(analysis_dir, (COMPARE_FILE, plots_lib.DIVERGENCE_FILE), COMPARE_FILE,
+                  ("a", "b", "keys", "identical"), "--analysis_dir")
+  with trajectory.malformed(f"{path_a} or {path_b}"):
+    result = compare_lib.compare(path_a, path_b, block_steps=block_steps)
+    try:
+      div = divergence_lib.divergence(path_a, path_b, block_steps=block_steps)
+    except metrics.AnalysisError as e:  # no W, or other rows: the table still stands
+      div, result["divergence_skipped"] = None, str(e)
   result["divergence"] = None if div is None else div.to_json()
   echo(text.format_compare(result))
   if analysis_dir:
     os.makedirs(analysis_dir, exist_ok=True)
-    with open(os.path.join(analysis_dir, "compare.json"), "w", encoding="utf-8") as f:
-      json.dump(metadata.json_ready(result), f, indent=2, allow_nan=False)
-      f.write("\n")
+    write_json(os.path.join(analysis_dir, COMPARE_FILE), result)
     if div is not None:
       plots_lib.plot_divergence(div, os.path.join(analysis_dir, plots_lib.DIVERGENCE_FILE))
   return result

@@ -1,12 +1,18 @@
-"""The five PNGs of an analysed trajectory (matplotlib's Agg, imported only to plot)."""
+"""The five PNGs of an analysed trajectory (matplotlib's Agg, imported only to plot).
+
+Every PNG is rendered into memory and written by `save_png` (tmp file, fsync,
+rename): an interrupted analysis leaves the old picture or the new one.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Optional
 
 import numpy as np
 
+from jaxdt.io import disk
 from jaxdt.report import text
 
 
@@ -25,13 +31,22 @@ def _pyplot():
   return plt
 
 
-def _save(fig, out_dir: str, name: str) -> str:
-  path = os.path.join(out_dir, PLOT_FILES[name])
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  fig.clf()
-  _pyplot().close(fig)
+def save_png(fig, path: str) -> str:
+  """Lays out and renders `fig` into memory, writes it atomically (tmp + fsync + rename),
+  and closes it."""
+  try:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+  finally:
+    fig.clf()
+    _pyplot().close(fig)
+  disk.atomic_write_bytes(path, buf.getvalue())
   return path
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+  return save_png(fig, os.path.join(out_dir, PLOT_FILES[name]))
 
 
 def plot_loss(plt, series: dict, summary: dict, out_dir: str) -> str:
@@ -143,7 +158,12 @@ def write_plots(series: dict, summary: dict, out_dir: str) -> tuple[list, list]:
     if missing or summary.steps == 0:
       skipped.append((name, f"no {', '.join(missing) or 'steps'}"))
       continue
-    written.append(fn(plt, series, summary, out_dir))
+    try:
+      written.append(fn(plt, series, summary, out_dir))
+    except (ArithmeticError, LookupError, TypeError, ValueError) as e:  # a file's odd values
+      plt.close("all")
+      skipped.append((name, f"its values cannot be plotted ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:80]})"))
   return written, skipped
 
 
@@ -162,7 +182,4 @@ def plot_divergence(div, path: str) -> Optional[str]:
   top.set(ylabel="W bitwise equal", ylim=(0, 1.02), title="Divergence of B from A")
   bottom.semilogy(t[1:], div.relative_distance[1:], lw=0.8)
   bottom.set(xlabel="step", ylabel="‖W_a − W_b‖ / ‖W_a − W_0‖")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_png(fig, path)

@@ -18,7 +18,6 @@ run recorded. `--group_by` adds each group's mean, sd (ddof=1), min and max.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Optional, Sequence
 
@@ -26,7 +25,10 @@ import numpy as np
 
 from jaxdt.analysis import metrics
 from jaxdt.analysis import trajectory
+from jaxdt.io import disk
 from jaxdt.io import metadata as metadata_lib
+from jaxdt.report import outputs as outputs_lib
+from jaxdt.report import plots as plots_lib
 
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "frozen_fraction.png"
@@ -113,7 +115,7 @@ def run_folders(path: str) -> list:
   for name in sorted(os.listdir(path)):
     meta = _metadata(os.path.join(path, name))
     if meta is not None and isinstance(meta.get("sweep"), dict):
-      members.append((meta["sweep"].get("member", 0), os.path.join(path, name)))
+      members.append((meta["sweep"].get("member") or 0, os.path.join(path, name)))
   if not members:
     raise SummaryError(f"--summarize path {path} holds no run (no metadata.json) and no sweep "
                        "members; pass a finished jaxdt run folder or a sweep folder")
@@ -121,11 +123,15 @@ def run_folders(path: str) -> list:
 
 
 def check_finished(folder: str) -> dict:
-  meta = _metadata(folder)
-  config = (meta or {}).get("config")
+  try:
+    meta = metadata_lib.read_metadata(folder)
+  except disk.StoreError as e:  # missing, or a file jaxdt cannot read: say which
+    raise SummaryError(f"{folder} is not a jaxdt run ({str(e).split('; ')[0]}); pass a run "
+                       "folder jaxdt or torch_peer.py wrote") from None
+  config = meta.get("config")
   if not isinstance(config, dict):
-    raise SummaryError(f"{folder} is not a jaxdt run (its metadata.json is missing, unreadable "
-                       "or has no config); pass a run folder jaxdt or torch_peer.py wrote")
+    raise SummaryError(f"{folder} is not a jaxdt run (its metadata.json has no config); pass "
+                       "a run folder jaxdt or torch_peer.py wrote")
   name = (config.get("store") or {}).get("trajectory_name")
   if not metadata_lib.is_complete(folder, name or ""):
     raise SummaryError(f"{folder} is unfinished (or its trajectory is missing or .partial); "
@@ -235,10 +241,7 @@ def write_plot(rows: Sequence[RunRow], curves: Sequence, grouped: Sequence[Group
   ax.set(xlabel="step", ylabel="frozen fraction (‖ΔW′_i‖₂ < 0.1)", ylim=(0, 1.02),
          title="Dead rows frozen, per step")
   ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plots_lib.save_png(fig, path)
 
 
 def summarize(paths: Sequence[str], out_dir: str, group_by: Sequence[str] = (), *,
@@ -251,6 +254,8 @@ def summarize(paths: Sequence[str], out_dir: str, group_by: Sequence[str] = (), 
   check_axes(group_by)
   folders = [f for p in paths for f in run_folders(p)]
   metas = [check_finished(f) for f in folders]  # every input refused before any analysis
+  outputs_lib.check_outputs(out_dir, (SUMMARY_FILE, PLOT_FILE), SUMMARY_FILE,
+                            ("paths", "group_by", "runs"), "--output_dir")
   analysed = [analyse(f, m, block_steps=block_steps) for f, m in zip(folders, metas)]
   rows = [r for r, _ in analysed]
   grouped = groups(rows, group_by) if group_by else [Group({}, tuple(r.label for r in rows), {})]
@@ -258,9 +263,7 @@ def summarize(paths: Sequence[str], out_dir: str, group_by: Sequence[str] = (), 
             "runs": [dataclasses.asdict(r) for r in rows],
             "groups": [dataclasses.asdict(g) for g in grouped] if group_by else []}
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-    json.dump(metadata_lib.json_ready(result), f, indent=2, allow_nan=False)
-    f.write("\n")
+  outputs_lib.write_json(os.path.join(out_dir, SUMMARY_FILE), result)
   plot = write_plot(rows, [c for _, c in analysed], grouped, os.path.join(out_dir, PLOT_FILE))
   echo(format_table(rows, grouped if group_by else []))
   echo(f"\nWrote {os.path.join(out_dir, SUMMARY_FILE)}" + (f" and {plot}" if plot else ""))

@@ -7,7 +7,6 @@ resumed one, or on folders copied from other hosts.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -15,6 +14,8 @@ from typing import Callable, Optional, Sequence
 from jaxdt.analysis import metrics
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import locks
+from jaxdt.report import outputs as outputs_lib
+from jaxdt.report import plots as plots_lib
 
 SUMMARY_FILE = "sweep_summary.json"
 PLOT_FILE = "sweep_summary.png"
@@ -73,9 +74,7 @@ def summarize(out_root: str, names: Sequence[str], spec: str, *,
   # analyze() refuses an unfinished or corrupt member (one line) and verifies checksums.
   rows = [member_row(os.path.join(out_root, n)) for n in names]
   result = {"spec": spec, "root": os.path.abspath(out_root), "members": rows}
-  with open(os.path.join(out_root, SUMMARY_FILE), "w", encoding="utf-8") as f:
-    json.dump(metadata_lib.json_ready(result), f, indent=2, allow_nan=False)
-    f.write("\n")
+  outputs_lib.write_json(os.path.join(out_root, SUMMARY_FILE), result)
   echo(format_table(result))
   if plot:
     written = write_plot(result, out_root)
@@ -123,8 +122,4 @@ def write_plot(result: dict, out_root: str) -> Optional[str]:
   ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
   ax.set(ylabel="steps", title=f"sweep {result['spec']}")
   ax.legend(fontsize=8)
-  path = os.path.join(out_root, PLOT_FILE)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plots_lib.save_png(fig, os.path.join(out_root, PLOT_FILE))

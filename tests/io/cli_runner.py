@@ -9,16 +9,23 @@ failing disk would, or (errno "SIGINT", "SIGTERM") sends the process that signal
 """
 
 import errno
+import importlib.util
 import json
 import os
 import signal
 import sys
 
+from absl import app
 
-from absl import app  # noqa: E402
+import experiments
 
-import experiments  # noqa: E402
-import run  # noqa: E402
+# run.py is a script, not a package module: load it from the checkout by its path.
+_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), "run.py")
+_spec = importlib.util.spec_from_file_location("run", _RUN)
+run = importlib.util.module_from_spec(_spec)
+sys.modules["run"] = run
+_spec.loader.exec_module(run)
 
 from jaxdt import config as config_lib  # noqa: E402
 from jaxdt.io import disk  # noqa: E402

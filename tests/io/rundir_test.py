@@ -518,7 +518,7 @@ def test_cli_missing_experiment():
                          "--precision=fp64"], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert _one_line(proc.stderr) == ("error: flag --precision=fp64: value should be one of "
-                                    "<bf16|fp32|mixed>; see --helpfull")
+                                    "<bf16|fp32|mixed|bf16_sr|bf16_kahan>; see --helpfull")
 
 
 @pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
