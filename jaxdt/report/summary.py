@@ -26,6 +26,7 @@ import numpy as np
 from jaxdt.analysis import metrics
 from jaxdt.analysis import trajectory
 from jaxdt.io import disk
+from jaxdt.io import locks
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.report import outputs as outputs_lib
 from jaxdt.report import plots as plots_lib
@@ -135,7 +136,7 @@ def check_finished(folder: str) -> dict:
   name = (config.get("store") or {}).get("trajectory_name")
   if not metadata_lib.is_complete(folder, name or ""):
     raise SummaryError(f"{folder} is unfinished (or its trajectory is missing or .partial); "
-                       "continue it with --resume, then summarize it")
+                       f"{locks.unfinished_advice(folder)}, then summarize it")
   return meta
 
 

@@ -124,3 +124,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, solo, tmp_path):
   assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
   assert ("colour" if case == "axis" else "bad" if case != "missing" else "nope") in r.stderr
   assert not out.exists()
+
+
+def test_an_unfinished_run_gets_the_advice_that_will_work(tiny_data, tmp_path):
+  """Stopped: continue it with --resume. Still being written: wait for its writer (pid)."""
+  import fcntl
+  cfg = single_trace(tiny_config(tiny_data, steps=8))
+  folder = str(tmp_path / "run")
+  loop.train(cfg, folder, stop_after=4, **QUIET)
+  with pytest.raises(summary_lib.SummaryError, match="continue it with --resume first"):
+    summary_lib.summarize([folder], str(tmp_path / "out"), echo=lambda s: None)
+  fd = os.open(folder, os.O_RDONLY)  # a writer's lock, as a running jaxdt holds it
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(summary_lib.SummaryError,
+                       match=rf"still running \(pid {os.getpid()}\); wait for it to finish"):
+      summary_lib.summarize([folder], str(tmp_path / "out"), echo=lambda s: None)
+  finally:
+    os.close(fd)
