@@ -24,6 +24,7 @@ import jax
 
 import experiments
 
+from jaxdt import cli
 from jaxdt import config as config_lib
 from jaxdt.analysis import lab_accounting
 from jaxdt.data import corpus as corpus_lib
@@ -167,6 +168,13 @@ flags.DEFINE_boolean("study_sweep", False,
                      "sweep (one process and program; each member byte-identical to its solo run).")
 flags.DEFINE_list("study_members", None,
                   "Run only these members of the study (default: all, in declared order).")
+flags.DEFINE_string(
+    "detect", None,
+    "A finished jaxdt run folder: score Magikarp's weight-based detector against its dead set "
+    "at --detect_steps (writes detect.json and detect.png into --analysis_dir, default the "
+    "folder).")
+flags.DEFINE_list("detect_steps", None,
+                  "Steps for --detect (default 0,100,500,1000 and the run's last).")
 flags.DEFINE_string("analysis_dir", None,
                     "Where --analyze writes summary.json and plots (and --compare compare.json).")
 
@@ -362,9 +370,25 @@ def run_study() -> int:
   return 0
 
 
+def run_detect() -> int:
+  """--detect=RUN: the dead set from the weights alone, scored (jaxdt.detection)."""
+  from jaxdt import detection  # pylint: disable=g-import-not-at-top
+  if FLAGS.experiment or FLAGS.output_dir:
+    raise ValueError("--detect takes no --experiment or --output_dir; its files go into "
+                     "--analysis_dir (default: the run folder)")
+  try:
+    steps = [int(s) for s in FLAGS.detect_steps or ()]
+  except ValueError:
+    raise ValueError(f"--detect_steps takes step numbers, got {FLAGS.detect_steps}") from None
+  detection.detect(FLAGS.detect, FLAGS.analysis_dir, steps)
+  return 0
+
+
 def _dispatch() -> int:
   if FLAGS.fingerprint:
     return print_fingerprint()
+  if FLAGS.detect:
+    return run_detect()
   if FLAGS.study or FLAGS.study_plan:
     return run_study()
   if FLAGS.analyze or FLAGS.compare or FLAGS.summarize or FLAGS.group_by:
@@ -392,15 +416,6 @@ def _exit_now(line: str, status: int) -> None:
   os._exit(status)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with its errors as one line and exit status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}; see --helpfull", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> int:
   """Every failure ends in one line on stderr: bad input or OS errors exit 2,
   SIGINT/SIGTERM 130/143 (the run folder left resumable), a failed
@@ -425,4 +440,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

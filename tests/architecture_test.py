@@ -32,6 +32,8 @@ ALLOWED = {
                "probes"},
     # a study runs members (training) and writes their summaries and tables (report)
     "study": {"config", "numerics", "io", "training", "report"},
+    # --detect: a run's states (training.replay) scored and written (analysis, report)
+    "detection": {"config", "numerics", "io", "analysis", "training", "report"},
     "cli": set(),  # absl flag errors as one line (run.py's scripts, benchmarks/, torchref)
 }
 HOST_SIDE = ("io", "analysis", "report")

@@ -7,10 +7,10 @@ from typing import Any, Mapping
 
 from jaxdt import config as config_lib
 
-# Config fields a resume may change: they change no result (the chunk size) or
-# name inputs whose contents are checked by hash instead (the paths).
+# Config fields a resume may change: they change no result (the chunk size, where
+# checkpoints are kept) or name inputs whose contents are checked by hash instead (the paths).
 RESUMABLE_FIELDS = frozenset({
-    "store.chunk_steps", "data.data_dir", "data.corpus_path", "data.tokenizer_path",
+    "store.chunk_steps", "store.checkpoint_steps", "data.data_dir", "data.corpus_path", "data.tokenizer_path",
     "data.dead_mask_path", "init_checkpoint"})
 
 

@@ -183,3 +183,23 @@ def plot_divergence(div, path: str) -> Optional[str]:
   bottom.semilogy(t[1:], div.relative_distance[1:], lw=0.8)
   bottom.set(xlabel="step", ylabel="‖W_a − W_b‖ / ‖W_a − W_0‖")
   return save_png(fig, path)
+
+
+DETECTION_FILE = "detect.png"
+
+
+def plot_detection(rows: list, chance: float, path: str) -> Optional[str]:
+  """The detector's precision (= recall) of the dead set against step (`analysis.detect`)."""
+  try:
+    plt = _pyplot()
+  except ImportError:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  steps = [r["step"] for r in rows]
+  ax.plot(steps, [r["precision"] for r in rows], "o-", label="precision = recall at k")
+  ax.plot(steps, [r["average_precision"] for r in rows], "s--", label="average precision")
+  ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
+  ax.set(xlabel="step", ylabel="of the dead set", ylim=(0, 1.02),
+         title="Dead set from the weights alone (Magikarp indicator)")
+  ax.legend(loc="lower right", fontsize=8)
+  return save_png(fig, path)

@@ -175,8 +175,10 @@ def test_config_differences_names_nested_fields():
   b = config_lib.to_dict(dataclasses.replace(
       config_lib.ExperimentConfig(), store=dataclasses.replace(
           config_lib.StoreConfig(), chunk_steps=3, checkpoint_steps=(1, 2))))
-  assert configdiff.config_differences(a, b) == [
-      "store.checkpoint_steps: the run has [], the flags say [1, 2]"]
+  assert configdiff.config_differences(a, b) == []  # neither changes a result: resumable
+  assert configdiff.config_differences(a, b, ignore=frozenset()) == [
+      "store.checkpoint_steps: the run has [], the flags say [1, 2]",
+      "store.chunk_steps: the run has 10, the flags say 3"]
 
 
 # --- 4. Inputs are validated before anything is created ---------------------------
