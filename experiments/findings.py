@@ -4,7 +4,9 @@
 skips finished ones and writes their summaries under docs/findings/; `--study_plan`
 lists them with what is done and the time left. Every member is full Crucible 1
 size on the embedded default data, 2,000 steps, recording the compact freeze
-record (`--probes=freeze`), with checkpoints every 250 steps.
+record (`--probes=freeze`), with checkpoints every 250 steps and at the detector's
+steps (100 and 2,000), where each jaxdt member's dead set is also sought from its
+weights alone (`run.py --detect`).
 
 Member order is the order they run in: the members that answer the first
 question (is jaxdt inside the torch peer's seed range?) come first.
@@ -14,6 +16,8 @@ from jaxdt import study as study_lib
 
 M = study_lib.Member
 STEPS = 2000
+# The detector (`run.py --detect`) is scored at these steps; checkpoints are kept there.
+DETECT_STEPS = (0, 100, 500, 1000, 2000)
 
 
 def study() -> study_lib.Study:
@@ -24,6 +28,11 @@ def study() -> study_lib.Study:
       # The 2,000-step twin: torch (f32 route) from jax_bf16_s42's init on its batches.
       M("twin_torch_f32_s42", "torch", seed=42, gemm="f32", twin_of="jax_bf16_s42"),
       M("torch_s1", "torch", seed=1),
+      # Escaping Fimbulwinter (issue 27): the remedies beside bf16 and mixed.
+      M("jax_sr_s42", "jax", seed=42, precision="bf16_sr"),
+      M("jax_kahan_s42", "jax", seed=42, precision="bf16_kahan"),
+      M("jax_sr_s1", "jax", seed=1, precision="bf16_sr"),
+      M("jax_kahan_s1", "jax", seed=1, precision="bf16_kahan"),
       M("jax_bf16_s2", "jax", seed=2),
       M("torch_s2", "torch", seed=2),
       M("jax_bf16_s3", "jax", seed=3),
@@ -57,4 +66,13 @@ def study() -> study_lib.Study:
                                           ("torch twin (f32 route)", ("twin_torch_f32_s42",)),
                                           ("torch, own seeds", ("torch_s42", "torch_s1",
                                                                 "torch_s2")))),)
-  return study_lib.Study("findings", members, tables, steps=STEPS, checkpoint_every=250)
+  tables += (T("escaping", "Escaping Fimbulwinter: the precision policies on one init and "
+                "data (seeds 42 and 1)", (("bf16", jax_seeds[:2]),
+                                          ("mixed (f32 master)", ("jax_mixed_s42", "jax_mixed_s1")),
+                                          ("bf16_sr", ("jax_sr_s42", "jax_sr_s1")),
+                                          ("bf16_kahan", ("jax_kahan_s42", "jax_kahan_s1"))),
+                figures=("frozen_50", "frozen_90", "frozen_99", "frozen_100", "moving_last",
+                         "mean_dwp_l2", "loss_500", "final_loss", "steps_per_s",
+                         "state_bytes_per_param", "detect_recall_last")),)
+  return study_lib.Study("findings", members, tables, steps=STEPS, checkpoint_every=250,
+                         detect_steps=DETECT_STEPS)

@@ -33,6 +33,27 @@ def default_steps(last: int) -> tuple:
   return tuple(sorted({s for s in DEFAULT_STEPS if s <= last} | {last}))
 
 
+def scores(folder: str, steps: Sequence[int], log: Callable[[str], None] = print) -> list:
+  """[{step, source, k, scored, precision, recall, average_precision, chance,
+  state_bytes_per_param}] of finished run `folder` at `steps` (refused in one line: see
+  `training.replay.states_at`)."""
+  _, cfg = replay.run_config(folder)
+  with tensorfile.TrajectoryReader(os.path.join(folder, cfg.store.trajectory_name)) as reader:
+    dead_mask = np.asarray(reader.read("dead_mask"), bool)
+  if dead_mask.shape != (cfg.model.vocab_size,) or not dead_mask.any():
+    raise ValueError(f"{folder}'s dead_mask has no dead rows for a vocabulary of "
+                     f"{cfg.model.vocab_size}; the detector needs a dead set to score")
+  reference = detect_lib.reference_rows(np.flatnonzero(dead_mask))
+  rows = []
+  for at in replay.states_at(folder, steps, log):
+    sc = detect_lib.score(replay.embedding(at.state), dead_mask, reference)
+    rows.append({"step": at.step, "source": at.source, **dataclasses.asdict(sc),
+                 "state_bytes_per_param": replay.bytes_per_param(at.state)})
+    log(f"step {at.step:>5}: precision = recall {sc.precision:.3f} at k={sc.k} (chance "
+        f"{sc.chance:.3f}), average precision {sc.average_precision:.3f} ({at.source})")
+  return rows
+
+
 def detect(folder: str, out_dir: Optional[str] = None, steps: Optional[Sequence[int]] = None,
            log: Callable[[str], None] = print) -> dict:
   """Scores the detector on run `folder` at `steps`; writes detect.json and detect.png."""
@@ -41,24 +62,15 @@ def detect(folder: str, out_dir: Optional[str] = None, steps: Optional[Sequence[
   outputs.check_outputs(out_dir, (DETECT_FILE, plots.DETECTION_FILE), DETECT_FILE, DETECT_KEYS,
                         "--analysis_dir")
   meta, cfg = replay.run_config(folder)
-  wanted = default_steps(cfg.steps) if not steps else tuple(steps)
+  rows = scores(folder, default_steps(cfg.steps) if not steps else tuple(steps), log)
   with tensorfile.TrajectoryReader(os.path.join(folder, cfg.store.trajectory_name)) as reader:
     dead_mask = np.asarray(reader.read("dead_mask"), bool)
-  if dead_mask.shape != (cfg.model.vocab_size,) or not dead_mask.any():
-    raise ValueError(f"{folder}'s dead_mask has no dead rows for a vocabulary of "
-                     f"{cfg.model.vocab_size}; the detector needs a dead set to score")
-  reference = detect_lib.reference_rows(np.flatnonzero(dead_mask))
-  rows = []
-  for at in replay.states_at(folder, wanted, log):
-    sc = detect_lib.score(replay.embedding(at.state), dead_mask, reference)
-    rows.append({"step": at.step, "source": at.source, **dataclasses.asdict(sc)})
-    log(f"step {at.step:>5}: precision = recall {sc.precision:.3f} at k={sc.k} (chance "
-        f"{sc.chance:.3f}), average precision {sc.average_precision:.3f} ({at.source})")
   result = {
       "run": folder, "experiment": cfg.name, "precision_policy": cfg.precision, "seed": cfg.seed,
       "indicator": "cosine distance to the reference rows' mean, unembedding with its first "
                    "principal component removed (Land & Bartolo 2024, tied embeddings)",
-      "reference": {"rows": reference.tolist(), "seed": detect_lib.REFERENCE_SEED,
+      "reference": {"rows": detect_lib.reference_rows(np.flatnonzero(dead_mask)).tolist(),
+                    "seed": detect_lib.REFERENCE_SEED,
                     "fraction": detect_lib.REFERENCE_FRACTION, "held_out": True},
       "dead": int(dead_mask.sum()), "vocab": int(dead_mask.size), "steps": rows,
       "arithmetic_fingerprint": meta.get("arithmetic_fingerprint")}

@@ -65,6 +65,7 @@ class Table:
   name: str
   title: str
   groups: tuple
+  figures: tuple = ()  # its columns (report.findings.HEADS' keys); () = the freeze figures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +77,13 @@ class Study:
   checkpoint_every: int = 250
   # `--set path=value` assignments applied to every member (tests shrink a study with them)
   overrides: tuple = ()
+  # Steps at which the dead-set detector (`--detect`) scores each jaxdt member; checkpoints
+  # are kept there too (step 0 is the init), so no replay is needed.
+  detect_steps: tuple = ()
 
   def marks(self) -> tuple:
-    return tuple(range(self.checkpoint_every, self.steps, self.checkpoint_every))
+    every = range(self.checkpoint_every, self.steps, self.checkpoint_every)
+    return tuple(sorted(set(every) | {s for s in self.detect_steps if 0 < s <= self.steps}))
 
   def member(self, name: str) -> Member:
     for m in self.members:
@@ -253,11 +258,36 @@ def _batches(study: Study, states: Sequence[Status], sweep: bool, data_dir) -> l
   return out
 
 
+def _detected(study: Study, m: Member, folder: str, log) -> dict:
+  """The detector's scores at the study's detect steps, and the state's bytes per parameter,
+  for a finished jaxdt member ({} for torch members or a study without detect steps)."""
+  if m.framework != "jax" or not study.detect_steps:
+    return {}
+  from jaxdt import detection  # pylint: disable=g-import-not-at-top
+  steps = tuple(sorted({s for s in study.detect_steps if s <= study.steps} | {study.steps}))
+  found = detection.scores(folder, steps, log=lambda line: log(f"{m.name}: {line}"))
+  return {"detect": found, "state_bytes_per_param": found[-1]["state_bytes_per_param"],
+          "detect_recall_last": found[-1]["recall"]}
+
+
 def _summarize(study: Study, st: Status, docs_dir: str, log) -> None:
   line = " ".join(["python"] + command(study, st.member, st.folder))
-  findings_lib.write_member(docs_dir, findings_lib.summarize_member(study, st.member, st.folder,
-                                                                    line))
+  summary = findings_lib.summarize_member(study, st.member, st.folder, line)
+  summary.update(_detected(study, st.member, st.folder, log))
+  findings_lib.write_member(docs_dir, summary)
   log(f"{st.member.name}: summary written to "
+      f"{findings_lib.member_path(docs_dir, st.member.name)}")
+
+
+def _add_detection(study: Study, st: Status, docs_dir: str, log) -> None:
+  """A done jaxdt member summarized before the study scored the detector: score it now from
+  its folder (checkpoints or an exact replay) and add the figures to its summary."""
+  if (st.member.framework != "jax" or not study.detect_steps or "detect" in st.summary
+      or not metadata_lib.is_complete(st.folder, _trajectory_name())):
+    return
+  findings_lib.write_member(docs_dir, {**st.summary, **_detected(study, st.member, st.folder,
+                                                                 log)})
+  log(f"{st.member.name}: detector scores added to "
       f"{findings_lib.member_path(docs_dir, st.member.name)}")
 
 
@@ -276,6 +306,7 @@ def run(study: Study, study_dir: str, docs_dir: str, *, only: tuple = (),
     st = batch[0]
     if st.state == "done":
       log(f"{st.member.name}: done (summary {findings_lib.member_path(docs_dir, st.member.name)})")
+      _add_detection(study, st, docs_dir, log)
       continue
     if len(batch) > 1:
       log(f"{', '.join(b.member.name for b in batch)}: starting as one exact sweep")

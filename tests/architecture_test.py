@@ -30,8 +30,9 @@ ALLOWED = {
     "training": {"config", "numerics", "io", "optim", "model", "data", "probes"},
     "verify": {"config", "numerics", "io", "optim", "model", "data", "analysis", "training",
                "probes"},
-    # a study runs members (training) and writes their summaries and tables (report)
-    "study": {"config", "numerics", "io", "training", "report"},
+    # a study runs members (training), scores the detector on them (detection) and writes
+    # their summaries and tables (report)
+    "study": {"config", "numerics", "io", "training", "report", "detection"},
     # --detect: a run's states (training.replay) scored and written (analysis, report)
     "detection": {"config", "numerics", "io", "analysis", "training", "report"},
     "cli": set(),  # absl flag errors as one line (run.py's scripts, benchmarks/, torchref)

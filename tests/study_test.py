@@ -113,13 +113,14 @@ def test_the_command_line_refuses_an_unknown_study():
 def test_the_findings_study_declares_its_members():
   study = study_lib.load("findings")
   names = [m.name for m in study.members]
-  assert len(names) == len(set(names)) == 16
+  assert len(names) == len(set(names)) == 20
   for t in study.tables:
     for _, members in t.groups:
       assert set(members) <= set(names), t.name
   cfg = study_lib.jax_config(study, study.member("jax_mixed_s1"))
   assert (cfg.steps, cfg.seed, cfg.precision, cfg.probes.names) == (2000, 1, "mixed", ("freeze",))
-  assert cfg.store.checkpoint_steps == (250, 500, 750, 1000, 1250, 1500, 1750)
+  assert cfg.store.checkpoint_steps == (100, 250, 500, 750, 1000, 1250, 1500, 1750, 2000)
+  assert study_lib.jax_config(study, study.member("jax_kahan_s1")).precision == "bf16_kahan"
 
 
 def test_a_study_sweep_gives_each_member_its_solo_bytes(ran, tiny_data, tmp_path):
@@ -184,3 +185,40 @@ def test_a_member_that_diverged_keeps_its_row(tiny_data, tmp_path):
   assert s["diverged_at_step"] is not None and s["steps"] == s["diverged_at_step"] - 1
   tables = open(tmp_path / "docs" / "tables.md", encoding="utf-8").read()
   assert f"(diverged at {s['diverged_at_step']})" in tables and "| hot | seeds |" in tables
+
+
+def test_the_detector_is_scored_on_members_and_added_to_done_ones(ran, tmp_path):
+  """A study with detect steps scores each jaxdt member (checkpoints kept at those steps, step
+  0 from the init); a member done before the study scored it gets its scores from its folder."""
+  study, runs_dir, docs, _ = ran
+  scored = dataclasses.replace(study, detect_steps=(0, 6, 12))
+  assert scored.marks() == (5, 6, 10, 12)
+  copy = str(tmp_path / "docs")
+  os.makedirs(copy)
+  for m in study.members:
+    with open(findings_lib.member_path(copy, m.name), "w", encoding="utf-8") as f:
+      json.dump(findings_lib.read_member(docs, m.name), f)
+  said = []
+  study_lib.run(scored, runs_dir, copy, log=said.append)  # done: no training, scores added
+  assert not any("starting" in l or "resuming" in l for l in said)
+  s = findings_lib.read_member(copy, "a_s42")
+  assert [(d["step"], d["source"]) for d in s["detect"]] == [
+      (0, "init"), (6, "replayed 1 step from checkpoint 5"), (12, "replayed 2 steps from "
+                                                                   "checkpoint 10")]
+  assert s["detect_recall_last"] == s["detect"][-1]["recall"] and abs(s["state_bytes_per_param"] - 6) < 1e-3
+  # bf16: the parameters and both moments, 2 bytes each (and Adam's step count)
+  fresh = str(tmp_path / "runs")
+  study_lib.run(scored, fresh, str(tmp_path / "docs2"), only=("b_s7",), log=said.append)
+  s = findings_lib.read_member(str(tmp_path / "docs2"), "b_s7")
+  assert [d["source"] for d in s["detect"]] == ["init", "checkpoint", "checkpoint"]
+
+
+def test_a_table_shows_the_figures_it_names(ran, tmp_path):
+  study, _, docs, _ = ran
+  table = study_lib.Table("t", "T", (("seeds", ("a_s42", "b_s7")),),
+                          figures=("frozen_50", "moving_last", "steps_per_s"))
+  text = findings_lib.table_markdown(table, {n: findings_lib.read_member(docs, n)
+                                             for n in ("a_s42", "b_s7")})
+  assert "| member | group | 50% | moving at end | steps/s |" in text
+  s = findings_lib.read_member(docs, "a_s42")
+  assert findings_lib.figure(s, "steps_per_s") == s["steps"] / s["wall_time_s"]

@@ -28,8 +28,24 @@ from jaxdt.report import summary as summary_lib
 TABLES_FILE = "tables.md"
 FIGURES = ("frozen_50", "frozen_90", "frozen_99", "frozen_100", "global_last_motion",
            "stillness_runs", "loss_500", "final_loss", "mean_dwp_l2")
-HEADS = ("50%", "90%", "99%", "100%", "last motion", "still runs", "loss@500", "final loss",
-         "mean ‖ΔW′‖₂")
+# A table's column head per figure (`Table.figures` picks them; FIGURES by default).
+HEADS = {"frozen_50": "50%", "frozen_90": "90%", "frozen_99": "99%", "frozen_100": "100%",
+         "global_last_motion": "last motion", "stillness_runs": "still runs",
+         "loss_500": "loss@500", "final_loss": "final loss", "mean_dwp_l2": "mean ‖ΔW′‖₂",
+         "moving_last": "moving at end", "steps_per_s": "steps/s",
+         "state_bytes_per_param": "state B/param", "detect_recall_last": "detector recall"}
+DIGITS = {"loss_500": 4, "final_loss": 4, "mean_dwp_l2": 1, "moving_last": 3, "steps_per_s": 2,
+          "state_bytes_per_param": 1, "detect_recall_last": 3}
+
+
+def figure(s: dict, name: str):
+  """A member summary's figure `name`, derived ones included (steps/s, share moving at end)."""
+  if name == "steps_per_s":
+    return s["steps"] / s["wall_time_s"] if s.get("wall_time_s") else None
+  if name == "moving_last":
+    n, rows = s.get("n_frozen"), s.get("rows")
+    return 1.0 - n[-1] / rows if n and rows else None
+  return s.get(name)
 HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_version",
              "jaxlib_version", "device", "arithmetic_fingerprint", "backend")
 
@@ -119,19 +135,19 @@ def measured_rates(docs_dir: str, cpu_model: Optional[str]) -> dict:
 # --- Tables and plots ---------------------------------------------------------------------
 
 
-def _cell(v, figure: str = "") -> str:
+def _cell(v, name: str = "") -> str:
   if v is None:
     return "–"
   if isinstance(v, float):
-    return f"{v:.4f}" if figure in ("loss_500", "final_loss", "mean_dwp_l2") else f"{v:,.0f}"
+    return f"{v:,.{max(DIGITS.get(name, 0), 4 if name == 'mean_dwp_l2' else 0)}f}"
   return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def _stat(values: Sequence, figure: str = "") -> str:
+def _stat(values: Sequence, name: str = "") -> str:
   x = np.asarray([v for v in values if v is not None], np.float64)
   if not x.size:
     return "–"
-  digits = 4 if figure in ("loss_500", "final_loss") else 1 if figure == "mean_dwp_l2" else 0
+  digits = DIGITS.get(name, 0)
   f = lambda v: f"{v:,.{digits}f}"
   if x.size == 1:
     return f(x[0]) + " (n=1)"
@@ -149,27 +165,29 @@ def _host(s: dict) -> str:
 
 def table_markdown(table, summaries: dict) -> str:
   """One table: a row per member (done or "not yet"), then each group's mean ± sd (min–max)."""
-  out = [f"### {table.title}", "", "| member | group | " + " | ".join(HEADS) + " | host; GEMM "
-         "route; wall |", "|---|---|" + "---|" * len(HEADS) + "---|"]
+  figures = table.figures or FIGURES
+  heads = [HEADS[f] for f in figures]
+  out = [f"### {table.title}", "", "| member | group | " + " | ".join(heads) + " | host; GEMM "
+         "route; wall |", "|---|---|" + "---|" * len(heads) + "---|"]
   for label, names in table.groups:
     for name in names:
       s = summaries.get(name)
       if s is None:
-        out.append(f"| {name} | {label} | not yet |" + " |" * len(HEADS))
+        out.append(f"| {name} | {label} | not yet |" + " |" * len(heads))
         continue
       cells = [f"> {s.get('steps'):,}" if f.startswith("frozen_") and s.get(f) is None
-               else _cell(s.get(f), f) for f in FIGURES]  # a milestone not reached in the run
+               else _cell(figure(s, f), f) for f in figures]  # a milestone not reached
       if s.get("diverged_at_step"):
         cells[-1] += f" (diverged at {s['diverged_at_step']})"
       out.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {_host(s)} |")
   out += ["", "Milestones: the first step with that share of the dead rows frozen (> T: not reached "
           "in the run's T steps); groups: mean ± sd (min–max, n) over the members in, a "
           "milestone not reached left out of its statistics.", "",
-          "| group | " + " | ".join(HEADS) + " |", "|---|" + "---|" * len(HEADS)]
+          "| group | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
   for label, names in table.groups:
     got = [summaries[n] for n in names if n in summaries]
     out.append(f"| {label} ({len(got)}/{len(names)} in) | "
-               + " | ".join(_stat([s.get(f) for s in got], f) for f in FIGURES) + " |")
+               + " | ".join(_stat([figure(s, f) for s in got], f) for f in figures) + " |")
   return "\n".join(out)
 
 

@@ -106,7 +106,7 @@ def states_at(folder: str, steps: Sequence[int], log: Callable[[str], None] = pr
       stacked, _ = dispatch(stacked, done, n)
       done += n
     state = jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(stacked))
-    out.append(StateAt(s, state, f"replayed {s - base} steps from "
+    out.append(StateAt(s, state, f"replayed {s - base} step{'s' * (s - base != 1)} from "
                                  f"{'the init' if base == 0 else f'checkpoint {base}'}"))
   return out
 
@@ -114,3 +114,11 @@ def states_at(folder: str, steps: Sequence[int], log: Callable[[str], None] = pr
 def embedding(state) -> np.ndarray:
   """The (tied) token table of a state, as f32."""
   return np.asarray(state.params[step_lib.EMBEDDING], np.float32)
+
+
+def bytes_per_param(state) -> float:
+  """Bytes of the training state (parameters, optimizer moments, the precision policy's own
+  state; not the probes' trackers) per model parameter."""
+  n = sum(np.asarray(x).size for x in jax.tree.leaves(state.params))
+  held = (state.params, state.opt_state, state.policy_state)
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(held)) / n
