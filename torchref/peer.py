@@ -87,10 +87,15 @@ from torchref.capture import (Rows, bits, centroid_norm, freeze_record, lab_reco
 EXPERIMENT = "torch_crucible1"  # the config name of a torch peer run (jaxdt never trains one)
 LAB_PROBES = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step")  # the lab's keys
 FREEZE_PROBES = ("freeze",)  # jaxdt's compact freeze record
+# --probes=twin: the lab's keys and the dead rows' Adam moments as bf16 bits (jaxdt's
+# momentum_W_bits / variance_W_bits), for per-step divergence of W, m and v.
+TWIN_PROBES = LAB_PROBES + ("momentum_W_bits", "variance_W_bits")
+PROBE_SETS = {"lab": LAB_PROBES, "freeze": FREEZE_PROBES, "twin": TWIN_PROBES}
 # Per-step series -> whether it has a row 0 (row t = step t) or not (row t-1 = step t).
 SERIES = {"lab": {"W": True, "delta_W_prime": False, "centroid": True, "loss": True},
           "freeze": {"n_frozen": False, "n_moving": False, "dwp_l2_mean": False,
                      "centroid_norm": True, "loss": True}}
+SERIES["twin"] = {**SERIES["lab"], "momentum_W": True, "variance_W": True}
 
 FLAGS = flags.FLAGS
 
@@ -115,7 +120,7 @@ def define_flags():
                     "bf16 GEMMs: native (torch's kernels), f32 (f32-upcast operands, f32 "
                     "accumulation, one rounding to bf16: fast where bf16 GEMM is not), auto "
                     "(measured here: native where bf16 runs at >= 0.5x f32 speed)")
-  flags.DEFINE_enum("probes", "lab", ["lab", "freeze"],
+  flags.DEFINE_enum("probes", "lab", list(PROBE_SETS),
                     "lab: the lab's keys (W, delta_W_prime, centroid, loss, last_motion_step); "
                     "freeze: the compact freeze record (n_frozen, n_moving, dwp_l2_mean, "
                     "centroid_norm, loss, last_motion_step)")
@@ -149,8 +154,7 @@ def peer_config() -> tuple[config_lib.ExperimentConfig, dict]:
       data_seed=base.data_seed if FLAGS.batches_from else None, sweep="", init_checkpoint=None,
       data=dataclasses.replace(base.data, data_dir=FLAGS.data_dir, corpus_path=FLAGS.corpus_path,
                                tokenizer_path=FLAGS.tokenizer_path),
-      probes=dataclasses.replace(base.probes, names=(FREEZE_PROBES if FLAGS.probes == "freeze"
-                                                     else LAB_PROBES)),
+      probes=dataclasses.replace(base.probes, names=PROBE_SETS[FLAGS.probes]),
       store=dataclasses.replace(base.store, chunk_steps=FLAGS.chunk_steps,
                                 notes="The lab's Crucible 1 loop in PyTorch (benchmarks/"
                                       "torch_peer.py)."))
@@ -256,7 +260,16 @@ class _Loop:
     if self.diverged is None and not np.isfinite(loss):
       self.diverged = self.step
     self.w_prev = w_curr
-    return {**record(w_curr, delta_w_prime, magnitude, threshold), "loss": np.float32(loss)}
+    out = {**record(w_curr, delta_w_prime, magnitude, threshold), "loss": np.float32(loss)}
+    if FLAGS.probes == "twin":
+      out.update(self.moments())
+    return out
+
+  def moments(self) -> dict:
+    """The dead rows' exp_avg and exp_avg_sq (bf16, as torch holds them) as uint16 bits."""
+    state = self.optimizer.state[self.model.embedding.weight]
+    return {"momentum_W": bits(state["exp_avg"].detach().cpu()[self.dead_mask]),
+            "variance_W": bits(state["exp_avg_sq"].detach().cpu()[self.dead_mask])}
 
 
 def _start(loop: _Loop, run: rundir.RunDir, snap, lay) -> None:
@@ -269,6 +282,9 @@ def _start(loop: _Loop, run: rundir.RunDir, snap, lay) -> None:
     else:
       run.write_rows("W", 0, bits(loop.w_prev)[None])
       run.write_rows("centroid", 0, loop.w_prev.float().mean(dim=0).numpy()[None])
+    if FLAGS.probes == "twin":  # nothing before step 1: zeros, as jaxdt's row 0
+      for k in ("momentum_W", "variance_W"):
+        run.write_rows(k, 0, np.zeros((1,) + tuple(loop.w_prev.shape), np.uint16))
     run.write_rows("loss", 0, np.array([np.nan], np.float32))
   else:
     restore(snap, loop.model, loop.optimizer)

@@ -59,11 +59,50 @@ def _check_same_rows(ta: trajectory.Trajectory, tb: trajectory.Trajectory) -> No
                                    "the same data")
 
 
+def _as_f64(t: trajectory.Trajectory, key: str, rows: np.ndarray) -> np.ndarray:
+  if key == t.w_key:
+    return t.values(rows).astype(np.float64)
+  code = t.reader.raw_dtype(key)
+  return trajectory.np_as_float64(rows, code)
+
+
+def _diverge(ta, tb, key_a: str, key_b: str, T: int, block: int, from_start: bool) -> Divergence:
+  """Divergence of tensor key_b of B from key_a of A over steps 0..T: bitwise-equal fraction,
+  and ‖A − B‖ over ‖A − A[0]‖ (from_start: how far A travelled) or over ‖A‖."""
+  equal, rel = np.zeros(T + 1), np.full(T + 1, np.nan)
+  a0 = _as_f64(ta, key_a, ta.reader.rows(key_a, 0, 1))[0] if from_start else 0.0
+  first = None
+  for s in range(0, T + 1, block):
+    e = min(T + 1, s + block)
+    ra, rb = ta.reader.rows(key_a, s, e), tb.reader.rows(key_b, s, e)
+    same = lattice.np_bits(ra) == lattice.np_bits(rb)
+    equal[s:e] = same.reshape(e - s, -1).mean(axis=1)
+    if first is None and not same.all():
+      first = s + int(np.argmax(~same.reshape(e - s, -1).all(axis=1)))
+    va, vb = _as_f64(ta, key_a, ra), _as_f64(tb, key_b, rb)
+    apart = np.sqrt(np.square(va - vb).sum(axis=(1, 2)))
+    scale = np.sqrt(np.square(va - a0).sum(axis=(1, 2)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+      rel[s:e] = np.where(scale > 0, apart / scale, np.nan)
+  return Divergence(T, first, equal, rel)
+
+
 def divergence(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> Divergence:
-  """Per-step divergence of run B from run A over the steps both have (streamed).
+  """Per-step divergence of run B's W from run A's over the steps both have (streamed).
 
   Raises:
     AnalysisError: unfinished or corrupt runs, no W, or other rows.
+  """
+  return state_divergence(path_a, path_b, ("weights",), block_steps=block_steps)["weights"]
+
+
+def state_divergence(path_a: str, path_b: str, roles=("weights", "momentum", "variance"), *,
+                     block_steps: Optional[int] = None) -> dict:
+  """{role: Divergence} of B from A for each recorded role: W against A's travel from step 0,
+  the Adam moments m and v (both zero before step 1) against A's own norm.
+
+  Raises:
+    AnalysisError: unfinished or corrupt runs, no W, other rows, a role one run lacks.
   """
   ta, tb = trajectory.open_trajectory(path_a), trajectory.open_trajectory(path_b)
   try:
@@ -71,24 +110,20 @@ def divergence(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -
     T = min(ta.steps, tb.steps)
     tb.check_memory(T)
     block = stream.block_for(ta, T, block_steps)
-    equal, rel = np.zeros(T + 1), np.full(T + 1, np.nan)
-    w0 = ta.values(ta.reader.rows(ta.w_key, 0, 1)).astype(np.float64)[0]
-    first = None
-    for s in range(0, T + 1, block):
-      e = min(T + 1, s + block)
-      wa, wb = ta.reader.rows(ta.w_key, s, e), tb.reader.rows(tb.w_key, s, e)
-      same = lattice.np_bits(wa) == lattice.np_bits(wb)
-      equal[s:e] = same.reshape(e - s, -1).mean(axis=1)
-      if first is None and not same.all():
-        first = s + int(np.argmax(~same.reshape(e - s, -1).all(axis=1)))
-      va, vb = ta.values(wa).astype(np.float64), tb.values(wb).astype(np.float64)
-      apart = np.sqrt(np.square(va - vb).sum(axis=(1, 2)))
-      travelled = np.sqrt(np.square(va - w0).sum(axis=(1, 2)))
-      with np.errstate(divide="ignore", invalid="ignore"):
-        rel[s:e] = np.where(travelled > 0, apart / travelled, np.nan)
+    out = {}
+    for role in roles:
+      ka, kb = (t.w_key if role == "weights" else trajectory.role_key(t.reader.keys(), role)
+                for t in (ta, tb))
+      if ka is None or kb is None:
+        raise trajectory.AnalysisError(f"divergence of {role}: {'A' if ka is None else 'B'} "
+                                       f"records no {role}; record it in both runs")
+      if ta.reader.shape(ka)[1:] != tb.reader.shape(kb)[1:]:
+        raise trajectory.AnalysisError(f"the runs record {role} with other shapes; compare "
+                                       "runs of one config")
+      out[role] = _diverge(ta, tb, ka, kb, T, block, from_start=role == "weights")
     ta.verify()
     tb.verify()
   finally:
     ta.reader.close()
     tb.reader.close()
-  return Divergence(T, first, equal, rel)
+  return out

@@ -1,0 +1,36 @@
+"""torchref.twins: four tiny twins from one start and the per-step divergence of W, m, v."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_tiny_twins_record_w_m_v_and_start_together(tiny_data, tmp_path):
+  root = tmp_path / "twins"
+  cmd = [sys.executable, "-m", "torchref.twins", "--steps=6", f"--root={root}",
+         f"--corpus_path={tiny_data['corpus']}", f"--tokenizer_path={tiny_data['tokenizer']}",
+         f"--dead_mask_path={tiny_data['mask']}", "--set=model.vocab_size=256",
+         "--set=model.hidden_dim=32", "--set=data.seq_len=16", "--set=model.max_seq_len=16",
+         "--set=data.batch_size=4", "--set=store.chunk_steps=3"]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.load(open(root / "twins.json"))
+  assert sorted(result["twins"]) == ["f32", "jax", "native1"]
+  for name, entry in result["twins"].items():
+    for role in ("weights", "momentum", "variance"):
+      e = entry[role]
+      assert len(e["equal_fraction"]) == 7, (name, role)
+      assert e["equal_fraction"][0] == 1.0  # one start: W row 0 equal, m and v zeros
+      first = e["first_differing_step"]
+      assert first is None or first >= 1
+  # m after step 1 is (1 - b1) g: every twin has it, and they are close to the base
+  m = result["twins"]["jax"]["momentum"]["relative_distance"]
+  assert all(x is None or x < 0.5 for x in m[1:]), m
+  assert os.path.getsize(root / "twins.png") > 1000
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0 and again.stdout.count(": finished (") == 4, again.stdout
