@@ -49,7 +49,7 @@ def _program(cfg, corpus, lay, variant: str):
   tiny), "forced" (the exact branch every step: the worst case), "plain" (none)."""
   real, real_needs = adamw._exact_leaves, adamw.needs_exact  # pylint: disable=protected-access
   if variant == "plain":
-    adamw._exact_leaves = lambda gs, ms, vs, hp, coef: [None] * len(ms)  # pylint: disable=protected-access
+    adamw._exact_leaves = lambda gs, ms, vs, r: [None] * len(ms)  # pylint: disable=protected-access
   if variant == "forced":
     adamw.needs_exact = lambda *a, **k: jnp.asarray(True)
   try:
@@ -57,7 +57,7 @@ def _program(cfg, corpus, lay, variant: str):
     chunk = step_lib.make_chunk(cfg, corpus.tokens, lay.rows, mesh)
     stack = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
     state = stack(state_lib.init_state(cfg, lay.dims))
-    data = stack(state_lib.member_data(cfg, len(adamw.scalar_table(cfg.optim))))
+    data = stack(state_lib.member_data(cfg))
     t = time.perf_counter()
     compiled = chunk.lower(state, data, jnp.int32(0), FLAGS.steps).compile()
     return compiled, state, data, time.perf_counter() - t

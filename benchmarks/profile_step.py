@@ -43,7 +43,7 @@ from jaxdt.training import layout as layout_lib  # noqa: E402  pylint: disable=g
 from jaxdt.training import state as state_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import runs  # noqa: E402  pylint: disable=g-import-not-at-top
-from jaxdt.optim import adamw  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "crucible1", "experiment whose step is profiled")
@@ -193,8 +193,8 @@ def profile(cfg: config_lib.ExperimentConfig, k: int, trace_dir: str) -> tuple[f
   jax.block_until_ready(out)
   ms = (time.perf_counter() - t) / k * 1e3
   chunk = step_lib.make_chunk(cfg, corpus.tokens, lay.rows, sharding.mesh)
-  data = runs.stacked([state_lib.member_data(cfg, len(adamw.scalar_table(cfg.optim)))],
-                      sharding)
+  data = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None],
+                                      state_lib.member_data(cfg)), sharding)
   hlo = chunk.lower(state, data, jnp.int32(0), k).compile().as_text()
   jax.profiler.start_trace(trace_dir)
   state, out = dispatch(state, 2 * k, k)

@@ -59,8 +59,7 @@ class StepView(NamedTuple):
   # The f32 mean cross entropy, unrounded: HF GPT2's loss (it upcasts the
   # logits), which Thimble 1/6 stored. `loss` above is its bf16 rounding.
   loss_f32: jax.Array
-  # The step's AdamW coefficients (`adamw.Coefficients`): constants in a solo
-  # run, a sweep member's traced values; None = the context's hyperparameters'.
+  # The step's AdamW coefficients (`adamw.Coefficients`), from the member's optimizer state.
   coef: Optional[tuple] = None
 
 
@@ -200,10 +199,12 @@ def live_dead_ids(view: StaticView) -> dict:
 
 def _accounting(ctx: Context) -> tuple:
   from jaxdt.optim import accounting  # pylint: disable=g-import-not-at-top
+  from jaxdt.optim import adamw  # pylint: disable=g-import-not-at-top
+  form = adamw.form(ctx.hyper)
   return tuple(Series(
       key=f"adam_{name}", dtype=_F32, shape=lambda d: (),
       record=lambda v, name=name: accounting.metrics(
-          v.w_prev, v.w_next, v.m, v.v, v.t, ctx.hyper, v.coef)[name], role="accounting")
+          v.w_prev, v.w_next, v.m, v.v, v.t, adamw.Rule(v.coef, form))[name], role="accounting")
       for name in accounting.METRIC_NAMES)
 
 

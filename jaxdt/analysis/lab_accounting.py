@@ -22,6 +22,7 @@ from jaxdt.analysis import trajectory
 from jaxdt.io import tensorfile
 from jaxdt.numerics import lattice
 from jaxdt.optim import accounting
+from jaxdt.optim import adamw
 
 
 class AccountingRow(NamedTuple):
@@ -52,19 +53,20 @@ def accounting_row(reader: tensorfile.TrajectoryReader, t: int, hp: config_lib.O
   Returns:
     The AccountingRow.
   """
+  rule = adamw.rule(hp)
   w_prev, w_next = trajectory.read_state(reader, "W", t - 1, t + 1)
   m = trajectory.read_state(reader, "momentum_W", t, t + 1)[0].astype(w_prev.dtype)
   v = trajectory.read_state(reader, "variance_W", t, t + 1)[0].astype(w_prev.dtype)
   measured = (w_next.astype(np.float32) - w_prev.astype(np.float32)).astype(w_prev.dtype)
   measured = measured.astype(np.float64)
   computed = np.asarray(accounting.textbook_delta(jnp.asarray(w_prev), jnp.asarray(m),
-                                                  jnp.asarray(v), t, hp), np.float64)
+                                                  jnp.asarray(v), t, rule), np.float64)
   measured_norm, computed_norm = np.linalg.norm(measured), np.linalg.norm(computed)
   with np.errstate(divide="ignore", invalid="ignore"):
     ratio = computed_norm / measured_norm
     cosine = float(computed.ravel() @ measured.ravel()) / (computed_norm * measured_norm)
   replayed = np.asarray(accounting.replay(jnp.asarray(w_prev), jnp.asarray(m), jnp.asarray(v),
-                                          t, hp))
+                                          t, rule))
   equal = int((lattice.np_bits(replayed) == lattice.np_bits(w_next)).sum())
   return AccountingRow(t, float(ratio), float(cosine), equal, int(w_next.size))
 

@@ -226,7 +226,9 @@ def accounting_from_state(traj: trajectory.Trajectory, hyper, block_steps: Optio
   m_key, v_key = trajectory.state_keys(traj.reader.keys())
   T = traj.steps if max_steps is None else min(traj.steps, max_steps)
   block = block_for(traj, T, block_steps)
-  fn = jax.jit(jax.vmap(lambda wp, wn, m, v, t: accounting.metrics(wp, wn, m, v, t, hyper)))
+  from jaxdt.optim import adamw  # pylint: disable=g-import-not-at-top
+  rule = adamw.rule(hyper)
+  fn = jax.jit(jax.vmap(lambda wp, wn, m, v, t: accounting.metrics(wp, wn, m, v, t, rule)))
   out = {k: np.zeros(T, np.float32) for k in accounting.METRIC_NAMES}
   for s in range(0, T, block):
     e = min(T, s + block)

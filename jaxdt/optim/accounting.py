@@ -27,30 +27,31 @@ from jaxdt.optim import adamw
 METRIC_NAMES = ("replay_match", "cosine", "norm_ratio", "swallowed", "max_ulp_error")
 
 
-def replay(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) -> jax.Array:
+def replay(w_prev, m_t, v_t, t, r: adamw.Rule | config_lib.OptimConfig) -> jax.Array:
   """W[t] from W[t-1] and the step-t moments by torch's arithmetic (exact).
 
   Args:
     w_prev: params before step t (bf16 or f32).
     m_t, v_t: exp_avg, exp_avg_sq after step t (same dtype as w_prev).
     t: 1-based step (may be traced).
-    hp: hyperparameters.
-    coef: a sweep member's traced `adamw.Coefficients` (None: hp's own).
+    r: the run's coefficients and form (in the scan, the member's own from its optimizer
+      state), or its hyperparameters (their own, `adamw.rule`).
 
   Returns:
     W[t] in w_prev's dtype.
   """
+  r = adamw.as_rule(r)
   dtype = w_prev.dtype
   f32 = lambda x: x.astype(jnp.float32)
-  scalars = adamw.lookup_scalars(hp, t, None if coef is None else coef.table)
-  new_p, _, _ = adamw.param_update(f32(w_prev), f32(m_t), f32(v_t), scalars, hp, dtype, coef)
+  scalars = adamw.lookup_scalars(t, r.c.table)
+  new_p, _, _ = adamw.param_update(f32(w_prev), (f32(m_t), f32(v_t)), scalars, r, dtype)
   return new_p.astype(dtype)
 
 
-def textbook_delta(w_prev, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) -> jax.Array:
+def textbook_delta(w_prev, m_t, v_t, t, r: adamw.Rule | config_lib.OptimConfig) -> jax.Array:
   """The lab's continuous f32 AdamW step (module docstring), f32."""
-  c = adamw.coefficients(hp) if coef is None else coef
-  s = adamw.lookup_scalars(hp, t, c.table)
+  c = adamw.as_rule(r).c
+  s = adamw.lookup_scalars(t, c.table)
   w, m, v = (x.astype(jnp.float32) for x in (w_prev, m_t, v_t))
   m_hat = m / s[adamw.BC1]
   v_hat = v / s[adamw.BC2]
@@ -64,7 +65,7 @@ def _fraction(mask) -> jax.Array:
   return lattice.true_divide(count, jnp.float32(mask.size))
 
 
-def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) -> dict:
+def metrics(w_prev, w_next, m_t, v_t, t, r: adamw.Rule | config_lib.OptimConfig) -> dict:
   """Per-step accounting over a set of rows (all arrays [rows, D]).
 
   Returns:
@@ -78,10 +79,10 @@ def metrics(w_prev, w_next, m_t, v_t, t, hp: config_lib.OptimConfig, coef=None) 
   """
   bits = lambda x: jax.lax.bitcast_convert_type(
       x, jnp.uint16 if x.dtype == jnp.bfloat16 else jnp.uint32)
-  replayed = replay(w_prev, m_t, v_t, t, hp, coef)
+  replayed = replay(w_prev, m_t, v_t, t, r)
   match = _fraction(bits(replayed) == bits(w_next))
   realized = w_next.astype(jnp.float32) - w_prev.astype(jnp.float32)
-  text = textbook_delta(w_prev, m_t, v_t, t, hp, coef)
+  text = textbook_delta(w_prev, m_t, v_t, t, r)
   # Fixed-order sums: a jnp.sum here differed by 1-2 ulps between 1 and 2 CPU threads.
   total = lambda x: ordered.sum_rows(x.reshape(-1))
   n_real = jnp.sqrt(total(realized * realized))

@@ -36,7 +36,7 @@ BUILD_NOTES.md for the measured bound.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,23 +107,19 @@ def scalar_table(hp: OptimConfig) -> np.ndarray:
       f"{_MAX_TABLE} steps; use betas further from 1")
 
 
-def lookup_scalars(hp: OptimConfig, t, table=None) -> jax.Array:
-  """The f32 [4] scalars for a traced 1-based step t (jit/scan safe).
-
-  `table` (traced, e.g. a sweep member's) replaces `scalar_table(hp)`; a table
-  padded with copies of its last row gives the same values.
-  """
-  table = scalar_table(hp) if table is None else table
-  idx = jnp.clip(jnp.asarray(t, jnp.int32), 0, table.shape[0] - 1)
+def lookup_scalars(t, table) -> jax.Array:
+  """The f32 [4] scalars of a traced 1-based step t from `table` (`scalar_table`, or a sweep
+  member's traced copy; padded with copies of its last row it gives the same values)."""
+  idx = jnp.clip(jnp.asarray(t, jnp.int32), 0, jnp.shape(table)[0] - 1)
   return jnp.asarray(table)[idx]
 
 
 class Coefficients(NamedTuple):
   """The f32 scalars AdamW's ops read, derived from the hyperparameters on the host.
 
-  As numpy f32 scalars (`coefficients(hp)`) they are constants of the traced
-  step, as in a solo run; a sweep passes the same values as traced arrays, one
-  set per member, so members share one compiled program and each still does
+  They are carried in the optimizer's state (`AdamWState.coef`), as optax's
+  `inject_hyperparams` carries its hyperparameters: a solo run's and a sweep
+  member's values take one path (traced arrays either way), and each member does
   torch's arithmetic on its own values (the same f32 operands, the same ops).
   """
 
@@ -138,22 +134,65 @@ class Coefficients(NamedTuple):
   table: object  # f32 [T + 1, 4], `scalar_table`
 
 
-def lerp_from_m(hp: OptimConfig) -> bool:
-  """torch's lerp_ form: m + w·(g − m) for w < 0.5, else g + (w − 1)·(g − m) (structure)."""
-  return abs(1 - hp.b1) < 0.5
+class Form(NamedTuple):
+  """The structure of torch's arithmetic for a hyperparameter set (static under jit)."""
+
+  lerp_from_m: bool  # torch's lerp_ form: m + w·(g − m) for w < 0.5, else g + (w − 1)·(g − m)
+  decays: bool  # weight decay != 0: p is decayed (and rounded) before addcdiv_
+
+
+class Rule(NamedTuple):
+  """What every op of the update reads: the coefficients (traced) and the form (static)."""
+
+  c: Coefficients
+  form: Form
+
+
+class AdamWState(NamedTuple):
+  """State of torch's AdamW: its `step`, `exp_avg`, `exp_avg_sq`, and the coefficients.
+
+  `coef` is derived from the config, so a checkpoint stores the state without it
+  (`without_coefficients`) and a restore takes it from the config again.
+  """
+
+  count: jax.Array  # shape=(), dtype=jnp.int32: steps taken (torch's `step`).
+  mu: optax.Updates  # exp_avg, in each parameter's dtype.
+  nu: optax.Updates  # exp_avg_sq, in each parameter's dtype.
+  coef: Coefficients | None = None
+
+
+def form(hp: OptimConfig) -> Form:
+  return Form(abs(1 - hp.b1) < 0.5, hp.weight_decay != 0)
 
 
 @functools.lru_cache(maxsize=64)
 def coefficients(hp: OptimConfig) -> Coefficients:
   """`hp`'s coefficients as numpy f32 scalars (each computed as torch computes it)."""
   weight = 1 - hp.b1  # Python float64, converted to f32 by the kernel
-  lerp = np.float32(weight) if lerp_from_m(hp) else np.float32(weight) - np.float32(1)
+  lerp = np.float32(weight) if form(hp).lerp_from_m else np.float32(weight) - np.float32(1)
   return Coefficients(
       lerp_weight=lerp, b2=np.float32(hp.b2), one_minus_b2=np.float32(1 - hp.b2),
       eps_bf16=np.float32(ml_dtypes.bfloat16(hp.eps)), eps_f32=np.float32(hp.eps),
       decay=np.float32(1 - hp.learning_rate * hp.weight_decay),
       lr=np.float32(hp.learning_rate), lr_wd=np.float32(hp.learning_rate * hp.weight_decay),
       table=scalar_table(hp))
+
+
+def rule(hp: OptimConfig) -> Rule:
+  """`hp`'s own rule (its coefficients as constants): for host-side recomputation."""
+  return Rule(coefficients(hp), form(hp))
+
+
+def as_rule(r: "Rule | OptimConfig") -> Rule:
+  """A rule, or hyperparameters' own rule (host-side callers may pass an OptimConfig)."""
+  return rule(r) if isinstance(r, OptimConfig) else r
+
+
+def pad_table(c: Coefficients, rows: int) -> Coefficients:
+  """`c` with its scalar table padded to `rows` by copies of its last row (the lookup clips
+  there, so every step reads the same values): sweep members' tables then stack."""
+  t = np.asarray(c.table)
+  return c._replace(table=np.concatenate([t, np.repeat(t[-1:], rows - len(t), axis=0)]))
 
 
 def _opaque(x):
@@ -172,27 +211,25 @@ def _rounder(dtype):
   raise TypeError(f"adamw supports bf16 and f32 parameters, got {dtype}")
 
 
-def moments_update(g, m, v, hp: OptimConfig, dtype, coef: Coefficients | None = None):
+def moments_update(g, m, v, r: Rule, dtype):
   """torch's `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, in f32.
 
   Args:
     g, m, v: f32 arrays holding values of `dtype` (grad, exp_avg, exp_avg_sq).
-    hp: hyperparameters (the structure; the values too unless `coef`).
+    r: the coefficients and the form.
     dtype: the parameter dtype (bf16 or f32): where each op rounds.
-    coef: traced coefficients (a sweep member's); None = `coefficients(hp)`.
 
   Returns:
     (m, v) as f32 arrays holding values of `dtype`.
   """
-  r = _rounder(dtype)
-  c = coefficients(hp) if coef is None else coef
+  rnd, c = _rounder(dtype), r.c
   diff = g - m
-  if lerp_from_m(hp):
-    m = r(c.lerp_weight * diff + m)  # contracted to fma(w, g − m, m)
+  if r.form.lerp_from_m:
+    m = rnd(c.lerp_weight * diff + m)  # contracted to fma(w, g − m, m)
   else:
-    m = r(c.lerp_weight * diff + g)
-  v = r(v * c.b2)
-  v = r((c.one_minus_b2 * g) * g + v)  # contracted to fma(c·g, g, v)
+    m = rnd(c.lerp_weight * diff + g)
+  v = rnd(v * c.b2)
+  v = rnd((c.one_minus_b2 * g) * g + v)  # contracted to fma(c·g, g, v)
   return m, v
 
 
@@ -204,7 +241,7 @@ MOMENT_SCALE = 64
 _M_BOUND, _V_BOUND = 2.0**60, 2.0**30
 
 
-def exact_moments(g, m, v, hp: OptimConfig, coef: Coefficients | None = None):
+def exact_moments(g, m, v, r: Rule):
   """torch's bf16 `exp_avg.lerp_` and `exp_avg_sq.mul_().addcmul_()`, subnormals kept.
 
   The same ops as `moments_update`, done in `numerics.subnormal`'s scaled
@@ -214,28 +251,27 @@ def exact_moments(g, m, v, hp: OptimConfig, coef: Coefficients | None = None):
 
   Args:
     g, m, v: bf16 arrays (grad, exp_avg, exp_avg_sq before the step).
-    hp: hyperparameters (the structure; the values too unless `coef`).
-    coef: traced coefficients (a sweep member's); None = `coefficients(hp)`.
+    r: the coefficients and the form.
 
   Returns:
     (m, v) as bf16 bits (uint16), and the mask of elements these are valid for
     (False where a magnitude exceeds the scaled range: use `moments_update`).
   """
-  c = coefficients(hp) if coef is None else coef
+  c = r.c
   S = MOMENT_SCALE
   g_s, m_s, v_s = (subnormal.scaled(x, S) for x in (g, m, v))
   diff = g_s - m_s  # exact when small; otherwise rounded as torch rounds it
-  a, addend = (c.lerp_weight, m_s) if lerp_from_m(hp) else (c.lerp_weight, g_s)
-  r = a * diff + addend  # contracted to fma, as in `moments_update`
-  f = subnormal.as_f32(r, subnormal.fma_residual_sign(a, diff, addend, r), S)
+  a, addend = (c.lerp_weight, m_s) if r.form.lerp_from_m else (c.lerp_weight, g_s)
+  res = a * diff + addend  # contracted to fma, as in `moments_update`
+  f = subnormal.as_f32(res, subnormal.fma_residual_sign(a, diff, addend, res), S)
   m_bits = subnormal.bf16_bits(subnormal.bf16_of(f, S), S)
   p, e = subnormal.two_prod(v_s, c.b2)  # mul_(b2)
   v1 = subnormal.bf16_of(subnormal.as_f32(p, jnp.sign(e), S), S)
   g_h = subnormal.scaled(g, S // 2)
   p, e = subnormal.two_prod(c.one_minus_b2, g_h)  # torch's f32 (1 - b2)·g
   cg = subnormal.as_f32(p, jnp.sign(e), S // 2)
-  r = cg * g_h + v1  # contracted to fma(c·g, g, v)
-  f = subnormal.as_f32(r, subnormal.fma_residual_sign(cg, g_h, v1, r), S)
+  res = cg * g_h + v1  # contracted to fma(c·g, g, v)
+  f = subnormal.as_f32(res, subnormal.fma_residual_sign(cg, g_h, v1, res), S)
   v_bits = subnormal.bf16_bits(subnormal.bf16_of(f, S), S)
   big = lambda x, bound: ~(jnp.abs(x.astype(jnp.float32)) < bound)  # NaN counts as big
   valid = ~(big(g, _V_BOUND) | big(m, _M_BOUND) | big(v, _V_BOUND))
@@ -245,14 +281,14 @@ def exact_moments(g, m, v, hp: OptimConfig, coef: Coefficients | None = None):
 _TINY_EXPONENT = 127 - 100  # below 2^-100 a moment op may meet a subnormal
 
 
-def needs_exact(g, m, v, hp: OptimConfig, coef: Coefficients | None = None) -> jax.Array:
+def needs_exact(g, m, v, r: Rule) -> jax.Array:
   """Whether any element may need `exact_moments`: a nonzero input below 2^-100, or a plain
   result (`moments_update`) below 2^-100 or flushed to zero from nonzero inputs. Read from
   bits: XLA:CPU's comparisons treat subnormals as zero."""
   u = [lattice.f32_bits(jnp.asarray(x).astype(jnp.float32)) for x in (g, m, v)]
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-  m_p, v_p = (lattice.f32_bits(x) for x in moments_update(f32(g), f32(m), f32(v), hp,
-                                                          jnp.bfloat16, coef))
+  m_p, v_p = (lattice.f32_bits(x) for x in moments_update(f32(g), f32(m), f32(v), r,
+                                                          jnp.bfloat16))
   nonzero = lambda b: (b & 0x7FFFFFFF) != 0
   tiny = lambda b: nonzero(b) & (((b >> 23) & 0xFF) < _TINY_EXPONENT)
   flushed = ((~nonzero(m_p) & (nonzero(u[0]) | nonzero(u[1])))
@@ -260,23 +296,22 @@ def needs_exact(g, m, v, hp: OptimConfig, coef: Coefficients | None = None) -> j
   return jnp.any(tiny(u[0]) | tiny(u[1]) | tiny(u[2]) | tiny(m_p) | tiny(v_p) | flushed)
 
 
-def denominator(v, bc2_sqrt, hp: OptimConfig, dtype, coef: Coefficients | None = None):
+def denominator(v, bc2_sqrt, c: Coefficients, dtype):
   """torch's `(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`, in f32."""
-  r = _rounder(dtype)
-  c = coefficients(hp) if coef is None else coef
+  rnd = _rounder(dtype)
   # For bf16 tensors torch adds eps as a bf16 scalar: 1e-8 becomes 1.00117e-8.
   eps = c.eps_bf16 if dtype == jnp.bfloat16 else c.eps_f32
-  return r(r(lattice.true_divide(r(jnp.sqrt(v)), bc2_sqrt)) + eps)
+  return rnd(rnd(lattice.true_divide(rnd(jnp.sqrt(v)), bc2_sqrt)) + eps)
 
 
-def param_update(p, m, v, scalars, hp: OptimConfig, dtype, coef: Coefficients | None = None):
+def param_update(p, moments, scalars, r: Rule, dtype):
   """torch's decoupled decay and `param.addcdiv_`, in f32.
 
   Args:
     p: f32 array holding the old parameter values (of `dtype`).
-    m, v: the updated moments (f32 holding `dtype` values).
+    moments: the updated (m, v) (f32 holding `dtype` values).
     scalars: f32 [4] from `lookup_scalars`.
-    hp: hyperparameters.
+    r: the coefficients and the form.
     dtype: the parameter dtype.
 
   Returns:
@@ -284,35 +319,41 @@ def param_update(p, m, v, scalars, hp: OptimConfig, dtype, coef: Coefficients | 
     addcdiv term (f32(−step_size)·m)/den, which torch adds to `decayed` (p
     after weight decay, or p itself when wd = 0) before its one rounding.
   """
-  r = _rounder(dtype)
-  if hp.weight_decay != 0:
-    p = r(p * (coefficients(hp) if coef is None else coef).decay)
-  den = denominator(v, scalars[BC2_SQRT], hp, dtype, coef)
-  step = (scalars[NEG_STEP_SIZE] * m) / den
-  return r(p + step), step, p
-
-
-def _leaf_update(g, p, moments, scalars, hp: OptimConfig, coef: Coefficients | None = None,
-                 exact=None):
-  """One parameter leaf: returns (new_param, updates, mu, nu).
-
-  `moments`: the leaf's (exp_avg, exp_avg_sq) before the step; `exact`: its (m bits,
-  v bits, valid) from `exact_moments` (bf16 leaves).
-  """
+  rnd = _rounder(dtype)
   m, v = moments
-  dtype = p.dtype
+  if r.form.decays:
+    p = rnd(p * r.c.decay)
+  den = denominator(v, scalars[BC2_SQRT], r.c, dtype)
+  step = (scalars[NEG_STEP_SIZE] * m) / den
+  return rnd(p + step), step, p
+
+
+class Leaf(NamedTuple):
+  """One parameter leaf's inputs: grad, param, the moments before the step, and its
+  `exact_moments` result (m bits, v bits, valid) for bf16 leaves, else None."""
+
+  g: jax.Array
+  p: jax.Array
+  m: jax.Array
+  v: jax.Array
+  exact: tuple | None
+
+
+def _leaf_update(leaf: Leaf, scalars, r: Rule):
+  """One parameter leaf: returns (new_param, updates, mu, nu)."""
+  dtype = leaf.p.dtype
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-  m_plain, v_plain = moments_update(f32(g), f32(m), f32(v), hp, dtype, coef)
-  if exact is not None:  # torch keeps subnormal moments; XLA:CPU would flush them
-    m_bits, v_bits, valid = exact
+  m_plain, v_plain = moments_update(f32(leaf.g), f32(leaf.m), f32(leaf.v), r, dtype)
+  if leaf.exact is not None:  # torch keeps subnormal moments; XLA:CPU would flush them
+    m_bits, v_bits, valid = leaf.exact
     pick = lambda bits, plain: jnp.where(valid, lattice.bits_to_bf16(bits),
                                          plain.astype(dtype))
     m_out, v_out = pick(m_bits, m_plain), pick(v_bits, v_plain)
   else:
     m_out, v_out = m_plain.astype(dtype), v_plain.astype(dtype)
   m, v = f32(m_out), f32(v_out)  # what the parameter update reads (a bit shift: kept)
-  p32 = f32(p)
-  new_p, step, decayed = param_update(p32, m, v, scalars, hp, dtype, coef)
+  p32 = f32(leaf.p)
+  new_p, step, decayed = param_update(p32, (m, v), scalars, r, dtype)
   # optax.apply_updates computes (p + u).astype(p.dtype) in f32. Without decay
   # u = step reproduces torch's single rounding of p + step exactly. With decay
   # try u = (decayed − p) + step, then the f32 difference new_p − p and its two
@@ -322,7 +363,7 @@ def _leaf_update(g, p, moments, scalars, hp: OptimConfig, coef: Coefficients | N
   # check (measured: without it the check passed values that then missed).
   diff = _opaque(new_p - p32)
   candidates = [jnp.nextafter(diff, -jnp.inf), jnp.nextafter(diff, jnp.inf), diff]
-  candidates.append(step if hp.weight_decay == 0 else _opaque((decayed - p32) + step))
+  candidates.append(_opaque((decayed - p32) + step) if r.form.decays else step)
   target = lattice.f32_bits(new_p)
   u = candidates[0]
   for cand in candidates[1:]:  # the last (most natural) candidate has priority
@@ -335,15 +376,46 @@ def _round_to(x, dtype):
   return lattice.bf16_round_trip(x) if dtype == jnp.bfloat16 else x
 
 
+class TorchAdamW(NamedTuple):
+  """torch.optim.AdamW as a pure pair over a parameter tree (`torch_adamw`)."""
+
+  init: Callable  # init(params, coef=None) -> AdamWState; coef: a member's own values
+  update: Callable  # update(grads, state, params) -> (new_params, updates, state)
+  form: Form
+
+
+def torch_adamw(hp: OptimConfig) -> TorchAdamW:
+  """torch.optim.AdamW (torch 2.13, CPU default path) for `hp`, bit for bit.
+
+  `init(params)` gives torch's fresh state (step 0, zero moments in each
+  parameter's dtype) with `hp`'s coefficients in it; `init(params, coef)` a sweep
+  member's own. `update(grads, state, params)` returns (torch's new params, f32
+  updates for `optax.apply_updates`, new state): the step reads its coefficients
+  from the state, so constants and traced values take one path. `hp` fixes the
+  form (`Form`); its values are the defaults of `init`.
+  """
+  shape = form(hp)
+  scalar_table(hp)  # fail early on unsupported betas
+
+  def init(params, coef: Coefficients | None = None) -> AdamWState:
+    zeros = lambda p: jnp.zeros_like(p)
+    return AdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
+                      nu=jax.tree.map(zeros, params),
+                      coef=jax.tree.map(jnp.asarray, coefficients(hp) if coef is None else coef))
+
+  return TorchAdamW(init, functools.partial(apply, shape), shape)
+
+
+def apply(f: Form, grads, state: AdamWState, params):
+  """One torch AdamW step of form `f` with the state's coefficients: (new_params, updates,
+  new_state); new_params are torch's exactly (see `adamw` for the updates)."""
+  return _update_tree(grads, state, params, Rule(state.coef, f))
+
+
 def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0
           ) -> optax.GradientTransformation:
-  """torch.optim.AdamW (torch 2.13, CPU default path), bit for bit, as an optax transform.
-
-  The trainer's one optimizer path is `init` + `step(hp, params, grads,
-  state)`; this is the adapter for optax users, built on the same update
-  (`_update_tree`) and tested on its own (tests/optim/adamw_test.py,
-  tests/parity/optim_parity_test.py).
+  """torch.optim.AdamW, bit for bit, as an optax GradientTransformation (`torch_adamw`).
 
   Decay and the Adam step stay in one transformation because torch rounds the
   decayed parameter before `addcdiv_`, and the step is never rounded on its
@@ -354,38 +426,46 @@ def adamw(learning_rate: float, b1: float = 0.9, b2: float = 0.999,
 
   Returned updates are f32 such that `optax.apply_updates(params, updates)`
   yields torch's parameters exactly for bf16 params (and for f32 params with
-  wd = 0); `step` returns torch's parameters directly in every case.
-
-  Args:
-    learning_rate: lr (a constant, as in the lab's runs).
-    b1: beta1.
-    b2: beta2.
-    eps: epsilon (added after the bias-corrected square root).
-    weight_decay: decoupled weight decay λ; torch multiplies p by 1 − lr·λ.
+  wd = 0); `torch_adamw(hp).update` returns torch's parameters directly in every
+  case, and is what the trainer uses.
 
   Returns:
-    An optax.GradientTransformation whose state is `AdamWState`.
+    An optax.GradientTransformation whose state is `AdamWState` (its coefficients
+    carried in it).
   """
-  hp = OptimConfig(float(learning_rate), float(b1), float(b2), float(eps), float(weight_decay))
-  scalar_table(hp)  # fail early on unsupported betas
+  opt = torch_adamw(OptimConfig(float(learning_rate), float(b1), float(b2), float(eps),
+                                float(weight_decay)))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("adamw needs params: call update(grads, state, params)")
-    _, u, state = _update_tree(updates, state, params, hp)
+    _, u, state = opt.update(updates, state, params)
     return u, state
 
-  return optax.GradientTransformation(init, update_fn)
+  return optax.GradientTransformation(opt.init, update_fn)
 
 
 def init(params) -> AdamWState:
-  """torch's fresh AdamW state: step 0, exp_avg and exp_avg_sq zeros in each param's dtype."""
-  zeros = lambda p: jnp.zeros_like(p)
-  return AdamWState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
-                    nu=jax.tree.map(zeros, params))
+  """torch's fresh AdamW state (step 0, zero moments) without coefficients, for `step`."""
+  return without_coefficients(torch_adamw(OptimConfig(1e-3)).init(params))
 
 
-def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef) -> list:
+def step(hp: OptimConfig, params, grads, state: AdamWState):
+  """One torch AdamW step of `hp` (`torch_adamw(hp)`): (torch's new params, state). A state
+  without coefficients (`init`'s) is stepped with hp's own and comes back without them, so
+  it can be a scan's carry."""
+  full = state._replace(coef=coefficients(hp)) if state.coef is None else state
+  new_params, _, new = apply(form(hp), grads, full, params)
+  return new_params, new._replace(coef=state.coef)
+
+
+def without_coefficients(state: AdamWState) -> AdamWState:
+  """The state as a checkpoint stores it: count, mu, nu (the coefficients come from the
+  config); its leaves and their names are the ones checkpoints always held."""
+  return state._replace(coef=None)
+
+
+def _exact_leaves(gs, ms, vs, r: Rule) -> list:
   """`exact_moments` of every bf16 leaf, computed once over their concatenation (one
   copy of the scaled arithmetic in the program, not one per leaf); None for others."""
   idx = [i for i, m in enumerate(ms) if jnp.asarray(m).dtype == jnp.bfloat16]
@@ -400,8 +480,7 @@ def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef) -> list:
   args = (flat(gs), flat(ms), flat(vs))
   skip = lambda a: (jnp.zeros(a[0].shape, jnp.uint16), jnp.zeros(a[0].shape, jnp.uint16),
                     jnp.zeros(a[0].shape, bool))
-  parts = jax.lax.cond(needs_exact(*args, hp, coef), lambda a: exact_moments(*a, hp, coef),
-                       skip, args)
+  parts = jax.lax.cond(needs_exact(*args, r), lambda a: exact_moments(*a, r), skip, args)
   start = 0
   for i in idx:
     shape = jnp.shape(ms[i])
@@ -411,33 +490,18 @@ def _exact_leaves(gs, ms, vs, hp: OptimConfig, coef) -> list:
   return out
 
 
-def _update_tree(grads, state: AdamWState, params, hp: OptimConfig,
-                 coef: Coefficients | None = None):
+def _update_tree(grads, state: AdamWState, params, r: Rule):
   """(new_params, updates, new_state) for a whole pytree."""
   count = state.count + 1
-  scalars = lookup_scalars(hp, count, None if coef is None else coef.table)
+  scalars = lookup_scalars(count, r.c.table)
   treedef = jax.tree.structure(params)
   gs, ps = treedef.flatten_up_to(grads), jax.tree.leaves(params)
   ms, vs = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-  exact = _exact_leaves(gs, ms, vs, hp, coef)
-  outs = [_leaf_update(g, p, (m, v), scalars, hp, coef, e)
+  exact = _exact_leaves(gs, ms, vs, r)
+  outs = [_leaf_update(Leaf(g, p, m, v, e), scalars, r)
           for g, p, m, v, e in zip(gs, ps, ms, vs, exact)]
   new_params, u, mu, nu = (treedef.unflatten(x) for x in zip(*outs))
-  return new_params, u, AdamWState(count=count, mu=mu, nu=nu)
-
-
-def step(hp: OptimConfig, params, grads, state: AdamWState, coef: Coefficients | None = None):
-  """One AdamW step returning torch's new parameters directly: (params, state).
-
-  Always bit-exact. `tx.update` + `optax.apply_updates` gives the same bits for
-  bf16 params, and for f32 params when wd = 0; for f32 params with wd != 0 a
-  few elements per step have no f32 `u` with p + u == torch's result (torch
-  adds the step to the decayed p, not to p), so the trainer uses this.
-  `coef`: a sweep member's traced coefficients (`hp` then gives the structure:
-  wd = 0 or not, torch's lerp form).
-  """
-  new_params, _, state = _update_tree(grads, state, params, hp, coef)
-  return new_params, state
+  return new_params, u, state._replace(count=count, mu=mu, nu=nu)
 
 
 def step_params(params, grads, state: AdamWState, tx: optax.GradientTransformation):

@@ -1,7 +1,7 @@
 """The optimizer step of each precision policy: torch's write-back, stochastic rounding, Kahan.
 
 `step(policy, ...)` is the one optimizer call of the trained step. Under `bf16`, `mixed`
-and `fp32` it is `adamw.step` itself (torch's arithmetic, bit for bit) and the policy has
+and `fp32` it is `adamw.apply` itself (torch's arithmetic, bit for bit) and the policy has
 no state of its own. The two remedies for bf16's freeze keep bf16 parameters and bf16
 moments, as the lab's runs do, and change how the new parameter is written back:
 
@@ -21,7 +21,7 @@ moments, as the lab's runs do, and change how the new parameter is written back:
   instead of torch's global generator. Like every f32 op on XLA:CPU, the f32 moments
   flush subnormals to zero.
 - `bf16_kahan` follows optimi's Kahan summation (its Adam and AdamW, `kahan_sum=True`): the
-  moments are torch's bf16 ops (`adamw.step`'s, subnormals kept) and the Adam step
+  moments are torch's bf16 ops (`adamw.apply`'s, subnormals kept) and the Adam step
   s = (−step_size·m)/den is torch's f32 addcdiv term; the step is added into a bf16
   compensation buffer c first (optimi's addcdiv_ into kahan_comp, one rounding), the
   parameter takes p + c (one rounding), and what it could not take, c + (p_old − p_new),
@@ -44,7 +44,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdt.config import OptimConfig
 from jaxdt.numerics import lattice
 from jaxdt.numerics import precision
 from jaxdt.optim import adamw
@@ -123,19 +122,20 @@ def _lerp(start, end, weight):
   return jnp.where(weight < 0.5, start + weight * diff, end - (1 - weight) * diff)
 
 
-def sr_leaf(g, p, moments, scalars, hp: OptimConfig, coef, rand):
+def sr_leaf(leaf: adamw.Leaf, scalars, r: adamw.Rule, rand):
   """One leaf of torchao's f32 AdamW step from bf16 state: (new p, m, v), all bf16.
 
-  `moments`: the leaf's bf16 (exp_avg, exp_avg_sq) before the step; `scalars`:
-  `adamw.lookup_scalars` of the step; `rand`: uint32 bits of p's shape (`sr_bits`).
+  `leaf`: the leaf's grad, param and bf16 (exp_avg, exp_avg_sq) before the step;
+  `scalars`: `adamw.lookup_scalars` of the step; `rand`: uint32 bits of p's shape
+  (`sr_bits`).
   """
-  c = adamw.coefficients(hp) if coef is None else coef
+  c = r.c
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-  g, p, m, v = f32(g), f32(p), f32(moments[0]), f32(moments[1])
-  if hp.weight_decay != 0:
+  g, p, m, v = f32(leaf.g), f32(leaf.p), f32(leaf.m), f32(leaf.v)
+  if r.form.decays:
     p = p - c.lr_wd * p  # p_f32 - lr * weight_decay * p_f32
-  diff = g - m  # lerp(m, g, 1 - b1) in torch's form for this b1 (`adamw.lerp_from_m`)
-  m = c.lerp_weight * diff + m if adamw.lerp_from_m(hp) else c.lerp_weight * diff + g
+  diff = g - m  # lerp(m, g, 1 - b1) in torch's form for this b1 (`adamw.Form`)
+  m = c.lerp_weight * diff + m if r.form.lerp_from_m else c.lerp_weight * diff + g
   v = _lerp(v, g * g, c.one_minus_b2)
   den = lattice.true_divide(jnp.sqrt(v), scalars[adamw.BC2_SQRT]) + c.eps_f32
   new = p - (c.lr * lattice.true_divide(m, scalars[adamw.BC1])) / den
@@ -148,60 +148,61 @@ def _check_bf16(params, name: str) -> None:
     raise TypeError(f"{name} needs bf16 params, got {bad[0]}")
 
 
-def sr_step(hp: OptimConfig, params, grads, state: adamw.AdamWState, sr_key, coef=None):
+def sr_step(form: adamw.Form, params, grads, state: adamw.AdamWState, sr_key):
   """torchao's AdamW with stochastic rounding of the parameters: (params, AdamWState)."""
   _check_bf16(params, "bf16_sr")
   count = state.count + 1
-  scalars = adamw.lookup_scalars(hp, count, None if coef is None else coef.table)
+  r = adamw.Rule(state.coef, form)
+  scalars = adamw.lookup_scalars(count, r.c.table)
   treedef = jax.tree.structure(params)
   ps = jax.tree.leaves(params)
   gs, ms, vs = (treedef.flatten_up_to(x) for x in (grads, state.mu, state.nu))
-  outs = [sr_leaf(g, p, (m, v), scalars, hp, coef, sr_bits(sr_key, count, i, p.shape))
+  outs = [sr_leaf(adamw.Leaf(g, p, m, v, None), scalars, r, sr_bits(sr_key, count, i, p.shape))
           for i, (g, p, m, v) in enumerate(zip(gs, ps, ms, vs))]
   new_params, mu, nu = (treedef.unflatten(x) for x in zip(*outs))
-  return new_params, adamw.AdamWState(count=count, mu=mu, nu=nu)
+  return new_params, state._replace(count=count, mu=mu, nu=nu)
 
 
-def kahan_step(hp: OptimConfig, params, grads, state: adamw.AdamWState, comp, coef=None):
+def kahan_step(form: adamw.Form, params, grads, state: adamw.AdamWState, comp):
   """torch's bf16 AdamW with optimi's Kahan write-back: (params, AdamWState, comp).
 
-  The moments are `adamw.step`'s (torch's ops, subnormals kept); its torch-rounded
+  The moments are `adamw.apply`'s (torch's ops, subnormals kept); its torch-rounded
   parameters are not used (XLA drops them), the step term is taken from
   `adamw.param_update` on the new moments and added through `kahan_add`.
   """
   _check_bf16(params, "bf16_kahan")
-  _, new_state = adamw.step(hp, params, grads, state, coef)
-  scalars = adamw.lookup_scalars(hp, new_state.count, None if coef is None else coef.table)
+  _, _, new_state = adamw.apply(form, grads, state, params)
+  r = adamw.Rule(state.coef, form)
+  scalars = adamw.lookup_scalars(new_state.count, r.c.table)
   treedef = jax.tree.structure(params)
   f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
   ps = jax.tree.leaves(params)
   ms, vs, cs = (treedef.flatten_up_to(x) for x in (new_state.mu, new_state.nu, comp))
   new_ps, new_cs = [], []
   for p, m, v, c in zip(ps, ms, vs, cs):
-    _, update, decayed = adamw.param_update(f32(p), f32(m), f32(v), scalars, hp, jnp.bfloat16,
-                                            coef)
+    _, update, decayed = adamw.param_update(f32(p), (f32(m), f32(v)), scalars, r, jnp.bfloat16)
     new_p, new_c = kahan_add(decayed, f32(c), update)
     new_ps.append(new_p.astype(jnp.bfloat16))
     new_cs.append(new_c.astype(jnp.bfloat16))
   return treedef.unflatten(new_ps), new_state, treedef.unflatten(new_cs)
 
 
-def step(policy: precision.Policy, hp: OptimConfig, params, grads, states, coef=None):
+def step(policy: precision.Policy, form: adamw.Form, params, grads, states):
   """One optimizer step under `policy`: (params, AdamWState, policy state).
 
   Args:
     policy: the precision policy.
-    hp: hyperparameters (the structure; the values too unless `coef`).
+    form: torch's arithmetic form for the run's hyperparameters (`adamw.form`); the values
+      are the coefficients in the AdamWState.
     params, grads: the parameter and gradient trees.
     states: (AdamWState, the policy's own state from `init`).
-    coef: a sweep member's traced `adamw.Coefficients`; None = hp's own.
   """
   opt_state, own = states
   if policy.write_back == precision.STOCHASTIC:
-    new_params, opt_state = sr_step(hp, params, grads, opt_state, own[SR_KEY], coef)
+    new_params, opt_state = sr_step(form, params, grads, opt_state, own[SR_KEY])
     return new_params, opt_state, own
   if policy.write_back == precision.KAHAN:
-    new_params, opt_state, comp = kahan_step(hp, params, grads, opt_state, own[KAHAN], coef)
+    new_params, opt_state, comp = kahan_step(form, params, grads, opt_state, own[KAHAN])
     return new_params, opt_state, {KAHAN: comp}
-  new_params, opt_state = adamw.step(hp, params, grads, opt_state, coef)
+  new_params, _, opt_state = adamw.apply(form, grads, opt_state, params)
   return new_params, opt_state, own

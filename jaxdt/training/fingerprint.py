@@ -28,7 +28,6 @@ from jaxdt import probes as probes_lib
 from jaxdt.model import tinylm
 from jaxdt.numerics import backend
 from jaxdt.numerics import precision
-from jaxdt.optim import adamw
 from jaxdt.training import state as state_lib
 from jaxdt.training import step
 
@@ -65,8 +64,9 @@ def tensors(gemm: str) -> dict:
   mesh = Mesh(np.array(jax.local_devices()[:1]), ("m",))
   chunk = step.make_chunk(cfg, fixed_tokens(), rows, mesh)
   stack = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
-  data = stack(state_lib.member_data(cfg, len(adamw.scalar_table(cfg.optim))))
+  data = stack(state_lib.member_data(cfg))
   final, (records, losses) = chunk(stack(state), data, jnp.int32(0), STEPS)
+  final = step.without_coefficients(final)  # the config's constants, not an outcome
   leaves = {f"record/{k}": v for k, v in jax.device_get(records).items()}
   leaves["losses"] = np.asarray(losses)
   for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(final))[0]:

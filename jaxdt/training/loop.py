@@ -28,6 +28,7 @@ from jaxdt.numerics import backend
 from jaxdt.numerics import finite
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import runs
+from jaxdt.training import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,9 @@ class Chunk(NamedTuple):
   length: int
   records: list  # per member: {file key: stacked rows}
   losses: list  # per member: f32 [length]
-  host_state: object  # the stacked state after the chunk when it ends on a checkpoint, else None
+  # the stacked state after the chunk (as checkpoints store it: `step.without_coefficients`)
+  # when it ends on a checkpoint, else None
+  host_state: object
 
   @property
   def end(self) -> int:
@@ -137,7 +140,8 @@ def run_chunks(run: runs.Run, hooks: Sequence[Hook], log=print) -> None:
   for k, (s, n) in enumerate(plan):
     run.state, outputs = pending
     # The next chunk donates the state: copy a checkpoint's state to the host first.
-    host_state = jax.device_get(run.state) if s + n in run.checkpoint_steps else None
+    host_state = (jax.device_get(step_lib.without_coefficients(run.state))
+                  if s + n in run.checkpoint_steps else None)
     # Dispatch the next chunk before touching this one's records on the host.
     pending = run.dispatch(run.state, *plan[k + 1]) if k + 1 < len(plan) else None
     chunk = _write_rows(run, s, n, outputs, host_state)

@@ -80,20 +80,22 @@ def states_at(folder: str, steps: Sequence[int], log: Callable[[str], None] = pr
     raise disk.StoreError(f"the data files differ from the ones {folder} was trained on; pass "
                           "the run's --data_dir")
   lay = layout_lib.layout(cfg, corpus)
-  like = state_lib.init_state(cfg, lay.dims)
+  init = state_lib.init_state(cfg, lay.dims)
+  like = step_lib.without_coefficients(init)  # as checkpoints store it
+  restore = lambda path: step_lib.with_coefficients(checkpoints.load_checkpoint(path, like)[0],
+                                                    init.opt_state.coef)
   program = None
   out = []
   for s in sorted(set(steps)):
     if s in kept:
-      state, _ = checkpoints.load_checkpoint(kept[s], like)
-      out.append(StateAt(s, jax.device_get(state), "checkpoint"))
+      out.append(StateAt(s, jax.device_get(restore(kept[s])), "checkpoint"))
       continue
     if s == 0:
-      out.append(StateAt(0, jax.device_get(like), "init"))
+      out.append(StateAt(0, jax.device_get(init), "init"))
       continue
     base = max((k for k in kept if k < s), default=0)
     _check_host(meta, cfg, f"{folder} keeps no checkpoint at step {s}")
-    state = like if base == 0 else checkpoints.load_checkpoint(kept[base], like)[0]
+    state = init if base == 0 else restore(kept[base])
     if program is None:
       devs = runs.program_devices(1, exact=True)
       program = runs.program([cfg], corpus.tokens, lay.rows, devs)
@@ -120,5 +122,5 @@ def bytes_per_param(state) -> float:
   """Bytes of the training state (parameters, optimizer moments, the precision policy's own
   state; not the probes' trackers) per model parameter."""
   n = sum(np.asarray(x).size for x in jax.tree.leaves(state.params))
-  held = (state.params, state.opt_state, state.policy_state)
+  held = (state.params, step_lib.without_coefficients(state).opt_state, state.policy_state)
   return sum(np.asarray(x).nbytes for x in jax.tree.leaves(held)) / n

@@ -29,7 +29,6 @@ from jaxdt.io import hosts
 from jaxdt.io import rundir
 from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
-from jaxdt.optim import adamw
 from jaxdt.training import fingerprint as fingerprint_lib
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import state as state_lib
@@ -160,15 +159,15 @@ def program(cfgs: Sequence[config_lib.ExperimentConfig], tokens, rows, devs: Seq
   states (a leading members axis, placed with `sharding`). Runs, tests and the profile
   all execute this program."""
   sharding = NamedSharding(Mesh(np.array(devs), ("m",)), P("m"))
-  table_rows = max(len(adamw.scalar_table(c.optim)) for c in cfgs)
-  data = jax.device_put(_stack([state_lib.member_data(c, table_rows) for c in cfgs]), sharding)
+  data = jax.device_put(_stack([state_lib.member_data(c) for c in cfgs]), sharding)
   chunk = step.make_chunk(cfgs[0], tokens, rows, sharding.mesh, exact)
   return (lambda st, s, n: chunk(st, data, jnp.int32(s), n)), sharding
 
 
 def stacked(states: Sequence, sharding) -> Any:
-  """Member states on a leading axis, placed for `program`'s dispatch."""
-  return jax.device_put(_stack(states), sharding)
+  """Member states on a leading axis (their AdamW tables padded to one length), placed for
+  `program`'s dispatch."""
+  return jax.device_put(_stack(state_lib.pad_coefficients(list(states))), sharding)
 
 
 # --- Opening the members' folders ------------------------------------------------------
@@ -179,9 +178,17 @@ def _folder_plan(m: Member, state, inputs: Mapping, n_members: int,
   cfg = m.cfg
   return rundir.FolderPlan(
       cfg.name, config_lib.to_dict(cfg), inputs, m.layout.specs, layout_lib.FILE_METADATA,
-      checkpoint_steps(cfg), layout_lib.state_bytes(state),
+      checkpoint_steps(cfg), layout_lib.state_bytes(step.without_coefficients(state)),
       3 * m.layout.chunk_bytes * n_members * min(cfg.store.chunk_steps, cfg.steps),
       host=m.metadata["host"], allow_host_change=opts.allow_host_change)
+
+
+def _restored(begun: rundir.Start, like) -> rundir.Start:
+  """A begun folder's state (restored without its AdamW coefficients, as checkpoints store
+  it) with the coefficients of the member's config (`like`: its step-0 state)."""
+  if begun.state is None:
+    return begun
+  return begun._replace(state=step.with_coefficients(begun.state, like.opt_state.coef))
 
 
 def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> int:
@@ -190,7 +197,8 @@ def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> i
   while any(b.step > start for b in begun):
     for i, m in enumerate(members):
       if begun[i].step > start:
-        begun[i] = m.folder.rewind(start, states[i])
+        begun[i] = _restored(m.folder.rewind(start, step.without_coefficients(states[i])),
+                             states[i])
     start = min(b.step for b in begun)
   return start
 
@@ -210,7 +218,7 @@ def _write_start(m: Member, state, begun: rundir.Start, start: int, log) -> Any:
     m.folder.write(k, a)
   disk.fault_point("initial_rows_written")
   if fresh and 0 in checkpoint_steps(m.cfg):
-    m.folder.checkpoint(0, jax.device_get(state))
+    m.folder.checkpoint(0, jax.device_get(step.without_coefficients(state)))
   m.pos.done = start
   log(f"run folder: {m.folder.path} ({os.path.basename(m.folder.partial)}, "
       f"{disk.fmt_bytes(tensorfile.estimate_bytes(m.layout.specs, layout_lib.FILE_METADATA))})")
@@ -230,8 +238,9 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
     folder = stack.enter_context(rundir.RunDir(spec.out_dir, spec.cfg.store.trajectory_name,
                                                log=log))
     m = Member(spec.cfg, folder, lay, {**meta, **spec.metadata}, spec.label)
-    begun.append(folder.begin(_folder_plan(m, state, inputs, len(specs), opts), m.metadata,
-                              state, opts.resume))
+    begun.append(_restored(folder.begin(_folder_plan(m, state, inputs, len(specs), opts),
+                                        m.metadata, step.without_coefficients(state),
+                                        opts.resume), state))
     members.append(m)
     states.append(state)
   start = _common_start(members, begun, states)

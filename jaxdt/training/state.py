@@ -27,7 +27,7 @@ def init_state(cfg: config_lib.ExperimentConfig, dims: probes_lib.Dims) -> step.
   params = precision.cast_params(params, policy)
   adamw.scalar_table(cfg.optim)  # refuses betas whose bias corrections never settle
   trackers = probes_lib.of_config(cfg).trackers
-  return step.TrainState(params, adamw.init(params),
+  return step.TrainState(params, adamw.torch_adamw(cfg.optim).init(params),
                          {k.key: jnp.asarray(k.init(dims)) for k in trackers},
                          policies.init(policy, params, step.sr_key_data(cfg)))
 
@@ -40,12 +40,13 @@ def initial_records(cfg: config_lib.ExperimentConfig, state: step.TrainState, ro
           if s.initial is not None}
 
 
-def member_data(cfg: config_lib.ExperimentConfig, table_rows: int) -> step.MemberData:
-  """A member's traced values as numpy arrays; its scalar table padded to `table_rows`
-  with copies of its last row (the lookup clips there, so the values are unchanged)."""
-  c = adamw.coefficients(cfg.optim)
-  t = np.asarray(c.table)
-  table = np.concatenate([t, np.repeat(t[-1:], table_rows - len(t), axis=0)])
-  return step.MemberData(np.asarray(jax.random.key_data(step.data_key(cfg))),
-                         c._replace(table=table, **{k: np.asarray(getattr(c, k), np.float32)
-                                                    for k in c._fields if k != "table"}))
+def member_data(cfg: config_lib.ExperimentConfig) -> step.MemberData:
+  """A member's traced values besides its state, as numpy arrays."""
+  return step.MemberData(np.asarray(jax.random.key_data(step.data_key(cfg))))
+
+
+def pad_coefficients(states: list) -> list:
+  """Member states whose AdamW scalar tables are padded to one length (`adamw.pad_table`:
+  the same values at every step), so they stack."""
+  rows = max(len(s.opt_state.coef.table) for s in states)
+  return [step.with_coefficients(s, adamw.pad_table(s.opt_state.coef, rows)) for s in states]

@@ -50,6 +50,17 @@ class TrainState(NamedTuple):
   policy_state: dict = {}
 
 
+def without_coefficients(state: TrainState) -> TrainState:
+  """The state without its AdamW coefficients: what a checkpoint stores (the same leaves,
+  under the same names, as before the coefficients moved into the state)."""
+  return state._replace(opt_state=adamw.without_coefficients(state.opt_state))
+
+
+def with_coefficients(state: TrainState, coef) -> TrainState:
+  """`state` with the AdamW coefficients `coef` (from the config, or a like state)."""
+  return state._replace(opt_state=state.opt_state._replace(coef=coef))
+
+
 def root_keys(seed: int):
   """(init key, data key) from the random seed, split by purpose."""
   root = jax.random.key(seed)
@@ -68,10 +79,10 @@ def data_key(cfg: config_lib.ExperimentConfig):
 
 
 class MemberData(NamedTuple):
-  """What differs between the members of one compiled program, as traced data."""
+  """What differs between the members of one compiled program apart from their states, as
+  traced data (their AdamW coefficients are in their optimizer states)."""
 
   data_key: jax.Array  # key data (`jax.random.key_data`) of the member's data order
-  coef: adamw.Coefficients  # the member's AdamW coefficients (f32 scalars and table)
 
 
 def loss_and_hidden(params, cfg: config_lib.ModelConfig, batch: sampler.Batch, gemm: str,
@@ -108,16 +119,15 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
   """The pure step `step(state, t) -> (state, (record, loss))` for this experiment.
 
   `record` holds the declared probes' values (what the file stores); `loss`
-  is the f32 loss, which the host watches for divergence. `member`: a sweep
-  member's traced data key and AdamW coefficients (the config then gives only
-  the structure); None = the config's own, as constants.
+  is the f32 loss, which the host watches for divergence. The AdamW coefficients
+  are the state's own (`adamw.AdamWState.coef`; the config gives the form).
+  `member`: a sweep member's traced data key; None = the config's own.
   """
   sample = sampler.make_sampler(tokens, cfg.data)
   key = (data_key(cfg) if member is None
          else jax.random.wrap_key_data(member.data_key, impl=jax.random.key_impl(data_key(cfg))))
-  coef = None if member is None else member.coef
   policy = precision.get_policy(cfg.precision)
-  hp = cfg.optim
+  form = adamw.form(cfg.optim)
   built = probes_lib.of_config(cfg)
   series, trackers = built.series, built.trackers
   row_idx = None if rows is None else jnp.asarray(rows, jnp.int32)
@@ -133,12 +143,13 @@ def make_step(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Option
     batch = sample(key, t)
     (loss, h_mean), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
     params, opt_state, policy_state = policies.step(
-        policy, hp, state.params, grads, (state.opt_state, state.policy_state), coef)
+        policy, form, state.params, grads, (state.opt_state, state.policy_state))
     view = probes_lib.StepView(
         t=t, w_prev=_gather(state.params[EMBEDDING], row_idx),
         w_next=_gather(params[EMBEDDING], row_idx), grad=_gather(grads[EMBEDDING], row_idx),
         m=_gather(opt_state.mu[EMBEDDING], row_idx), v=_gather(opt_state.nu[EMBEDDING], row_idx),
-        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss, coef=coef)
+        loss=lattice.bf16_round_trip(loss), h_mean=h_mean, loss_f32=loss,
+        coef=state.opt_state.coef)
     record = {s.key: s.record(view) for s in series}
     probe_state = {k.key: k.update(state.probe_state[k.key], view) for k in trackers}
     return TrainState(params, opt_state, probe_state, policy_state), (record, loss)
@@ -193,8 +204,15 @@ def _make_chunk(cfg: config_lib.ExperimentConfig, tokens: np.ndarray, rows: Opti
 
   def member_chunk(state, member, start, length):
     one_step = make_step(cfg, tokens, rows, member)
+    coef = state.opt_state.coef  # loop-invariant: read by every step, not carried
+
+    def body(carry, t):
+      new, out = one_step(with_coefficients(carry, coef), t)
+      return without_coefficients(new), out
+
     ts = start + 1 + jnp.arange(length, dtype=jnp.int32)
-    return jax.lax.scan(one_step, state, ts)
+    carry, out = jax.lax.scan(body, without_coefficients(state), ts)
+    return with_coefficients(carry, coef), out
 
   def run(states, members, start, length):
     def local(states, members, start):

@@ -96,7 +96,7 @@ def members(cfg: config_lib.ExperimentConfig, spec: str) -> list[SweepMember]:
 
 def group_key(cfg: config_lib.ExperimentConfig) -> tuple:
   """Members with equal keys share one compiled program (traced fields set aside)."""
-  structure = (cfg.optim.weight_decay != 0, adamw.lerp_from_m(cfg.optim))
+  structure = tuple(adamw.form(cfg.optim))  # the arithmetic's form; the values are traced
   neutral = dataclasses.replace(cfg, seed=0, data_seed=None, sweep="",
                                 optim=config_lib.OptimConfig())
   return (config_lib.to_json(neutral), structure)

@@ -30,7 +30,9 @@ def _tx():
 
 def test_state_has_optax_fields_and_only_arrays():
   state = _tx().init(_params())
-  assert state._fields == ("count", "mu", "nu")
+  assert state._fields == ("count", "mu", "nu", "coef")  # coefficients carried, as
+  # optax.inject_hyperparams carries its hyperparameters
+  assert float(state.coef.lr) == np.float32(1e-3) and state.coef.table.shape[1] == 4
   assert state.count.dtype == jnp.int32
   for leaf in jax.tree.leaves(state):
     assert isinstance(leaf, jax.Array)
@@ -86,7 +88,7 @@ def test_table_rows_are_the_host_scalars_and_settle(lr, b1, b2):
   # Past the table every step uses its last row: check that this is right.
   for t in (table.shape[0], table.shape[0] + 1000, 10**6):
     np.testing.assert_array_equal(table[-1], adamw.torch_step_scalars(hp, t))
-  got = jax.jit(lambda t: adamw.lookup_scalars(hp, t))(jnp.int32(10**6))
+  got = jax.jit(lambda t: adamw.lookup_scalars(t, table))(jnp.int32(10**6))
   np.testing.assert_array_equal(np.asarray(got), table[-1])
 
 

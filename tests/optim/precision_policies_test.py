@@ -163,9 +163,9 @@ def test_a_quarter_ulp_update_moves_an_element_a_quarter_of_the_time_under_sr_on
   # bound is 5 of them. Round to nearest (bf16) never moves one. ΔW′ keeps its meaning:
   # cells of the stored bf16 lattice, so a moved element has ΔW′ = −sign(g) exactly.
   p, g, hp = _quarter_ulp_table()
-  opt = adamw.init(p)
+  opt = adamw.torch_adamw(hp).init(p)
   key = step_lib.sr_key_data(config_lib.ExperimentConfig(precision="bf16_sr"))
-  new_sr, _ = jax.jit(lambda p, g: policies.sr_step(hp, p, g, opt, key))(p, g)
+  new_sr, _ = jax.jit(lambda p, g: policies.sr_step(adamw.form(hp), p, g, opt, key))(p, g)
   new_rn, _ = jax.jit(lambda p, g: adamw.step(hp, p, g, opt))(p, g)
   d_sr = np.asarray(probes.displacement(p, new_sr))
   d_rn = np.asarray(probes.displacement(p, new_rn))
@@ -185,8 +185,8 @@ def test_kahan_gathers_four_quarter_ulp_updates_into_one_cell():
   # cell and keeps the remainder; after 4 steps every element has moved exactly once, by
   # one cell. bf16 (round to nearest) has moved none.
   p, g, hp = _quarter_ulp_table(512)
-  run = jax.jit(lambda p, g, st, c: policies.kahan_step(hp, p, g, st, c))
-  st, comp, q = adamw.init(p), jax.tree.map(jnp.zeros_like, p), p
+  run = jax.jit(lambda p, g, st, c: policies.kahan_step(adamw.form(hp), p, g, st, c))
+  st, comp, q = adamw.torch_adamw(hp).init(p), jax.tree.map(jnp.zeros_like, p), p
   moves = []
   for _ in range(4):
     new, st, comp = run(q, g, st, comp)
