@@ -426,13 +426,20 @@ def main(argv: list[str]) -> int:
   try:
     backend.configure()  # XLA_FLAGS, before anything starts JAX's backend
     backend.quiet_backend_probe()
-    return _dispatch()
+    status = _dispatch()
+    sys.stdout.flush()  # here, not at exit: a closed pipe is then reported below
+    return status
   except signals.Interrupted as e:
     _exit_now(str(e), signals.exit_status(e.signum))
   except KeyboardInterrupt as e:
     _exit_now("interrupted", signals.exit_status(getattr(e, "signum", signal.SIGINT)))
   except (vocabulary.DataError, disk.StoreError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except BrokenPipeError:  # stdout's reader left (`| head`): not the run folder's fault
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    print("error: the output pipe closed before the report was printed (e.g. | head); files "
+          "are written atomically, none half-written; redirect to a file", file=sys.stderr)
     return 2
   except OSError as e:
     print(f"error: {disk.os_error_message(e)}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from jaxdt.analysis import detect as detect_lib
+from jaxdt.io import hosts
 from jaxdt.io import tensorfile
 from jaxdt.report import outputs
 from jaxdt.report import plots
@@ -73,7 +74,7 @@ def detect(folder: str, out_dir: Optional[str] = None, steps: Optional[Sequence[
                     "seed": detect_lib.REFERENCE_SEED,
                     "fraction": detect_lib.REFERENCE_FRACTION, "held_out": True},
       "dead": int(dead_mask.sum()), "vocab": int(dead_mask.size), "steps": rows,
-      "arithmetic_fingerprint": meta.get("arithmetic_fingerprint")}
+      "arithmetic_fingerprint": hosts.host_of(meta).get("arithmetic_fingerprint")}
   os.makedirs(out_dir, exist_ok=True)
   path = outputs.write_json(os.path.join(out_dir, DETECT_FILE), result)
   png = plots.plot_detection(rows, rows[0]["chance"], os.path.join(out_dir, plots.DETECTION_FILE))

@@ -87,15 +87,16 @@ from torchref.capture import (Rows, bits, centroid_norm, freeze_record, lab_reco
 EXPERIMENT = "torch_crucible1"  # the config name of a torch peer run (jaxdt never trains one)
 LAB_PROBES = ("W", "delta_W_prime", "centroid", "loss", "last_motion_step")  # the lab's keys
 FREEZE_PROBES = ("freeze",)  # jaxdt's compact freeze record
-# --probes=twin: the lab's keys and the dead rows' Adam moments as bf16 bits (jaxdt's
-# momentum_W_bits / variance_W_bits), for per-step divergence of W, m and v.
-TWIN_PROBES = LAB_PROBES + ("momentum_W_bits", "variance_W_bits")
+# --probes=twin: the lab's keys and the dead rows' gradient and Adam moments as bf16 bits
+# (jaxdt's grad_W_bits / momentum_W_bits / variance_W_bits), for per-step divergence of
+# g, m, v and W.
+TWIN_PROBES = LAB_PROBES + ("grad_W_bits", "momentum_W_bits", "variance_W_bits")
 PROBE_SETS = {"lab": LAB_PROBES, "freeze": FREEZE_PROBES, "twin": TWIN_PROBES}
 # Per-step series -> whether it has a row 0 (row t = step t) or not (row t-1 = step t).
 SERIES = {"lab": {"W": True, "delta_W_prime": False, "centroid": True, "loss": True},
           "freeze": {"n_frozen": False, "n_moving": False, "dwp_l2_mean": False,
                      "centroid_norm": True, "loss": True}}
-SERIES["twin"] = {**SERIES["lab"], "momentum_W": True, "variance_W": True}
+SERIES["twin"] = {**SERIES["lab"], "grad_W": True, "momentum_W": True, "variance_W": True}
 
 FLAGS = flags.FLAGS
 
@@ -266,9 +267,12 @@ class _Loop:
     return out
 
   def moments(self) -> dict:
-    """The dead rows' exp_avg and exp_avg_sq (bf16, as torch holds them) as uint16 bits."""
-    state = self.optimizer.state[self.model.embedding.weight]
-    return {"momentum_W": bits(state["exp_avg"].detach().cpu()[self.dead_mask]),
+    """The dead rows' gradient of the step, exp_avg and exp_avg_sq (bf16, as torch holds
+    them) as uint16 bits."""
+    weight = self.model.embedding.weight
+    state = self.optimizer.state[weight]
+    return {"grad_W": bits(weight.grad.detach().cpu()[self.dead_mask]),
+            "momentum_W": bits(state["exp_avg"].detach().cpu()[self.dead_mask]),
             "variance_W": bits(state["exp_avg_sq"].detach().cpu()[self.dead_mask])}
 
 
@@ -283,7 +287,7 @@ def _start(loop: _Loop, run: rundir.RunDir, snap, lay) -> None:
       run.write_rows("W", 0, bits(loop.w_prev)[None])
       run.write_rows("centroid", 0, loop.w_prev.float().mean(dim=0).numpy()[None])
     if FLAGS.probes == "twin":  # nothing before step 1: zeros, as jaxdt's row 0
-      for k in ("momentum_W", "variance_W"):
+      for k in ("grad_W", "momentum_W", "variance_W"):
         run.write_rows(k, 0, np.zeros((1,) + tuple(loop.w_prev.shape), np.uint16))
     run.write_rows("loss", 0, np.array([np.nan], np.float32))
   else:

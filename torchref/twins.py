@@ -2,12 +2,12 @@
 
 `python -m torchref.twins --steps=100 --root=DIR` runs, each into DIR/<name>
 (resumable; a finished folder is reused):
-  jax       jaxdt, Crucible 1 at full size, seed 42, recording the dead rows' W, m, v bits;
+  jax       jaxdt, Crucible 1 at full size, seed 42, recording the dead rows' g, m, v, W bits;
   native2   the lab's torch loop from jax's init on jax's batches, native bf16, 2 threads;
   native1   the same at 1 thread: torch against itself, the baseline;
   f32       the same on the f32-GEMM route (`torchref.gemm`), 2 threads.
 Then, per step, the divergence (`jaxdt.analysis.divergence.state_divergence`) of the
-dead rows' W, m and v of native1, f32 and jax from native2, and writes twins.json
+dead rows' g, m, v and W of native1, f32 and jax from native2, and writes twins.json
 and twins.png into --out. A departure faster than native1's is one the threads do
 not explain; the first step and tensor where it shows name where to look.
 """
@@ -35,7 +35,7 @@ BASE = "native2"
 # name -> the torch peer's flags beside the twin's sources (jax is run.py)
 TORCH = {"native2": ("--gemm=native", "--threads=2"), "native1": ("--gemm=native", "--threads=1"),
          "f32": ("--gemm=f32", "--threads=2")}
-ROLES = ("weights", "momentum", "variance")
+ROLES = ("gradient", "momentum", "variance", "weights")
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +61,7 @@ def commands(root: str, steps: int, seed: int, data: dict, sets=()) -> dict:
   data_flags = flags_of(("data_dir", "corpus_path", "tokenizer_path"))
   jax_dir = os.path.join(root, "jax")
   out = {"jax": [sys.executable, "run.py", "--experiment=crucible1", f"--steps={steps}",
-                 f"--seed={seed}", "--probes=W,momentum_W_bits,variance_W_bits,loss",
+                 f"--seed={seed}", "--probes=W,grad_W_bits,momentum_W_bits,variance_W_bits,loss",
                  f"--output_dir={jax_dir}", "--noprogress", *data_flags,
                  *flags_of(("dead_mask_path",)), *(f"--set={a}" for a in sets)]}
   data = data_flags
@@ -118,8 +118,9 @@ def plot(result: dict, path: str):
     plt = plots._pyplot()  # pylint: disable=protected-access
   except ImportError:
     return None
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-  for ax, role, label in zip(axes, ROLES, ("W", "m (exp_avg)", "v (exp_avg_sq)")):
+  fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+  for ax, role, label in zip(axes, ROLES, ("g (gradient)", "m (exp_avg)", "v (exp_avg_sq)",
+                                           "W")):
     for name, entry in result["twins"].items():
       rel = np.array([np.nan if x is None else x for x in entry[role]["relative_distance"]])
       ax.semilogy(np.arange(rel.size), rel, lw=0.9, label=f"{name} vs {BASE}")

@@ -99,7 +99,7 @@ def divergence(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -
 def state_divergence(path_a: str, path_b: str, roles=("weights", "momentum", "variance"), *,
                      block_steps: Optional[int] = None) -> dict:
   """{role: Divergence} of B from A for each recorded role: W against A's travel from step 0,
-  the Adam moments m and v (both zero before step 1) against A's own norm.
+  the gradient and the Adam moments m and v (zero before step 1) against A's own norm.
 
   Raises:
     AnalysisError: unfinished or corrupt runs, no W, other rows, a role one run lacks.

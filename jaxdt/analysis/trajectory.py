@@ -24,6 +24,7 @@ import numpy as np
 from jaxdt import config as config_lib
 from jaxdt import probes
 from jaxdt.io import disk
+from jaxdt.io import hosts
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import results
 from jaxdt.io import locks
@@ -443,5 +444,7 @@ RUN_INFO_KEYS = ("experiment", "framework", "backend", "device", "device_kind", 
 
 
 def run_info(metadata: dict) -> dict:
-  """The backend facts a comparison needs, from metadata.json (absent keys: None)."""
-  return {k: metadata.get(k) for k in RUN_INFO_KEYS}
+  """The backend facts a comparison needs, from metadata.json (absent keys: None; the host's
+  from the last of `hosts`, where newer runs keep them once)."""
+  host = hosts.host_of(metadata)
+  return {k: metadata.get(k, host.get(k)) for k in RUN_INFO_KEYS}

@@ -22,6 +22,7 @@ import numpy as np
 from jaxdt.analysis import metrics
 from jaxdt.analysis import trajectory
 from jaxdt.io import disk
+from jaxdt.io import hosts
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.report import summary as summary_lib
 
@@ -107,7 +108,8 @@ def summarize_member(study, member, folder: str, command: str) -> dict:
       "mean_dwp_l2": None if mean_l2 is None or not len(mean_l2) else float(np.mean(mean_l2)),
       "diverged_at_step": summary.diverged_at_step,
       "trajectory_sha256": meta.get("trajectory_sha256"),
-      "host": {k: meta.get(k) for k in HOST_KEYS if meta.get(k) is not None},
+      "host": {k: v for k in HOST_KEYS
+               if (v := meta.get(k, hosts.host_of(meta).get(k))) is not None},
       "wall_time_s": meta.get("wall_time_s"), "date": meta.get("date"),
       "n_frozen": [int(x) for x in frozen],
   }

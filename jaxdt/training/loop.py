@@ -1,12 +1,18 @@
 """The one training loop: chunks of the compiled program, streamed into run folders.
 
 `train(cfg, out_dir)` is a Run of one member; `train_members` runs any Run
-(a sweep group passes its members). `run_chunks` dispatches each chunk before
-it hands the previous chunk's records to the members' folders, then calls the
-hooks: divergence watching, checkpointing and progress are `on_chunk` hooks, as
-levanter adds `checkpointer.on_step`. `finish` writes the trackers' final
-values and commits every member. `rundir.RunDir` owns each folder's protocol;
-analyses run after the loop (run.py), never inside it.
+(a sweep group passes its members). The lifecycle (docs/architecture.md): `runs.start`
+opens the folders and builds the program; `run_chunks` emits chunk 0 (row 0 of a
+fresh run: the state before any step), then dispatches each chunk before it hands
+the previous chunk's records to the members' folders (the one writer of rows), then
+calls the hooks that are due. A hook has its own cadence (`Hooks.add(fn, every=N)`
+or at=steps, as levanter's `add_hook(fn, every=N)`); the chunk plan ends chunks where
+a hook is due, and a hook that asks for the state (`take`) gets its own host copy,
+taken before the next chunk is dispatched (it donates the state). Divergence
+watching, progress and checkpointing (the one writer of checkpoints, chunk 0's
+included) are hooks. `finish` writes the trackers' final values and commits every
+member. `rundir.RunDir` owns each folder's protocol; analyses run after the loop
+(run.py), never inside it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from jaxdt.numerics import backend
 from jaxdt.numerics import finite
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import runs
+from jaxdt.training import state as state_lib
 from jaxdt.training import step as step_lib
 
 
@@ -41,22 +48,58 @@ class RunResult:
 
 
 class Chunk(NamedTuple):
-  """One finished chunk, on the host: steps start+1..start+length of every member."""
+  """One finished chunk, on the host: steps start+1..start+length of every member. Chunk 0
+  (start 0, length 0) holds row 0 of a fresh run: the records of the state before any step."""
 
   start: int
   length: int
   records: list  # per member: {file key: stacked rows}
   losses: list  # per member: f32 [length]
-  # the stacked state after the chunk (as checkpoints store it: `step.without_coefficients`)
-  # when it ends on a checkpoint, else None
-  host_state: object
 
   @property
   def end(self) -> int:
     return self.start + self.length
 
 
-Hook = Callable[[runs.Run, Chunk], None]
+class Hook(NamedTuple):
+  """fn(run, chunk, taken) after the chunks that end where the hook is due: every chunk
+  (every=None, at=()), every N steps, or at the steps `at`. `take(run)`, if given, runs
+  before the next chunk is dispatched and its result is `taken` (else None)."""
+
+  fn: Callable[[runs.Run, Chunk, object], None]
+  every: Optional[int] = None
+  at: tuple = ()
+  take: Optional[Callable[[runs.Run], object]] = None
+
+  def due(self, end: int) -> bool:
+    if self.every is None and not self.at:
+      return True
+    return end in self.at or (self.every is not None and end % self.every == 0)
+
+  def marks(self, start: int, stop: int) -> set:
+    """The steps in (start, stop) where this hook is due and a chunk must end."""
+    if self.every is None and not self.at:
+      return set()
+    every = range(start - start % self.every + self.every, stop, self.every) if self.every else ()
+    return {s for s in (*self.at, *every) if start < s < stop}
+
+
+class Hooks:
+  """The hooks of a run, each with its cadence (levanter's `add_hook(fn, every=N)`)."""
+
+  def __init__(self):
+    self.hooks: list = []
+
+  def add(self, fn, *, every: Optional[int] = None, at: Sequence[int] = (), take=None) -> None:
+    if every is not None and every < 1:
+      raise ValueError(f"a hook's cadence must be >= 1 step, got every={every}")
+    self.hooks.append(Hook(fn, every, tuple(at), take))
+
+  def marks(self, start: int, stop: int) -> set:
+    return set().union(*(h.marks(start, stop) for h in self.hooks))
+
+  def due(self, end: int) -> list:
+    return [h for h in self.hooks if h.due(end)]
 
 
 def train(cfg: config_lib.ExperimentConfig, out_dir: str, *, log=print,
@@ -100,9 +143,12 @@ def train_members(specs: Sequence[runs.MemberSpec], opts: runs.Options, *,
   try:
     with runs.start(specs, corpus, opts, log=log, t_start=t_start) as run:
       bar = Progress(run.cfg.steps, run.start, opts.progress)
-      hooks = [watch_divergence(log), checkpoint, bar.update]
+      hooks = Hooks()
+      hooks.add(watch_divergence(log))
+      hooks.add(checkpoint, at=run.checkpoint_steps, take=take_state)
+      hooks.add(bar.update)
       if on_chunk is not None:
-        hooks.append(lambda r, c: on_chunk(c.end, mean_loss(r)))
+        hooks.add(lambda r, c, _: c.length and on_chunk(c.end, mean_loss(r)))
       try:
         run_chunks(run, hooks, log)
       finally:
@@ -116,20 +162,25 @@ def train_members(specs: Sequence[runs.MemberSpec], opts: runs.Options, *,
 
 
 def _interrupted(e: KeyboardInterrupt, run: Optional[runs.Run]) -> signals.Interrupted:
-  """The one-line report of a signal: the step reached and where --resume continues."""
+  """The one-line report of a signal: the step reached and where --resume continues, as
+  each folder stands on disk (a finished one is reported finished)."""
   if run is None:  # before the first chunk
     return signals.Interrupted.from_signal(e, None, None)
-  folders = [m.folder for m in run.members]
-  marks = [f.resume_from for f in folders]
-  finished = folders[0].path if len(folders) == 1 and folders[0].committed else None
+  states = [m.folder.on_disk() for m in run.members]
+  marks = [newest for _, newest in states]
+  finished = run.members[0].folder.path if len(states) == 1 and states[0][0] else None
   return signals.Interrupted.from_signal(e, min(m.pos.done for m in run.members),
                                          None if None in marks else min(marks), finished)
 
 
-def run_chunks(run: runs.Run, hooks: Sequence[Hook], log=print) -> None:
-  """Drives the Run from run.start to run.end; each chunk's rows are written while the
-  next one computes, then every hook sees the chunk."""
-  plan = chunk_plan(run.start, run.end, run.cfg.store.chunk_steps, run.checkpoint_steps)
+def run_chunks(run: runs.Run, hooks: Hooks, log=print) -> None:
+  """Drives the Run from run.start to run.end: chunk 0 first for fresh members, then each
+  chunk's rows are written while the next one computes, and the hooks due at its end run."""
+  if run.start == 0 and any(m.fresh for m in run.members):
+    _after(run, hooks, _write_rows(run, 0, 0, _initial_records(run)), {
+        id(h): h.take(run) for h in hooks.due(0) if h.take is not None})
+  plan = chunk_plan(run.start, run.end, run.cfg.store.chunk_steps,
+                    hooks.marks(run.start, run.end))
   if not plan:
     return
   t_compile = time.perf_counter()
@@ -139,42 +190,63 @@ def run_chunks(run: runs.Run, hooks: Sequence[Hook], log=print) -> None:
   backend.release_heap()  # the compiler's garbage, before the chunk's buffers fill
   for k, (s, n) in enumerate(plan):
     run.state, outputs = pending
-    # The next chunk donates the state: copy a checkpoint's state to the host first.
-    host_state = (jax.device_get(step_lib.without_coefficients(run.state))
-                  if s + n in run.checkpoint_steps else None)
+    # The next chunk donates the state: hooks that want it take their copies first.
+    taken = {id(h): h.take(run) for h in hooks.due(s + n) if h.take is not None}
     # Dispatch the next chunk before touching this one's records on the host.
     pending = run.dispatch(run.state, *plan[k + 1]) if k + 1 < len(plan) else None
-    chunk = _write_rows(run, s, n, outputs, host_state)
-    del outputs, host_state
-    for hook in hooks:
-      hook(run, chunk)
+    records, losses = jax.device_get(outputs[0]), np.asarray(outputs[1])
+    del outputs
+    _after(run, hooks, _write_rows(run, s, n, (records, losses)), taken)
+    del records, losses, taken
     signals.check_signals()  # a signal whose exception Python lost (`signals.raise_on_signals`)
     backend.release_heap()  # this chunk's host copies
+
+
+def _after(run: runs.Run, hooks: Hooks, chunk: Chunk, taken: dict) -> None:
+  for h in hooks.due(chunk.end):
+    h.fn(run, chunk, taken.get(id(h)))
 
 
 def _member_part(tree, i):
   return jax.tree.map(lambda x: x[i], tree)
 
 
-def _write_rows(run: runs.Run, s: int, n: int, outputs, host_state) -> Chunk:
-  """Every member's rows of steps s+1..s+n into its folder; its position moves to s+n."""
-  records, losses = jax.device_get(outputs[0]), np.asarray(outputs[1])
+def _initial_records(run: runs.Run) -> tuple:
+  """Chunk 0's outputs: every member's row 0 (the series that have one), stacked as a
+  chunk's records are, and no losses."""
+  states = [_member_part(run.state, i) for i in range(len(run.members))]
+  rows = [state_lib.initial_records(m.cfg, st, m.layout.rows)
+          for m, st in zip(run.members, states)]
+  return ({k: np.stack([r[k][None] for r in rows]) for k in rows[0]},
+          np.zeros((len(run.members), 0), np.float32))
+
+
+def _write_rows(run: runs.Run, s: int, n: int, outputs) -> Chunk:
+  """Every member's rows of steps s+1..s+n (chunk 0: row 0) into its folder; its position
+  moves to s+n. The one writer of trajectory rows."""
+  records, losses = outputs
   chunk = Chunk(s, n, [_member_part(records, i) for i in range(len(run.members))],
-                [losses[i] for i in range(len(run.members))], host_state)
+                [losses[i] for i in range(len(run.members))])
   for m, mine in zip(run.members, chunk.records):
+    if n == 0 and not m.fresh:  # resumed from checkpoint 0: its row 0 is on disk
+      continue
     for ser in run.layout.probes.series:
-      m.folder.write_rows(ser.key, probes_lib.file_row(ser, s + 1), np.asarray(mine[ser.key]))
-  disk.fault_point("rows_written")
+      if ser.key in mine:
+        row = 0 if n == 0 else probes_lib.file_row(ser, s + 1)
+        m.folder.write_rows(ser.key, row, np.asarray(mine[ser.key]))
+  disk.fault_point("initial_rows_written" if n == 0 else "rows_written")
+  if n == 0:
+    return chunk
   for m, mine, my_losses in zip(run.members, chunk.records, chunk.losses):
     m.pos.done = s + n
     m.pos.last_loss = recorded_loss(mine, my_losses)
   return chunk
 
 
-def watch_divergence(log) -> Hook:
+def watch_divergence(log):
   """A hook that notes each member's first non-finite loss (metadata: diverged_at_step)."""
 
-  def hook(run: runs.Run, chunk: Chunk) -> None:
+  def hook(run: runs.Run, chunk: Chunk, _) -> None:
     for m, losses in zip(run.members, chunk.losses):
       if m.pos.diverged is None:
         m.pos.diverged = finite.first_nonfinite(losses, chunk.start + 1)
@@ -186,13 +258,18 @@ def watch_divergence(log) -> Hook:
   return hook
 
 
-def checkpoint(run: runs.Run, chunk: Chunk) -> None:
-  """A hook that checkpoints every member when the chunk ends on a checkpoint step (rows
-  0..end are already written)."""
-  if chunk.host_state is not None:
-    for i, m in enumerate(run.members):
-      m.folder.checkpoint(chunk.end, _member_part(chunk.host_state, i),
-                          {"elapsed_s": elapsed(run, m)})
+def take_state(run: runs.Run):
+  """The checkpoint hook's own host copy of the stacked state, as checkpoints store it
+  (`step.without_coefficients`)."""
+  return jax.device_get(step_lib.without_coefficients(run.state))
+
+
+def checkpoint(run: runs.Run, chunk: Chunk, state) -> None:
+  """The checkpoint hook (at the config's checkpoint steps, step 0 included): every member's
+  state after the chunk, once its rows 0..end are written."""
+  for i, m in enumerate(run.members):
+    if chunk.length or m.fresh:  # checkpoint 0: of fresh members only
+      m.folder.checkpoint(chunk.end, _member_part(state, i), {"elapsed_s": elapsed(run, m)})
 
 
 def elapsed(run: runs.Run, m: runs.Member) -> float:
@@ -232,9 +309,10 @@ def finish(run: runs.Run) -> list:
   return out
 
 
-def chunk_plan(start: int, steps: int, chunk: int, checkpoints) -> list:
-  """[(start, length)] chunks covering start..steps, each ending at or before a checkpoint."""
-  marks = sorted(c for c in set(checkpoints) if start < c < steps)
+def chunk_plan(start: int, steps: int, chunk: int, marks) -> list:
+  """[(start, length)] chunks covering start..steps, each ending at or before a mark (a
+  step where a hook is due)."""
+  marks = sorted(c for c in set(marks) if start < c < steps)
   plan, t = [], start
   for end in marks + [steps]:
     while t < end:
@@ -269,8 +347,8 @@ class Progress:
       sys.stderr.flush()
       self.dirty = False
 
-  def update(self, run: runs.Run, chunk: Chunk):
-    if not self.enabled:
+  def update(self, run: runs.Run, chunk: Chunk, _=None):
+    if not self.enabled or chunk.length == 0:
       return
     done, loss = chunk.end, mean_loss(run)
     self.dirty = done != self.total

@@ -21,6 +21,7 @@ from jaxdt import config as config_lib
 from jaxdt.data import corpus as corpus_lib
 from jaxdt.io import checkpoints
 from jaxdt.io import disk
+from jaxdt.io import hosts
 from jaxdt.io import metadata as metadata_lib
 from jaxdt.training import fingerprint as fingerprint_lib
 from jaxdt.training import layout as layout_lib
@@ -50,7 +51,7 @@ def run_config(folder: str) -> tuple[dict, config_lib.ExperimentConfig]:
 
 
 def _check_host(meta: dict, cfg: config_lib.ExperimentConfig, why: str) -> None:
-  recorded = meta.get("arithmetic_fingerprint")
+  recorded = hosts.host_of(meta).get("arithmetic_fingerprint")
   here = fingerprint_lib.fingerprint(cfg.model.gemm_operands)
   if recorded != here:
     raise disk.StoreError(f"{why}, and this host's arithmetic (fingerprint {here[:12]}) is not "

@@ -3,10 +3,11 @@
 A solo run is a sweep group of one member. `start(...)` builds the Run, on the
 host: the members' layouts and step-0 states (a bad --init_checkpoint fails
 here, before any folder is touched), their run folders (locked, begun or
-resumed, then moved back to one common step), row 0 and the static tensors of
-each member (written here and nowhere else), and the compiled chunk program
+resumed, then moved back to one common step), the static tensors of each member
+(written here and nowhere else), and the compiled chunk program
 (`step.make_chunk`) with the stacked state on its devices. The chunk loop
-(`loop.run_chunks`) drives the Run; `loop.finish` commits every member.
+(`loop.run_chunks`) drives the Run, row 0 and checkpoint 0 of a fresh run being
+its chunk 0; `loop.finish` commits every member.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class Member:
   folder: rundir.RunDir
   layout: layout_lib.Layout
   metadata: dict  # metadata.json while running
+  host: dict  # this host's record (`host_record`)
   label: str = ""
   pos: Position = dataclasses.field(default_factory=Position)
   elapsed_before: float = 0.0  # wall seconds of the run's earlier processes (its checkpoint's)
+  fresh: bool = True  # begun from step 0 with no checkpoint: its row 0 is chunk 0's
 
 
 @dataclasses.dataclass
@@ -115,8 +118,11 @@ def host_record(cfg: config_lib.ExperimentConfig) -> dict:
           "arithmetic_fingerprint": fingerprint_lib.fingerprint(cfg.model.gemm_operands)}
 
 
-def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
-  """(inputs a resume must find unchanged, metadata.json while running)."""
+def start_metadata(cfg, corpus, lay) -> tuple[dict, dict, dict]:
+  """(inputs a resume must find unchanged, metadata.json while running, this host's record).
+
+  The arithmetic fingerprint is stored once, in `hosts` (the hosts the run's steps ran on,
+  `io.hosts`; readers take the last with `hosts.host_of`)."""
   inputs = {"data_files": corpus.files,
             "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
             if cfg.init_checkpoint else None,
@@ -125,7 +131,7 @@ def start_metadata(cfg, corpus, lay) -> tuple[dict, dict]:
   host = host_record(cfg)
   return inputs, {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
                   **layout_lib.our_metadata(cfg, corpus), **inputs,
-                  "arithmetic_fingerprint": host["arithmetic_fingerprint"], "host": host}
+                  "hosts": [{"from_step": 0, **host}]}, host
 
 
 def program_devices(n_members: int, exact: bool, wanted: Optional[int] = None) -> list:
@@ -180,7 +186,7 @@ def _folder_plan(m: Member, state, inputs: Mapping, n_members: int,
       cfg.name, config_lib.to_dict(cfg), inputs, m.layout.specs, layout_lib.FILE_METADATA,
       checkpoint_steps(cfg), layout_lib.state_bytes(step.without_coefficients(state)),
       3 * m.layout.chunk_bytes * n_members * min(cfg.store.chunk_steps, cfg.steps),
-      host=m.metadata["host"], allow_host_change=opts.allow_host_change)
+      host=m.host, allow_host_change=opts.allow_host_change)
 
 
 def _restored(begun: rundir.Start, like) -> rundir.Start:
@@ -204,21 +210,15 @@ def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> i
 
 
 def _write_start(m: Member, state, begun: rundir.Start, start: int, log) -> Any:
-  """Row 0 of a fresh member (the one place it is written), the static tensors, checkpoint 0;
-  the hosts its steps ran on, and its wall time so far, from where it continues."""
-  fresh = begun.state is None
+  """The hosts a member's steps ran on, its wall time so far and its static tensors, from
+  where it continues (row 0 and checkpoint 0 of a fresh member are chunk 0's: `loop`)."""
+  fresh = m.fresh = begun.state is None
   m.metadata["hosts"] = hosts.hosts_after_resume(m.folder.previous_metadata,
-                                                 m.metadata["host"], start)
+                                                 m.host, start)
   m.elapsed_before = 0.0 if fresh else float(begun.extra.get("elapsed_s", 0.0))
   m.folder.rewrite_metadata(m.metadata)
-  if fresh:
-    for k, a in state_lib.initial_records(m.cfg, state, m.layout.rows).items():
-      m.folder.write_rows(k, 0, a[None])
   for k, a in m.layout.static.items():  # a resume rewrites the same bytes
     m.folder.write(k, a)
-  disk.fault_point("initial_rows_written")
-  if fresh and 0 in checkpoint_steps(m.cfg):
-    m.folder.checkpoint(0, jax.device_get(step.without_coefficients(state)))
   m.pos.done = start
   log(f"run folder: {m.folder.path} ({os.path.basename(m.folder.partial)}, "
       f"{disk.fmt_bytes(tensorfile.estimate_bytes(m.layout.specs, layout_lib.FILE_METADATA))})")
@@ -234,10 +234,10 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
   backend.release_heap()  # what tokenizing and the init's compile freed
   members, states, begun = [], [], []
   for spec, lay, state in prepared:
-    inputs, meta = start_metadata(spec.cfg, corpus, lay)
+    inputs, meta, host = start_metadata(spec.cfg, corpus, lay)
     folder = stack.enter_context(rundir.RunDir(spec.out_dir, spec.cfg.store.trajectory_name,
                                                log=log))
-    m = Member(spec.cfg, folder, lay, {**meta, **spec.metadata}, spec.label)
+    m = Member(spec.cfg, folder, lay, {**meta, **spec.metadata}, host, spec.label)
     begun.append(_restored(folder.begin(_folder_plan(m, state, inputs, len(specs), opts),
                                         m.metadata, step.without_coefficients(state),
                                         opts.resume), state))

@@ -178,7 +178,7 @@ def test_config_differences_names_nested_fields():
   assert configdiff.config_differences(a, b) == []  # neither changes a result: resumable
   assert configdiff.config_differences(a, b, ignore=frozenset()) == [
       "store.checkpoint_steps: the run has [], the flags say [1, 2]",
-      "store.chunk_steps: the run has 10, the flags say 3"]
+      f"store.chunk_steps: the run has {config_lib.StoreConfig().chunk_steps}, the flags say 3"]
 
 
 # --- 4. Inputs are validated before anything is created ---------------------------

@@ -22,7 +22,7 @@ def test_tiny_twins_record_w_m_v_and_start_together(tiny_data, tmp_path):
   result = json.load(open(root / "twins.json"))
   assert sorted(result["twins"]) == ["f32", "jax", "native1"]
   for name, entry in result["twins"].items():
-    for role in ("weights", "momentum", "variance"):
+    for role in ("gradient", "momentum", "variance", "weights"):
       e = entry[role]
       assert len(e["equal_fraction"]) == 7, (name, role)
       assert e["equal_fraction"][0] == 1.0  # one start: W row 0 equal, m and v zeros

@@ -204,3 +204,20 @@ def test_cli_bad_path_is_one_error_line_and_exit_2(tmp_path):
   assert result.returncode == 2
   assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
   assert "does not exist" in result.stderr
+
+
+def test_a_closed_output_pipe_is_named_not_the_run_folder(run, tmp_path):
+  """`run.py --analyze=RUN | head -1`: the reader leaves before the report is printed; the error
+  names the pipe (not the folder, no --resume advice) and no output is half-written."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = tmp_path / "a"
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "run.py"), f"--analyze={run.run_dir}",
+                           f"--analysis_dir={out}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  proc.stdout.close()  # the reader is gone before the report is printed (`| head -0`)
+  err = proc.stderr.read()
+  assert proc.wait(timeout=300) == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "output pipe closed" in lines[0] and "--resume" not in err, err
+  for name in (os.listdir(out) if out.exists() else []):
+    assert not name.startswith(".") and os.path.getsize(out / name) > 0, name

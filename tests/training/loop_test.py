@@ -164,3 +164,23 @@ def test_mixed_precision_is_one_flag_with_f32_master_records(tiny_data, tmp_path
   d = r.read("delta_W_prime")  # in f32 spacings of W[t-1]
   np.testing.assert_array_equal(
       d, np.asarray(lattice.in_ulps(w[1:] - w[:-1], w[:-1])))
+
+
+def test_hooks_have_their_own_cadence_and_chunks_end_where_one_is_due():
+  seen = []
+  hooks = loop.Hooks()
+  hooks.add(lambda r, c, t: seen.append(("every chunk", c.end)))
+  hooks.add(lambda r, c, t: seen.append(("every 3", c.end, t)), every=3, take=lambda r: "copy")
+  hooks.add(lambda r, c, t: seen.append(("at 5", c.end)), at=(5,))
+  assert hooks.marks(0, 10) == {3, 5, 6, 9} and hooks.marks(4, 10) == {5, 6, 9}
+  plan = loop.chunk_plan(0, 10, 4, hooks.marks(0, 10))
+  assert plan == [(0, 3), (3, 2), (5, 1), (6, 3), (9, 1)]
+  for s, n in plan:
+    chunk = loop.Chunk(s, n, [], [])
+    loop._after(None, hooks, chunk, {id(h): h.take(None) for h in hooks.due(s + n) if h.take})
+  assert [x for x in seen if x[0] == "every 3"] == [("every 3", 3, "copy"), ("every 3", 6, "copy"),
+                                                     ("every 3", 9, "copy")]
+  assert [x[1] for x in seen if x[0] == "at 5"] == [5]
+  assert len([x for x in seen if x[0] == "every chunk"]) == len(plan)
+  with pytest.raises(ValueError, match="cadence"):
+    hooks.add(print, every=0)
