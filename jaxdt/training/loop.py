@@ -63,25 +63,26 @@ class Chunk(NamedTuple):
 
 class Hook(NamedTuple):
   """fn(run, chunk, taken) after the chunks that end where the hook is due: every chunk
-  (every=None, at=()), every N steps, or at the steps `at`. `take(run)`, if given, runs
-  before the next chunk is dispatched and its result is `taken` (else None)."""
+  (every and at both None), every N steps, or at the steps `at` (none if empty).
+  `take(run)`, if given, runs before the next chunk is dispatched and its result is
+  `taken` (else None)."""
 
   fn: Callable[[runs.Run, Chunk, object], None]
   every: Optional[int] = None
-  at: tuple = ()
+  at: Optional[tuple] = None
   take: Optional[Callable[[runs.Run], object]] = None
 
   def due(self, end: int) -> bool:
-    if self.every is None and not self.at:
+    if self.every is None and self.at is None:
       return True
-    return end in self.at or (self.every is not None and end % self.every == 0)
+    return end in (self.at or ()) or (self.every is not None and end % self.every == 0)
 
   def marks(self, start: int, stop: int) -> set:
     """The steps in (start, stop) where this hook is due and a chunk must end."""
-    if self.every is None and not self.at:
+    if self.every is None and self.at is None:
       return set()
     every = range(start - start % self.every + self.every, stop, self.every) if self.every else ()
-    return {s for s in (*self.at, *every) if start < s < stop}
+    return {s for s in (*(self.at or ()), *every) if start < s < stop}
 
 
 class Hooks:
@@ -90,10 +91,13 @@ class Hooks:
   def __init__(self):
     self.hooks: list = []
 
-  def add(self, fn, *, every: Optional[int] = None, at: Sequence[int] = (), take=None) -> None:
+  def add(self, fn, *, every: Optional[int] = None, at: Optional[Sequence[int]] = None,
+          take=None) -> None:
+    """Adds fn(run, chunk, taken): after every chunk, or every N steps, or at the steps
+    `at` (an empty `at`: never)."""
     if every is not None and every < 1:
       raise ValueError(f"a hook's cadence must be >= 1 step, got every={every}")
-    self.hooks.append(Hook(fn, every, tuple(at), take))
+    self.hooks.append(Hook(fn, every, None if at is None else tuple(at), take))
 
   def marks(self, start: int, stop: int) -> set:
     return set().union(*(h.marks(start, stop) for h in self.hooks))

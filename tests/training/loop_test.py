@@ -182,5 +182,7 @@ def test_hooks_have_their_own_cadence_and_chunks_end_where_one_is_due():
                                                      ("every 3", 9, "copy")]
   assert [x[1] for x in seen if x[0] == "at 5"] == [5]
   assert len([x for x in seen if x[0] == "every chunk"]) == len(plan)
+  hooks.add(lambda r, c, t: seen.append(("never", c.end)), at=())  # no checkpoint steps
+  assert not [x for x in seen if x[0] == "never"] and not hooks.hooks[-1].due(5)
   with pytest.raises(ValueError, match="cadence"):
     hooks.add(print, every=0)
