@@ -198,8 +198,7 @@ def live_dead_ids(view: StaticView) -> dict:
 
 
 def _accounting(ctx: Context) -> tuple:
-  from jaxdt.optim import accounting  # pylint: disable=g-import-not-at-top
-  from jaxdt.optim import adamw  # pylint: disable=g-import-not-at-top
+  from jaxdt.optim import accounting, adamw  # pylint: disable=g-import-not-at-top
   form = adamw.form(ctx.hyper)
   return tuple(Series(
       key=f"adam_{name}", dtype=_F32, shape=lambda d: (),

@@ -423,19 +423,6 @@ class RunDir:
     self.resume_from = step
     disk.fault_point("checkpoint_written")
 
-  def on_disk(self) -> tuple[bool, Optional[int]]:
-    """(whether the run is committed, the newest checkpoint step whose marker is written)
-    as the disk says, for the message after a signal: a signal can land after the commit
-    rename or a marker's write and before this object has noted it."""
-    try:
-      done = self.committed or metadata_lib.is_complete(self.path,
-                                                        os.path.basename(self.trajectory))
-      marks = [st for st, _ in checkpoints.checkpoints(self.ckpt_dir)]
-    except (OSError, ValueError):  # a message must not fail: what this object knows
-      done, marks = self.committed, []
-    newest = max([m for m in (self.resume_from, *marks[:1]) if m is not None], default=None)
-    return done, newest
-
   def rewrite_metadata(self, metadata: Mapping[str, Any]) -> None:
     """Rewrites metadata.json of the running (unfinished) run, atomically."""
     metadata_lib.write_metadata(self.path, {**metadata, "completed": False})

@@ -18,6 +18,7 @@ member. `rundir.RunDir` owns each folder's protocol; analyses run after the loop
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -28,7 +29,9 @@ import numpy as np
 from jaxdt import config as config_lib
 from jaxdt import probes as probes_lib
 from jaxdt.data import corpus as corpus_lib
+from jaxdt.io import checkpoints as checkpoints_lib
 from jaxdt.io import disk
+from jaxdt.io import metadata as metadata_lib
 from jaxdt.io import signals
 from jaxdt.numerics import backend
 from jaxdt.numerics import finite
@@ -170,11 +173,25 @@ def _interrupted(e: KeyboardInterrupt, run: Optional[runs.Run]) -> signals.Inter
   each folder stands on disk (a finished one is reported finished)."""
   if run is None:  # before the first chunk
     return signals.Interrupted.from_signal(e, None, None)
-  states = [m.folder.on_disk() for m in run.members]
+  states = [_on_disk(m.folder) for m in run.members]
   marks = [newest for _, newest in states]
   finished = run.members[0].folder.path if len(states) == 1 and states[0][0] else None
   return signals.Interrupted.from_signal(e, min(m.pos.done for m in run.members),
                                          None if None in marks else min(marks), finished)
+
+
+def _on_disk(folder) -> tuple[bool, Optional[int]]:
+  """(whether the run is committed, the newest checkpoint step whose marker is written) as
+  the disk says: a signal can land after the commit rename or a marker's write and before
+  the RunDir has noted it."""
+  try:
+    done = folder.committed or metadata_lib.is_complete(folder.path,
+                                                        os.path.basename(folder.trajectory))
+    marks = [st for st, _ in checkpoints_lib.checkpoints(folder.ckpt_dir)]
+  except (OSError, ValueError):  # a message must not fail: what the RunDir knows
+    done, marks = folder.committed, []
+  newest = max([m for m in (folder.resume_from, *marks[:1]) if m is not None], default=None)
+  return done, newest
 
 
 def run_chunks(run: runs.Run, hooks: Hooks, log=print) -> None:
