@@ -35,7 +35,7 @@ from jaxdt.data import corpus as corpus_lib  # noqa: E402
 from jaxdt.numerics import backend  # noqa: E402
 from jaxdt.optim import adamw  # noqa: E402
 from jaxdt.training import layout as layout_lib  # noqa: E402
-from jaxdt.training import state as state_lib  # noqa: E402
+from jaxdt.training import initial  # noqa: E402
 from jaxdt.training import step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -56,8 +56,8 @@ def _program(cfg, corpus, lay, variant: str):
     mesh = Mesh(np.array(jax.local_devices()[:1]), ("m",))
     chunk = step_lib.make_chunk(cfg, corpus.tokens, lay.rows, mesh)
     stack = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
-    state = stack(state_lib.init_state(cfg, lay.dims))
-    data = stack(state_lib.member_data(cfg))
+    state = stack(initial.init_state(cfg, lay.dims))
+    data = stack(initial.member_data(cfg))
     t = time.perf_counter()
     compiled = chunk.lower(state, data, jnp.int32(0), FLAGS.steps).compile()
     return compiled, state, data, time.perf_counter() - t

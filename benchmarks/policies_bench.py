@@ -31,7 +31,7 @@ from jaxdt.numerics import backend
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import replay
 from jaxdt.training import runs
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 20, "steps per timed chunk")
@@ -65,7 +65,7 @@ def main(argv):
   for p in policies:
     cfg = _config(p)
     lay = layout_lib.layout(cfg, corpus)
-    state = state_lib.init_state(cfg, lay.dims)
+    state = initial.init_state(cfg, lay.dims)
     dispatch, sharding = runs.program([cfg], corpus.tokens, lay.rows, devs)
     stacked = runs.stacked([state], sharding)
     t = time.perf_counter()

@@ -40,7 +40,7 @@ from jaxdt import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt import config as config_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.data import corpus as corpus_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import layout as layout_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from jaxdt.training import state as state_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxdt.training import initial  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import step as step_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from jaxdt.training import runs  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -179,7 +179,7 @@ def profile(cfg: config_lib.ExperimentConfig, k: int, trace_dir: str) -> tuple[f
   """(steady ms/step, xplane path, compiled HLO) of a k-step chunk of cfg's step."""
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   lay = layout_lib.layout(cfg, corpus)
-  state = state_lib.init_state(cfg, lay.dims)
+  state = initial.init_state(cfg, lay.dims)
   # The run's own compiled program (runs.program -> step.make_chunk), one member.
   devs = jax.devices()[:1]
   dispatch, sharding = runs.program([cfg], corpus.tokens, lay.rows, devs)
@@ -194,7 +194,7 @@ def profile(cfg: config_lib.ExperimentConfig, k: int, trace_dir: str) -> tuple[f
   ms = (time.perf_counter() - t) / k * 1e3
   chunk = step_lib.make_chunk(cfg, corpus.tokens, lay.rows, sharding.mesh)
   data = jax.device_put(jax.tree.map(lambda x: np.asarray(x)[None],
-                                      state_lib.member_data(cfg)), sharding)
+                                      initial.member_data(cfg)), sharding)
   hlo = chunk.lower(state, data, jnp.int32(0), k).compile().as_text()
   jax.profiler.start_trace(trace_dir)
   state, out = dispatch(state, 2 * k, k)

@@ -198,7 +198,7 @@ def status(study: Study, study_dir: str, docs_dir: str, m: Member) -> Status:
       findings_lib.check_checksum(summary, folder, meta)
       return Status(m, folder, "done", study.steps, summary)
     return Status(m, folder, "finished", study.steps, None)
-  marks = checkpoints.checkpoints(os.path.join(folder, "checkpoints"))
+  marks = checkpoints.intact_checkpoints(os.path.join(folder, "checkpoints"))
   return Status(m, folder, "partial", max((s for s, _ in marks), default=0), None)
 
 

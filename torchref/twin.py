@@ -47,10 +47,10 @@ def same_data(path: str, corpus) -> config_lib.ExperimentConfig:
 def init_from(path: str, corpus, model: nn.Module) -> None:
   """Loads RUN's step-0 params into `model`, after checking them against RUN's W row 0."""
   from jaxdt.model import torch_io  # pylint: disable=g-import-not-at-top
-  from jaxdt.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jaxdt.training import initial  # pylint: disable=g-import-not-at-top
   src = same_data(path, corpus)
   lay = layout_lib.layout(src, corpus)
-  params = state_lib.init_state(src, lay.dims).params
+  params = initial.init_state(src, lay.dims).params
   reader, _, _ = results.open_result(os.path.join(path, src.store.trajectory_name))
   mine = np.asarray(params["embedding"])[corpus.dead_indices]
   with reader:

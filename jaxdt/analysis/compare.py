@@ -3,7 +3,7 @@
 `compare(a, b)` compares every key both files hold, bitwise, over the steps
 both have (`compare_key`: first differing step, identical elements and bits,
 largest |difference|), the loss (`loss_difference`) and the freeze
-statistics of each run (`freeze_statistics` of `metrics.analyze`), and
+statistics of each run (`freeze_statistics` of `metrics.measure`), and
 reports both runs' backend facts from metadata.json. `jaxdt.report.text` prints it.
 """
 
@@ -146,7 +146,7 @@ def loss_difference(loss_a: np.ndarray, loss_b: np.ndarray) -> dict:
 
 
 def freeze_statistics(summary) -> dict:
-  """The freeze figures a comparison reports, from `metrics.analyze`'s Summary."""
+  """The freeze figures a comparison reports, from `metrics.measure`'s Summary."""
   get = lambda block, field: None if block is None else getattr(block, field)
   fc, st, gf, ff = (summary.fimbulwinter_check, summary.stillness, summary.global_freeze,
                     summary.frozen_fraction)
@@ -202,8 +202,8 @@ def compare(path_a: str, path_b: str, *, block_steps: Optional[int] = None) -> d
   finally:
     ta.reader.close()
     tb.reader.close()
-  fa = freeze_statistics(metrics.analyze(path_a, block_steps=block_steps, max_steps=T)[0])
-  fb = freeze_statistics(metrics.analyze(path_b, block_steps=block_steps, max_steps=T)[0])
+  fa = freeze_statistics(metrics.measure(path_a, block_steps=block_steps, max_steps=T)[0])
+  fb = freeze_statistics(metrics.measure(path_b, block_steps=block_steps, max_steps=T)[0])
   number = lambda x: isinstance(x, (int, float))
   diff = {k: fb[k] - fa[k] if number(fa[k]) and number(fb.get(k)) else None for k in fa}
   firsts = [(k["first_diff_step"], k["key"]) for k in keys if k.get("first_diff_step") is not None]

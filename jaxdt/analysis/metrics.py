@@ -1,6 +1,6 @@
-"""The lab's analyses of one trajectory: `analyze(path) -> (Summary, series)`.
+"""The lab's analyses of one trajectory: `measure(path) -> (Summary, series)`.
 
-`analyze` opens a file (`trajectory.open_trajectory`), runs the one streaming
+`measure` opens a file (`trajectory.open_trajectory`), runs the one streaming
 pass (`stream.scan`) and builds every block the file supports, each a frozen
 dataclass (`freeze`, `phases`, `checks`); what the file lacks is listed in
 `Summary.skipped`. `jaxdt.report.text` prints a Summary and summary.json is
@@ -245,7 +245,7 @@ def _analyze(path, block_steps, max_steps, threshold) -> tuple:
   return Summary(**out), series
 
 
-def analyze(path: str, *, block_steps: Optional[int] = None, max_steps: Optional[int] = None,
+def measure(path: str, *, block_steps: Optional[int] = None, max_steps: Optional[int] = None,
             threshold: Optional[float] = None) -> tuple[Summary, dict]:
   """Every analysis the file supports, streamed; what it lacks is listed as skipped.
 

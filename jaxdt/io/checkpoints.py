@@ -119,7 +119,7 @@ def _marker_digest(meta: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
+def intact_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
   """[(step, directory)] of the checkpoints that have their `meta.json`, newest first."""
   ckpt_dir = os.fspath(ckpt_dir)
   if not os.path.isdir(ckpt_dir):
@@ -132,7 +132,7 @@ def checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[str]:
   """The highest-step checkpoint directory that has its `meta.json`, or None."""
-  done = checkpoints(ckpt_dir)
+  done = intact_checkpoints(ckpt_dir)
   return done[0][1] if done else None
 
 

@@ -90,7 +90,7 @@ class FolderPlan:
   allow_host_change: bool = False  # resume even where the run's host had other arithmetic
 
 
-class Start(NamedTuple):
+class Begun(NamedTuple):
   """Where a run continues: after `step`, from `state` (None: a fresh run from step 0), with
   what its checkpoint recorded beside the state (`extra`: e.g. the wall time so far)."""
 
@@ -191,7 +191,7 @@ class RunDir:
     """
     meta = metadata_lib.read_json_object(self.metadata_path)
     traces = [p for p in (self.trajectory, self.partial) if os.path.exists(p)]
-    if checkpoints.checkpoints(self.ckpt_dir):
+    if checkpoints.intact_checkpoints(self.ckpt_dir):
       traces.append(self.ckpt_dir)
     if meta is None:
       if traces:
@@ -251,26 +251,26 @@ class RunDir:
       for p in (self.partial, self.trajectory):
         if os.path.exists(p):
           have = max(have, os.stat(p).st_blocks * 512)
-    done = {s for s, _ in checkpoints.checkpoints(self.ckpt_dir)}
+    done = {s for s, _ in checkpoints.intact_checkpoints(self.ckpt_dir)}
     ckpts = len([s for s in set(plan.checkpoint_steps) if s not in done])
     need = max(0, total - have) + ckpts * plan.checkpoint_bytes + METADATA_BUDGET_BYTES
     disk.preflight(self.path, need, plan.ram_bytes,
                    file_name=f"{os.path.basename(self.trajectory)} and {ckpts} checkpoints")
 
-  def _fresh(self) -> Start:
+  def _fresh(self) -> Begun:
     if os.path.exists(self.trajectory):  # never finished (inspect said so): not a result
       os.remove(self.trajectory)
     self._writer = tensorwriter.TrajectoryWriter(self.trajectory, self._plan.specs,
                                                self._plan.file_metadata)
     disk.fault_point("partial_created")
     self.resume_from = None
-    return Start(0, None)
+    return Begun(0, None)
 
   def _intact_checkpoint(self, like_state, at_most: Optional[int] = None
                          ) -> Optional[tuple[int, Any]]:
     """(step, state) of the newest checkpoint (at or before `at_most`) whose arrays and
     trajectory prefix verify."""
-    for step, path in checkpoints.checkpoints(self.ckpt_dir):
+    for step, path in checkpoints.intact_checkpoints(self.ckpt_dir):
       if at_most is not None and step > at_most:
         continue
       try:
@@ -319,7 +319,7 @@ class RunDir:
                                                     plan.allow_host_change, self.log)
 
   def begin(self, plan: "FolderPlan", metadata: Mapping, like_state: Any,
-            resume: bool) -> Start:
+            resume: bool) -> Begun:
     """Checks the folder, then opens the trajectory for a fresh run or a resume.
 
     Args:
@@ -330,8 +330,8 @@ class RunDir:
       resume: continue an unfinished run.
 
     Returns:
-      Start(step, state): the step to continue after and its restored state;
-      Start(0, None) for a run from step 0, whose row 0 the caller writes.
+      Begun(step, state): the step to continue after and its restored state;
+      Begun(0, None) for a run from step 0, whose row 0 the caller writes.
 
     Raises:
       StoreError: one line (or one per differing field) saying why and what
@@ -355,7 +355,7 @@ class RunDir:
       return self._fresh()
     return self._reopen(like_state)
 
-  def _reopen(self, like_state) -> Start:
+  def _reopen(self, like_state) -> Begun:
     """The unfinished trajectory reopened at its newest intact checkpoint (else afresh)."""
     if os.path.exists(self.trajectory):  # never committed (inspect said so): not a result
       if os.path.exists(self.partial):
@@ -374,22 +374,23 @@ class RunDir:
       return self._fresh()
     found = self._intact_checkpoint(like_state)
     if found is None:
-      what = "intact checkpoint" if checkpoints.checkpoints(self.ckpt_dir) else "checkpoint yet"
+      what = ("intact checkpoint" if checkpoints.intact_checkpoints(self.ckpt_dir)
+              else "checkpoint yet")
       self.log(f"no {what} in {self.ckpt_dir}; restarting from step 0")
       self._writer.close()
       return self._fresh()
     self.resume_from = found[0]
     self.log(f"resuming {self.path} from the checkpoint at step {found[0]}")
-    return Start(*found)
+    return Begun(*found)
 
-  def rewind(self, step: int, like_state) -> Start:
+  def rewind(self, step: int, like_state) -> Begun:
     """Moves a resumed run back to its newest intact checkpoint at or before `step`.
 
     A sweep's members continue from one common step; a member that got further
     before the kill steps back (the steps it redoes rewrite the same bytes).
 
     Returns:
-      Start(step, state), or Start(0, None) when no such checkpoint is intact
+      Begun(step, state), or Begun(0, None) when no such checkpoint is intact
       (the trajectory is started afresh, as `begin` does).
     """
     if self.resume_from is None or self.resume_from <= step:
@@ -403,7 +404,7 @@ class RunDir:
     self.resume_from = found[0]
     self.log(f"{self.path}: stepping back to the checkpoint at step {found[0]} (the sweep "
              "continues all its members from one step)")
-    return Start(*found)
+    return Begun(*found)
 
   # -- while running -------------------------------------------------------------
 

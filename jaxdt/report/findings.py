@@ -92,7 +92,7 @@ def summarize_member(study, member, folder: str, command: str) -> dict:
   """The summary of a finished member folder (streamed and checksum-verified)."""
   meta = summary_lib.check_finished(folder)
   try:
-    summary, series = metrics.analyze(folder)
+    summary, series = metrics.measure(folder)
   except trajectory.AnalysisError as e:
     raise FindingsError(f"member {member.name}: {e}") from None
   row = dataclasses.asdict(summary_lib.row_of(folder, meta, summary))

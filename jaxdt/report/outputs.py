@@ -1,6 +1,6 @@
 """Entry points: analyse or compare runs, print, write summary.json, compare.json and PNGs.
 
-`analyze(path)` runs `jaxdt.analysis.metrics.analyze` (one streaming pass),
+`analyze(path)` runs `jaxdt.analysis.metrics.measure` (one streaming pass),
 prints the lab-style blocks (the lab's FIMBULWINTER CHECK and STILLNESS
 PERIOD ANALYSIS verbatim, then the other analyses in the same style), and
 writes `summary.json` and five PNGs next to the file or into `analysis_dir`.
@@ -101,7 +101,7 @@ def analyze(path: str, analysis_dir: Optional[str] = None, *, block_steps: Optio
   out = output_dir(trajectory.resolve_path(path), analysis_dir)
   check_outputs(out, (SUMMARY_FILE, *plots_lib.PLOT_FILES.values()), SUMMARY_FILE,
                 ANALYSIS_KEYS, "--analysis_dir")
-  summary, series = metrics.analyze(path, block_steps=block_steps)
+  summary, series = metrics.measure(path, block_steps=block_steps)
   if lab_validation and summary.accounting is not None:
     summary = dataclasses.replace(summary, accounting=dataclasses.replace(
         summary.accounting, lab_validation=lab_validation))

@@ -3,7 +3,7 @@
 Each path is a finished run folder (jaxdt's, or a torch peer run of
 benchmarks/torch_peer.py) or a sweep folder (all its members, in member
 order). Every path is resolved and checked before anything is read, and every
-run is analysed (one streaming pass, `metrics.analyze`, which verifies each
+run is analysed (one streaming pass, `metrics.measure`, which verifies each
 tensor's SHA-256) before anything is written: a refused input leaves the
 output folder untouched.
 
@@ -165,7 +165,7 @@ def row_of(folder: str, meta: dict, summary: metrics.Summary) -> RunRow:
 def analyse(folder: str, meta: dict, *, block_steps: Optional[int] = None) -> tuple:
   """(RunRow, per-step frozen fraction [T]) of one finished run folder (streamed)."""
   try:
-    summary, series = metrics.analyze(folder, block_steps=block_steps)
+    summary, series = metrics.measure(folder, block_steps=block_steps)
   except trajectory.AnalysisError as e:
     raise SummaryError(f"{folder}: {e}") from None
   return row_of(folder, meta, summary), series.get("frozen_fraction")

@@ -1,7 +1,7 @@
 """A sweep's summary: per member the freeze figures and final loss, as JSON, a table and a plot.
 
 Reads only the members' finished run folders (each analysed in one streaming
-pass, `analysis.metrics.analyze`), so it runs the same after a sweep, after a
+pass, `analysis.metrics.measure`), so it runs the same after a sweep, after a
 resumed one, or on folders copied from other hosts.
 """
 
@@ -23,7 +23,7 @@ PLOT_FILE = "sweep_summary.png"
 
 def member_row(path: str) -> dict:
   """One member's figures from its finished run folder."""
-  summary, _ = metrics.analyze(path)
+  summary, _ = metrics.measure(path)
   meta = metadata_lib.read_metadata(path)
   ff = summary.frozen_fraction.milestones if summary.frozen_fraction is not None else {}
   return {
@@ -71,7 +71,7 @@ def summarize(out_root: str, names: Sequence[str], spec: str, *,
   if missing:
     raise ValueError(f"sweep members not finished yet: {', '.join(missing)}; run the sweep "
                      "again with --resume")
-  # analyze() refuses an unfinished or corrupt member (one line) and verifies checksums.
+  # metrics.measure refuses an unfinished or corrupt member (one line) and verifies checksums.
   rows = [member_row(os.path.join(out_root, n)) for n in names]
   result = {"spec": spec, "root": os.path.abspath(out_root), "members": rows}
   outputs_lib.write_json(os.path.join(out_root, SUMMARY_FILE), result)

@@ -28,7 +28,7 @@ from jaxdt import probes as probes_lib
 from jaxdt.model import tinylm
 from jaxdt.numerics import backend
 from jaxdt.numerics import precision
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 from jaxdt.training import step
 
 VOCAB, LIVE, HIDDEN, BATCH, SEQ, STEPS = 64, 32, 16, 2, 8, 4
@@ -60,11 +60,11 @@ def tensors(gemm: str) -> dict:
   cfg = fixed_config(gemm)
   rows = np.arange(LIVE, VOCAB)
   dims = probes_lib.Dims(rows.size, HIDDEN, precision.get_policy(cfg.precision).param_dtype)
-  state = state_lib.init_state(cfg, dims)
+  state = initial.init_state(cfg, dims)
   mesh = Mesh(np.array(jax.local_devices()[:1]), ("m",))
   chunk = step.make_chunk(cfg, fixed_tokens(), rows, mesh)
   stack = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
-  data = stack(state_lib.member_data(cfg))
+  data = stack(initial.member_data(cfg))
   final, (records, losses) = chunk(stack(state), data, jnp.int32(0), STEPS)
   final = step.without_coefficients(final)  # the config's constants, not an outcome
   leaves = {f"record/{k}": v for k, v in jax.device_get(records).items()}

@@ -1,7 +1,7 @@
 """The one training loop: chunks of the compiled program, streamed into run folders.
 
 `train(cfg, out_dir)` is a Run of one member; `train_members` runs any Run
-(a sweep group passes its members). The lifecycle (docs/architecture.md): `runs.start`
+(a sweep group passes its members). The lifecycle (docs/architecture.md): `runs.open_run`
 opens the folders and builds the program; `run_chunks` emits chunk 0 (row 0 of a
 fresh run: the state before any step), then dispatches each chunk before it hands
 the previous chunk's records to the members' folders (the one writer of rows), then
@@ -37,7 +37,7 @@ from jaxdt.numerics import backend
 from jaxdt.numerics import finite
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import runs
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 from jaxdt.training import step as step_lib
 
 
@@ -148,11 +148,11 @@ def train_members(specs: Sequence[runs.MemberSpec], opts: runs.Options, *,
     log(f"data: {describe_corpus(corpus)}")
   done, run = [], None
   try:
-    with runs.start(specs, corpus, opts, log=log, t_start=t_start) as run:
+    with runs.open_run(specs, corpus, opts, log=log, t_start=t_start) as run:
       bar = Progress(run.cfg.steps, run.start, opts.progress)
       hooks = Hooks()
       hooks.add(watch_divergence(log))
-      hooks.add(checkpoint, at=run.checkpoint_steps, take=take_state)
+      hooks.add(checkpoint_hook, at=run.checkpoint_steps, take=take_state)
       hooks.add(bar.update)
       if on_chunk is not None:
         hooks.add(lambda r, c, _: c.length and on_chunk(c.end, mean_loss(r)))
@@ -187,7 +187,7 @@ def _on_disk(folder) -> tuple[bool, Optional[int]]:
   try:
     done = folder.committed or metadata_lib.is_complete(folder.path,
                                                         os.path.basename(folder.trajectory))
-    marks = [st for st, _ in checkpoints_lib.checkpoints(folder.ckpt_dir)]
+    marks = [st for st, _ in checkpoints_lib.intact_checkpoints(folder.ckpt_dir)]
   except (OSError, ValueError):  # a message must not fail: what the RunDir knows
     done, marks = folder.committed, []
   newest = max([m for m in (folder.resume_from, *marks[:1]) if m is not None], default=None)
@@ -236,7 +236,7 @@ def _initial_records(run: runs.Run) -> tuple:
   """Chunk 0's outputs: every member's row 0 (the series that have one), stacked as a
   chunk's records are, and no losses."""
   states = [_member_part(run.state, i) for i in range(len(run.members))]
-  rows = [state_lib.initial_records(m.cfg, st, m.layout.rows)
+  rows = [initial.initial_records(m.cfg, st, m.layout.rows)
           for m, st in zip(run.members, states)]
   return ({k: np.stack([r[k][None] for r in rows]) for k in rows[0]},
           np.zeros((len(run.members), 0), np.float32))
@@ -285,7 +285,7 @@ def take_state(run: runs.Run):
   return jax.device_get(step_lib.without_coefficients(run.state))
 
 
-def checkpoint(run: runs.Run, chunk: Chunk, state) -> None:
+def checkpoint_hook(run: runs.Run, chunk: Chunk, state) -> None:
   """The checkpoint hook (at the config's checkpoint steps, step 0 included): every member's
   state after the chunk, once its rows 0..end are written."""
   for i, m in enumerate(run.members):

@@ -3,7 +3,7 @@
 A jaxdt run is a pure function of its config, its data and its host's
 arithmetic, and a resume gives the uninterrupted run's bytes (tests/io). So the
 state after step s is the checkpoint at s where one was kept, the step-0 state
-(`state.init_state`) at s = 0, and otherwise the newest checkpoint before s run
+(`initial.init_state`) at s = 0, and otherwise the newest checkpoint before s run
 forward by the run's own compiled program (`runs.program`) for the steps between.
 A replay is refused on a host whose arithmetic fingerprint differs from the run's:
 there it would give other bits, not the run's state.
@@ -26,7 +26,7 @@ from jaxdt.io import metadata as metadata_lib
 from jaxdt.training import fingerprint as fingerprint_lib
 from jaxdt.training import layout as layout_lib
 from jaxdt.training import runs
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 from jaxdt.training import step as step_lib
 
 
@@ -72,7 +72,7 @@ def states_at(folder: str, steps: Sequence[int], log: Callable[[str], None] = pr
   if bad:
     raise ValueError(f"step {bad[0]} is outside the run's 0..{cfg.steps}; choose steps in it")
   ckpt_dir = f"{folder}/checkpoints"
-  kept = dict(checkpoints.checkpoints(ckpt_dir))
+  kept = dict(checkpoints.intact_checkpoints(ckpt_dir))
   if not kept:
     raise disk.StoreError(f"{folder} has no checkpoints; rerun it with "
                           "--set store.checkpoint_steps=... to keep some")
@@ -81,7 +81,7 @@ def states_at(folder: str, steps: Sequence[int], log: Callable[[str], None] = pr
     raise disk.StoreError(f"the data files differ from the ones {folder} was trained on; pass "
                           "the run's --data_dir")
   lay = layout_lib.layout(cfg, corpus)
-  init = state_lib.init_state(cfg, lay.dims)
+  init = initial.init_state(cfg, lay.dims)
   like = step_lib.without_coefficients(init)  # as checkpoints store it
   restore = lambda path: step_lib.with_coefficients(checkpoints.load_checkpoint(path, like)[0],
                                                     init.opt_state.coef)

@@ -1,6 +1,6 @@
 """A Run: one or more members (run folders) trained by one compiled program.
 
-A solo run is a sweep group of one member. `start(...)` builds the Run, on the
+A solo run is a sweep group of one member. `open_run(...)` builds the Run, on the
 host: the members' layouts and step-0 states (a bad --init_checkpoint fails
 here, before any folder is touched), their run folders (locked, begun or
 resumed, then moved back to one common step), the static tensors of each member
@@ -32,7 +32,7 @@ from jaxdt.io import tensorfile
 from jaxdt.numerics import backend
 from jaxdt.training import fingerprint as fingerprint_lib
 from jaxdt.training import layout as layout_lib
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 from jaxdt.training import step
 
 
@@ -165,7 +165,7 @@ def program(cfgs: Sequence[config_lib.ExperimentConfig], tokens, rows, devs: Seq
   states (a leading members axis, placed with `sharding`). Runs, tests and the profile
   all execute this program."""
   sharding = NamedSharding(Mesh(np.array(devs), ("m",)), P("m"))
-  data = jax.device_put(_stack([state_lib.member_data(c) for c in cfgs]), sharding)
+  data = jax.device_put(_stack([initial.member_data(c) for c in cfgs]), sharding)
   chunk = step.make_chunk(cfgs[0], tokens, rows, sharding.mesh, exact)
   return (lambda st, s, n: chunk(st, data, jnp.int32(s), n)), sharding
 
@@ -173,7 +173,7 @@ def program(cfgs: Sequence[config_lib.ExperimentConfig], tokens, rows, devs: Seq
 def stacked(states: Sequence, sharding) -> Any:
   """Member states on a leading axis (their AdamW tables padded to one length), placed for
   `program`'s dispatch."""
-  return jax.device_put(_stack(state_lib.pad_coefficients(list(states))), sharding)
+  return jax.device_put(_stack(initial.pad_coefficients(list(states))), sharding)
 
 
 # --- Opening the members' folders ------------------------------------------------------
@@ -189,7 +189,7 @@ def _folder_plan(m: Member, state, inputs: Mapping, n_members: int,
       host=m.host, allow_host_change=opts.allow_host_change)
 
 
-def _restored(begun: rundir.Start, like) -> rundir.Start:
+def _restored(begun: rundir.Begun, like) -> rundir.Begun:
   """A begun folder's state (restored without its AdamW coefficients, as checkpoints store
   it) with the coefficients of the member's config (`like`: its step-0 state)."""
   if begun.state is None:
@@ -209,7 +209,7 @@ def _common_start(members: Sequence[Member], begun: list, states: Sequence) -> i
   return start
 
 
-def _write_start(m: Member, state, begun: rundir.Start, start: int, log) -> Any:
+def _write_start(m: Member, state, begun: rundir.Begun, start: int, log) -> Any:
   """The hosts a member's steps ran on, its wall time so far and its static tensors, from
   where it continues (row 0 and checkpoint 0 of a fresh member are chunk 0's: `loop`)."""
   fresh = m.fresh = begun.state is None
@@ -230,7 +230,7 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
   prepared = []
   for spec in specs:  # every input is checked before any folder is touched
     lay = layout_lib.layout(spec.cfg, corpus)
-    prepared.append((spec, lay, state_lib.init_state(spec.cfg, lay.dims)))
+    prepared.append((spec, lay, initial.init_state(spec.cfg, lay.dims)))
   backend.release_heap()  # what tokenizing and the init's compile freed
   members, states, begun = [], [], []
   for spec, lay, state in prepared:
@@ -249,7 +249,7 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
 
 
 @contextlib.contextmanager
-def start(specs: Sequence[MemberSpec], corpus: corpus_lib.Corpus, opts: Options, *,
+def open_run(specs: Sequence[MemberSpec], corpus: corpus_lib.Corpus, opts: Options, *,
           log: Callable[[str], None] = print, t_start: Optional[float] = None) -> Iterator[Run]:
   """Builds the Run of `specs` (members of one structure: `sweep.group_key`).
 

@@ -86,7 +86,7 @@ def finished(tiny_data, tmp_path_factory):
   """A 12-step bf16_sr run with checkpoints at 6 and 12; the arrays of checkpoint 12."""
   out = str(tmp_path_factory.mktemp("detect") / "run")
   loop.train(_cfg(tiny_data, (6, 12)), out, **QUIET)
-  last = dict(checkpoints.checkpoints(os.path.join(out, "checkpoints")))[12]
+  last = dict(checkpoints.intact_checkpoints(os.path.join(out, "checkpoints")))[12]
   return out, load_file(os.path.join(last, checkpoints.CHECKPOINT_ARRAYS))
 
 

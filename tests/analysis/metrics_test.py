@@ -218,7 +218,7 @@ def test_phase_populations_match_a_brute_force_classification():
 
 
 def test_full_analysis_of_the_synthetic_file(synthetic):
-  summary, series = metrics.analyze(synthetic)
+  summary, series = metrics.measure(synthetic)
   s = summary.to_json()
   assert s["layout"] == "lab" and s["delta_w_prime"] == "computed from W"
   assert s["fimbulwinter_check"]["global_last_motion"] == 9
@@ -258,9 +258,9 @@ def test_streaming_in_tiny_blocks_equals_one_block(tmp_path, delta):
   k[30:] = 0  # a final freeze
   path = write_file(str(tmp_path / "r.safetensors"), w_bits_from_cells(k, 64), delta=delta,
                     loss=rng.random(41))
-  whole = metrics.analyze(path, block_steps=1000)
+  whole = metrics.measure(path, block_steps=1000)
   for block in (1, 3, 7):
-    s, series = metrics.analyze(path, block_steps=block)
+    s, series = metrics.measure(path, block_steps=block)
     _assert_same(s.to_json(), whole[0].to_json())
     _assert_same(series, whole[1])
   assert whole[0].fimbulwinter_check.fimbulwinter_duration >= 10
@@ -269,8 +269,8 @@ def test_streaming_in_tiny_blocks_equals_one_block(tmp_path, delta):
 
 def test_stored_and_computed_delta_give_the_same_analysis(tmp_path):
   w = w_bits_from_cells(cells_schedule())
-  a = metrics.analyze(write_file(str(tmp_path / "a.safetensors"), w))[0].to_json()
-  b = metrics.analyze(write_file(str(tmp_path / "b.safetensors"), w, delta=True))[0].to_json()
+  a = metrics.measure(write_file(str(tmp_path / "a.safetensors"), w))[0].to_json()
+  b = metrics.measure(write_file(str(tmp_path / "b.safetensors"), w, delta=True))[0].to_json()
   for k in ("fimbulwinter_check", "stillness", "frozen_fraction", "lifecycle", "global_freeze",
             "centroid"):
     _assert_same(a[k], b[k], k)
@@ -282,7 +282,7 @@ def test_all_row_files_analyse_the_dead_rows(tmp_path):
   full = np.concatenate([live[:, :1], w, live[:, 1:]], axis=1)  # rows: live, 3 dead, live
   mask = np.array([False, True, True, True, False])
   path = write_file(str(tmp_path / "all.safetensors"), full, extra={"dead_mask": mask})
-  s, _ = metrics.analyze(path)
+  s, _ = metrics.measure(path)
   assert s.rows == 3 and s.rows_recorded == 5 and "dead rows" in s.notes[0]
   assert s.fimbulwinter_check.global_last_motion == 9  # the live rows move to the end
   assert s.global_freeze.cycles == 3

@@ -35,7 +35,7 @@ from jaxdt.report import outputs
 from jaxdt.training import layout
 from jaxdt.training import loop
 from jaxdt import probes
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 12  # tiny_config: checkpoints at 5 and 9, chunks of 4
@@ -98,7 +98,7 @@ def test_a_checkpoint_marker_appears_only_after_its_rows_are_on_disk(cfg, ref, t
   seen = []
 
   def hook(point):
-    latest = checkpoints.checkpoints(os.path.join(out, "checkpoints"))
+    latest = checkpoints.intact_checkpoints(os.path.join(out, "checkpoints"))
     if point == "checkpoint_arrays_written":  # arrays written, marker not yet
       assert [s for s, _ in latest] == seen[::-1]
     if point == "checkpoint_written":
@@ -373,7 +373,7 @@ def test_a_corrupt_finished_trajectory_is_refused_by_every_reader(cfg, ref, tmp_
   with pytest.raises(verify.VerifyError, match="is corrupt"):
     verify.compare(ref.trajectory, path, spec, STEPS)
   # The intact run verifies, and says so.
-  summary, _ = metrics.analyze(ref.run_dir)
+  summary, _ = metrics.measure(ref.run_dir)
   assert summary.verified is True
 
 
@@ -412,7 +412,7 @@ def test_finished_metadata_records_the_checksums(ref):
 
 def test_preflight_counts_the_checkpoints(cfg, tmp_path, monkeypatch):
   out = str(tmp_path / "new")
-  state_bytes = layout.state_bytes(state_lib.init_state(cfg, probes.Dims(
+  state_bytes = layout.state_bytes(initial.init_state(cfg, probes.Dims(
       rows=1, hidden=cfg.model.hidden_dim, param_dtype=np.float32)))
   real = shutil.disk_usage
   # Room for the trajectory and metadata, not for its two checkpoints.

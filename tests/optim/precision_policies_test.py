@@ -287,7 +287,7 @@ def _stopped(cfg, out: str, stop_after: int) -> dict:
   """Runs `cfg` into `out` until `stop_after` (unfinished, as if killed); the arrays of
   its checkpoint at 6 (a resume restarts there)."""
   assert loop.train(cfg, out, stop_after=stop_after, **QUIET) is None
-  ckpt = dict(checkpoints.checkpoints(os.path.join(out, "checkpoints")))[6]
+  ckpt = dict(checkpoints.intact_checkpoints(os.path.join(out, "checkpoints")))[6]
   return load_file(os.path.join(ckpt, checkpoints.CHECKPOINT_ARRAYS))
 
 

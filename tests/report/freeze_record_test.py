@@ -56,8 +56,8 @@ def test_summary_figures_are_the_same_from_both_records(pair, tmp_path):
 
 def test_per_step_counts_and_trackers_equal_the_full_pass(pair):
   full, compact = pair
-  s_full, series_full = metrics.analyze(full.trajectory)
-  s_compact, series_compact = metrics.analyze(compact.trajectory)
+  s_full, series_full = metrics.measure(full.trajectory)
+  s_compact, series_compact = metrics.measure(compact.trajectory)
   np.testing.assert_array_equal(series_full["frozen_fraction"], series_compact["frozen_fraction"])
   np.testing.assert_array_equal(series_full["any_motion"], series_compact["any_motion"])
   np.testing.assert_array_equal(series_full["last_motion"], series_compact["last_motion"])
@@ -96,7 +96,7 @@ def test_a_lying_count_is_refused(pair, tmp_path):
   path = str(tmp_path / "lying.safetensors")
   save_file(arrays, path)
   with pytest.raises(metrics.AnalysisError, match="n_frozen \\+ n_moving"):
-    metrics.analyze(path)
+    metrics.measure(path)
 
 
 def test_weight_of_a_compact_folder(pair):

@@ -117,8 +117,8 @@ def test_analyze_our_run_prints_the_seed_blocks_and_writes_json_and_pngs(run, tm
 
 
 def test_streaming_block_size_does_not_change_a_real_runs_summary(run):
-  a, _ = metrics.analyze(run.trajectory, block_steps=1)
-  b, _ = metrics.analyze(run.trajectory)
+  a, _ = metrics.measure(run.trajectory, block_steps=1)
+  b, _ = metrics.measure(run.trajectory)
   assert json.dumps(a.to_json()) == json.dumps(b.to_json())
 
 
@@ -130,8 +130,8 @@ def test_lab_crucible_file_without_our_keys(run, tmp_path):
   path = str(tmp_path / "crucible_1_trajectory.safetensors")
   save_file(lab, path)
   _write_metadata(str(tmp_path), motion_threshold=0.1, total_steps=30)
-  ours, _ = metrics.analyze(run.trajectory)
-  theirs, _ = metrics.analyze(path)
+  ours, _ = metrics.measure(run.trajectory)
+  theirs, _ = metrics.measure(path)
   assert theirs.layout == "lab"
   for k in SHARED + ("centroid",):
     assert theirs.to_json()[k] == ours.to_json()[k], k
@@ -146,7 +146,7 @@ def test_lab_thimble1_file_bf16_w_and_losses_through_the_cli(run, tmp_path):
   result = _cli(f"--analyze={path}")
   assert result.returncode == 0, result.stderr
   s = _strict_json(tmp_path / outputs.SUMMARY_FILE)
-  ours = metrics.analyze(run.trajectory)[0].to_json()
+  ours = metrics.measure(run.trajectory)[0].to_json()
   assert "FIMBULWINTER CHECK" in result.stdout  # no last_motion_step: recounted from W
   for k in SHARED:
     assert s[k] == ours[k], k
@@ -179,7 +179,7 @@ def test_state_files_recompute_the_accounting_we_record(state_run, tmp_path):
   for folder in (t8, t1):
     lines = []
     s = outputs.analyze(str(folder), plots=False, echo=lines.append)
-    _, series = metrics.analyze(str(folder))
+    _, series = metrics.measure(str(folder))
     assert s.accounting.source.startswith("recomputed")
     for k in ("adam_replay_match", "adam_swallowed"):  # exact counts
       np.testing.assert_array_equal(series["accounting"][k], t[k], err_msg=k)
@@ -194,7 +194,7 @@ def test_state_files_recompute_the_accounting_we_record(state_run, tmp_path):
 def test_unknown_hyperparameters_are_reported_as_skipped(state_run, tmp_path):
   t = _tensors(state_run)
   save_file({k: _torch(t[k]) for k in ("W", "m", "v", "loss")}, str(tmp_path / "x.safetensors"))
-  s, _ = metrics.analyze(str(tmp_path))
+  s, _ = metrics.measure(str(tmp_path))
   why = {x.analysis: x.reason for x in s.skipped}
   assert "hyperparameters are unknown" in why["Adam accounting"]
 

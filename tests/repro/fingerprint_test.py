@@ -115,7 +115,7 @@ def test_allowed_host_change_is_recorded_and_reported(stopped, monkeypatch):
   h = result.metadata["hosts"]
   assert [x["from_step"] for x in h] == [0, 5]
   assert h[1]["cpu_model"] == "Another CPU" and h[1]["arithmetic_fingerprint"] == "0" * 64
-  summary, _ = metrics.analyze(out)
+  summary, _ = metrics.measure(out)
   note = next(n for n in summary.notes if n.startswith("the run changed host"))
   assert "steps 0–5 on " in note and "steps 5–12 on Another CPU" in note
 

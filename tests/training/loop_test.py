@@ -17,7 +17,7 @@ from jaxdt.numerics import ordered
 from jaxdt.training import loop
 from jaxdt.training import runs
 from jaxdt import probes
-from jaxdt.training import state as state_lib
+from jaxdt.training import initial
 from jaxdt.training import step as step_lib
 
 
@@ -89,7 +89,7 @@ def test_step_has_no_callbacks_and_second_chunk_does_not_recompile(tiny_data):
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   dims = probes.Dims(corpus.n_dead, cfg.model.hidden_dim, jnp.bfloat16)
   step = step_lib.make_step(cfg, corpus.tokens, corpus.dead_indices)
-  state = state_lib.init_state(cfg, dims)
+  state = initial.init_state(cfg, dims)
   jaxpr = str(jax.make_jaxpr(lambda s: jax.lax.scan(step, s, jnp.arange(1, 3)))(state))
   assert "callback" not in jaxpr
   # The run's own program (runs.program -> step.make_chunk), not a test-only variant.

@@ -171,7 +171,7 @@ def test_a_stopped_sweep_resumes_to_the_same_bytes(cfg, solo, tmp_path):
   # One member lost its newest checkpoint (as if killed while writing it): the
   # group continues from the step every member has (5), the others step back.
   victim = os.path.join(root, "m02_learning_rate=0.003_weight_decay=0", "checkpoints")
-  newest = checkpoints.checkpoints(victim)[0]
+  newest = checkpoints.intact_checkpoints(victim)[0]
   assert newest[0] == 9
   os.remove(os.path.join(newest[1], "meta.json"))
   said = []

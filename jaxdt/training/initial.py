@@ -1,4 +1,5 @@
-"""A run's host-side preparation: the step-0 state, row 0, and a member's traced values."""
+"""A run's step-0 state, row 0, and a member's traced values (the TrainState itself is
+`step.TrainState`: this module builds its first value)."""
 
 from __future__ import annotations
 
