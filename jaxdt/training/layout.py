@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -59,6 +59,44 @@ def state_bytes(state) -> int:
   """Disk bytes of one checkpoint of `state` (arrays, header and marker, rounded up)."""
   leaves = jax.tree_util.tree_leaves(state)
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves) + (256 << 10)
+
+
+class Progress(NamedTuple):
+  """Where a run stands, for its metadata: none of it at the start; all of it at the end."""
+
+  steps_done: int = 0
+  final_loss: Optional[float] = None
+  wall_time_s: Optional[float] = None  # set at the end (with steps_completed, diverged_at_step)
+  diverged_at_step: Optional[int] = None
+  last_motion: Optional[int] = None  # the lab's Crucible keys, where the run tracks motion
+
+
+class MetadataParts(NamedTuple):
+  """The typed parts of a run's metadata.json (`run_metadata`)."""
+
+  cfg: config_lib.ExperimentConfig
+  corpus: corpus_lib.Corpus
+  layout: Layout
+  inputs: Mapping  # what a resume must find unchanged (data files, init SHA-256, GEMM path)
+  hosts: tuple  # the hosts the run's steps ran on (`io.hosts`), the fingerprint in each
+  extra: Mapping = {}  # the caller's record (a sweep member's "sweep", a study's name)
+  progress: Progress = Progress()
+
+
+def run_metadata(parts: MetadataParts) -> dict:
+  """metadata.json of a run, from its parts, while it runs and at its end: the one place
+  it is assembled. The folder adds the commit's facts itself (`RunDir.commit`: completed,
+  the trajectory's size and SHA-256s)."""
+  cfg, p = parts.cfg, parts.progress
+  meta = {**lab_metadata(cfg, parts.corpus, parts.layout, p.steps_done, p.final_loss),
+          **our_metadata(cfg, parts.corpus), **parts.inputs, "hosts": list(parts.hosts),
+          **parts.extra}
+  if p.wall_time_s is not None:
+    meta.update(wall_time_s=p.wall_time_s, steps_completed=p.steps_done,
+                diverged_at_step=p.diverged_at_step)
+  if p.last_motion is not None:
+    meta.update(global_last_motion=p.last_motion, fimbulwinter_duration=cfg.steps - p.last_motion)
+  return meta
 
 
 def lab_metadata(cfg, corpus, lay: Layout, steps_done: int, final_loss) -> dict:

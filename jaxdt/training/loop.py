@@ -318,15 +318,11 @@ def finish(run: runs.Run) -> list:
     for k, a in _member_part(final, i).probe_state.items():
       m.folder.write(k, np.asarray(a))
     disk.fault_point("final_tensors_written")
-    meta = {**m.metadata,  # the backend facts are the start's; commit sets completed
-            **layout_lib.lab_metadata(m.cfg, run.corpus, m.layout, m.cfg.steps, m.pos.last_loss),
-            "wall_time_s": elapsed(run, m), "steps_completed": m.cfg.steps,
-            "diverged_at_step": m.pos.diverged}
     lms = _member_part(final, i).probe_state.get("last_motion_step")
-    if lms is not None:  # the lab's Crucible metadata keys
-      meta["global_last_motion"] = int(np.max(lms))
-      meta["fimbulwinter_duration"] = m.cfg.steps - meta["global_last_motion"]
-    out.append(RunResult(m.folder.path, m.folder.trajectory, m.folder.commit(meta)))
+    m.parts = m.parts._replace(progress=layout_lib.Progress(
+        m.cfg.steps, m.pos.last_loss, elapsed(run, m), m.pos.diverged,
+        None if lms is None else int(np.max(lms))))
+    out.append(RunResult(m.folder.path, m.folder.trajectory, m.folder.commit(m.metadata)))
   return out
 
 

@@ -73,12 +73,17 @@ class Member:
   cfg: config_lib.ExperimentConfig
   folder: rundir.RunDir
   layout: layout_lib.Layout
-  metadata: dict  # metadata.json while running
+  parts: layout_lib.MetadataParts  # its metadata.json's parts (`layout.run_metadata`)
   host: dict  # this host's record (`host_record`)
   label: str = ""
   pos: Position = dataclasses.field(default_factory=Position)
   elapsed_before: float = 0.0  # wall seconds of the run's earlier processes (its checkpoint's)
   fresh: bool = True  # begun from step 0 with no checkpoint: its row 0 is chunk 0's
+
+  @property
+  def metadata(self) -> dict:
+    """metadata.json as it stands (`layout.run_metadata` of the parts)."""
+    return layout_lib.run_metadata(self.parts)
 
 
 @dataclasses.dataclass
@@ -118,20 +123,19 @@ def host_record(cfg: config_lib.ExperimentConfig) -> dict:
           "arithmetic_fingerprint": fingerprint_lib.fingerprint(cfg.model.gemm_operands)}
 
 
-def start_metadata(cfg, corpus, lay) -> tuple[dict, dict, dict]:
-  """(inputs a resume must find unchanged, metadata.json while running, this host's record).
-
-  The arithmetic fingerprint is stored once, in `hosts` (the hosts the run's steps ran on,
-  `io.hosts`; readers take the last with `hosts.host_of`)."""
+def start_parts(spec: MemberSpec, corpus, lay) -> tuple[layout_lib.MetadataParts, dict]:
+  """(a member's metadata parts at its start, this host's record). The inputs are what a
+  resume must find unchanged; the arithmetic fingerprint is stored once, in `hosts` (the
+  hosts the run's steps ran on, `io.hosts`; readers take the last with `hosts.host_of`)."""
+  cfg = spec.cfg
   inputs = {"data_files": corpus.files,
             "init_checkpoint_sha256": disk.sha256_file(cfg.init_checkpoint)
             if cfg.init_checkpoint else None,
             # A resume on a host that resolves another GEMM path is refused (other bits).
             "gemm_path": backend.gemm_path(cfg.model.gemm_operands)}
   host = host_record(cfg)
-  return inputs, {**layout_lib.lab_metadata(cfg, corpus, lay, 0, None),
-                  **layout_lib.our_metadata(cfg, corpus), **inputs,
-                  "hosts": [{"from_step": 0, **host}]}, host
+  return layout_lib.MetadataParts(cfg, corpus, lay, inputs, ({"from_step": 0, **host},),
+                                  dict(spec.metadata)), host
 
 
 def program_devices(n_members: int, exact: bool, wanted: Optional[int] = None) -> list:
@@ -179,11 +183,11 @@ def stacked(states: Sequence, sharding) -> Any:
 # --- Opening the members' folders ------------------------------------------------------
 
 
-def _folder_plan(m: Member, state, inputs: Mapping, n_members: int,
-                 opts: Options) -> rundir.FolderPlan:
+def _folder_plan(m: Member, state, n_members: int, opts: Options) -> rundir.FolderPlan:
   cfg = m.cfg
   return rundir.FolderPlan(
-      cfg.name, config_lib.to_dict(cfg), inputs, m.layout.specs, layout_lib.FILE_METADATA,
+      cfg.name, config_lib.to_dict(cfg), m.parts.inputs, m.layout.specs,
+      layout_lib.FILE_METADATA,
       checkpoint_steps(cfg), layout_lib.state_bytes(step.without_coefficients(state)),
       3 * m.layout.chunk_bytes * n_members * min(cfg.store.chunk_steps, cfg.steps),
       host=m.host, allow_host_change=opts.allow_host_change)
@@ -213,8 +217,8 @@ def _write_start(m: Member, state, begun: rundir.Begun, start: int, log) -> Any:
   """The hosts a member's steps ran on, its wall time so far and its static tensors, from
   where it continues (row 0 and checkpoint 0 of a fresh member are chunk 0's: `loop`)."""
   fresh = m.fresh = begun.state is None
-  m.metadata["hosts"] = hosts.hosts_after_resume(m.folder.previous_metadata,
-                                                 m.host, start)
+  m.parts = m.parts._replace(hosts=tuple(hosts.hosts_after_resume(
+      m.folder.previous_metadata, m.host, start)))
   m.elapsed_before = 0.0 if fresh else float(begun.extra.get("elapsed_s", 0.0))
   m.folder.rewrite_metadata(m.metadata)
   for k, a in m.layout.static.items():  # a resume rewrites the same bytes
@@ -234,11 +238,11 @@ def _open_members(specs, corpus, opts: Options, stack, log) -> tuple[list, list]
   backend.release_heap()  # what tokenizing and the init's compile freed
   members, states, begun = [], [], []
   for spec, lay, state in prepared:
-    inputs, meta, host = start_metadata(spec.cfg, corpus, lay)
+    parts, host = start_parts(spec, corpus, lay)
     folder = stack.enter_context(rundir.RunDir(spec.out_dir, spec.cfg.store.trajectory_name,
                                                log=log))
-    m = Member(spec.cfg, folder, lay, {**meta, **spec.metadata}, host, spec.label)
-    begun.append(_restored(folder.begin(_folder_plan(m, state, inputs, len(specs), opts),
+    m = Member(spec.cfg, folder, lay, parts, host, spec.label)
+    begun.append(_restored(folder.begin(_folder_plan(m, state, len(specs), opts),
                                         m.metadata, step.without_coefficients(state),
                                         opts.resume), state))
     members.append(m)

@@ -186,3 +186,25 @@ def test_hooks_have_their_own_cadence_and_chunks_end_where_one_is_due():
   assert not [x for x in seen if x[0] == "never"] and not hooks.hooks[-1].due(5)
   with pytest.raises(ValueError, match="cadence"):
     hooks.add(print, every=0)
+
+
+def test_metadata_is_assembled_by_one_function_from_typed_parts(run, tiny_data):
+  """layout.run_metadata: at the start no progress keys; at the end the run's figures; the
+  finished metadata.json is that plus the commit's facts (RunDir.commit)."""
+  from jaxdt.training import layout
+  cfg, result, _ = run
+  meta = metadata.read_metadata(result.run_dir)
+  corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
+  lay = layout.layout(cfg, corpus)
+  parts = layout.MetadataParts(cfg, corpus, lay, {"data_files": corpus.files},
+                               tuple(meta["hosts"]))
+  start = layout.run_metadata(parts)
+  assert "steps_completed" not in start and start["wall_time_s"] is None
+  end = layout.run_metadata(parts._replace(progress=layout.Progress(
+      30, meta["final_loss"], meta["wall_time_s"], None, meta["global_last_motion"])))
+  commit = {"completed", "trajectory_bytes", "trajectory_sha256", "tensor_sha256",
+            "init_checkpoint_sha256", "gemm_path"}
+  for key in set(meta) - commit - {"date"}:
+    assert end[key] == meta[key], key
+  assert end["fimbulwinter_duration"] == 30 - meta["global_last_motion"]
+  assert "arithmetic_fingerprint" in meta["hosts"][-1] and "arithmetic_fingerprint" not in meta
