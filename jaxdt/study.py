@@ -32,8 +32,7 @@ from jaxdt.report import findings as findings_lib
 FREEZE_PROBES = ("freeze",)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Steps/s assumed for --study_plan before a member of that kind has finished on this
-# CPU (BUILD_NOTES §4: jaxdt 0.9-1.5 steps/s, the torch loop 0.45 natively on an AMX
-# host and ~0.04 on AVX2-only bf16 GEMMs; the f32 route in between).
+# CPU: round guesses, not measurements (the measured rates per CPU are in BUILD_NOTES §4).
 DEFAULT_RATE = {"jax": 1.0, "torch": 0.3}
 
 
