@@ -110,6 +110,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, tree: Any,
   meta = metadata.json_ready(meta)
   meta["marker_sha256"] = _marker_digest(meta)
   disk.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+  disk.fault_point("checkpoint_marker_written")
   return directory
 
 

@@ -441,6 +441,7 @@ class RunDir:
     metadata_lib.write_metadata(self.path, meta)
     disk.fault_point("final_metadata_written")
     self._writer.commit()  # THE commit point
+    disk.fault_point("commit_renamed")
     self._writer = None
     self.committed = True
     disk.fault_point("committed")

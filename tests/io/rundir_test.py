@@ -539,6 +539,20 @@ def test_cli_signals_stop_cleanly_and_the_run_resumes(cfg, ref, tmp_path, signal
   assert _bytes(os.path.join(out, cfg.store.trajectory_name)) == _bytes(ref.trajectory)
 
 
+@pytest.mark.parametrize("point, said", [
+    ("checkpoint_marker_written#2", "interrupted after step 9; continue with --resume (from the "
+                                    "checkpoint at step 9)"),
+    ("commit_renamed#1", "interrupted after the run finished; see it with --analyze={out}")])
+def test_a_signal_between_a_write_and_its_note_reports_what_the_disk_holds(cfg, tmp_path,
+                                                                           point, said):
+  """A signal right after checkpoint 9's marker (before the folder noted it) names checkpoint
+  9, not 5; one right after the commit rename says finished, not --resume."""
+  out = str(tmp_path / "run")
+  code, _, err = _cli(cfg, tmp_path, f"--output_dir={out}", fault=[point, "SIGINT"])
+  assert code == 130, err
+  assert _one_line(err) == said.format(out=out)
+
+
 def test_cli_ctrl_c_from_outside_leaves_a_resumable_folder(cfg, ref, tmp_path):
   out = str(tmp_path / "run")
   slow = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, chunk_steps=1))
