@@ -10,6 +10,12 @@ Then, per step, the divergence (`jaxdt.analysis.divergence.state_divergence`) of
 dead rows' g, m, v and W of native1, f32 and jax from native2, and writes twins.json
 and twins.png into --out. A departure faster than native1's is one the threads do
 not explain; the first step and tensor where it shows name where to look.
+
+With `--checkpoint_every=N` every twin keeps its whole state every N steps, and
+twins.json gains "live": per parameter tensor (torch's names) and kept step, the
+fraction of elements bitwise equal to native2 and ||A - B|| / ||A - A_0||, for the
+tensors that make the dead rows' gradient (h, through every layer) as well as the
+token table: the next place to look when the dead rows' g departs first.
 """
 
 from __future__ import annotations
@@ -49,26 +55,30 @@ def define_flags():
   flags.DEFINE_string("corpus_path", None, "another model corpus (with --tokenizer_path)")
   flags.DEFINE_string("tokenizer_path", None, "its tokenizer json")
   flags.DEFINE_string("dead_mask_path", None, "its dead mask (jaxdt's run)")
+  flags.DEFINE_integer("checkpoint_every", 0, "keep every twin's state every this many steps "
+                       "and compare the live parameters tensor by tensor there (0: none)")
   flags.DEFINE_multi_string("set", None, "config assignments for the jaxdt run (the torch twins "
                             "take its config); tests shrink the model with them")
 
 
-def commands(root: str, steps: int, seed: int, data: dict, sets=()) -> dict:
+def commands(root: str, steps: int, seed: int, data: dict, sets=(), every: int = 0) -> dict:
   """{name: argv} of the four runs (jax first: the others start from it). `data`: the data
   flags (data_dir, corpus_path, tokenizer_path, dead_mask_path) given; `sets`: --set
-  assignments of the jaxdt run."""
+  assignments of the jaxdt run; `every`: steps between kept states (0: none)."""
+  marks = ",".join(str(s) for s in range(every, steps, every)) if every > 0 else ""  # as the peer
   flags_of = lambda names: [f"--{k}={data[k]}" for k in names if data.get(k)]
   data_flags = flags_of(("data_dir", "corpus_path", "tokenizer_path"))
   jax_dir = os.path.join(root, "jax")
   out = {"jax": [sys.executable, "run.py", "--experiment=crucible1", f"--steps={steps}",
                  f"--seed={seed}", "--probes=W,grad_W_bits,momentum_W_bits,variance_W_bits,loss",
                  f"--output_dir={jax_dir}", "--noprogress", *data_flags,
-                 *flags_of(("dead_mask_path",)), *(f"--set={a}" for a in sets)]}
+                 *flags_of(("dead_mask_path",)), *(f"--set={a}" for a in sets),
+                 *([f"--set=store.checkpoint_steps={marks}"] if marks else [])]}
   data = data_flags
   for name, extra in TORCH.items():
     out[name] = [sys.executable, "-m", "torchref.peer", f"--output_dir={os.path.join(root, name)}",
                  f"--init_from={jax_dir}", f"--batches_from={jax_dir}", "--probes=twin",
-                 "--checkpoint_every=0", *extra] + data
+                 f"--checkpoint_every={max(every, 0)}", *extra] + data
   return out
 
 
@@ -91,6 +101,58 @@ def compare(root: str) -> dict:
   base = os.path.join(root, BASE)
   return {name: divergence_lib.state_divergence(base, os.path.join(root, name), ROLES)
           for name in ("native1", "f32", "jax")}
+
+
+def live_params(folder: str) -> dict:
+  """{step: {torch name: f32 values of the bf16 parameter}} at every state a twin keeps: a
+  jaxdt run's checkpoints (and its init, step 0) through `training.replay`, a torch peer's
+  checkpoints by leaf name (both checked against their markers' SHA-256)."""
+  from jaxdt.io import checkpoints  # pylint: disable=g-import-not-at-top
+  kept = dict(checkpoints.intact_checkpoints(os.path.join(folder, "checkpoints")))
+  meta = metadata_lib.read_metadata(folder)
+  if meta.get("framework") == "torch":
+    out = {}
+    for step, path in sorted(kept.items()):
+      names = [leaf["name"] for leaf in checkpoints.checkpoint_meta(path)["leaves"]
+               if leaf["name"].startswith("['model']")]
+      arrays = checkpoints.read_arrays(path, names)
+      out[step] = {n[len("['model']['"):-2]: np.asarray(a, np.float32) for n, a in arrays.items()}
+    return out
+  from jaxdt.model import torch_io  # pylint: disable=g-import-not-at-top
+  from jaxdt.training import replay  # pylint: disable=g-import-not-at-top
+  _, cfg = replay.run_config(folder)
+  return {s.step: {k: np.asarray(v, np.float32) for k, v in
+                   torch_io.params_to_torch_state_dict(s.state.params, cfg.model).items()}
+          for s in replay.states_at(folder, [0, *sorted(kept)], log=lambda _: None)}
+
+
+def live_divergence(base: dict, other: dict, init: dict) -> dict:
+  """{tensor: {"steps", "equal_fraction", "relative_distance"}} at the steps both keep:
+  the fraction of elements bitwise equal and ||A - B|| / ||A - A_0|| (A the base, A_0 the
+  common init), tensor by tensor (torch names). A tensor whose distance outgrows the
+  baseline's first names where two twins part."""
+  steps = sorted(set(base) & set(other) - {0})
+  out = {}
+  for name in init:
+    eq, rel = [], []
+    for s in steps:
+      a, b = base[s][name], other[s][name]
+      eq.append(float(np.mean(a.view(np.uint32) == b.view(np.uint32))))
+      moved = float(np.linalg.norm(a - init[name]))
+      rel.append(float(np.linalg.norm(a - b)) / moved if moved else None)
+    out[name] = {"steps": steps, "equal_fraction": eq, "relative_distance": rel}
+  return out
+
+
+def live_report(root: str, names=("native1", "f32", "jax")) -> dict:
+  """{twin: live_divergence from BASE} for the twins that keep states; {} if none do."""
+  base = live_params(os.path.join(root, BASE))
+  if not base:
+    return {}
+  kept = {n: live_params(os.path.join(root, n)) for n in names
+          if os.path.isdir(os.path.join(root, n))}
+  init = kept["jax"][0]  # every twin starts from jax's init
+  return {n: live_divergence(base, params, init) for n, params in kept.items()}
 
 
 def report(root: str, divs: dict) -> dict:
@@ -152,8 +214,11 @@ def main(argv):
   try:
     data = {k: getattr(FLAGS, k) for k in ("data_dir", "corpus_path", "tokenizer_path",
                                            "dead_mask_path")}
-    run_all(root, commands(root, FLAGS.steps, FLAGS.seed, data, FLAGS.set or ()))
+    run_all(root, commands(root, FLAGS.steps, FLAGS.seed, data, FLAGS.set or (),
+                           FLAGS.checkpoint_every))
     result = report(root, compare(root))
+    if FLAGS.checkpoint_every > 0:
+      result["live"] = live_report(root)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

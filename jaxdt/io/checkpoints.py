@@ -196,6 +196,46 @@ def _restore_leaf(array: np.ndarray, like: Any) -> Any:
   return type(like)(array.item())  # Python scalars stay Python scalars
 
 
+def _verified(path: str) -> tuple[dict, str]:
+  """(marker, arrays file) of a checkpoint whose arrays match the SHA-256 in its marker."""
+  meta = _read_checkpoint_meta(path)
+  arrays = os.path.join(path, CHECKPOINT_ARRAYS)
+  expected = (meta.get("sha256") or {}).get(CHECKPOINT_ARRAYS)
+  if expected is not None:
+    try:
+      actual = disk.sha256_file(arrays)
+    except OSError as e:
+      raise disk.StoreError(f"checkpoint {path} cannot be read ({e.strerror}); restore from an "
+                       "older checkpoint") from None
+    if actual != expected:
+      raise disk.StoreError(f"checkpoint {path} is corrupt: {CHECKPOINT_ARRAYS} does not match the "
+                       "SHA-256 in its marker; restore from an older checkpoint")
+  return meta, arrays
+
+
+def read_arrays(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+  """{leaf name: numpy array} of `names` in a checkpoint (bf16 leaves as ml_dtypes bf16),
+  checked against its marker's SHA-256 as `load_checkpoint` checks it, without a like tree:
+  for tools that read other programs' checkpoints (torch peer runs) by leaf name.
+
+  Raises:
+    StoreError: no or corrupt marker, arrays not matching it, or a name it lacks.
+  """
+  path = os.fspath(path)
+  meta, arrays = _verified(path)
+  saved = {leaf.get("name") for leaf in meta["leaves"]}
+  missing = [n for n in names if n not in saved]
+  if missing:
+    raise disk.StoreError(f"checkpoint {path} has no leaf {missing[0]!r}; pass a checkpoint of "
+                          "the program that names it")
+  out = {}
+  with tensorfile.TrajectoryReader(arrays) as reader:
+    for name in names:
+      array = reader.read(name)
+      out[name] = array.view(tensorfile.BF16) if reader.raw_dtype(name) == "BF16" else array
+  return out
+
+
 def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]:
   """Restores a checkpoint into the structure of `like_tree`.
 
@@ -215,18 +255,7 @@ def load_checkpoint(path: str | os.PathLike, like_tree: Any) -> tuple[Any, dict]
       the first difference).
   """
   path = os.fspath(path)
-  meta = _read_checkpoint_meta(path)
-  arrays = os.path.join(path, CHECKPOINT_ARRAYS)
-  expected = (meta.get("sha256") or {}).get(CHECKPOINT_ARRAYS)
-  if expected is not None:
-    try:
-      actual = disk.sha256_file(arrays)
-    except OSError as e:
-      raise disk.StoreError(f"checkpoint {path} cannot be read ({e.strerror}); restore from an "
-                       "older checkpoint") from None
-    if actual != expected:
-      raise disk.StoreError(f"checkpoint {path} is corrupt: {CHECKPOINT_ARRAYS} does not match the "
-                       "SHA-256 in its marker; restore from an older checkpoint")
+  meta, arrays = _verified(path)
   fix = "restore with the config the checkpoint was saved with"
   like = _named_leaves(like_tree)
   saved = [leaf.get("name") for leaf in meta["leaves"]]

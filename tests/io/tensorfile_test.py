@@ -529,6 +529,25 @@ def test_round_trip_into_a_differently_seeded_state_is_bit_exact(tmp_path, state
     assert ".params['ln_f']['scale']" in f.keys()
 
 
+def test_read_arrays_by_name_checks_the_marker(tmp_path, state):
+  path = checkpoints.save_checkpoint(str(tmp_path), 7, state)
+  got = checkpoints.read_arrays(path, [".params['embedding']", ".count"])
+  assert got[".params['embedding']"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(_bits(got[".params['embedding']"]),
+                                _bits(state.params["embedding"]))
+  assert int(got[".count"]) == int(state.count)
+  with pytest.raises(disk.StoreError, match=r"has no leaf '.nope'; pass a checkpoint"):
+    checkpoints.read_arrays(path, [".nope"])
+  arrays = os.path.join(path, "arrays.safetensors")
+  with open(arrays, "r+b") as f:  # one flipped byte at the end (a value, not the header)
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 0xFF]))
+  with pytest.raises(disk.StoreError, match="does not match the SHA-256 in its marker"):
+    checkpoints.read_arrays(path, [".count"])
+
+
 def test_restores_into_an_abstract_state(tmp_path, state):
   folder = str(tmp_path)
   tree = {"params": state.params, "count": state.count}

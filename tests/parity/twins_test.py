@@ -16,7 +16,7 @@ def test_tiny_twins_record_w_m_v_and_start_together(tiny_data, tmp_path):
          f"--corpus_path={tiny_data['corpus']}", f"--tokenizer_path={tiny_data['tokenizer']}",
          f"--dead_mask_path={tiny_data['mask']}", "--set=model.vocab_size=256",
          "--set=model.hidden_dim=32", "--set=data.seq_len=16", "--set=model.max_seq_len=16",
-         "--set=data.batch_size=4", "--set=store.chunk_steps=3"]
+         "--set=data.batch_size=4", "--set=store.chunk_steps=3", "--checkpoint_every=2"]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.load(open(root / "twins.json"))
@@ -32,5 +32,17 @@ def test_tiny_twins_record_w_m_v_and_start_together(tiny_data, tmp_path):
   m = result["twins"]["jax"]["momentum"]["relative_distance"]
   assert all(x is None or x < 0.5 for x in m[1:]), m
   assert os.path.getsize(root / "twins.png") > 1000
+  # the live parameters, tensor by tensor, at the kept steps 2 and 4 (the peer keeps none at its last step)
+  live = result["live"]
+  assert sorted(live) == ["f32", "jax", "native1"]
+  for name, tensors in live.items():
+    assert "transformer.layers.1.linear2.weight" in tensors and "embedding.weight" in tensors
+    for t, e in tensors.items():
+      assert e["steps"] == [2, 4], (name, t)
+      assert all(0.0 <= x <= 1.0 for x in e["equal_fraction"])
+  # the twins start together: every element of a tensor that moves little is close after 2
+  # steps, far from the other end of the scale (independent inits are ~1.4 apart)
+  rel = live["native1"]["embedding.weight"]["relative_distance"]
+  assert rel[0] is not None and rel[0] < 0.5, rel
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and again.stdout.count(": finished (") == 4, again.stdout
