@@ -16,6 +16,7 @@ from typing import Any, Optional
 PRECISIONS = ("bf16", "fp32", "mixed", "bf16_sr", "bf16_kahan")  # numerics.precision.POLICIES
 DATA_SOURCES = ("default", "fineweb")
 GEMM_OPERANDS = ("auto", "float32", "bfloat16")
+LAYERNORM_BACKWARDS = ("f32", "torch_cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +39,23 @@ class ModelConfig:
   # auto: 512 on CPU (a slab that stays in cache), one block on accelerators;
   # resolved on the host (`tied_nll.resolve_block_rows`) and recorded in metadata.
   nll_block_rows: int = 0
+  # LayerNorm's backward: "f32" (every sum in f32, rounded once) or "torch_cpu" (the bits
+  # of torch's CPU kernel for bf16 params at `layernorm_threads` threads: rounded saved
+  # statistics, weight and bias gradients summed in bf16 per thread; `tinylm.LayerNorm`).
+  layernorm_backward: str = "f32"
+  layernorm_threads: int = 2
 
   def __post_init__(self):
     if self.gemm_operands not in GEMM_OPERANDS:
       raise ValueError(f"gemm_operands={self.gemm_operands!r} is not one of "
                        f"{', '.join(GEMM_OPERANDS)}; pass e.g. --gemm_operands=auto")
+    if self.layernorm_backward not in LAYERNORM_BACKWARDS:
+      raise ValueError(f"layernorm_backward={self.layernorm_backward!r} is not one of "
+                       f"{', '.join(LAYERNORM_BACKWARDS)}; pass e.g. "
+                       "--set model.layernorm_backward=f32")
+    if self.layernorm_threads < 1:
+      raise ValueError(f"layernorm_threads={self.layernorm_threads} is not a thread count; "
+                       "pass 1 or more, e.g. --set model.layernorm_threads=2")
     if self.nll_block_rows < 0:
       raise ValueError(f"nll_block_rows={self.nll_block_rows} is negative; pass 0 (auto) or "
                        "a number of target rows, e.g. --set model.nll_block_rows=512")

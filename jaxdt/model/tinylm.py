@@ -24,6 +24,7 @@ block by block without the (B, T, V) logits (see that section).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -141,13 +142,83 @@ def _causal_attention(q, k, v, num_heads, gemm):
   return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
 
 
+def _ln_stats(x32):
+  """(mean, rstd) over the last axis in f32; the variance biased, as torch."""
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return mean, jax.lax.rsqrt(var + LN_EPS)
+
+
+def _chunked_sums(terms, chunks: int, dtype):
+  """Column sums of `terms` (M, D) f32 as torch's CPU LayerNorm backward makes its weight
+  and bias gradients: the rows split into `chunks` contiguous runs of ceil(M / chunks)
+  (at::parallel_for's split over threads), each summed row by row into a `dtype` buffer
+  (rounded after every add), then the runs' sums added in f32, in order, rounded once."""
+  M, D = terms.shape
+  size = -(-M // max(1, min(chunks, M)))
+  n = -(-M // size)
+  r = lambda v: jax.lax.reduce_precision(v, *bits(dtype))
+  runs = jnp.pad(terms, ((0, n * size - M), (0, 0))).reshape(n, size, D).transpose(1, 0, 2)
+  acc, _ = jax.lax.scan(lambda acc, row: (r(acc + row), None), jnp.zeros((n, D), jnp.float32),
+                        runs)  # a zero row added to a rounded sum leaves it as it is
+  total = acc[0]
+  for i in range(1, n):
+    total = total + acc[i]
+  return r(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_torch_cpu(x, w, b, chunks):
+  x32 = x.astype(jnp.float32)
+  mean, rstd = _ln_stats(x32)
+  return ((x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def _layer_norm_torch_cpu_fwd(x, w, b, chunks):
+  x32 = x.astype(jnp.float32)
+  mean, rstd = _ln_stats(x32)
+  y = ((x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+  # torch saves mean and rstd in x's dtype; its backward reads those rounded values
+  keep = lambda v: jax.lax.reduce_precision(v, *bits(x.dtype))
+  return y, (x, w, keep(mean), keep(rstd))
+
+
+def _layer_norm_torch_cpu_bwd(chunks, res, dy):
+  x, w, mean, rstd = res
+  D = x.shape[-1]
+  x32, dy32, g = x.astype(jnp.float32), dy.astype(jnp.float32), w.astype(jnp.float32)
+  ds = (dy32 * g * x32).sum(-1, keepdims=True)
+  db = (dy32 * g).sum(-1, keepdims=True)
+  bb = (db * mean - ds) * rstd * rstd * rstd / D
+  c = -bb * mean - db * rstd / D
+  dx = (rstd * dy32 * g + bb * x32 + c).astype(x.dtype)
+  rows = lambda v: v.reshape(-1, D)
+  dw = _chunked_sums(rows(dy32 * ((x32 - mean) * rstd)), chunks, w.dtype)
+  dbias = _chunked_sums(rows(dy32), chunks, w.dtype)
+  return dx, dw.astype(w.dtype), dbias.astype(w.dtype)
+
+
+_layer_norm_torch_cpu.defvjp(_layer_norm_torch_cpu_fwd, _layer_norm_torch_cpu_bwd)
+
+
 class LayerNorm(nn.Module):
-  """torch nn.LayerNorm(D, eps=1e-5): f32 statistics, output in x's dtype."""
+  """torch nn.LayerNorm(D, eps=1e-5): f32 statistics, output in x's dtype.
+
+  backward "f32": the gradient of that f32 formula, each sum in f32 rounded once.
+  "torch_cpu": the bits of torch's CPU kernel for low-precision params, thread count
+  `threads`: dx and the weight gradient from the mean and rstd rounded to x's dtype (what
+  torch saves), the weight and bias gradients summed in the params' dtype run by run
+  (`_chunked_sums`). BUILD_NOTES "LayerNorm's backward" has the measurements.
+  """
+  backward: str = "f32"
+  threads: int = 2
 
   @nn.compact
   def __call__(self, x):
     w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
     b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    if self.backward == "torch_cpu":
+      return _layer_norm_torch_cpu(x, w, b, self.threads)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # biased, as torch
@@ -196,11 +267,13 @@ class EncoderLayer(nn.Module):
   num_heads: int
   ffn_dim: int
   gemm: str
+  ln: tuple = ("f32", 2)  # LayerNorm's (backward, threads)
 
   @nn.compact
   def __call__(self, x):
-    x = x + SelfAttention(self.num_heads, self.gemm, name="self_attn")(LayerNorm(name="norm1")(x))
-    h = Linear(self.ffn_dim, self.gemm, name="linear1")(LayerNorm(name="norm2")(x))  # (B, T, 4D)
+    x = x + SelfAttention(self.num_heads, self.gemm, name="self_attn")(
+        LayerNorm(*self.ln, name="norm1")(x))
+    h = Linear(self.ffn_dim, self.gemm, name="linear1")(LayerNorm(*self.ln, name="norm2")(x))  # (B, T, 4D)
     return x + Linear(x.shape[-1], self.gemm, name="linear2")(_gelu_exact(h))  # (B, T, D)
 
 
@@ -252,13 +325,14 @@ class GPT2Block(nn.Module):
   ffn_dim: int
   proj_std: float  # GPT-2's residual scaling: 0.02 / sqrt(2 * n_layer)
   gemm: str
+  ln: tuple = ("f32", 2)  # LayerNorm's (backward, threads)
 
   @nn.compact
   def __call__(self, x):
     attn = GPT2Attention(self.num_heads, self.proj_std, self.gemm, name="attn")
-    x = x + attn(LayerNorm(name="ln_1")(x))
+    x = x + attn(LayerNorm(*self.ln, name="ln_1")(x))
     mlp = GPT2MLP(self.ffn_dim, self.proj_std, self.gemm, name="mlp")
-    return x + mlp(LayerNorm(name="ln_2")(x))
+    return x + mlp(LayerNorm(*self.ln, name="ln_2")(x))
 
 
 # -- The model -----------------------------------------------------------------
@@ -279,12 +353,13 @@ class TinyLM(nn.Module):
     P = self.param("pos_embedding", nn.initializers.normal(pos_std), (cfg.max_seq_len, D))
     x = jnp.take(E, input_ids, axis=0) + P[:T]  # (B, T, D)
     proj_std = GPT2_INIT_STD / math.sqrt(2 * cfg.num_layers)
+    ln = (cfg.layernorm_backward, cfg.layernorm_threads)
     for i in range(cfg.num_layers):
       if cfg.variant == "encoder":
-        x = EncoderLayer(cfg.num_heads, cfg.ffn_dim, self.gemm, name=f"layers_{i}")(x)
+        x = EncoderLayer(cfg.num_heads, cfg.ffn_dim, self.gemm, ln, name=f"layers_{i}")(x)
       else:
-        x = GPT2Block(cfg.num_heads, cfg.ffn_dim, proj_std, self.gemm, name=f"h_{i}")(x)
-    h = LayerNorm(name="ln_f")(x)
+        x = GPT2Block(cfg.num_heads, cfg.ffn_dim, proj_std, self.gemm, ln, name=f"h_{i}")(x)
+    h = LayerNorm(*ln, name="ln_f")(x)
     if not self.head:
       return h
     logits = matmul(h, E, 1, self.gemm).astype(h.dtype)  # (B, T, V), tied, no bias
