@@ -27,6 +27,10 @@ def study() -> study_lib.Study:
       M("jax_bf16_s1", "jax", seed=1),
       # The 2,000-step twin: torch (f32 route) from jax_bf16_s42's init on its batches.
       M("twin_torch_f32_s42", "torch", seed=42, gemm="f32", twin_of="jax_bf16_s42"),
+      # jax_bf16_s42 with torch's CPU LayerNorm backward (bf16-rounded saved statistics,
+      # bf16 per-thread sums of the weight and bias gradients, 2 threads): does the op the
+      # twins found move the freeze?
+      M("jax_lncpu_s42", "jax", seed=42, sets=("model.layernorm_backward=torch_cpu",)),
       M("torch_s1", "torch", seed=1),
       # Escaping Fimbulwinter (issue 27): the remedies beside bf16 and mixed.
       M("jax_sr_s42", "jax", seed=42, precision="bf16_sr"),
@@ -63,6 +67,8 @@ def study() -> study_lib.Study:
   )
   tables += (T("twin", "The twin: torch from jaxdt's init on jaxdt's batches, beside both "
                 "frameworks' own seeds", (("jaxdt, seed 42", ("jax_bf16_s42",)),
+                                          ("jaxdt, seed 42, torch's CPU LayerNorm backward",
+                                           ("jax_lncpu_s42",)),
                                           ("torch twin (f32 route)", ("twin_torch_f32_s42",)),
                                           ("torch, own seeds", ("torch_s42", "torch_s1",
                                                                 "torch_s2")))),)

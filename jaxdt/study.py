@@ -55,6 +55,21 @@ class Member:
   # torch: a twin of this jaxdt member (its init and its batches; torchref.peer --init_from,
   # --batches_from): same start, same data, only the framework differs.
   twin_of: Optional[str] = None
+  # jax: config assignments (`--set path=value`) beyond the fields above, e.g. a model
+  # arithmetic setting ("model.layernorm_backward=torch_cpu").
+  sets: tuple = ()
+
+  def __post_init__(self):
+    if self.framework == "torch" and self.sets:
+      raise ValueError(f"member {self.name}: sets are jaxdt config assignments; a torch "
+                       "member takes none (declare a jax member)")
+
+  def declared(self) -> dict:
+    """The declaration a summary records: its fields, `sets` only when given (summaries
+    written before the field existed stay current)."""
+    out = dataclasses.asdict(self)
+    sets = out.pop("sets")
+    return {**out, "sets": list(sets)} if sets else out  # a list, as JSON gives it back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +129,7 @@ def jax_config(study: Study, m: Member, data_dir: Optional[str] = None):
       data=dataclasses.replace(base.data, data_dir=data_dir),
       probes=dataclasses.replace(base.probes, names=FREEZE_PROBES),
       store=dataclasses.replace(base.store, chunk_steps=50))
-  for assignment in study.overrides:
+  for assignment in m.sets + study.overrides:
     cfg = config_lib.override(cfg, assignment)
   return config_lib.with_steps(cfg, study.steps, study.marks())
 
@@ -135,6 +150,7 @@ def command(study: Study, m: Member, folder: str) -> list:
   args += [f"--learning_rate={m.learning_rate:g}"] if m.learning_rate != 1e-3 else []
   args += [f"--weight_decay={m.weight_decay:g}"] if m.weight_decay else []
   args += ["--set", f"data_seed={m.data_seed}"] if m.data_seed is not None else []
+  args += [a for o in m.sets for a in ("--set", o)]
   return args + sets + [f"--output_dir={folder}", "--noprogress"]
 
 
@@ -182,7 +198,7 @@ def status(study: Study, study_dir: str, docs_dir: str, m: Member) -> Status:
   """Where member `m` stands (its folder checked against its declaration and summary)."""
   folder = os.path.join(study_dir, m.name)
   summary = findings_lib.read_member(docs_dir, m.name)
-  if summary is not None and summary.get("declared") != dataclasses.asdict(m):
+  if summary is not None and summary.get("declared") != m.declared():
     summary = None  # the declaration changed since: a stale summary
   if not os.path.isdir(folder) or not os.listdir(folder):
     return Status(m, folder, "done" if summary else "missing", study.steps if summary else 0,

@@ -113,7 +113,7 @@ def test_the_command_line_refuses_an_unknown_study():
 def test_the_findings_study_declares_its_members():
   study = study_lib.load("findings")
   names = [m.name for m in study.members]
-  assert len(names) == len(set(names)) == 20
+  assert len(names) == len(set(names)) == 21
   for t in study.tables:
     for _, members in t.groups:
       assert set(members) <= set(names), t.name
@@ -121,6 +121,17 @@ def test_the_findings_study_declares_its_members():
   assert (cfg.steps, cfg.seed, cfg.precision, cfg.probes.names) == (2000, 1, "mixed", ("freeze",))
   assert cfg.store.checkpoint_steps == (100, 250, 500, 750, 1000, 1250, 1500, 1750, 2000)
   assert study_lib.jax_config(study, study.member("jax_kahan_s1")).precision == "bf16_kahan"
+  # a member's own config assignments reach its config and its command, and its declaration
+  ln = study.member("jax_lncpu_s42")
+  assert study_lib.jax_config(study, ln).model.layernorm_backward == "torch_cpu"
+  argv = study_lib.command(study, ln, "/tmp/x")
+  assert argv[argv.index("model.layernorm_backward=torch_cpu") - 1] == "--set"
+  assert ln.declared() == json.loads(json.dumps(ln.declared()))  # as a summary gives it back
+  assert ln.declared()["sets"] == ["model.layernorm_backward=torch_cpu"]
+  # members without sets declare what they declared before the field existed
+  assert "sets" not in study.member("jax_bf16_s42").declared()
+  with pytest.raises(ValueError, match="a torch member takes none"):
+    study_lib.Member("t", "torch", sets=("model.layernorm_backward=torch_cpu",))
 
 
 def test_a_study_sweep_gives_each_member_its_solo_bytes(ran, tiny_data, tmp_path):
