@@ -44,5 +44,18 @@ def test_tiny_twins_record_w_m_v_and_start_together(tiny_data, tmp_path):
   # steps, far from the other end of the scale (independent inits are ~1.4 apart)
   rel = live["native1"]["embedding.weight"]["relative_distance"]
   assert rel[0] is not None and rel[0] < 0.5, rel
+  # one gradient at native2's kept state, three ways; jaxdt with torch's CPU LayerNorm
+  # backward is closer to torch's LayerNorm gradients than jaxdt's f32 sums
+  for sets, out in (([], "f32"), (["--set=model.layernorm_backward=torch_cpu"], "tc")):
+    done = subprocess.run([sys.executable, "-m", "torchref.grads", f"--root={root}",
+                           "--steps=2", f"--out={tmp_path / out}", *sets], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+  f32, tc = (json.load(open(tmp_path / o / "grads.json"))["steps"]["2"] for o in ("f32", "tc"))
+  assert f32["native1"]["embedding.weight"][0] is not None
+  assert tc["jax"]["ln_f.bias"][0] < f32["jax"]["ln_f.bias"][0], (tc["jax"], f32["jax"])
+  bad = subprocess.run([sys.executable, "-m", "torchref.grads", f"--root={root}", "--steps=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert bad.returncode == 2 and "keeps no checkpoint at step 3" in bad.stderr, bad.stderr
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and again.stdout.count(": finished (") == 4, again.stdout
