@@ -52,6 +52,7 @@ FILE_EXTS = set(CHECKED_EXTS) | {
 PRODUCED_FILES = {
     "summary.json", "metadata.json", "meta.json", "compare.json", "tables.md",
     "sweep_summary.json", "flannel_tokenizer_chars.json", "detect.json", "twins.json",
+    "grads.json",
 }
 # Substrings that mark a path as a pattern, a placeholder, a run output or a user file.
 PLACEHOLDER_MARKS = ("runs/", "<", ">", "*", "/tmp", "~", "$", "{", "}", "...", "…", "://")

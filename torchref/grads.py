@@ -9,7 +9,7 @@ thread, and by jaxdt (its config from DIR/jax, with --set assignments on top, e.
 another LayerNorm backward). Per parameter tensor (torch's names): ||g - g_base|| /
 ||g_base|| and the fraction of elements bitwise equal. A tensor where jaxdt differs
 far more than torch's threads do names the op, without the dynamics in between.
-Writes grads.json into --out (default DIR).
+Writes its figures as JSON (grads.json) into --out (default DIR).
 """
 
 from __future__ import annotations
