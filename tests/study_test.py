@@ -41,7 +41,7 @@ def test_each_member_is_summarized_and_the_tables_are_written(ran):
   study, runs_dir, docs, _ = ran
   for m in study.members:
     s = findings_lib.read_member(docs, m.name)
-    assert s["declared"] == dataclasses.asdict(m) and s["steps"] == 12 and s["seed"] == m.seed
+    assert s["declared"] == m.declared() and s["steps"] == 12 and s["seed"] == m.seed
     assert len(s["n_frozen"]) == 12 and s["trajectory_sha256"]
     assert os.path.getsize(os.path.join(runs_dir, m.name, "crucible_1_trajectory.safetensors")) < 8192
   tables = open(os.path.join(docs, "tables.md"), encoding="utf-8").read()
