@@ -155,8 +155,7 @@ def main(argv):
 
 
 def cli_main() -> None:
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_tool(main, define_flags)
 
 
 if __name__ == "__main__":

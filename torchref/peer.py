@@ -433,8 +433,7 @@ def main(argv):
 
 def cli_main() -> None:
   """The command line: `python -m torchref.peer` and benchmarks/torch_peer.py."""
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run_tool(main, define_flags)
 
 
 if __name__ == "__main__":
