@@ -32,6 +32,7 @@ def study() -> study_lib.Study:
       # twins found move the freeze?
       M("jax_lncpu_s42", "jax", seed=42, sets=("model.layernorm_backward=torch_cpu",)),
       M("torch_s1", "torch", seed=1),
+      M("jax_lncpu_s1", "jax", seed=1, sets=("model.layernorm_backward=torch_cpu",)),
       # Escaping Fimbulwinter (issue 27): the remedies beside bf16 and mixed.
       M("jax_sr_s42", "jax", seed=42, precision="bf16_sr"),
       M("jax_kahan_s42", "jax", seed=42, precision="bf16_kahan"),
@@ -53,8 +54,9 @@ def study() -> study_lib.Study:
   T = study_lib.Table
   tables = (
       T("seed_spread", "Seed spread: jaxdt against the lab's torch loop",
-        (("jaxdt bf16", jax_seeds), ("torch (the lab's loop)", ("torch_s42", "torch_s1",
-                                                                "torch_s2")))),
+        (("jaxdt bf16", jax_seeds),
+         ("jaxdt bf16, torch's CPU LayerNorm backward", ("jax_lncpu_s42", "jax_lncpu_s1")),
+         ("torch (the lab's loop)", ("torch_s42", "torch_s1", "torch_s2")))),
       T("master_weights", "Master weights: does f32 master weights (mixed) avoid Fimbulwinter?",
         (("bf16", jax_seeds[:2]), ("mixed", ("jax_mixed_s42", "jax_mixed_s1")))),
       T("learning_rate", "lr x wd: lr 1e-3 against 3e-4 (wd 0; wd 0.1 is the identity in "
