@@ -142,11 +142,15 @@ def _causal_attention(q, k, v, num_heads, gemm):
   return o.transpose(0, 2, 1, 3).reshape(B, T, D)  # (B, T, D)
 
 
-def _ln_stats(x32):
-  """(mean, rstd) over the last axis in f32; the variance biased, as torch."""
+def _ln_forward(x, w, b):
+  """(y in x's dtype, mean, rstd): torch's LayerNorm over the last axis, statistics and
+  affine in f32, the variance biased as torch's."""
+  x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  return mean, jax.lax.rsqrt(var + LN_EPS)
+  rstd = jax.lax.rsqrt(var + LN_EPS)
+  y = (x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)
+  return y.astype(x.dtype), mean, rstd
 
 
 def _chunked_sums(terms, chunks: int, dtype):
@@ -169,15 +173,13 @@ def _chunked_sums(terms, chunks: int, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm_torch_cpu(x, w, b, chunks):
-  x32 = x.astype(jnp.float32)
-  mean, rstd = _ln_stats(x32)
-  return ((x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+  del chunks  # the backward's
+  return _ln_forward(x, w, b)[0]
 
 
 def _layer_norm_torch_cpu_fwd(x, w, b, chunks):
-  x32 = x.astype(jnp.float32)
-  mean, rstd = _ln_stats(x32)
-  y = ((x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+  del chunks
+  y, mean, rstd = _ln_forward(x, w, b)
   # torch saves mean and rstd in x's dtype; its backward reads those rounded values
   keep = lambda v: jax.lax.reduce_precision(v, *bits(x.dtype))
   return y, (x, w, keep(mean), keep(rstd))
@@ -219,11 +221,7 @@ class LayerNorm(nn.Module):
     b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
     if self.backward == "torch_cpu":
       return _layer_norm_torch_cpu(x, w, b, self.threads)
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # biased, as torch
-    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
-    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+    return _ln_forward(x, w, b)[0]
 
 
 # -- Variant "encoder": torch nn.TransformerEncoderLayer(norm_first=True) -------
@@ -273,7 +271,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, x):
     x = x + SelfAttention(self.num_heads, self.gemm, name="self_attn")(
         LayerNorm(*self.ln, name="norm1")(x))
-    h = Linear(self.ffn_dim, self.gemm, name="linear1")(LayerNorm(*self.ln, name="norm2")(x))  # (B, T, 4D)
+    h = Linear(self.ffn_dim, self.gemm, name="linear1")(
+        LayerNorm(*self.ln, name="norm2")(x))  # (B, T, 4D)
     return x + Linear(x.shape[-1], self.gemm, name="linear2")(_gelu_exact(h))  # (B, T, D)
 
 
