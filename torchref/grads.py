@@ -70,6 +70,7 @@ def gradients(root: str, steps: list, sets=()) -> dict:
   from jaxdt import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxdt.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from jaxdt.data import sampler  # pylint: disable=g-import-not-at-top
+  from jaxdt.io import checkpoints  # pylint: disable=g-import-not-at-top
   from jaxdt.model import torch_io  # pylint: disable=g-import-not-at-top
   from jaxdt.training import replay  # pylint: disable=g-import-not-at-top
   from jaxdt.training import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -78,11 +79,13 @@ def gradients(root: str, steps: list, sets=()) -> dict:
   _, cfg = replay.run_config(os.path.join(root, "jax"))
   for assignment in sets:
     cfg = config_lib.override(cfg, assignment)
-  kept = twins.live_params(os.path.join(root, twins.BASE))
+  kept = twins.live_params(os.path.join(root, twins.BASE), steps)  # only the states asked for
   missing = [s for s in steps if s not in kept or s == 0]
   if missing:
+    every = sorted(k for k, _ in checkpoints.intact_checkpoints(
+        os.path.join(root, twins.BASE, "checkpoints")))
     raise ValueError(f"{twins.BASE} keeps no checkpoint at step {missing[0]} (it keeps "
-                     f"{sorted(k for k in kept if k)}); pick kept steps")
+                     f"{every}); pick kept steps")
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   sample = sampler.make_sampler(corpus.tokens, cfg.data)
   key = step_lib.data_key(cfg)

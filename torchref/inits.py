@@ -71,13 +71,11 @@ def torch_init(cfg, seed: int) -> dict:
 
 def jaxdt_init(cfg, seed: int) -> dict:
   """{state-dict name: f32 array of the bf16 values} of jaxdt's init for `seed`."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from jaxdt.model import tinylm  # pylint: disable=g-import-not-at-top
   from jaxdt.model import torch_io  # pylint: disable=g-import-not-at-top
   from jaxdt.numerics import precision  # pylint: disable=g-import-not-at-top
   from jaxdt.training import step  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(cfg, seed=seed)
-  params = tinylm.init_params(step.root_keys(cfg.seed)[0], cfg.model)
+  params = tinylm.init_params(step.root_keys(seed)[0], cfg.model)
   params = precision.cast_params(params, precision.get_policy("bf16"))
   sd = torch_io.params_to_torch_state_dict(params, cfg.model)
   return {k: np.asarray(v, np.float32) for k, v in sd.items()}

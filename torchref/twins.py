@@ -103,12 +103,14 @@ def compare(root: str) -> dict:
           for name in ("native1", "f32", "jax")}
 
 
-def live_params(folder: str) -> dict:
-  """{step: {torch name: f32 values of the bf16 parameter}} at every state a twin keeps: a
-  jaxdt run's checkpoints (and its init, step 0) through `training.replay`, a torch peer's
-  checkpoints by leaf name (both checked against their markers' SHA-256)."""
+def live_params(folder: str, steps=None) -> dict:
+  """{step: {torch name: f32 values of the bf16 parameter}} at every state a twin keeps (or
+  those of `steps` it keeps): a jaxdt run's checkpoints (and its init, step 0) through
+  `training.replay`, a torch peer's checkpoints by leaf name (both checked against their
+  markers' SHA-256)."""
   from jaxdt.io import checkpoints  # pylint: disable=g-import-not-at-top
-  kept = dict(checkpoints.intact_checkpoints(os.path.join(folder, "checkpoints")))
+  kept = {s: p for s, p in checkpoints.intact_checkpoints(os.path.join(folder, "checkpoints"))
+          if steps is None or s in steps}
   meta = metadata_lib.read_metadata(folder)
   if meta.get("framework") == "torch":
     out = {}
@@ -123,7 +125,8 @@ def live_params(folder: str) -> dict:
   _, cfg = replay.run_config(folder)
   return {s.step: {k: np.asarray(v, np.float32) for k, v in
                    torch_io.params_to_torch_state_dict(s.state.params, cfg.model).items()}
-          for s in replay.states_at(folder, [0, *sorted(kept)], log=lambda _: None)}
+          for s in replay.states_at(folder, [0, *sorted(kept)] if steps is None or 0 in steps
+                                    else sorted(kept), log=lambda _: None)}
 
 
 def live_divergence(base: dict, other: dict, init: dict) -> dict:
