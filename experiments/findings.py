@@ -56,7 +56,8 @@ def study() -> study_lib.Study:
       T("seed_spread", "Seed spread: jaxdt against the lab's torch loop",
         (("jaxdt bf16", jax_seeds),
          ("jaxdt bf16, torch's CPU LayerNorm backward", ("jax_lncpu_s42", "jax_lncpu_s1")),
-         ("torch (the lab's loop)", ("torch_s42", "torch_s1", "torch_s2")))),
+         ("torch (the lab's loop)", ("torch_s42", "torch_s1", "torch_s2"))),
+        reference="torch (the lab's loop)"),
       T("master_weights", "Master weights: does f32 master weights (mixed) avoid Fimbulwinter?",
         (("bf16", jax_seeds[:2]), ("mixed", ("jax_mixed_s42", "jax_mixed_s1")))),
       T("learning_rate", "lr x wd: lr 1e-3 against 3e-4 (wd 0; wd 0.1 is the identity in "

@@ -80,6 +80,9 @@ class Table:
   title: str
   groups: tuple
   figures: tuple = ()  # its columns (report.findings.HEADS' keys); () = the freeze figures
+  # A group's label: every other group's figures are checked against that group's min–max
+  # ("is jaxdt inside the torch peer's seed range?"); "" = no such check.
+  reference: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

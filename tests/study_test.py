@@ -233,3 +233,25 @@ def test_a_table_shows_the_figures_it_names(ran, tmp_path):
   assert "| member | group | 50% | moving at end | steps/s |" in text
   s = findings_lib.read_member(docs, "a_s42")
   assert findings_lib.figure(s, "steps_per_s") == s["steps"] / s["wall_time_s"]
+
+
+def test_a_reference_range_counts_the_members_inside_it():
+  """`Table.reference`: per figure, the reference group's min–max and each other group's
+  members inside it; a milestone not reached counts as later than every step."""
+  def s(name, f50, f100, loss):
+    return {"member": name, "steps": 100, "frozen_50": f50, "frozen_100": f100,
+            "final_loss": loss}
+  summaries = {"t1": s("t1", 40, 90, 4.0), "t2": s("t2", 50, None, 4.5),
+               "j1": s("j1", 40, 95, 3.9), "j2": s("j2", 51, None, 4.2),
+               "j3": s("j3", 45, 60, 4.5)}
+  table = study_lib.Table("t", "T", (("jax", ("j1", "j2", "j3", "j4")), ("torch", ("t1", "t2")),
+                                     ("later", ("x1",))),
+                          figures=("frozen_50", "frozen_100", "final_loss"), reference="torch")
+  text = findings_lib.range_markdown(table, summaries)
+  assert "| torch range | 40 – 50 | 90 – > 100 | 4.0000 – 4.5000 |" in text
+  assert ("| jax | 2/3 (51 above) | 2/3 (60 below) | 2/3 (3.9000 below) |" in text), text
+  assert "| later | not yet | not yet | not yet |" in text and "(2/2 in)" in text
+  assert "= 0.33" in text  # (n-1)/(n+1) for n=2
+  assert "range of torch" in findings_lib.table_markdown(table, summaries)
+  none_in = findings_lib.range_markdown(table, {"j1": summaries["j1"]})
+  assert "Not yet: none of its members is in." in none_in

@@ -190,6 +190,71 @@ def table_markdown(table, summaries: dict) -> str:
     got = [summaries[n] for n in names if n in summaries]
     out.append(f"| {label} ({len(got)}/{len(names)} in) | "
                + " | ".join(_stat([figure(s, f) for s in got], f) for f in figures) + " |")
+  if table.reference:
+    out += ["", range_markdown(table, summaries)]
+  return "\n".join(out)
+
+
+def _ranged(s: dict, name: str) -> Optional[float]:
+  """A figure as a number to range over: a milestone not reached counts as +inf (it lies
+  beyond every step of the run), any other missing figure as None (left out)."""
+  v = figure(s, name)
+  if v is None and name.startswith("frozen_") and s.get("steps"):
+    return float("inf")
+  return None if v is None else float(v)
+
+
+def _shown(v: float, name: str, steps: int) -> str:
+  return f"> {steps:,}" if v == float("inf") else _cell(int(v) if float(v).is_integer()
+                                                         and name not in DIGITS else v, name)
+
+
+def range_markdown(table, summaries: dict) -> str:
+  """Is each group inside the reference group's range? Per figure: the reference group's
+  min–max over its members in, and for every other group how many of its members fall
+  inside it (ends included), the ones outside named with their side."""
+  figures = table.figures or FIGURES
+  ref_names = dict(table.groups)[table.reference]
+  ref = [summaries[n] for n in ref_names if n in summaries]
+  head = (f"Inside the range of {table.reference} ({len(ref)}/{len(ref_names)} in)? Per "
+          "figure: its min–max, and per group the members inside it (ends included); a "
+          "milestone not reached counts as later than every step.")
+  if not ref:
+    return head + " Not yet: none of its members is in."
+  n = len(ref)
+  head += (f" Calibration: a further draw of the same law lands inside the range of {n} "
+           f"with probability (n-1)/(n+1) = {(n - 1) / (n + 1):.2f} (ties aside), so "
+           "members outside are expected even with no difference.")
+  steps = max(s.get("steps") or 0 for s in ref)
+  bounds = {}
+  for f in figures:
+    x = [v for s in ref if (v := _ranged(s, f)) is not None]
+    bounds[f] = (min(x), max(x)) if x else None
+  out = [head, "", "| group | " + " | ".join(HEADS[f] for f in figures) + " |",
+         "|---|" + "---|" * len(figures),
+         f"| {table.reference} range | " + " | ".join(
+             "–" if bounds[f] is None else
+             f"{_shown(bounds[f][0], f, steps)} – {_shown(bounds[f][1], f, steps)}"
+             for f in figures) + " |"]
+  for label, names in table.groups:
+    if label == table.reference:
+      continue
+    got = [summaries[n] for n in names if n in summaries]
+    if not got:
+      out.append(f"| {label} | " + " | ".join("not yet" for _ in figures) + " |")
+      continue
+    cells = []
+    for f in figures:
+      vals = [(v, s.get("steps") or steps) for s in got if (v := _ranged(s, f)) is not None]
+      if bounds[f] is None or not vals:
+        cells.append("–")
+        continue
+      lo, hi = bounds[f]
+      outside = [f"{_shown(v, f, t)} {'below' if v < lo else 'above'}"
+                 for v, t in vals if not lo <= v <= hi]
+      cells.append(f"{len(vals) - len(outside)}/{len(vals)}"
+                   + (f" ({', '.join(outside)})" if outside else ""))
+    out.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(out)
 
 
