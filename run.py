@@ -168,6 +168,9 @@ flags.DEFINE_boolean("study_sweep", False,
                      "sweep (one process and program; each member byte-identical to its solo run).")
 flags.DEFINE_list("study_members", None,
                   "Run only these members of the study (default: all, in declared order).")
+flags.DEFINE_enum("study_torch_device", "cpu", ["cpu", "cuda"],
+                  "Where a study's torch members run (torchref.peer --device): cuda on a lent "
+                  "GPU (benchmarks/device_study.sh). jaxdt members run on JAX's default backend.")
 flags.DEFINE_string(
     "detect", None,
     "A finished jaxdt run folder: score Magikarp's weight-based detector against its dead set "
@@ -354,7 +357,7 @@ def run_study() -> int:
     raise ValueError("--study takes no --experiment or --output_dir; members run into "
                      "--study_dir/<member>")
   name = FLAGS.study or FLAGS.study_plan
-  study = study_lib.load(name)
+  study = dataclasses.replace(study_lib.load(name), torch_device=FLAGS.study_torch_device)
   study_dir = FLAGS.study_dir or f"runs/study_{name}"
   docs = FLAGS.study_docs or os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs",
                                           name)

@@ -97,6 +97,9 @@ class Study:
   # Steps at which the dead-set detector (`--detect`) scores each jaxdt member; checkpoints
   # are kept there too (step 0 is the init), so no replay is needed.
   detect_steps: tuple = ()
+  # Where torch members run (torchref.peer --device; run.py --study_torch_device): "cpu", or
+  # "cuda" on a lent GPU. Part of a torch member's identity and of its command line.
+  torch_device: str = "cpu"
 
   def marks(self) -> tuple:
     every = range(self.checkpoint_every, self.steps, self.checkpoint_every)
@@ -145,7 +148,8 @@ def command(study: Study, m: Member, folder: str) -> list:
     twin = [f"--init_from={source}", f"--batches_from={source}"] if source else []
     return ["-m", "torchref.peer", f"--output_dir={folder}", f"--seed={m.seed}",
             f"--steps={study.steps}", "--probes=freeze", f"--gemm={m.gemm}",
-            f"--checkpoint_every={study.checkpoint_every}"] + twin + sets
+            f"--checkpoint_every={study.checkpoint_every}"] + twin + sets + (
+                [f"--device={study.torch_device}"] if study.torch_device != "cpu" else [])
   args = ["run.py", "--experiment=crucible1", f"--steps={study.steps}", f"--seed={m.seed}",
           "--probes=freeze", "--chunk_steps=50",
           "--set", "store.checkpoint_steps=" + ",".join(map(str, study.marks()))]
@@ -187,11 +191,11 @@ def _check_identity(study: Study, m: Member, folder: str, meta: dict) -> None:
   else:
     have = (meta.get("framework"), recorded.get("seed"), recorded.get("steps"),
             tuple((recorded.get("probes") or {}).get("names") or ()),
-            meta.get("torch_gemm_requested"))
-    want = ("torch", m.seed, study.steps, FREEZE_PROBES, m.gemm)
+            meta.get("torch_gemm_requested"), meta.get("device", "cpu"))
+    want = ("torch", m.seed, study.steps, FREEZE_PROBES, m.gemm, study.torch_device)
     lines = [f"{k}: the folder has {a!r}, the study says {b!r}"
-             for k, a, b in zip(("framework", "seed", "steps", "probes", "gemm"), have, want)
-             if a != b]
+             for k, a, b in zip(("framework", "seed", "steps", "probes", "gemm", "device"), have,
+                                want) if a != b]
   if lines:
     raise StudyError(f"member {m.name}: {folder} holds another config ({lines[0]}); move it "
                      "away or pass another --study_dir")

@@ -255,3 +255,26 @@ def test_a_reference_range_counts_the_members_inside_it():
   assert "range of torch" in findings_lib.table_markdown(table, summaries)
   none_in = findings_lib.range_markdown(table, {"j1": summaries["j1"]})
   assert "Not yet: none of its members is in." in none_in
+
+
+def test_torch_members_on_a_gpu_say_so_in_their_command_identity_and_row():
+  """--study_torch_device=cuda: torch members run `torchref.peer --device=cuda`; a folder run
+  on the CPU is another run (refused in one line); a GPU row names its device."""
+  study = study_lib.load("findings")
+  gpu = dataclasses.replace(study, torch_device="cuda")
+  t = study.member("torch_s1")
+  assert "--device=cuda" in study_lib.command(gpu, t, "/tmp/x")
+  assert not any(a.startswith("--device") for a in study_lib.command(study, t, "/tmp/x"))
+  meta = {"framework": "torch", "config": {"seed": 1, "steps": 2000,
+                                           "probes": {"names": ["freeze"]}},
+          "torch_gemm_requested": "auto", "device": "cpu"}
+  study_lib._check_identity(study, t, "/f", meta)  # pylint: disable=protected-access
+  with pytest.raises(study_lib.StudyError,
+                     match="device: the folder has 'cpu', the study says 'cuda'"):
+    study_lib._check_identity(gpu, t, "/f", meta)  # pylint: disable=protected-access
+  row = {"host": {"cpu_model": "AMD EPYC", "device": "cuda", "torch_device": "cuda (NVIDIA H100)",
+                  "torch_gemm": "native"}, "wall_time_s": 120}
+  assert findings_lib._host(row) == "cuda (NVIDIA H100); native; 2 min"  # pylint: disable=protected-access
+  row = {"host": {"cpu_model": "AMD EPYC", "device": "gpu", "device_kind": "NVIDIA H100",
+                  "gemm_path": "bfloat16 operands (gpu)"}, "wall_time_s": 60}
+  assert findings_lib._host(row) == "NVIDIA H100 (gpu); bfloat16 operands; 1 min"  # pylint: disable=protected-access

@@ -66,9 +66,9 @@ def restore(snap: dict, model, optimizer) -> None:
   with torch.no_grad():
     for n, p in model.named_parameters():
       p.copy_(to_torch(snap["model"][n]))
-      optimizer.state[p] = {"step": to_torch(snap["adam_step"][n]),
-                            "exp_avg": to_torch(snap["exp_avg"][n]),
-                            "exp_avg_sq": to_torch(snap["exp_avg_sq"][n])}
+      optimizer.state[p] = {"step": to_torch(snap["adam_step"][n]),  # on the CPU, as AdamW's
+                            "exp_avg": to_torch(snap["exp_avg"][n]).to(p.device),
+                            "exp_avg_sq": to_torch(snap["exp_avg_sq"][n]).to(p.device)}
 
 
 def lab_record(w, dwp, magnitude, threshold) -> dict:

@@ -36,6 +36,14 @@ records the route ("torch_gemm"), the request and the measurement; the route is
 part of the run's identity, so a resume with another route is refused (a
 resume with auto keeps the run's route).
 
+--device=cuda runs the loop on the GPU as the lab ran it on its own device: the
+init is drawn on the CPU (same bits as a CPU run) and moved there, the forward and
+loss run under autocast(cuda, bf16), torch's own kernels throughout (the route is
+native; --gemm=f32 is refused). The capture copies the dead rows to the CPU each
+step, so the rows and the record are computed as on a CPU run. The device is part
+of the run's identity (a resume on another device is refused); a CUDA run's
+resume is not checked for byte identity (no GPU has been lent to the tests).
+
 Token ids are jaxdt's (the embedded default data, or --corpus_path and
 --tokenizer_path), as `jaxdt.data.corpus` loads them.
 
@@ -99,6 +107,7 @@ SERIES = {"lab": {"W": True, "delta_W_prime": False, "centroid": True, "loss": T
 SERIES["twin"] = {**SERIES["lab"], "grad_W": True, "momentum_W": True, "variance_W": True}
 
 FLAGS = flags.FLAGS
+DEVICES = ("cpu", "cuda")
 
 
 def define_flags():
@@ -107,6 +116,9 @@ def define_flags():
   flags.DEFINE_integer("steps", None, "TOTAL_STEPS (default: RUN's with --init_from/--batches_from, "
                        "else the lab's 5000)")
   flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default)")
+  flags.DEFINE_enum("device", "cpu", list(DEVICES),
+                    "where the lab's loop runs: cpu, or cuda (torch's own bf16 kernels under "
+                    "autocast on the GPU; the GEMM route is then native)")
   flags.DEFINE_string("init_from", None, "a finished jaxdt run folder: start from its step-0 "
                       "params")
   flags.DEFINE_string("batches_from", None, "a finished jaxdt run folder: train on its batch "
@@ -182,7 +194,18 @@ def resolve_route(cfg) -> tuple[str, dict]:
   The folder is read here without its lock, for a one-line refusal before any
   work; `RunDir.begin` checks "torch_gemm" again under the lock (a plan input).
   """
-  route, facts = torch_gemm.resolve_gemm(FLAGS.gemm)
+  if FLAGS.device == "cuda":
+    if FLAGS.gemm == "f32":
+      raise ValueError("--gemm=f32 is a CPU route (it reroutes torch's CPU bf16 kernels); on "
+                       "--device=cuda pass --gemm=native or auto")
+    if not torch.cuda.is_available():
+      raise ValueError(f"--device=cuda: torch {torch.__version__} sees no CUDA device here; "
+                       "run on a machine with an NVIDIA GPU and a CUDA build of torch, or pass "
+                       "--device=cpu")
+    route, facts = "native", {"why": "cuda: torch's own bf16 kernels",
+                              "gpu": torch.cuda.get_device_name()}
+  else:
+    route, facts = torch_gemm.resolve_gemm(FLAGS.gemm)
   facts = {**facts, "cpu_model": backend.cpu_description()["cpu_model"]}
   if not (FLAGS.resume and os.path.isdir(FLAGS.output_dir)):
     return route, facts
@@ -206,6 +229,7 @@ def _metadata(cfg, corpus, lay, sources, final_loss, steps_done, gemm) -> dict:
           "config": config_lib.to_dict(cfg), "data_files": corpus.files,
           "data_manifest": None if corpus.default is None else corpus.default.manifest,
           "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+
           "data_order": (f"jaxdt's sampler of {sources['batches_from']}" if sources["batches_from"]
                          else f"torch DataLoader(shuffle=True), seed {cfg.seed}"),
           **gemm, **sources, **backend.cpu_description(), "python": platform.python_version(),
@@ -222,6 +246,7 @@ class _Loop:
   optimizer: torch.optim.Optimizer
   dead_mask: torch.Tensor
   mode: Optional[torch_gemm.F32Gemm]  # the f32 route, or None (native)
+  device: str = "cpu"
   step: int = 0
   epoch: int = 0
   skip: int = 0  # batches of the current epoch done before a resume
@@ -239,11 +264,12 @@ class _Loop:
     """One step of the lab's cell 11 (under the f32 route when there is one)."""
     V = self.cfg.model.vocab_size
     loss_fn = nn.CrossEntropyLoss()
+    batch = batch.to(self.device)
     if self.mode is None:
-      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch, "cpu", V)
+      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch, self.device, V)
       return
     with self.mode:
-      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch, "cpu", V)
+      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch, self.device, V)
     if self.ops_per_step is None:
       self.ops_per_step = dict(self.mode.counts)
       log(f"gemm: f32 route, one step: {sum(self.ops_per_step.values())} ops rerouted "
@@ -302,8 +328,9 @@ def _start(loop: _Loop, run: rundir.RunDir, snap, lay) -> None:
     run.write(k, a)
 
 
-def _model(cfg, corpus, sources) -> tuple:
-  """(model, optimizer): the lab's TinyLM in bf16 (or RUN's init) and AdamW, seeded as cell 4."""
+def _model(cfg, corpus, sources, device: str = "cpu") -> tuple:
+  """(model, optimizer): the lab's TinyLM in bf16 (or RUN's init) and AdamW, seeded as cell 4
+  (drawn on the CPU, then moved to `device`: the same init bits on every device)."""
   torch.manual_seed(cfg.seed)
   random.seed(cfg.seed)
   np.random.seed(cfg.seed)
@@ -312,6 +339,7 @@ def _model(cfg, corpus, sources) -> tuple:
   model = model.to("cpu").to(torch.bfloat16)
   if sources["init_from"]:
     twin.init_from(sources["init_from"], corpus, model)
+  model = model.to(device)
   optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.learning_rate,
                                 betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps,
                                 weight_decay=cfg.optim.weight_decay)
@@ -367,15 +395,19 @@ def train(log=print) -> str:
   corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size)
   lay = peer_layout(cfg, corpus)
   route, facts = resolve_route(cfg)
-  gemm = {"torch_gemm": route, "torch_gemm_requested": FLAGS.gemm, "torch_gemm_facts": facts}
+  device = FLAGS.device if FLAGS.device == "cpu" else f"{FLAGS.device} ({facts['gpu']})"
+  gemm = {"torch_gemm": route, "torch_gemm_requested": FLAGS.gemm, "torch_gemm_facts": facts,
+          "torch_device": device, "device": FLAGS.device}
   log(f"gemm: {route} ({facts['why']})")
-  model, optimizer = _model(cfg, corpus, sources)
+  model, optimizer = _model(cfg, corpus, sources, FLAGS.device)
   loop = _Loop(cfg, model, optimizer, torch.from_numpy(corpus.dead_mask),
-               torch_gemm.F32Gemm() if route == "f32" else None)
+               torch_gemm.F32Gemm() if route == "f32" else None, FLAGS.device)
   like = like_snapshot(model, torch.get_rng_state().numel(), int(loop.dead_mask.sum()))
   record = freeze_record if FLAGS.probes == "freeze" else lab_record
   inputs = {"data_files": corpus.files, "framework": "torch",
             "torch_threads": torch.get_num_threads(), "torch_gemm": route}
+  if FLAGS.device != "cpu":  # CPU folders keep the inputs they had before the flag existed
+    inputs["torch_device"] = device
   meta_of = lambda final, steps, extra: {
       **_metadata(cfg, corpus, lay, sources, final, steps, {**gemm, **extra}), **inputs}
   with rundir.RunDir(FLAGS.output_dir, cfg.store.trajectory_name, log=log) as run:

@@ -47,8 +47,9 @@ def figure(s: dict, name: str):
     n, rows = s.get("n_frozen"), s.get("rows")
     return 1.0 - n[-1] / rows if n and rows else None
   return s.get(name)
-HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_version",
-             "jaxlib_version", "device", "arithmetic_fingerprint", "backend")
+HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_device",
+             "torch_version", "jaxlib_version", "device", "device_kind", "arithmetic_fingerprint",
+             "backend")
 
 
 class FindingsError(ValueError):
@@ -157,12 +158,15 @@ def _stat(values: Sequence, name: str = "") -> str:
 
 
 def _host(s: dict) -> str:
+  """Where a row ran (the CPU model, or the accelerator), its GEMM route and its wall time."""
   h = s.get("host") or {}
   route = h.get("torch_gemm") or h.get("gemm_path") or ""
   route = route.split(" (")[0]
+  where = h.get("cpu_model", "?")
+  if h.get("device") not in (None, "cpu"):
+    where = h.get("torch_device") or f"{h.get('device_kind') or '?'} ({h['device']})"
   wall = s.get("wall_time_s")
-  return f"{h.get('cpu_model', '?')}; {route}; {wall / 60:.0f} min" if wall else h.get(
-      "cpu_model", "?")
+  return f"{where}; {route}; {wall / 60:.0f} min" if wall else where
 
 
 def table_markdown(table, summaries: dict) -> str:

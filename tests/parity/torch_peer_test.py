@@ -122,3 +122,19 @@ def test_bad_sources_are_one_line_errors(tmp_path, tiny_data):
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
     assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr
+
+
+def test_a_cuda_run_without_a_gpu_is_one_line_and_f32_is_refused_there(tmp_path):
+  """--device=cuda where torch sees no GPU (and --gemm=f32, a CPU route, on cuda) is one line,
+  exit 2, and no run folder."""
+  import torch  # pylint: disable=g-import-not-at-top
+  cases = [("--gemm=f32", "--gemm=f32 is a CPU route")]
+  if not torch.cuda.is_available():
+    cases.append(("--gemm=auto", "sees no CUDA device here"))
+  for gemm, said in cases:
+    out = tmp_path / gemm[2:].replace("=", "_")
+    r = subprocess.run([sys.executable, *PEER, f"--output_dir={out}", "--device=cuda", gemm],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
+    assert r.stderr.strip().count("\n") == 0 and said in r.stderr, r.stderr
+    assert not out.exists()
