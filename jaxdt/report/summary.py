@@ -228,6 +228,8 @@ def write_plot(rows: Sequence[RunRow], curves: Sequence, grouped: Sequence[Group
   except ImportError:
     return None
   colour = {label: f"C{i % 10}" for i, g in enumerate(grouped) for label in g.labels}
+  if not any(g.key for g in grouped):  # no --group_by: a colour per run
+    colour = {r.label: f"C{i % 10}" for i, r in enumerate(rows)}
   fig, ax = plt.subplots(figsize=(8, 4.5))
   seen = set()
   for r, f in zip(rows, curves):
