@@ -150,27 +150,24 @@ flags.DEFINE_list(
 flags.DEFINE_list("group_by", None,
                   "With --summarize: also print each group's mean, sd, min and max; axes: "
                   "framework, seed, data_seed, precision, learning_rate, weight_decay, steps.")
-flags.DEFINE_string(
-    "study", None,
-    "Run a study declared in experiments/ (findings): each missing member, resuming unfinished "
-    "ones and skipping finished ones, then its tables and PNGs (docs/findings.md).")
+flags.DEFINE_string("study", None, "Run a study declared in experiments/ (findings): each "
+                    "missing member, resuming unfinished ones, skipping finished ones, then its "
+                    "tables and PNGs (docs/findings.md).")
 flags.DEFINE_string("study_plan", None,
                     "Print a study's members, which are done, and the time left on this host.")
 flags.DEFINE_string("study_dir", None,
                     "Where a study's member run folders live (default runs/study_<name>).")
 flags.DEFINE_string("study_docs", None,
                     "Where a study's member summaries, tables and PNGs go (default docs/<name>).")
-flags.DEFINE_boolean("study_tables", False,
-                     "With --study: only (re)write the tables and PNGs from the committed member "
-                     "summaries; run nothing.")
+flags.DEFINE_boolean("study_tables", False, "With --study: only (re)write the tables and "
+                     "PNGs from the committed member summaries; run nothing.")
 flags.DEFINE_boolean("study_sweep", False,
                      "Run a study's fresh jaxdt members of one structure together as one exact "
                      "sweep (one process and program; each member byte-identical to its solo run).")
 flags.DEFINE_list("study_members", None,
                   "Run only these members of the study (default: all, in declared order).")
-flags.DEFINE_enum("study_torch_device", "cpu", ["cpu", "cuda"],
-                  "Where a study's torch members run (torchref.peer --device): cuda on a lent "
-                  "GPU (benchmarks/device_study.sh). jaxdt members run on JAX's default backend.")
+flags.DEFINE_enum("study_torch_device", "cpu", ["cpu", "cuda"], "Where a study's torch "
+                  "members run (torchref.peer --device; jaxdt members run where JAX does).")
 flags.DEFINE_string(
     "detect", None,
     "A finished jaxdt run folder: score Magikarp's weight-based detector against its dead set "

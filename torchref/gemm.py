@@ -206,3 +206,18 @@ def resolve_gemm(requested: str, measured: Optional[tuple[bool, dict]] = None
   why = (f"measured: bf16 GEMM at {facts['min_bf16_over_f32']}x f32 speed "
          f"({'>=' if fast else '<'} {facts['threshold']})")
   return route, {**facts, "why": why}
+
+
+def route_on(device: str, requested: str) -> tuple[str, dict]:
+  """(route, facts) of --gemm on `device`: `resolve_gemm` on the CPU; on "cuda" torch's own
+  kernels (native), where the f32 route (a rerouting of CPU kernels) is refused."""
+  if device != "cuda":
+    return resolve_gemm(requested)
+  if requested == "f32":
+    raise ValueError("--gemm=f32 is a CPU route (it reroutes torch's CPU bf16 kernels); on "
+                     "--device=cuda pass --gemm=native or auto")
+  if not torch.cuda.is_available():
+    raise ValueError(f"--device=cuda: torch {torch.__version__} sees no CUDA device here; run "
+                     "on a machine with an NVIDIA GPU and a CUDA build of torch, or pass "
+                     "--device=cpu")
+  return "native", {"why": "cuda: torch's own bf16 kernels", "gpu": torch.cuda.get_device_name()}

@@ -6,7 +6,7 @@
     python -m torchref.peer --output_dir=DIR --gemm=f32 --probes=freeze
 
 (`python benchmarks/torch_peer.py` is the same command.) The loop is the lab's
-Crucible 1 notebook, cells 4-11, as `torchref.lab` ports it (its TinyLM is the one copy of the lab's model class): seeds,
+Crucible 1 notebook, cells 4-11, as `torchref.lab` ports it (the one copy of its TinyLM): seeds,
 `model.to(torch.bfloat16)`, AdamW, `DataLoader(shuffle=True, drop_last=True)`
 over non-overlapping chunks, `torch.autocast(cpu, bf16)` around the forward and
 the loss, and the per-step capture of W, ΔW′, centroid, loss and
@@ -17,13 +17,9 @@ checksums, one commit point), so a run is resumable and `--summarize`,
 the lab's own keys (W, delta_W_prime, centroid, loss, last_motion_step,
 dead_mask, dead_indices); metadata.json says `"framework": "torch"`.
 
---probes=freeze writes the compact freeze record instead of the lab's keys (the
-keys and row conventions of jaxdt's "freeze" probe): n_frozen, n_moving and
-dwp_l2_mean (row t-1 = step t: the dead rows below / at or above the motion
-threshold in ||ΔW′_i||₂, a NaN norm counting as frozen, and the mean of the
-finite ||ΔW′_i||₂), centroid_norm (row t = after step t, row 0 the init:
-||mean of the dead rows of W_t as f32||₂), loss and last_motion_step, beside
-dead_mask and dead_indices.
+--probes=freeze writes jaxdt's compact freeze record instead of the lab's keys,
+with the keys and row conventions of jaxdt's "freeze" probe (n_frozen, n_moving,
+dwp_l2_mean, centroid_norm, loss, last_motion_step; `capture.freeze_record`).
 
 --gemm: torch's bf16 CPU GEMM is a slow fallback on CPUs without bf16 dot
 units (AVX2-only). `f32` runs each training step under `torch_gemm.F32Gemm`:
@@ -31,19 +27,14 @@ every bf16 GEMM-like op of the forward and backward (mm, addmm, bmm, baddbmm,
 the CPU flash attention) is computed from f32-upcast operands with f32
 accumulation and rounded once to bf16. `native` is torch's own kernels; `auto`
 (the default) measures both GEMMs here and picks native only where bf16 runs at
-least half as fast as f32 (`torch_gemm.bf16_dot_is_fast`). metadata.json
-records the route ("torch_gemm"), the request and the measurement; the route is
-part of the run's identity, so a resume with another route is refused (a
-resume with auto keeps the run's route).
+least half as fast as f32 (`torch_gemm.bf16_dot_is_fast`). metadata.json records
+the route ("torch_gemm"), the request and the measurement; a resume with another
+route is refused (a resume with auto keeps the run's route).
 
---device=cuda runs the loop on the GPU as the lab ran it on its own device: the
-init is drawn on the CPU (same bits as a CPU run) and moved there, the forward and
-loss run under autocast(cuda, bf16), torch's own kernels throughout (the route is
-native; --gemm=f32 is refused). The capture copies the dead rows to the CPU each
-step, so the rows and the record are computed as on a CPU run. The device is part
-of the run's identity (a resume on another device is refused); a CUDA run's
-resume is not checked for byte identity (no GPU has been lent to the tests).
-
+--device=cuda: the init drawn on the CPU (a CPU run's bits) and moved to the GPU,
+autocast(cuda, bf16), torch's own kernels (`gemm.route_on`); the dead rows are
+copied to the CPU each step for the capture. The device is part of the run's
+identity; a CUDA resume's byte identity is unchecked (no GPU lent to the tests).
 Token ids are jaxdt's (the embedded default data, or --corpus_path and
 --tokenizer_path), as `jaxdt.data.corpus` loads them.
 
@@ -61,6 +52,7 @@ uninterrupted run's (tests/parity/torch_peer_test.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -194,18 +186,7 @@ def resolve_route(cfg) -> tuple[str, dict]:
   The folder is read here without its lock, for a one-line refusal before any
   work; `RunDir.begin` checks "torch_gemm" again under the lock (a plan input).
   """
-  if FLAGS.device == "cuda":
-    if FLAGS.gemm == "f32":
-      raise ValueError("--gemm=f32 is a CPU route (it reroutes torch's CPU bf16 kernels); on "
-                       "--device=cuda pass --gemm=native or auto")
-    if not torch.cuda.is_available():
-      raise ValueError(f"--device=cuda: torch {torch.__version__} sees no CUDA device here; "
-                       "run on a machine with an NVIDIA GPU and a CUDA build of torch, or pass "
-                       "--device=cpu")
-    route, facts = "native", {"why": "cuda: torch's own bf16 kernels",
-                              "gpu": torch.cuda.get_device_name()}
-  else:
-    route, facts = torch_gemm.resolve_gemm(FLAGS.gemm)
+  route, facts = torch_gemm.route_on(FLAGS.device, FLAGS.gemm)
   facts = {**facts, "cpu_model": backend.cpu_description()["cpu_model"]}
   if not (FLAGS.resume and os.path.isdir(FLAGS.output_dir)):
     return route, facts
@@ -264,13 +245,10 @@ class _Loop:
     """One step of the lab's cell 11 (under the f32 route when there is one)."""
     V = self.cfg.model.vocab_size
     loss_fn = nn.CrossEntropyLoss()
-    batch = batch.to(self.device)
-    if self.mode is None:
-      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch, self.device, V)
-      return
-    with self.mode:
-      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch, self.device, V)
-    if self.ops_per_step is None:
+    with contextlib.nullcontext() if self.mode is None else self.mode:
+      self.loss = lab.train_step(self.model, self.optimizer, loss_fn, batch.to(self.device),
+                                 self.device, V)
+    if self.mode is not None and self.ops_per_step is None:
       self.ops_per_step = dict(self.mode.counts)
       log(f"gemm: f32 route, one step: {sum(self.ops_per_step.values())} ops rerouted "
           f"({', '.join(f'{k} {n}' for k, n in sorted(self.ops_per_step.items()))}), "
