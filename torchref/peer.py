@@ -210,7 +210,6 @@ def _metadata(cfg, corpus, lay, sources, final_loss, steps_done, gemm) -> dict:
           "config": config_lib.to_dict(cfg), "data_files": corpus.files,
           "data_manifest": None if corpus.default is None else corpus.default.manifest,
           "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-
           "data_order": (f"jaxdt's sampler of {sources['batches_from']}" if sources["batches_from"]
                          else f"torch DataLoader(shuffle=True), seed {cfg.seed}"),
           **gemm, **sources, **backend.cpu_description(), "python": platform.python_version(),
