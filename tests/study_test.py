@@ -252,6 +252,12 @@ def test_a_reference_range_counts_the_members_inside_it():
   assert ("| jax | 2/3 (51 above) | 2/3 (60 below) | 2/3 (3.9000 below) |" in text), text
   assert "| later | not yet | not yet | not yet |" in text and "(2/2 in)" in text
   assert "= 0.33" in text  # (n-1)/(n+1) for n=2
+  # the rank-sum row: 50% 40,51,45 against 40,50 (midranks 1.5+5+3 = 9.5 against a mean
+  # of 9: every one of the 10 splits lies at least that far, p = 1); frozen_100 95, inf, 60
+  # against 90, inf (ranks 3, 4.5, 1 against 2, 4.5: 8.5 against 9, again p = 1); 3
+  # against 2 allow p >= 2/10
+  assert "| jax: rank-sum p | 1.000 (min 0.200) | 1.000 (min 0.200) | " in text, text
+  assert "| later: rank-sum p |" not in text
   assert "range of torch" in findings_lib.table_markdown(table, summaries)
   none_in = findings_lib.range_markdown(table, {"j1": summaries["j1"]})
   assert "Not yet: none of its members is in." in none_in

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from jaxdt.analysis import metrics
+from jaxdt.analysis import ranktest
 from jaxdt.analysis import trajectory
 from jaxdt.io import disk
 from jaxdt.io import hosts
@@ -228,7 +229,10 @@ def range_markdown(table, summaries: dict) -> str:
   n = len(ref)
   head += (f" Calibration: a further draw of the same law lands inside the range of {n} "
            f"with probability (n-1)/(n+1) = {(n - 1) / (n + 1):.2f} (ties aside), so "
-           "members outside are expected even with no difference.")
+           "members outside are expected even with no difference. Under each group, the "
+           "exact two-sided rank-sum (Mann-Whitney) p against the reference, counted over "
+           "every split of the pooled members (midranks for ties), with the smallest p the "
+           "two sizes allow: a p at that minimum means the groups do not overlap at all.")
   steps = max(s.get("steps") or 0 for s in ref)
   bounds = {}
   for f in figures:
@@ -259,7 +263,19 @@ def range_markdown(table, summaries: dict) -> str:
       cells.append(f"{len(vals) - len(outside)}/{len(vals)}"
                    + (f" ({', '.join(outside)})" if outside else ""))
     out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append(_rank_row(label, got, ref, figures))
   return "\n".join(out)
+
+
+def _rank_row(label: str, got: list, ref: list, figures: Sequence[str]) -> str:
+  """Per figure, the exact two-sided rank-sum p of a group against the reference."""
+  cells = []
+  for f in figures:
+    a = [v for s in got if (v := _ranged(s, f)) is not None]
+    b = [v for s in ref if (v := _ranged(s, f)) is not None]
+    t = ranktest.rank_sum(a, b)
+    cells.append("–" if t is None else f"{t.p:.3f} (min {t.p_min:.3f})")
+  return f"| {label}: rank-sum p | " + " | ".join(cells) + " |"
 
 
 def _plot(table, summaries: dict) -> Optional[bytes]:
