@@ -81,7 +81,7 @@ def study() -> study_lib.Study:
                                           ("bf16_sr", ("jax_sr_s42", "jax_sr_s1")),
                                           ("bf16_kahan", ("jax_kahan_s42", "jax_kahan_s1"))),
                 figures=("frozen_50", "frozen_90", "frozen_99", "frozen_100", "moving_last",
-                         "mean_dwp_l2", "loss_500", "final_loss", "steps_per_s",
-                         "state_bytes_per_param", "detect_recall_last")),)
+                         "mean_dwp_l2", "mean_dwp_l2_late", "loss_500", "final_loss",
+                         "steps_per_s", "state_bytes_per_param", "detect_recall_last")),)
   return study_lib.Study("findings", members, tables, steps=STEPS, checkpoint_every=250,
                          detect_steps=DETECT_STEPS)

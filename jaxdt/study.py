@@ -301,16 +301,21 @@ def _summarize(study: Study, st: Status, docs_dir: str, log) -> None:
       f"{findings_lib.member_path(docs_dir, st.member.name)}")
 
 
-def _add_detection(study: Study, st: Status, docs_dir: str, log) -> None:
-  """A done jaxdt member summarized before the study scored the detector: score it now from
-  its folder (checkpoints or an exact replay) and add the figures to its summary."""
-  if (st.member.framework != "jax" or not study.detect_steps or "detect" in st.summary
-      or not metadata_lib.is_complete(st.folder, _trajectory_name())):
+def _add_missing(study: Study, st: Status, docs_dir: str, log) -> None:
+  """A done member summarized by older code: what its summary lacks is added from its
+  folder (the detector's scores for a jaxdt member, the per-step mean ‖ΔW′‖₂ for any)."""
+  if not metadata_lib.is_complete(st.folder, _trajectory_name()):
     return
-  findings_lib.write_member(docs_dir, {**st.summary, **_detected(study, st.member, st.folder,
-                                                                 log)})
-  log(f"{st.member.name}: detector scores added to "
-      f"{findings_lib.member_path(docs_dir, st.member.name)}")
+  summary, added = st.summary, []
+  if "dwp_l2_mean" not in summary:
+    summary, added = findings_lib.add_dwp_series(summary, st.folder), ["per-step mean ‖ΔW′‖₂"]
+  if st.member.framework == "jax" and study.detect_steps and "detect" not in summary:
+    summary = {**summary, **_detected(study, st.member, st.folder, log)}
+    added.append("detector scores")
+  if added:
+    findings_lib.write_member(docs_dir, summary)
+    log(f"{st.member.name}: {' and '.join(added)} added to "
+        f"{findings_lib.member_path(docs_dir, st.member.name)}")
 
 
 def run(study: Study, study_dir: str, docs_dir: str, *, only: tuple = (),
@@ -328,7 +333,7 @@ def run(study: Study, study_dir: str, docs_dir: str, *, only: tuple = (),
     st = batch[0]
     if st.state == "done":
       log(f"{st.member.name}: done (summary {findings_lib.member_path(docs_dir, st.member.name)})")
-      _add_detection(study, st, docs_dir, log)
+      _add_missing(study, st, docs_dir, log)
       continue
     if len(batch) > 1:
       log(f"{', '.join(b.member.name for b in batch)}: starting as one exact sweep")

@@ -43,6 +43,8 @@ def test_each_member_is_summarized_and_the_tables_are_written(ran):
     s = findings_lib.read_member(docs, m.name)
     assert s["declared"] == m.declared() and s["steps"] == 12 and s["seed"] == m.seed
     assert len(s["n_frozen"]) == 12 and s["trajectory_sha256"]
+    assert len(s["dwp_l2_mean"]) == 12
+    assert s["mean_dwp_l2"] == pytest.approx(sum(s["dwp_l2_mean"]) / 12, rel=1e-4)
     assert os.path.getsize(os.path.join(runs_dir, m.name, "crucible_1_trajectory.safetensors")) < 8192
   tables = open(os.path.join(docs, "tables.md"), encoding="utf-8").read()
   assert "2/2 members in" in tables and "| a_s42 | seeds |" in tables and "seeds (2/2 in)" in tables
@@ -222,6 +224,36 @@ def test_the_detector_is_scored_on_members_and_added_to_done_ones(ran, tmp_path)
   study_lib.run(scored, fresh, str(tmp_path / "docs2"), only=("b_s7",), log=said.append)
   s = findings_lib.read_member(str(tmp_path / "docs2"), "b_s7")
   assert [d["source"] for d in s["detect"]] == ["init", "checkpoint", "checkpoint"]
+
+
+def test_a_summary_from_older_code_gets_its_per_step_motion_from_the_folder(ran, tmp_path):
+  """A done member whose summary lacks the per-step mean ‖ΔW′‖₂ gets it from its folder,
+  with no training and nothing else changed."""
+  study, runs_dir, docs, _ = ran
+  copy = str(tmp_path / "docs")
+  os.makedirs(copy)
+  full = {m.name: findings_lib.read_member(docs, m.name) for m in study.members}
+  for name, s in full.items():
+    with open(findings_lib.member_path(copy, name), "w", encoding="utf-8") as f:
+      json.dump({k: v for k, v in s.items() if k != "dwp_l2_mean"}, f)
+  said = []
+  study_lib.run(study, runs_dir, copy, log=said.append)
+  assert not any("starting" in l or "resuming" in l for l in said)
+  assert sum("per-step mean ‖ΔW′‖₂ added" in l for l in said) == 2, said
+  for name, s in full.items():
+    assert findings_lib.read_member(copy, name) == s
+  said.clear()
+  study_lib.run(study, runs_dir, copy, log=said.append)  # complete now: nothing added
+  assert not any("added" in l for l in said)
+
+
+def test_the_late_motion_figure_is_the_mean_after_its_step():
+  series = [1000.0] * findings_lib.LATE_FROM + [0.5, None, 1.5]
+  s = {"dwp_l2_mean": series}
+  assert findings_lib.figure(s, "mean_dwp_l2_late") == 1.0
+  assert findings_lib.figure({"dwp_l2_mean": series[:findings_lib.LATE_FROM]},
+                             "mean_dwp_l2_late") is None
+  assert findings_lib.figure({}, "mean_dwp_l2_late") is None
 
 
 def test_a_table_shows_the_figures_it_names(ran, tmp_path):

@@ -29,14 +29,20 @@ from jaxdt.report import summary as summary_lib
 
 TABLES_FILE = "tables.md"
 FIGURES = ("frozen_50", "frozen_90", "frozen_99", "frozen_100", "global_last_motion",
-           "stillness_runs", "loss_500", "final_loss", "mean_dwp_l2")
+           "stillness_runs", "loss_500", "final_loss", "mean_dwp_l2", "mean_dwp_l2_late")
+# The mean ‖ΔW′‖₂ over all steps is 93-99% the first 100 steps' (a row element near zero has
+# a tiny ULP, so its first moves are thousands of cells); its mean after this step is the
+# freeze phase's motion (session 12).
+LATE_FROM = 500
 # A table's column head per figure (`Table.figures` picks them; FIGURES by default).
 HEADS = {"frozen_50": "50%", "frozen_90": "90%", "frozen_99": "99%", "frozen_100": "100%",
          "global_last_motion": "last motion", "stillness_runs": "still runs",
          "loss_500": "loss@500", "final_loss": "final loss", "mean_dwp_l2": "mean ‖ΔW′‖₂",
+         "mean_dwp_l2_late": f"mean ‖ΔW′‖₂ after {LATE_FROM}",
          "moving_last": "moving at end", "steps_per_s": "steps/s",
          "state_bytes_per_param": "state B/param", "detect_recall_last": "detector recall"}
-DIGITS = {"loss_500": 4, "final_loss": 4, "mean_dwp_l2": 1, "moving_last": 3, "steps_per_s": 2,
+DIGITS = {"loss_500": 4, "final_loss": 4, "mean_dwp_l2": 1, "mean_dwp_l2_late": 3,
+          "moving_last": 3, "steps_per_s": 2,
           "state_bytes_per_param": 1, "detect_recall_last": 3}
 
 
@@ -47,6 +53,9 @@ def figure(s: dict, name: str):
   if name == "moving_last":
     n, rows = s.get("n_frozen"), s.get("rows")
     return 1.0 - n[-1] / rows if n and rows else None
+  if name == "mean_dwp_l2_late":
+    late = [x for x in (s.get("dwp_l2_mean") or [])[LATE_FROM:] if x is not None]
+    return float(np.mean(late)) if late else None
   return s.get(name)
 HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_device",
              "torch_version", "jaxlib_version", "device", "device_kind", "arithmetic_fingerprint",
@@ -114,7 +123,23 @@ def summarize_member(study, member, folder: str, command: str) -> dict:
                if (v := meta.get(k, hosts.host_of(meta).get(k))) is not None},
       "wall_time_s": meta.get("wall_time_s"), "date": meta.get("date"),
       "n_frozen": [int(x) for x in frozen],
+      "dwp_l2_mean": dwp_series(mean_l2),
   }
+
+
+def dwp_series(mean_l2) -> list:
+  """The per-step mean ‖ΔW′‖₂ for a summary: 5 significant digits, None where not finite."""
+  return [float(f"{x:.5g}") if np.isfinite(x) else None
+          for x in np.asarray(mean_l2 if mean_l2 is not None else [], np.float64)]
+
+
+def add_dwp_series(summary: dict, folder: str) -> dict:
+  """A summary written before it kept the per-step mean ‖ΔW′‖₂, with it from its folder."""
+  try:
+    _, series = metrics.measure(folder)
+  except trajectory.AnalysisError as e:
+    raise FindingsError(f"member {summary.get('member')}: {e}") from None
+  return {**summary, "dwp_l2_mean": dwp_series(series.get("mean_l2"))}
 
 
 def measured_rates(docs_dir: str, cpu_model: Optional[str]) -> dict:
