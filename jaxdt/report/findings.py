@@ -102,10 +102,7 @@ def check_checksum(summary: dict, folder: str, meta: dict) -> None:
 def summarize_member(study, member, folder: str, command: str) -> dict:
   """The summary of a finished member folder (streamed and checksum-verified)."""
   meta = summary_lib.check_finished(folder)
-  try:
-    summary, series = metrics.measure(folder)
-  except trajectory.AnalysisError as e:
-    raise FindingsError(f"member {member.name}: {e}") from None
+  summary, series = _measured(member.name, folder)
   row = dataclasses.asdict(summary_lib.row_of(folder, meta, summary))
   row.pop("path")
   loss = series.get("loss")
@@ -135,11 +132,16 @@ def dwp_series(mean_l2) -> list:
 
 def add_dwp_series(summary: dict, folder: str) -> dict:
   """A summary written before it kept the per-step mean ‖ΔW′‖₂, with it from its folder."""
-  try:
-    _, series = metrics.measure(folder)
-  except trajectory.AnalysisError as e:
-    raise FindingsError(f"member {summary.get('member')}: {e}") from None
+  _, series = _measured(summary.get("member"), folder)
   return {**summary, "dwp_l2_mean": dwp_series(series.get("mean_l2"))}
+
+
+def _measured(name: str, folder: str) -> tuple:
+  """`metrics.measure` of a member's folder; a file it cannot read is a FindingsError."""
+  try:
+    return metrics.measure(folder)
+  except trajectory.AnalysisError as e:
+    raise FindingsError(f"member {name}: {e}") from None
 
 
 def measured_rates(docs_dir: str, cpu_model: Optional[str]) -> dict:
@@ -259,10 +261,8 @@ def range_markdown(table, summaries: dict) -> str:
            "every split of the pooled members (midranks for ties), with the smallest p the "
            "two sizes allow: a p at that minimum means the groups do not overlap at all.")
   steps = max(s.get("steps") or 0 for s in ref)
-  bounds = {}
-  for f in figures:
-    x = [v for s in ref if (v := _ranged(s, f)) is not None]
-    bounds[f] = (min(x), max(x)) if x else None
+  ref_vals = {f: [v for s in ref if (v := _ranged(s, f)) is not None] for f in figures}
+  bounds = {f: (min(x), max(x)) if x else None for f, x in ref_vals.items()}
   out = [head, "", "| group | " + " | ".join(HEADS[f] for f in figures) + " |",
          "|---|" + "---|" * len(figures),
          f"| {table.reference} range | " + " | ".join(
@@ -276,9 +276,10 @@ def range_markdown(table, summaries: dict) -> str:
     if not got:
       out.append(f"| {label} | " + " | ".join("not yet" for _ in figures) + " |")
       continue
-    cells = []
+    cells, got_vals = [], {}
     for f in figures:
       vals = [(v, s.get("steps") or steps) for s in got if (v := _ranged(s, f)) is not None]
+      got_vals[f] = [v for v, _ in vals]
       if bounds[f] is None or not vals:
         cells.append("–")
         continue
@@ -288,17 +289,16 @@ def range_markdown(table, summaries: dict) -> str:
       cells.append(f"{len(vals) - len(outside)}/{len(vals)}"
                    + (f" ({', '.join(outside)})" if outside else ""))
     out.append(f"| {label} | " + " | ".join(cells) + " |")
-    out.append(_rank_row(label, got, ref, figures))
+    out.append(_rank_row(label, got_vals, ref_vals, figures))
   return "\n".join(out)
 
 
-def _rank_row(label: str, got: list, ref: list, figures: Sequence[str]) -> str:
-  """Per figure, the exact two-sided rank-sum p of a group against the reference."""
+def _rank_row(label: str, got_vals: dict, ref_vals: dict, figures: Sequence[str]) -> str:
+  """Per figure, the exact two-sided rank-sum p of a group's values against the
+  reference's (both as `_ranged` gives them)."""
   cells = []
   for f in figures:
-    a = [v for s in got if (v := _ranged(s, f)) is not None]
-    b = [v for s in ref if (v := _ranged(s, f)) is not None]
-    t = ranktest.rank_sum(a, b)
+    t = ranktest.rank_sum(got_vals[f], ref_vals[f])
     cells.append("–" if t is None else f"{t.p:.3f} (min {t.p_min:.3f})")
   return f"| {label}: rank-sum p | " + " | ".join(cells) + " |"
 
