@@ -59,7 +59,10 @@ def study() -> study_lib.Study:
          ("torch (the lab's loop)", ("torch_s42", "torch_s1", "torch_s2"))),
         reference="torch (the lab's loop)"),
       T("master_weights", "Master weights: does f32 master weights (mixed) avoid Fimbulwinter?",
-        (("bf16", jax_seeds[:2]), ("mixed", ("jax_mixed_s42", "jax_mixed_s1")))),
+        (("bf16", jax_seeds[:2]), ("mixed", ("jax_mixed_s42", "jax_mixed_s1"))),
+        figures=("frozen_50", "frozen_90", "frozen_99", "frozen_100", "moving_last",
+                 "mean_dwp_l2_late_bf16", "copy_rows_moved", "copy_elements_moved", "loss_500",
+                 "final_loss")),
       T("learning_rate", "lr x wd: lr 1e-3 against 3e-4 (wd 0; wd 0.1 is the identity in "
         "pure bf16)", (("lr 1e-3", jax_seeds[:2]), ("lr 3e-4", ("jax_lr3e-4_s42",
                                                                 "jax_lr3e-4_s1")))),
@@ -81,7 +84,8 @@ def study() -> study_lib.Study:
                                           ("bf16_sr", ("jax_sr_s42", "jax_sr_s1")),
                                           ("bf16_kahan", ("jax_kahan_s42", "jax_kahan_s1"))),
                 figures=("frozen_50", "frozen_90", "frozen_99", "frozen_100", "moving_last",
-                         "mean_dwp_l2", "mean_dwp_l2_late", "loss_500", "final_loss",
-                         "steps_per_s", "state_bytes_per_param", "detect_recall_last")),)
+                         "mean_dwp_l2_bf16", "mean_dwp_l2_late_bf16", "copy_rows_moved",
+                         "copy_elements_moved", "loss_500", "final_loss", "steps_per_s",
+                         "state_bytes_per_param", "detect_recall_last")),)
   return study_lib.Study("findings", members, tables, steps=STEPS, checkpoint_every=250,
                          detect_steps=DETECT_STEPS)

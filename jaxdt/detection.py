@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from jaxdt.analysis import copy_motion as copy_motion_lib
 from jaxdt.analysis import detect as detect_lib
 from jaxdt.io import hosts
 from jaxdt.io import tensorfile
@@ -34,16 +35,32 @@ def default_steps(last: int) -> tuple:
   return tuple(sorted({s for s in DEFAULT_STEPS if s <= last} | {last}))
 
 
-def scores(folder: str, steps: Sequence[int], log: Callable[[str], None] = print) -> list:
-  """[{step, source, k, scored, precision, recall, average_precision, chance,
-  state_bytes_per_param}] of finished run `folder` at `steps` (refused in one line: see
-  `training.replay.states_at`)."""
+def _dead_mask(folder: str) -> np.ndarray:
+  """The dead set a finished run recorded (its `dead_mask`), refused when it is empty."""
   _, cfg = replay.run_config(folder)
   with tensorfile.TrajectoryReader(os.path.join(folder, cfg.store.trajectory_name)) as reader:
     dead_mask = np.asarray(reader.read("dead_mask"), bool)
   if dead_mask.shape != (cfg.model.vocab_size,) or not dead_mask.any():
     raise ValueError(f"{folder}'s dead_mask has no dead rows for a vocabulary of "
-                     f"{cfg.model.vocab_size}; the detector needs a dead set to score")
+                     f"{cfg.model.vocab_size}; the detector and the copy motion need a dead set")
+  return dead_mask
+
+
+def copy_motion(folder: str, start: int, stop: int,
+                log: Callable[[str], None] = print) -> copy_motion_lib.CopyMotion:
+  """Did the dead rows' bf16 copy change between steps `start` and `stop` of finished run
+  `folder` (`analysis.copy_motion`; states as `scores` gets them)?"""
+  dead_mask = _dead_mask(folder)
+  a, b = replay.states_at(folder, (start, stop), log)
+  return copy_motion_lib.copy_motion(replay.embedding(a.state)[dead_mask],
+                                     replay.embedding(b.state)[dead_mask])
+
+
+def scores(folder: str, steps: Sequence[int], log: Callable[[str], None] = print) -> list:
+  """[{step, source, k, scored, precision, recall, average_precision, chance,
+  state_bytes_per_param}] of finished run `folder` at `steps` (refused in one line: see
+  `training.replay.states_at`)."""
+  dead_mask = _dead_mask(folder)
   reference = detect_lib.reference_rows(np.flatnonzero(dead_mask))
   rows = []
   for at in replay.states_at(folder, steps, log):
@@ -64,8 +81,7 @@ def detect(folder: str, out_dir: Optional[str] = None, steps: Optional[Sequence[
                         "--analysis_dir")
   meta, cfg = replay.run_config(folder)
   rows = scores(folder, default_steps(cfg.steps) if not steps else tuple(steps), log)
-  with tensorfile.TrajectoryReader(os.path.join(folder, cfg.store.trajectory_name)) as reader:
-    dead_mask = np.asarray(reader.read("dead_mask"), bool)
+  dead_mask = _dead_mask(folder)
   result = {
       "run": folder, "experiment": cfg.name, "precision_policy": cfg.precision, "seed": cfg.seed,
       "indicator": "cosine distance to the reference rows' mean, unembedding with its first "

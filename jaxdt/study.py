@@ -292,10 +292,26 @@ def _detected(study: Study, m: Member, folder: str, log) -> dict:
           "detect_recall_last": found[-1]["recall"]}
 
 
+def _copy_moved(study: Study, m: Member, folder: str, log) -> dict:
+  """Did the dead rows' bf16 copy change between the study's last two checkpoints
+  (`detection.copy_motion`)? Read, like the detector's scores, from the weights of a
+  study with detect steps; {} for torch members or a study without."""
+  if m.framework != "jax" or not study.detect_steps:
+    return {}
+  from jaxdt import detection  # pylint: disable=g-import-not-at-top
+  window = (max((k for k in study.marks() if k < study.steps), default=0), study.steps)
+  moved = detection.copy_motion(folder, *window, log=lambda line: log(f"{m.name}: {line}"))
+  log(f"{m.name}: bf16 copy moved over steps {window[0]}..{window[1]}: "
+      f"{moved.rows_moved:.3f} of the dead rows, {moved.elements_moved:.4f} of their elements")
+  return {"copy_window": list(window), "copy_rows_moved": moved.rows_moved,
+          "copy_elements_moved": moved.elements_moved}
+
+
 def _summarize(study: Study, st: Status, docs_dir: str, log) -> None:
   line = " ".join(["python"] + command(study, st.member, st.folder))
   summary = findings_lib.summarize_member(study, st.member, st.folder, line)
   summary.update(_detected(study, st.member, st.folder, log))
+  summary.update(_copy_moved(study, st.member, st.folder, log))
   findings_lib.write_member(docs_dir, summary)
   log(f"{st.member.name}: summary written to "
       f"{findings_lib.member_path(docs_dir, st.member.name)}")
@@ -303,7 +319,8 @@ def _summarize(study: Study, st: Status, docs_dir: str, log) -> None:
 
 def _add_missing(study: Study, st: Status, docs_dir: str, log) -> None:
   """A done member summarized by older code: what its summary lacks is added from its
-  folder (the detector's scores for a jaxdt member, the per-step mean ‖ΔW′‖₂ for any)."""
+  folder (the detector's scores and the bf16 copy's motion for a jaxdt member, the per-step
+  mean ‖ΔW′‖₂ for any)."""
   if not metadata_lib.is_complete(st.folder, _trajectory_name()):
     return
   summary, added = st.summary, []
@@ -312,6 +329,9 @@ def _add_missing(study: Study, st: Status, docs_dir: str, log) -> None:
   if st.member.framework == "jax" and study.detect_steps and "detect" not in summary:
     summary = {**summary, **_detected(study, st.member, st.folder, log)}
     added.append("detector scores")
+  if st.member.framework == "jax" and study.detect_steps and "copy_rows_moved" not in summary:
+    summary = {**summary, **_copy_moved(study, st.member, st.folder, log)}
+    added.append("bf16 copy motion")
   if added:
     findings_lib.write_member(docs_dir, summary)
     log(f"{st.member.name}: {' and '.join(added)} added to "

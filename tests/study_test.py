@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxdt import study as study_lib
@@ -224,6 +225,23 @@ def test_the_detector_is_scored_on_members_and_added_to_done_ones(ran, tmp_path)
   study_lib.run(scored, fresh, str(tmp_path / "docs2"), only=("b_s7",), log=said.append)
   s = findings_lib.read_member(str(tmp_path / "docs2"), "b_s7")
   assert [d["source"] for d in s["detect"]] == ["init", "checkpoint", "checkpoint"]
+  _check_copy_motion(s, os.path.join(fresh, "b_s7"))
+  _check_copy_motion(findings_lib.read_member(copy, "a_s42"), os.path.join(runs_dir, "a_s42"))
+
+
+def _check_copy_motion(s, folder):
+  """The summary's bf16 copy motion over the last checkpoint interval (10..12), recounted
+  with plain numpy from the two checkpointed states' uint16 bits."""
+  from jaxdt.io import tensorfile  # pylint: disable=g-import-not-at-top
+  from jaxdt.training import replay  # pylint: disable=g-import-not-at-top
+  assert s["copy_window"] == [10, 12]
+  with tensorfile.TrajectoryReader(os.path.join(folder, "crucible_1_trajectory.safetensors")) as r:
+    dead = np.asarray(r.read("dead_mask"), bool)
+  a, b = replay.states_at(folder, (10, 12), log=lambda line: None)
+  bits = lambda st: np.asarray(st.state.params["embedding"])[dead].view(np.uint16)
+  changed = bits(a) != bits(b)  # bf16 run: the stored W is its own copy (no −0 here)
+  assert s["copy_rows_moved"] == changed.any(axis=1).mean() > 0
+  assert s["copy_elements_moved"] == changed.mean()
 
 
 def test_a_summary_from_older_code_gets_its_per_step_motion_from_the_folder(ran, tmp_path):
@@ -254,6 +272,30 @@ def test_the_late_motion_figure_is_the_mean_after_its_step():
   assert findings_lib.figure({"dwp_l2_mean": series[:findings_lib.LATE_FROM]},
                              "mean_dwp_l2_late") is None
   assert findings_lib.figure({}, "mean_dwp_l2_late") is None
+
+
+def test_motion_in_bf16_cells_scales_an_f32_lattice_exactly():
+  """Under mixed ΔW′ is in f32 cells, 2^-16 of the bf16 cell at the same value; under the
+  bf16 policies it is already in bf16 cells."""
+  series = [3.0] * findings_lib.LATE_FROM + [65536.0, 131072.0]
+  for precision, want in (("mixed", 1.5), ("fp32", 1.5), ("bf16", 98304.0), ("bf16_sr", 98304.0)):
+    s = {"precision": precision, "dwp_l2_mean": series}
+    assert findings_lib.figure(s, "mean_dwp_l2_late_bf16") == want, precision
+  assert findings_lib.figure({"precision": "mixed", "mean_dwp_l2": 2.0 ** 20},
+                             "mean_dwp_l2_bf16") == 16.0
+  assert findings_lib.figure({"precision": "mixed"}, "mean_dwp_l2_bf16") is None
+
+
+def test_a_table_with_copy_motion_says_what_it_measures():
+  table = study_lib.Table("t", "T", (("p", ("x", "y")),),
+                          figures=("copy_rows_moved", "mean_dwp_l2_late_bf16"))
+  rows = {"x": {"steps": 2000, "copy_window": [1750, 2000], "copy_rows_moved": 0.1612},
+          "y": {"steps": 2000, "copy_window": [1750, 2000], "copy_rows_moved": 1.0}}
+  text = findings_lib.table_markdown(table, rows)
+  assert "| x | p | 0.161 |" in text and "| y | p | 1.000 |" in text
+  assert "differ between steps 1,750-2,000" in text and "divided by 2^16" in text
+  assert "bf16 rows moved" not in findings_lib.table_markdown(
+      study_lib.Table("u", "U", (("p", ("x",)),), figures=("final_loss",)), rows)
 
 
 def test_a_table_shows_the_figures_it_names(ran, tmp_path):

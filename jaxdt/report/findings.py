@@ -40,10 +40,19 @@ HEADS = {"frozen_50": "50%", "frozen_90": "90%", "frozen_99": "99%", "frozen_100
          "loss_500": "loss@500", "final_loss": "final loss", "mean_dwp_l2": "mean ‖ΔW′‖₂",
          "mean_dwp_l2_late": f"mean ‖ΔW′‖₂ after {LATE_FROM}",
          "moving_last": "moving at end", "steps_per_s": "steps/s",
-         "state_bytes_per_param": "state B/param", "detect_recall_last": "detector recall"}
+         "state_bytes_per_param": "state B/param", "detect_recall_last": "detector recall",
+         "mean_dwp_l2_bf16": "mean ‖ΔW′‖₂ (bf16 cells)",
+         "mean_dwp_l2_late_bf16": f"mean ‖ΔW′‖₂ after {LATE_FROM} (bf16 cells)",
+         "copy_rows_moved": "bf16 rows moved, last interval",
+         "copy_elements_moved": "bf16 elements moved, last interval"}
 DIGITS = {"loss_500": 4, "final_loss": 4, "mean_dwp_l2": 1, "mean_dwp_l2_late": 3,
-          "moving_last": 3, "steps_per_s": 2,
+          "mean_dwp_l2_bf16": 1, "mean_dwp_l2_late_bf16": 3,
+          "moving_last": 3, "steps_per_s": 2, "copy_rows_moved": 3, "copy_elements_moved": 4,
           "state_bytes_per_param": 1, "detect_recall_last": 3}
+# Policies whose stored W is f32: their ΔW′ is in f32 cells, and an f32 cell is exactly 2^-16
+# of the bf16 cell at the same value (7 against 23 fraction bits, subnormals included).
+F32_STORED = ("mixed", "fp32")
+BF16_CELLS_PER_F32_CELL = 2.0 ** -16
 
 
 def figure(s: dict, name: str):
@@ -56,6 +65,10 @@ def figure(s: dict, name: str):
   if name == "mean_dwp_l2_late":
     late = [x for x in (s.get("dwp_l2_mean") or [])[LATE_FROM:] if x is not None]
     return float(np.mean(late)) if late else None
+  if name.endswith("_bf16"):  # a ΔW′ figure in bf16 cells whatever lattice W is stored on
+    v = figure(s, name[:-len("_bf16")])
+    scale = BF16_CELLS_PER_F32_CELL if s.get("precision") in F32_STORED else 1.0
+    return None if v is None else v * scale
   return s.get(name)
 HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_device",
              "torch_version", "jaxlib_version", "device", "device_kind", "arithmetic_fingerprint",
@@ -216,7 +229,10 @@ def table_markdown(table, summaries: dict) -> str:
       out.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {_host(s)} |")
   out += ["", "Milestones: the first step with that share of the dead rows frozen (> T: not reached "
           "in the run's T steps); groups: mean ± sd (min–max, n) over the members in, a "
-          "milestone not reached left out of its statistics.", "",
+          "milestone not reached left out of its statistics." + _copy_note(
+              figures, [summaries[n] for _, names in table.groups for n in names
+                        if n in summaries]),
+          "",
           "| group | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
   for label, names in table.groups:
     got = [summaries[n] for n in names if n in summaries]
@@ -225,6 +241,21 @@ def table_markdown(table, summaries: dict) -> str:
   if table.reference:
     out += ["", range_markdown(table, summaries)]
   return "\n".join(out)
+
+
+def _copy_note(figures: Sequence[str], shown: Sequence[dict]) -> str:
+  """What the bf16-copy and bf16-cell columns measure, for a table that shows them."""
+  note = ""
+  if any(f.endswith("_bf16") for f in figures):
+    note += (" ΔW′ in bf16 cells: under mixed (f32 W, f32 cells) divided by 2^16, exactly the "
+             "bf16 cell at the same value.")
+  if any(f.startswith("copy_") for f in figures):
+    windows = sorted({tuple(s["copy_window"]) for s in shown if s.get("copy_window")})
+    where = ", ".join(f"{a:,}-{b:,}" for a, b in windows) or "the last checkpoint interval"
+    note += (f" bf16 rows/elements moved: the share of the dead rows (of their elements) whose "
+             f"bf16 weights differ between steps {where}: the stored W, or under mixed the bf16 "
+             "copy the forward casts from the f32 master (jaxdt members only).")
+  return note
 
 
 def _ranged(s: dict, name: str) -> Optional[float]:
