@@ -298,6 +298,16 @@ def test_a_table_with_copy_motion_says_what_it_measures():
       study_lib.Table("u", "U", (("p", ("x",)),), figures=("final_loss",)), rows)
 
 
+def test_a_table_in_bf16_cells_plots_the_motion_beside_the_frozen_fraction(ran):
+  """Its PNG gains a second panel (the per-step motion in bf16 cells): twice as wide."""
+  _, _, docs, _ = ran
+  got = {n: findings_lib.read_member(docs, n) for n in ("a_s42", "b_s7")}
+  width = lambda png: int.from_bytes(png[16:20], "big")  # the PNG's IHDR width
+  plain = study_lib.Table("t", "T", (("seeds", ("a_s42", "b_s7")),), figures=("frozen_50",))
+  cells = dataclasses.replace(plain, figures=("frozen_50", "mean_dwp_l2_late_bf16"))
+  assert width(findings_lib._plot(cells, got)) > 1.5 * width(findings_lib._plot(plain, got))
+
+
 def test_a_table_shows_the_figures_it_names(ran, tmp_path):
   study, _, docs, _ = ran
   table = study_lib.Table("t", "T", (("seeds", ("a_s42", "b_s7")),),
