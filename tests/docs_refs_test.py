@@ -417,6 +417,8 @@ class Project:
     """None if `token` is a placeholder or a user's file; else whether it exists."""
     if any(mark in token for mark in PLACEHOLDER_MARKS):
       return None
+    if token.startswith("/"):
+      return None  # a machine's own path (a run folder, a script kept outside the repo)
     path = token[2:] if token.startswith("./") else token
     if any(part.split(".")[0] in PLACEHOLDER_STEMS for part in path.split("/")):
       return None
@@ -496,7 +498,8 @@ def test_the_check_reports_stale_references():
       "See `BUILD_NOTES_store.md` and `jaxdt/io/rundir.py`; call\n"
       "`accounting_report.format_accounting` or `rundir.no_such_function(path)`,\n"
       "`train.train`, `jaxdt.train`, `optim.learning_rate`, `optim.no_such_field`,\n"
-      "`jax.lax.scan`, `rundir.py`, `out_dir/summary.json`, `old_summary.json`.\n"
+      "`jax.lax.scan`, `rundir.py`, `out_dir/summary.json`, `old_summary.json`,\n"
+      "`/nowhere/kept_outside.sh`.\n"
       "Prose too: docs/no_such_page.md and tests/conftest.py; docs/definitions.md\n"
       "§Adam accounting, BUILD_NOTES §4, BUILD_NOTES §99, docs/adamw.md §Nowhere.\n"
       "\n"
@@ -514,14 +517,15 @@ def test_the_check_reports_stale_references():
       ("fake.md:3", "train.train"),
       ("fake.md:3", "optim.no_such_field"),
       ("fake.md:4", "old_summary.json"),
-      ("fake.md:5", "docs/no_such_page.md"),
-      ("fake.md:6", "BUILD_NOTES §99"),
-      ("fake.md:6", "docs/adamw.md §Nowhere"),
-      ("fake.md:9", "benchmarks/no_such_bench.py"),
+      ("fake.md:6", "docs/no_such_page.md"),
+      ("fake.md:7", "BUILD_NOTES §99"),
+      ("fake.md:7", "docs/adamw.md §Nowhere"),
+      ("fake.md:10", "benchmarks/no_such_bench.py"),
       ("x.py:7 (f docstring)", "loop.no_train"),
   }, got
   # Resolved: jaxdt/io/rundir.py, jaxdt.train (a lazy export), optim.learning_rate,
   # rundir.py, out_dir/summary.json (a produced name), tests/conftest.py, the two
-  # paths and two sections of line 5-6. Not checked: jax's name, /tmp, a flag's value.
+  # paths and two sections of line 6-7. Not checked: jax's name, a machine's absolute
+  # path (it may exist on one host and not another), /tmp, a flag's value.
   assert checked == len(got) + 10, checked
   assert spans("a\n\n`x.y`", first_line=10) == [(12, "x.y")]
