@@ -52,6 +52,10 @@ def study() -> study_lib.Study:
   )
   jax_seeds = ("jax_bf16_s42", "jax_bf16_s1", "jax_bf16_s2", "jax_bf16_s3", "jax_bf16_s4")
   T = study_lib.Table
+  # The lr and data-order tables: the tail as well as the wave (session 14).
+  tail = ("frozen_50", "frozen_90", "frozen_99", "frozen_100", "global_last_motion",
+          "moving_tail", "stillness_runs", "mean_dwp_l2_late", "copy_rows_moved", "loss_500",
+          "final_loss")
   tables = (
       T("seed_spread", "Seed spread: jaxdt against the lab's torch loop",
         (("jaxdt bf16", jax_seeds),
@@ -65,11 +69,13 @@ def study() -> study_lib.Study:
                  "final_loss")),
       T("learning_rate", "lr x wd: lr 1e-3 against 3e-4 (wd 0; wd 0.1 is the identity in "
         "pure bf16)", (("lr 1e-3", jax_seeds[:2]), ("lr 3e-4", ("jax_lr3e-4_s42",
-                                                                "jax_lr3e-4_s1")))),
+                                                                "jax_lr3e-4_s1"))),
+        figures=tail),
       T("data_order", "Data order: one init (seed 42) over four data orders, beside the "
         "seed spread", (("init 42, data_seed 42/1/2/3", ("jax_bf16_s42", "jax_s42_data1",
                                                           "jax_s42_data2", "jax_s42_data3")),
-                        ("seeds 1-4 (init and order)", jax_seeds[1:]))),
+                        ("seeds 1-4 (init and order)", jax_seeds[1:])),
+        figures=tail),
   )
   tables += (T("twin", "The twin: torch from jaxdt's init on jaxdt's batches, beside both "
                 "frameworks' own seeds", (("jaxdt, seed 42", ("jax_bf16_s42",)),

@@ -274,6 +274,18 @@ def test_the_late_motion_figure_is_the_mean_after_its_step():
   assert findings_lib.figure({}, "mean_dwp_l2_late") is None
 
 
+def test_the_tail_figure_averages_the_last_steps_not_the_last_one():
+  tail = findings_lib.TAIL_STEPS
+  # 100 rows: all frozen before the tail; in it, 90 frozen on every step but the last (100).
+  n = [100] * 50 + [90] * (tail - 1) + [100]
+  s = {"n_frozen": n, "rows": 100}
+  assert findings_lib.figure(s, "moving_last") == 0.0
+  assert findings_lib.figure(s, "moving_tail") == pytest.approx(0.1 * (tail - 1) / tail)
+  assert findings_lib.figure({"rows": 100}, "moving_tail") is None
+  note = findings_lib._copy_note(("frozen_50", "moving_tail"), [])  # pylint: disable=protected-access
+  assert f"last {tail} steps" in note
+
+
 def test_motion_in_bf16_cells_scales_an_f32_lattice_exactly():
   """Under mixed ΔW′ is in f32 cells, 2^-16 of the bf16 cell at the same value; under the
   bf16 policies it is already in bf16 cells."""

@@ -34,12 +34,16 @@ FIGURES = ("frozen_50", "frozen_90", "frozen_99", "frozen_100", "global_last_mot
 # a tiny ULP, so its first moves are thousands of cells); its mean after this step is the
 # freeze phase's motion (session 12).
 LATE_FROM = 500
+# "moving_tail": the mean share of dead rows moving per step over a run's last TAIL_STEPS
+# steps; the share at the last step alone swings with one step's re-heating (session 14).
+TAIL_STEPS = 200
 # A table's column head per figure (`Table.figures` picks them; FIGURES by default).
 HEADS = {"frozen_50": "50%", "frozen_90": "90%", "frozen_99": "99%", "frozen_100": "100%",
          "global_last_motion": "last motion", "stillness_runs": "still runs",
          "loss_500": "loss@500", "final_loss": "final loss", "mean_dwp_l2": "mean ‖ΔW′‖₂",
          "mean_dwp_l2_late": f"mean ‖ΔW′‖₂ after {LATE_FROM}",
          "moving_last": "moving at end", "steps_per_s": "steps/s",
+         "moving_tail": f"moving, last {TAIL_STEPS} steps",
          "state_bytes_per_param": "state B/param", "detect_recall_last": "detector recall",
          "mean_dwp_l2_bf16": "mean ‖ΔW′‖₂ (bf16 cells)",
          "mean_dwp_l2_late_bf16": f"mean ‖ΔW′‖₂ after {LATE_FROM} (bf16 cells)",
@@ -47,7 +51,7 @@ HEADS = {"frozen_50": "50%", "frozen_90": "90%", "frozen_99": "99%", "frozen_100
          "copy_elements_moved": "bf16 elements moved, last interval"}
 DIGITS = {"loss_500": 4, "final_loss": 4, "mean_dwp_l2": 1, "mean_dwp_l2_late": 3,
           "mean_dwp_l2_bf16": 1, "mean_dwp_l2_late_bf16": 3,
-          "moving_last": 3, "steps_per_s": 2, "copy_rows_moved": 3, "copy_elements_moved": 4,
+          "moving_last": 3, "moving_tail": 4, "steps_per_s": 2, "copy_rows_moved": 3, "copy_elements_moved": 4,
           "state_bytes_per_param": 1, "detect_recall_last": 3}
 # Policies whose stored W is f32: their ΔW′ is in f32 cells, and an f32 cell is exactly 2^-16
 # of the bf16 cell at the same value (7 against 23 fraction bits, subnormals included).
@@ -62,6 +66,9 @@ def figure(s: dict, name: str):
   if name == "moving_last":
     n, rows = s.get("n_frozen"), s.get("rows")
     return 1.0 - n[-1] / rows if n and rows else None
+  if name == "moving_tail":
+    n, rows = s.get("n_frozen"), s.get("rows")
+    return 1.0 - float(np.mean(n[-TAIL_STEPS:])) / rows if n and rows else None
   if name == "mean_dwp_l2_late":
     late = [x for x in (s.get("dwp_l2_mean") or [])[LATE_FROM:] if x is not None]
     return float(np.mean(late)) if late else None
@@ -249,6 +256,9 @@ def _copy_note(figures: Sequence[str], shown: Sequence[dict]) -> str:
   if any(f.endswith("_bf16") for f in figures):
     note += (" ΔW′ in bf16 cells: under mixed (f32 W, f32 cells) divided by 2^16, exactly the "
              "bf16 cell at the same value.")
+  if "moving_tail" in figures:
+    note += (f" Moving, last {TAIL_STEPS} steps: the share of the dead rows not frozen, averaged "
+             f"over the run's last {TAIL_STEPS} steps.")
   if any(f.startswith("copy_") for f in figures):
     windows = sorted({tuple(s["copy_window"]) for s in shown if s.get("copy_window")})
     where = ", ".join(f"{a:,}-{b:,}" for a, b in windows) or "the last checkpoint interval"
