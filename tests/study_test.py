@@ -282,7 +282,7 @@ def test_the_tail_figure_averages_the_last_steps_not_the_last_one():
   assert findings_lib.figure(s, "moving_last") == 0.0
   assert findings_lib.figure(s, "moving_tail") == pytest.approx(0.1 * (tail - 1) / tail)
   assert findings_lib.figure({"rows": 100}, "moving_tail") is None
-  note = findings_lib._copy_note(("frozen_50", "moving_tail"), [])  # pylint: disable=protected-access
+  note = findings_lib._column_notes(("frozen_50", "moving_tail"), [])  # pylint: disable=protected-access
   assert f"last {tail} steps" in note
 
 

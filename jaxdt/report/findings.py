@@ -51,32 +51,32 @@ HEADS = {"frozen_50": "50%", "frozen_90": "90%", "frozen_99": "99%", "frozen_100
          "copy_elements_moved": "bf16 elements moved, last interval"}
 DIGITS = {"loss_500": 4, "final_loss": 4, "mean_dwp_l2": 1, "mean_dwp_l2_late": 3,
           "mean_dwp_l2_bf16": 1, "mean_dwp_l2_late_bf16": 3,
-          "moving_last": 3, "moving_tail": 4, "steps_per_s": 2, "copy_rows_moved": 3, "copy_elements_moved": 4,
+          "moving_last": 3, "moving_tail": 4, "steps_per_s": 2, "copy_rows_moved": 3,
+          "copy_elements_moved": 4,
           "state_bytes_per_param": 1, "detect_recall_last": 3}
-# Policies whose stored W is f32: their ΔW′ is in f32 cells, and an f32 cell is exactly 2^-16
-# of the bf16 cell at the same value (7 against 23 fraction bits, subnormals included).
-F32_STORED = ("mixed", "fp32")
-BF16_CELLS_PER_F32_CELL = 2.0 ** -16
 
 
 def figure(s: dict, name: str):
   """A member summary's figure `name`, derived ones included (steps/s, share moving at end)."""
   if name == "steps_per_s":
     return s["steps"] / s["wall_time_s"] if s.get("wall_time_s") else None
-  if name == "moving_last":
+  if name in ("moving_last", "moving_tail"):  # the share not frozen: last step, or the tail's mean
     n, rows = s.get("n_frozen"), s.get("rows")
-    return 1.0 - n[-1] / rows if n and rows else None
-  if name == "moving_tail":
-    n, rows = s.get("n_frozen"), s.get("rows")
-    return 1.0 - float(np.mean(n[-TAIL_STEPS:])) / rows if n and rows else None
+    last = 1 if name == "moving_last" else TAIL_STEPS
+    return 1.0 - float(np.mean(n[-last:])) / rows if n and rows else None
   if name == "mean_dwp_l2_late":
     late = [x for x in (s.get("dwp_l2_mean") or [])[LATE_FROM:] if x is not None]
     return float(np.mean(late)) if late else None
   if name.endswith("_bf16"):  # a ΔW′ figure in bf16 cells whatever lattice W is stored on
     v = figure(s, name[:-len("_bf16")])
-    scale = BF16_CELLS_PER_F32_CELL if s.get("precision") in F32_STORED else 1.0
-    return None if v is None else v * scale
+    return None if v is None else v * _bf16_cells(s)
   return s.get(name)
+
+
+def _bf16_cells(s: dict) -> float:
+  """bf16 cells per cell of a member's stored W: under mixed and fp32 (f32 W) an f32 cell is
+  exactly 2^-16 of the bf16 cell at the same value (7 against 23 fraction bits, subnormals too)."""
+  return 2.0 ** -16 if s.get("precision") in ("mixed", "fp32") else 1.0
 HOST_KEYS = ("cpu_model", "cpu_features", "gemm_path", "torch_gemm", "torch_device",
              "torch_version", "jaxlib_version", "device", "device_kind", "arithmetic_fingerprint",
              "backend")
@@ -236,7 +236,7 @@ def table_markdown(table, summaries: dict) -> str:
       out.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {_host(s)} |")
   out += ["", "Milestones: the first step with that share of the dead rows frozen (> T: not reached "
           "in the run's T steps); groups: mean ± sd (min–max, n) over the members in, a "
-          "milestone not reached left out of its statistics." + _copy_note(
+          "milestone not reached left out of its statistics." + _column_notes(
               figures, [summaries[n] for _, names in table.groups for n in names
                         if n in summaries]),
           "",
@@ -250,8 +250,8 @@ def table_markdown(table, summaries: dict) -> str:
   return "\n".join(out)
 
 
-def _copy_note(figures: Sequence[str], shown: Sequence[dict]) -> str:
-  """What the bf16-copy and bf16-cell columns measure, for a table that shows them."""
+def _column_notes(figures: Sequence[str], shown: Sequence[dict]) -> str:
+  """What the bf16-cell, tail and bf16-copy columns measure, for a table that shows them."""
   note = ""
   if any(f.endswith("_bf16") for f in figures):
     note += (" ΔW′ in bf16 cells: under mixed (f32 W, f32 cells) divided by 2^16, exactly the "
@@ -353,22 +353,14 @@ def _plot(table, summaries: dict) -> Optional[bytes]:
     return None
   motion = any(f.endswith("_bf16") for f in (table.figures or ()))
   fig, axes = plt.subplots(1, 2 if motion else 1, figsize=(14 if motion else 8, 4.5))
-  ax = axes[0] if motion else axes
-  if motion:
-    _motion_panel(axes[1], table, summaries)
-  for i, (label, names) in enumerate(table.groups):
-    shown = False
-    for name in names:
-      s = summaries.get(name)
-      if s is None or not s.get("n_frozen") or not s.get("rows"):
-        continue
-      f = np.asarray(s["n_frozen"], np.float64) / s["rows"]
-      ax.plot(np.arange(1, f.size + 1), f, lw=0.8, color=f"C{i % 10}", alpha=0.8,
-              label=None if shown else label)
-      shown = True
-  ax.set(xlabel="step", ylabel="dead rows frozen (‖ΔW′_i‖₂ < 0.1)", ylim=(0, 1.02),
-         title=table.title[:80])
-  ax.legend(fontsize=7, loc="lower right")
+  axes = np.atleast_1d(axes)
+  _panel(axes[0], table, summaries, _frozen_curve, 0.8, "lower right", dict(
+      xlabel="step", ylabel="dead rows frozen (‖ΔW′_i‖₂ < 0.1)", ylim=(0, 1.02),
+      title=table.title[:80]))
+  if motion:  # the dead rows' motion per step in bf16 cells, beside the frozen share
+    _panel(axes[1], table, summaries, _motion_curve, 0.9, "upper right", dict(
+        xlabel="step", yscale="log", ylabel="dead rows' mean ‖ΔW′‖₂, bf16 cells (50-step means)",
+        title="motion per step, in bf16 cells"))
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=90)
@@ -376,24 +368,38 @@ def _plot(table, summaries: dict) -> Optional[bytes]:
   return buf.getvalue()
 
 
-def _motion_panel(ax, table, summaries: dict) -> None:
-  """Per step, the dead rows' mean ‖ΔW′‖₂ in bf16 cells (50-step means, log scale)."""
+def _panel(ax, table, summaries: dict, curve, lw: float, loc: str, axis: dict) -> None:
+  """Each member's `curve(summary)` ((x, y), or None to skip it), one colour and one legend
+  entry (at `loc`) per group; `axis` holds the axes' labels, scale and limits."""
   for i, (label, names) in enumerate(table.groups):
     shown = False
     for name in names:
-      s = summaries.get(name)
-      if s is None or not s.get("dwp_l2_mean"):
+      xy = None if summaries.get(name) is None else curve(summaries[name])
+      if xy is None:
         continue
-      scale = BF16_CELLS_PER_F32_CELL if s.get("precision") in F32_STORED else 1.0
-      x = np.asarray([np.nan if v is None else v for v in s["dwp_l2_mean"]], np.float64) * scale
-      n = x.size // 50 * 50
-      y = np.nanmean(x[:n].reshape(-1, 50), axis=1)
-      ax.plot(np.arange(25, n, 50), np.where(y > 0, y, np.nan), lw=0.9, color=f"C{i % 10}",
-              alpha=0.8, label=None if shown else label)
+      ax.plot(*xy, lw=lw, color=f"C{i % 10}", alpha=0.8, label=None if shown else label)
       shown = True
-  ax.set(xlabel="step", ylabel="dead rows' mean ‖ΔW′‖₂, bf16 cells (50-step means)",
-         yscale="log", title="motion per step, in bf16 cells")
-  ax.legend(fontsize=7, loc="upper right")
+  ax.set(**axis)
+  ax.legend(fontsize=7, loc=loc)
+
+
+def _frozen_curve(s: dict):
+  """Per step, the share of the dead rows frozen."""
+  if not s.get("n_frozen") or not s.get("rows"):
+    return None
+  f = np.asarray(s["n_frozen"], np.float64) / s["rows"]
+  return np.arange(1, f.size + 1), f
+
+
+def _motion_curve(s: dict):
+  """The dead rows' mean ‖ΔW′‖₂ per step in bf16 cells, as 50-step means (none where 0)."""
+  if not s.get("dwp_l2_mean"):
+    return None
+  x = np.asarray([np.nan if v is None else v for v in s["dwp_l2_mean"]], np.float64)
+  x = x * _bf16_cells(s)
+  n = x.size // 50 * 50
+  y = np.nanmean(x[:n].reshape(-1, 50), axis=1)
+  return np.arange(25, n, 50), np.where(y > 0, y, np.nan)
 
 
 BEGIN, END = "<!-- study tables: begin (generated by run.py --study; do not edit) -->", \
