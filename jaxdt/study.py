@@ -326,12 +326,11 @@ def _add_missing(study: Study, st: Status, docs_dir: str, log) -> None:
   summary, added = st.summary, []
   if "dwp_l2_mean" not in summary:
     summary, added = findings_lib.add_dwp_series(summary, st.folder), ["per-step mean ‖ΔW′‖₂"]
-  if st.member.framework == "jax" and study.detect_steps and "detect" not in summary:
-    summary = {**summary, **_detected(study, st.member, st.folder, log)}
-    added.append("detector scores")
-  if st.member.framework == "jax" and study.detect_steps and "copy_rows_moved" not in summary:
-    summary = {**summary, **_copy_moved(study, st.member, st.folder, log)}
-    added.append("bf16 copy motion")
+  for key, read, what in (("detect", _detected, "detector scores"),
+                          ("copy_rows_moved", _copy_moved, "bf16 copy motion")):
+    if key not in summary and (got := read(study, st.member, st.folder, log)):
+      summary = {**summary, **got}  # {} from a member or study these do not apply to
+      added.append(what)
   if added:
     findings_lib.write_member(docs_dir, summary)
     log(f"{st.member.name}: {' and '.join(added)} added to "
